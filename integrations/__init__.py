@@ -1,0 +1,1 @@
+"""Model-family adapters, importable as ``rtl_plugin.integrations.<family>``."""

@@ -1,0 +1,2 @@
+"""rtl-plugin: Routing the Lottery for Torch-Pruning."""
+__version__ = "0.1.0"

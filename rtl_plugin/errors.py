@@ -1,0 +1,48 @@
+"""Exception hierarchy: every error raised by rtl-plugin derives from :class:`RTLError`.
+
+Each message names the problem and the fix.
+"""
+
+
+class RTLError(Exception):
+    """Base class of all rtl-plugin errors."""
+
+
+class RouteError(RTLError, ValueError):
+    """A route tensor has the wrong dtype, shape, device or ticket ids."""
+
+
+class SparsityError(RTLError, ValueError):
+    """A sparsity value or schedule is outside [0, 1) or not increasing."""
+
+
+class TicketError(RTLError, ValueError):
+    """Ticket masks are inconsistent with the ticket space (shape, count, granularity)."""
+
+
+class SpaceError(RTLError, ValueError):
+    """The ticket space cannot be built for this model or does not match it."""
+
+
+class UnsupportedLayerError(SpaceError):
+    """A layer pattern cannot be handled in the requested granularity."""
+
+
+class ArchitectureMismatchError(RTLError, ValueError):
+    """Saved tickets or a run folder belong to another architecture."""
+
+
+class CorruptFileError(RTLError, OSError):
+    """A saved file is truncated, tampered with or unreadable."""
+
+
+class FormatVersionError(RTLError, ValueError):
+    """A saved file was written by a newer format version."""
+
+
+class DataError(RTLError, ValueError):
+    """A dataset or subset is empty, missing or malformed."""
+
+
+class MissingDependencyError(RTLError, ImportError):
+    """An optional dependency or system package is not installed."""
