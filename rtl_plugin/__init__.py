@@ -1,2 +1,31 @@
-"""rtl-plugin: Routing the Lottery for Torch-Pruning."""
+"""rtl-plugin: Routing the Lottery for Torch-Pruning.
+
+K sparse tickets over one shared set of weights, each input (or pixel) routed to its ticket.
+"""
 __version__ = "0.1.0"
+
+from .adapters import Adapter, create_adapter, detect_adapter, list_adapters, register_adapter
+from .api import wrap
+from .errors import (ArchitectureMismatchError, CorruptFileError, DataError, FormatVersionError,
+                     MissingDependencyError, RouteError, RTLError, SpaceError, SparsityError, TicketError,
+                     UnsupportedLayerError)
+from .export import export_ticket, pruning_history
+from .norms import MaskedLayerNorm, RoutedBatchNorm
+from .routed import RoutedModel
+from .space import TicketSpace, build_space
+from .tickets import TicketSet
+
+
+def load(path, model, **kw):
+    """Load a saved RoutedModel into a fresh ``model`` of the same architecture (see ``rtl_plugin.io``)."""
+    from .io import load as _load
+    return _load(path, model, **kw)
+
+
+__all__ = [
+    "Adapter", "ArchitectureMismatchError", "CorruptFileError", "DataError", "FormatVersionError",
+    "MaskedLayerNorm", "MissingDependencyError", "RTLError", "RouteError", "RoutedBatchNorm", "RoutedModel",
+    "SpaceError", "SparsityError", "TicketError", "TicketSet", "TicketSpace", "UnsupportedLayerError",
+    "build_space", "create_adapter", "detect_adapter", "export_ticket", "list_adapters", "load",
+    "pruning_history", "register_adapter", "wrap",
+]

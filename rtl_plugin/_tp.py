@@ -1,0 +1,98 @@
+"""The one module that talks to torch-pruning (pinned to 1.6.1; a v2 rewrite is in progress upstream).
+
+Everything else in rtl-plugin goes through these helpers, so a torch-pruning upgrade touches one file.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+CONV_TYPES = tp.ops.TORCH_CONV
+LINEAR_TYPES = tp.ops.TORCH_LINEAR
+
+
+def is_conv(m: nn.Module) -> bool:
+    return isinstance(m, CONV_TYPES)
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, LINEAR_TYPES)
+
+
+def is_prunable_weight_layer(m: nn.Module) -> bool:
+    """Conv (incl. transposed) and Linear layers with a weight tensor."""
+    return (is_conv(m) or is_linear(m)) and isinstance(getattr(m, "weight", None), torch.Tensor)
+
+
+@contextlib.contextmanager
+def _tracing_state(model: nn.Module):
+    """tp's tracing puts the model in eval mode and drops params with requires_grad=False:
+    restore the training flags and force requires_grad while tracing."""
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        for m, t in modes.items():
+            m.training = t
+
+
+def build_graph(model: nn.Module, example_inputs, *, customized_pruners=None,
+                unwrapped_parameters=None) -> tp.DependencyGraph:
+    """Trace ``model`` with torch-pruning, keeping its training flags and requires_grad flags."""
+    with _tracing_state(model):
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example_inputs, customized_pruners=customized_pruners,
+            unwrapped_parameters=unwrapped_parameters, verbose=False)
+    return dg
+
+
+def graph_modules(dg: tp.DependencyGraph) -> list[nn.Module]:
+    return [m for m in dg.module2node.keys() if isinstance(m, nn.Module)]
+
+
+def all_groups(dg: tp.DependencyGraph, ignored: Sequence[nn.Module]):
+    """All coupled channel groups rooted at conv/linear layers (full index lists)."""
+    return list(dg.get_all_groups(ignored_layers=list(ignored),
+                                  root_module_types=(CONV_TYPES, LINEAR_TYPES)))
+
+
+def group_items(dg: tp.DependencyGraph, group) -> Iterable[tuple[object, bool, list[int], list[int]]]:
+    """Yield ``(target, is_out_channel, idxs, root_idxs)`` for every item of a group."""
+    for item in group.items:
+        dep = item.dep
+        yield (dep.target.module, bool(dg.is_out_channel_pruning_fn(dep.handler)),
+               [int(i) for i in item.idxs], [int(i) for i in item.root_idxs])
+
+
+def out_channels(dg: tp.DependencyGraph, m: nn.Module):
+    pruner = dg.get_pruner_of_module(m)
+    return None if pruner is None else pruner.get_out_channels(m)
+
+
+def in_channels(dg: tp.DependencyGraph, m: nn.Module):
+    pruner = dg.get_pruner_of_module(m)
+    return None if pruner is None else pruner.get_in_channels(m)
+
+
+def has_pruner(dg: tp.DependencyGraph, m: nn.Module) -> bool:
+    return dg.get_pruner_of_module(m) is not None
+
+
+def replay_history(dg: tp.DependencyGraph, history: list) -> None:
+    """Physically prune by replaying ``[[root_name, is_out_channel, idxs], ...]``."""
+    dg.load_pruning_history(history)
+
+
+def prune_group_of(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]) -> None:
+    pruner = dg.get_pruner_of_module(module)
+    dg.get_pruning_group(module, pruner.prune_out_channels, idxs).prune()

@@ -1,0 +1,110 @@
+"""Model-family adapters: a decorator registry plus a string factory (like timm's register_model/create_model).
+
+An adapter tells rtl-plugin, for one model family, which layers are outputs (never pruned), what a
+tracing input looks like, and which submodule to trace. Families live in ``rtl_plugin.integrations``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from . import _tp
+from .errors import RTLError, SpaceError
+
+_ADAPTERS: dict[str, type["Adapter"]] = {}
+_FAMILY_MODULES = ("timm", "smp", "audio")
+
+
+class Adapter:
+    """Base adapter. Subclasses override ``matches``, ``output_layers`` and ``example_inputs``."""
+    name = "base"
+    priority = 0  # higher wins when several adapters match
+
+    def matches(self, model: nn.Module) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def output_layers(self, model: nn.Module) -> list[str]:
+        return []
+
+    def example_inputs(self, model: nn.Module) -> torch.Tensor:
+        raise SpaceError(f"adapter {self.name!r} cannot guess an input for {type(model).__name__}; pass example_inputs=.")
+
+    def trace_root(self, model: nn.Module) -> str:
+        """Submodule to trace with torch-pruning ("" = the whole model)."""
+        return ""
+
+    def trace_inputs(self, model: nn.Module, example_inputs):
+        """Tracing input for ``trace_root`` given the user's example input."""
+        return example_inputs
+
+    def prepare(self, model: nn.Module) -> None:
+        """Hook to normalise a model before tracing (default: nothing)."""
+
+
+def register_adapter(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
+    """Class decorator: ``@register_adapter("timm")``."""
+    def deco(cls: type[Adapter]) -> type[Adapter]:
+        if name in _ADAPTERS and _ADAPTERS[name] is not cls:
+            raise RTLError(f"an adapter named {name!r} is already registered ({_ADAPTERS[name].__name__}).")
+        cls.name = name
+        _ADAPTERS[name] = cls
+        return cls
+    return deco
+
+
+def _load_families() -> None:
+    for fam in _FAMILY_MODULES:
+        try:
+            importlib.import_module(f"rtl_plugin.integrations.{fam}")
+        except ImportError:
+            pass  # family library not installed: its adapter simply is not available
+
+
+def list_adapters() -> list[str]:
+    _load_families()
+    return sorted(_ADAPTERS)
+
+
+def create_adapter(name: str) -> Adapter:
+    """Adapter instance by registered name (e.g. "timm", "smp", "audio", "generic")."""
+    _load_families()
+    if name not in _ADAPTERS:
+        raise SpaceError(f"unknown adapter {name!r}; registered adapters: {sorted(_ADAPTERS)}.")
+    return _ADAPTERS[name]()
+
+
+def detect_adapter(model: nn.Module) -> Adapter:
+    """The highest-priority registered adapter that matches ``model`` (falls back to "generic")."""
+    _load_families()
+    found = [cls() for cls in _ADAPTERS.values() if cls is not GenericAdapter and cls().matches(model)]
+    if not found:
+        return GenericAdapter()
+    return max(found, key=lambda a: a.priority)
+
+
+@register_adapter("generic")
+class GenericAdapter(Adapter):
+    """Any traceable nn.Module: the last conv/linear executed on the example input is the output layer."""
+
+    def matches(self, model: nn.Module) -> bool:
+        return True
+
+    def output_layers_for(self, model: nn.Module, example_inputs) -> list[str]:
+        order: list[str] = []
+        handles = []
+        for n, m in model.named_modules():
+            if _tp.is_prunable_weight_layer(m):
+                handles.append(m.register_forward_hook(lambda mod, i, o, n=n: order.append(n)))
+        was = model.training
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(*(example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
+        finally:
+            model.train(was)
+            for h in handles:
+                h.remove()
+        return order[-1:]

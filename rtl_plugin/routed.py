@@ -1,0 +1,371 @@
+"""RoutedModel: K tickets over one shared set of weights, each input (or pixel) routed to its ticket.
+
+``routed(x, route=ids)`` with ``ids``
+  * an int: every sample uses that ticket;
+  * LongTensor [B]: one ticket per sample (a mixed batch is fine);
+  * LongTensor [B, H, W]: one ticket per output pixel (dense prediction): every ticket present in a
+    sample runs on that sample once and each pixel takes its region's ticket output
+    (forward passes per batch = number of distinct (sample, ticket) pairs, batched).
+
+Weight granularity runs each ticket's sub-batch with masked weights (``torch.func.functional_call``;
+masked weights are cached per ticket when autograd is off). Channel granularity runs one pass with
+per-sample activation masks ``mask[route]`` on every coupled layer's outputs and inputs.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from . import _tp
+from .errors import RouteError, TicketError
+from .norms import MaskedLayerNorm, RoutedBatchNorm, RouteState, layer_norm_channel_dim, split_by_route
+from .space import TicketSpace
+from .tickets import TicketSet
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return type(obj)(*(_map_tensors(o, fn) for o in obj)) if hasattr(obj, "_fields") else \
+            tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return type(obj)({k: _map_tensors(v, fn) for k, v in obj.items()})
+    return obj
+
+
+def _cat_outputs(outs: list):
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outs, 0)
+    if isinstance(first, (tuple, list)):
+        items = [_cat_outputs([o[i] for o in outs]) for i in range(len(first))]
+        if isinstance(first, list):
+            return items
+        return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
+    if isinstance(first, dict):
+        return type(first)({k: _cat_outputs([o[k] for o in outs]) for k in first})
+    raise RouteError(f"cannot merge model outputs of type {type(first).__name__} across tickets; "
+                     "return tensors, tuples, lists or dicts of tensors.")
+
+
+def _channel_dim(m: nn.Module) -> int:
+    return -1 if _tp.is_linear(m) else 1
+
+
+class RoutedModel(nn.Module):
+    """Routed-mask wrapper (PEFT-style: the model is wrapped in place, extra state stays small).
+
+    Args:
+        model: the network; its BatchNorms become ``RoutedBatchNorm`` (unless ``shared_norm``) and, in
+            channel mode, its coupled LayerNorms become ``MaskedLayerNorm``.
+        space: the ``TicketSpace`` of ``model``.
+        num_tickets: K (ignored when ``tickets`` is given).
+        tickets: initial masks (default: all-ones).
+        shared_norm: keep one set of norm statistics for all tickets (reproduces the paper exactly).
+        cache_masked_weights: weight mode, cache each ticket's masked weights while autograd is off
+            (memory: K copies of the prunable weights).
+    """
+
+    def __init__(self, model: nn.Module, space: TicketSpace, *, num_tickets: int | None = None,
+                 tickets: TicketSet | None = None, shared_norm: bool = False, cache_masked_weights: bool = True):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        if not isinstance(space, TicketSpace):
+            raise TypeError(f"space must be a TicketSpace (build one with rtl.build_space), got {type(space).__name__}.")
+        from .space import architecture_fingerprint
+        if architecture_fingerprint(model) != space.fingerprint:
+            from .errors import ArchitectureMismatchError
+            raise ArchitectureMismatchError("the ticket space was built for another architecture (parameter names "
+                                            "or shapes differ); build the space from this model.")
+        if tickets is None:
+            if num_tickets is None:
+                raise TicketError("pass num_tickets=K (or an initial TicketSet).")
+            tickets = TicketSet.full(space, num_tickets)
+        elif tickets.space.to_dict() != space.to_dict():
+            raise TicketError("the TicketSet belongs to another ticket space; build it from this space.")
+        self.model = model
+        self.space = space
+        self.shared_norm = bool(shared_norm)
+        self.cache_masked_weights = bool(cache_masked_weights)
+        object.__setattr__(self, "tickets", tickets)
+        object.__setattr__(self, "_state", RouteState())
+        self._hook_ids: set[int] = set()
+        self._handles: list = []
+        self._cache: dict[int, tuple[Any, dict]] = {}
+        self._install()
+        try:
+            dev = next(model.parameters()).device
+            tickets.to(dev)
+        except StopIteration:
+            pass
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def num_tickets(self) -> int:
+        return self.tickets.num_tickets
+
+    @property
+    def granularity(self) -> str:
+        return self.space.granularity
+
+    def _install(self) -> None:
+        K = self.num_tickets
+        mods = dict(self.model.named_modules())
+        if not self.shared_norm:
+            for name, m in list(mods.items()):
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    _set_submodule(self.model, name, RoutedBatchNorm(m, K, self._state, name))
+        if self.granularity == "channel":
+            touched = {}
+            for g in self.space.groups:
+                for it in g.items:
+                    touched.setdefault(it.module, set()).add("out" if it.out else "in")
+            mods = dict(self.model.named_modules())
+            for name, sides in touched.items():
+                m = mods[name]
+                if isinstance(m, nn.LayerNorm):
+                    _set_submodule(self.model, name, MaskedLayerNorm(m, self._state, name, layer_norm_channel_dim(m)))
+                    continue
+                dim = _channel_dim(m)
+                if "out" in sides:
+                    h = m.register_forward_hook(self._make_out_hook(name, dim))
+                    self._handles.append(h)
+                    self._hook_ids.add(h.id)
+                if "in" in sides:
+                    h = m.register_forward_pre_hook(self._make_in_hook(name, dim))
+                    self._handles.append(h)
+                    self._hook_ids.add(h.id)
+        self._weight_params = {n: self.model.get_submodule(n).weight for n in self.space.layers}
+
+    def _mask_like(self, x: torch.Tensor, m: torch.Tensor, dim: int, name: str) -> torch.Tensor:
+        if m.shape[0] not in (1, x.shape[0]) or x.shape[dim] != m.shape[1]:
+            raise RouteError(f"layer {name!r}: cannot apply a [{m.shape[0]}, {m.shape[1]}] channel mask to a tensor of "
+                             f"shape {tuple(x.shape)} (channel dim {dim}); layers that fold other dims into the batch "
+                             "cannot be routed per sample in channel mode.")
+        shape = [m.shape[0]] + [1] * (x.dim() - 1)
+        shape[dim] = m.shape[1]
+        return x * m.to(x.dtype).view(shape)
+
+    def _make_out_hook(self, name: str, dim: int):
+        state = self._state
+
+        def hook(module, inputs, output):
+            if state.route is None:
+                raise RouteError(f"layer {name!r} was called outside a routed forward; call the RoutedModel with "
+                                 "route=..., or use export_ticket() for a plain model.")
+            m = state.sample_mask(name, "out")
+            return output if m is None else self._mask_like(output, m, dim, name)
+        return hook
+
+    def _make_in_hook(self, name: str, dim: int):
+        state = self._state
+
+        def pre_hook(module, args):
+            if state.route is None:
+                raise RouteError(f"layer {name!r} was called outside a routed forward; call the RoutedModel with "
+                                 "route=..., or use export_ticket() for a plain model.")
+            m = state.sample_mask(name, "in")
+            if m is None or not args:
+                return None
+            return (self._mask_like(args[0], m, dim, name),) + tuple(args[1:])
+        return pre_hook
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        try:
+            self.tickets.to(next(self.model.parameters()).device)
+        except StopIteration:
+            pass
+        self._cache.clear()
+        return self
+
+    # ------------------------------------------------------------------ tickets
+    def set_tickets(self, tickets: TicketSet) -> None:
+        """Replace all masks (same space and K)."""
+        if not isinstance(tickets, TicketSet):
+            raise TicketError(f"expected a TicketSet, got {type(tickets).__name__}.")
+        if tickets.space.to_dict() != self.space.to_dict():
+            raise TicketError("the TicketSet belongs to another ticket space (architecture or granularity differ).")
+        if tickets.num_tickets != self.num_tickets:
+            raise TicketError(f"the TicketSet holds {tickets.num_tickets} tickets, this model routes {self.num_tickets}; "
+                              "routed norm statistics are per ticket, so K cannot change after wrapping.")
+        try:
+            tickets.to(next(self.model.parameters()).device)
+        except StopIteration:
+            pass
+        object.__setattr__(self, "tickets", tickets)
+        self._cache.clear()
+
+    def ticket_module(self, k: int) -> nn.Module:
+        """An ``nn.Module`` view whose forward runs ticket ``k`` (shares everything with this model)."""
+        self.tickets._check_index(k)
+        return _TicketView(self, int(k))
+
+    # ------------------------------------------------------------------ forward
+    def _check_route(self, route, x: torch.Tensor):
+        K = self.num_tickets
+        if route is None:
+            raise RouteError("route is required: pass route=<int ticket>, a LongTensor [B] (per sample) or "
+                             "[B, H, W] (per pixel), or a router's output.")
+        if isinstance(route, bool):
+            raise RouteError("route must be an int or an integer tensor, got a bool.")
+        if isinstance(route, torch.Tensor) and route.dim() == 0:
+            if route.is_floating_point() or route.dtype == torch.bool or route.is_complex():
+                raise RouteError(f"route must have an integer dtype, got {route.dtype}; use route.long().")
+            route = int(route)
+        if isinstance(route, int):
+            if not 0 <= route < K:
+                raise RouteError(f"ticket id {route} is out of range [0, {K}); valid tickets are 0..{K - 1}.")
+            return route
+        if not isinstance(route, torch.Tensor):
+            raise RouteError(f"route must be an int or a LongTensor, got {type(route).__name__}.")
+        if route.is_floating_point() or route.dtype == torch.bool or route.is_complex():
+            raise RouteError(f"route must have an integer dtype, got {route.dtype}; use route.long().")
+        if route.device != x.device:
+            raise RouteError(f"route is on {route.device} but the input is on {x.device}; move it with route.to(x.device).")
+        if route.dim() not in (1, 3):
+            raise RouteError(f"route must be [B] (per sample) or [B, H, W] (per pixel), got shape {tuple(route.shape)}.")
+        if route.shape[0] != x.shape[0]:
+            raise RouteError(f"route has {route.shape[0]} entries for a batch of {x.shape[0]}; give one ticket id per sample.")
+        if route.numel():
+            lo, hi = int(route.min()), int(route.max())
+            if lo < 0 or hi >= K:
+                raise RouteError(f"route contains ticket id {lo if lo < 0 else hi}, outside [0, {K}); valid tickets are 0..{K - 1}.")
+        return route.long()
+
+    def forward(self, *args, route=None, **kwargs):
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise RouteError("RoutedModel expects the input tensor as its first positional argument.")
+        x = args[0]
+        p = next(self.model.parameters(), None)
+        if p is not None and p.device != x.device:
+            raise RouteError(f"the input is on {x.device} but the model is on {p.device}; move one of them.")
+        route = self._check_route(route, x)
+        if isinstance(route, int):
+            return self._run_ticket(args, kwargs, route)
+        if route.dim() == 1:
+            return self._run_per_sample(args, kwargs, route)
+        return self._run_per_pixel(args, kwargs, route)
+
+    def _masked_params(self, t: int) -> dict[str, torch.Tensor]:
+        masks = self.tickets.masks
+        if self.cache_masked_weights and not torch.is_grad_enabled():
+            key = (self.tickets.version, tuple(p._version for p in self._weight_params.values()),
+                   tuple(p.data_ptr() for p in self._weight_params.values()))
+            hit = self._cache.get(t)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            params = {f"{n}.weight": w * masks[n][t].to(w.dtype) for n, w in self._weight_params.items()}
+            self._cache[t] = (key, params)
+            return params
+        return {f"{n}.weight": w * masks[n][t].to(w.dtype) for n, w in self._weight_params.items()}
+
+    def _run_ticket(self, args, kwargs, t: int):
+        try:
+            if self.granularity == "weight":
+                self._state.set(t)
+                return functional_call(self.model, self._masked_params(t), args, kwargs, strict=False)
+            self._state.set(t, self.tickets.layer_channel_masks())
+            return self.model(*args, **kwargs)
+        finally:
+            self._state.clear()
+
+    def _run_per_sample(self, args, kwargs, route: torch.Tensor):
+        B = route.shape[0]
+        if self.granularity == "channel":
+            try:
+                self._state.set(route, self.tickets.layer_channel_masks())
+                return self.model(*args, **kwargs)
+            finally:
+                self._state.clear()
+        perm, tickets, counts, inverse = split_by_route(route)
+        if len(tickets) == 1:
+            return self._run_ticket(args, kwargs, tickets[0])
+        sorted_args = [a.index_select(0, perm) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == B else a
+                       for a in args]
+        chunks = [a.split(counts) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == B else None
+                  for a in sorted_args]
+        outs = []
+        for i, t in enumerate(tickets):
+            sub = tuple(c[i] if c is not None else a for c, a in zip(chunks, sorted_args))
+            outs.append(self._run_ticket(sub, kwargs, t))
+        return _map_tensors(_cat_outputs(outs), lambda o: o.index_select(0, inverse))
+
+    def _run_per_pixel(self, args, kwargs, route: torch.Tensor):
+        B, H, W = route.shape
+        K = self.num_tickets
+        present = torch.zeros(B, K, dtype=torch.bool, device=route.device)
+        present.scatter_(1, route.reshape(B, -1), True)
+        pairs = present.nonzero()  # [P, 2] rows (sample, ticket), sorted
+        b_idx, t_idx = pairs[:, 0], pairs[:, 1]
+        exp_args = tuple(a.index_select(0, b_idx) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == B else a
+                         for a in args)
+        out = self._run_per_sample(exp_args, kwargs, t_idx)
+        if not isinstance(out, torch.Tensor) or out.dim() not in (3, 4):
+            raise RouteError("per-pixel routes need a model that returns one tensor [B, C, H, W] or [B, H, W].")
+        if tuple(out.shape[-2:]) != (H, W):
+            raise RouteError(f"pixel route has size {H}x{W} but the model output is {out.shape[-2]}x{out.shape[-1]}; "
+                             "give one ticket id per output pixel.")
+        sel = route.index_select(0, b_idx) == t_idx.view(-1, 1, 1)
+        if out.dim() == 4:
+            sel = sel.unsqueeze(1)
+        contrib = torch.where(sel, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        res = torch.zeros((B,) + tuple(out.shape[1:]), dtype=out.dtype, device=out.device)
+        return res.index_add(0, b_idx, contrib)
+
+    # ------------------------------------------------------------------ plain copies
+    def plain_copy(self, ticket: int) -> nn.Module:
+        """Deep copy of the wrapped model without routing hooks, norms holding ticket ``ticket``'s statistics."""
+        self.tickets._check_index(ticket)
+        # deepcopy without our hooks: detach them temporarily
+        saved = []
+        for m in self.model.modules():
+            for d in (m._forward_hooks, m._forward_pre_hooks):
+                for hid in list(d):
+                    if hid in self._hook_ids:
+                        saved.append((d, hid, d.pop(hid)))
+        try:
+            base = copy.deepcopy(self.model)
+        finally:
+            for d, hid, fn in saved:
+                d[hid] = fn
+        for name, m in list(base.named_modules()):
+            if isinstance(m, RoutedBatchNorm):
+                _set_submodule(base, name, m.to_batchnorm(ticket))
+            elif isinstance(m, MaskedLayerNorm):
+                _set_submodule(base, name, m.base)
+        return base
+
+    def extra_repr(self) -> str:
+        return (f"num_tickets={self.num_tickets}, granularity={self.granularity}, shared_norm={self.shared_norm}, "
+                f"prunable_weights={self.space.num_weights}")
+
+    # ------------------------------------------------------------------ persistence (see io.py)
+    def save(self, path, **kw):
+        from .io import save
+        return save(self, path, **kw)
+
+
+class _TicketView(nn.Module):
+    """Forward of one fixed ticket (for tp importance, training loops, export checks)."""
+
+    def __init__(self, routed: RoutedModel, k: int):
+        super().__init__()
+        self.routed = routed
+        self.k = k
+
+    def forward(self, *args, **kwargs):
+        return self.routed(*args, route=self.k, **kwargs)

@@ -1,0 +1,208 @@
+"""TicketSet: K boolean masks over one TicketSpace.
+
+Weight granularity: ``{layer: BoolTensor[K, *weight_shape]}``.
+Channel granularity: ``{group_root: BoolTensor[K, C_root]}``.
+Counting (sparsity, union, Jaccard) is always done over prunable weight *elements*.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import TicketError
+from .space import TicketSpace
+
+
+class TicketSet:
+    """K masks over a space. ``version`` increases on every change (caches key on it)."""
+
+    def __init__(self, space: TicketSpace, masks: dict[str, torch.Tensor]):
+        self.space = space
+        self.masks: dict[str, torch.Tensor] = {}
+        self.version = 0
+        self._layer_cache = None
+        self._elem_cache = None
+        self._set_all(masks)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def full(cls, space: TicketSpace, num_tickets: int, device=None) -> "TicketSet":
+        """All-ones masks (dense tickets)."""
+        if not isinstance(num_tickets, int) or isinstance(num_tickets, bool) or num_tickets < 1:
+            raise TicketError(f"num_tickets must be a positive int, got {num_tickets!r}.")
+        return cls(space, {k: torch.ones(num_tickets, *s, dtype=torch.bool, device=device)
+                           for k, s in space.mask_shapes().items()})
+
+    @classmethod
+    def random(cls, space: TicketSpace, num_tickets: int, keep: float = 0.5, *, seed: int = 0) -> "TicketSet":
+        """Random masks with keep probability ``keep`` (channel mode: tiled for grouped convs, >=1 kept per group)."""
+        if not 0.0 < keep <= 1.0:
+            raise TicketError(f"keep must be in (0, 1], got {keep}.")
+        g = torch.Generator().manual_seed(seed)
+        masks = {}
+        if space.granularity == "weight":
+            for k, s in space.mask_shapes().items():
+                masks[k] = torch.rand(num_tickets, *s, generator=g) < keep
+        else:
+            for grp in space.groups:
+                base = torch.rand(num_tickets, grp.period, generator=g) < keep
+                first = torch.randint(grp.period, (num_tickets,), generator=g)
+                base[torch.arange(num_tickets), first] = True
+                masks[grp.root] = base.repeat(1, grp.ch_groups)
+        return cls(space, masks)
+
+    def copy(self) -> "TicketSet":
+        return TicketSet(self.space, {k: v.clone() for k, v in self.masks.items()})
+
+    # ------------------------------------------------------------------ access
+    @property
+    def num_tickets(self) -> int:
+        return next(iter(self.masks.values())).shape[0]
+
+    @property
+    def granularity(self) -> str:
+        return self.space.granularity
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.masks.values())).device
+
+    def to(self, device) -> "TicketSet":
+        if self.device != torch.device(device):
+            self.masks = {k: v.to(device) for k, v in self.masks.items()}
+            self._touch()
+        return self
+
+    def ticket(self, k: int) -> dict[str, torch.Tensor]:
+        """Masks of ticket ``k`` (views)."""
+        self._check_index(k)
+        return {n: m[k] for n, m in self.masks.items()}
+
+    def set_ticket(self, k: int, masks: dict[str, torch.Tensor]) -> None:
+        """Replace ticket ``k``'s masks (keys and shapes must match the space)."""
+        self._check_index(k)
+        new = {n: m.clone() for n, m in self.masks.items()}
+        for n, m in masks.items():
+            if n not in new:
+                raise TicketError(f"unknown mask key {n!r}; expected keys of the ticket space ({len(new)} keys).")
+            new[n][k] = torch.as_tensor(m, dtype=torch.bool, device=new[n].device).reshape(new[n].shape[1:])
+        self._set_all(new)
+
+    def _check_index(self, k) -> None:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= int(k) < self.num_tickets:
+            raise TicketError(f"ticket index must be an int in [0, {self.num_tickets}), got {k!r}.")
+
+    def _set_all(self, masks: dict[str, torch.Tensor]) -> None:
+        shapes = self.space.mask_shapes()
+        if set(masks) != set(shapes):
+            missing = sorted(set(shapes) - set(masks))[:3]
+            extra = sorted(set(masks) - set(shapes))[:3]
+            raise TicketError(f"mask keys do not match the ticket space (missing {missing}, unexpected {extra}); "
+                              "masks must come from the same architecture and granularity.")
+        k0 = None
+        checked = {}
+        for n, s in shapes.items():
+            m = masks[n]
+            if not isinstance(m, torch.Tensor):
+                m = torch.as_tensor(m)
+            if m.dtype != torch.bool:
+                raise TicketError(f"mask {n!r} has dtype {m.dtype}; masks must be torch.bool.")
+            if tuple(m.shape[1:]) != tuple(s):
+                raise TicketError(f"mask {n!r} has shape {tuple(m.shape)}, expected [K, {', '.join(map(str, s))}] "
+                                  "(masks from another architecture?).")
+            if k0 is None:
+                k0 = m.shape[0]
+            elif m.shape[0] != k0:
+                raise TicketError(f"mask {n!r} holds {m.shape[0]} tickets, others hold {k0}.")
+            checked[n] = m
+        if not k0:
+            raise TicketError("a TicketSet needs at least one ticket.")
+        if self.space.granularity == "channel":
+            for g in self.space.groups:
+                if g.ch_groups > 1:
+                    v = checked[g.root].view(k0, g.ch_groups, g.period)
+                    if not bool((v == v[:, :1]).all()):
+                        raise TicketError(f"group {g.root!r} feeds a grouped layer ({g.ch_groups} channel groups): a "
+                                          "ticket must keep the same positions in every channel group.")
+        self.masks = checked
+        self._touch()
+
+    def _touch(self) -> None:
+        self.version += 1
+        self._layer_cache = None
+        self._elem_cache = None
+
+    # ------------------------------------------------------------------ derived masks
+    def layer_channel_masks(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Channel mode: ``{module: {"out"/"in": BoolTensor[K, C]}}`` (cached)."""
+        if self._layer_cache is None:
+            self._layer_cache = self.space.channel_layer_masks(self.masks)
+        return self._layer_cache
+
+    def element_masks(self) -> dict[str, torch.Tensor]:
+        """``{layer: BoolTensor[K, *weight_shape]}`` over prunable weights (cached; expanded views in channel mode)."""
+        if self._elem_cache is None:
+            if self.granularity == "weight":
+                self._elem_cache = self.masks
+            else:
+                self._elem_cache = self.space.weight_element_masks(self.layer_channel_masks(), self.num_tickets,
+                                                                   device=self.device)
+        return self._elem_cache
+
+    # ------------------------------------------------------------------ counting
+    def kept(self) -> torch.Tensor:
+        """Kept prunable weights per ticket, LongTensor [K]."""
+        return sum(m.reshape(m.shape[0], -1).sum(1) for m in self.element_masks().values())
+
+    def sparsity(self) -> torch.Tensor:
+        """Fraction of prunable weights removed per ticket, FloatTensor [K]."""
+        return 1.0 - self.kept().double() / self.space.num_weights
+
+    def union_count(self) -> int:
+        """Weights kept by at least one ticket (RTL's stored parameter count)."""
+        return int(sum(m.any(0).sum() for m in self.element_masks().values()))
+
+    def intersection_count(self) -> int:
+        """Weights kept by every ticket."""
+        return int(sum(m.all(0).sum() for m in self.element_masks().values()))
+
+    def pairwise_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(intersection [K, K], union [K, K]) counts over all prunable weights."""
+        K = self.num_tickets
+        inter = torch.zeros(K, K, dtype=torch.float64)
+        for m in self.element_masks().values():
+            f = m.reshape(K, -1).to(torch.float32)
+            inter += (f @ f.T).double().cpu()
+        kept = torch.diagonal(inter).clone()
+        union = kept[:, None] + kept[None, :] - inter
+        return inter, union
+
+    def jaccard(self) -> torch.Tensor:
+        """Pairwise Jaccard |A∩B| / |A∪B| over all prunable weights, FloatTensor [K, K] (1 on the diagonal)."""
+        inter, union = self.pairwise_counts()
+        j = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+        return j
+
+    # ------------------------------------------------------------------ storage
+    def packed(self) -> dict[str, np.ndarray]:
+        """Bit-packed masks ``{key: uint8[ceil(K * numel / 8)]}`` (1 bit per mask entry)."""
+        return {k: np.packbits(v.detach().cpu().numpy().reshape(-1)) for k, v in self.masks.items()}
+
+    @classmethod
+    def from_packed(cls, space: TicketSpace, num_tickets: int, packed: dict[str, np.ndarray]) -> "TicketSet":
+        masks = {}
+        for k, s in space.mask_shapes().items():
+            if k not in packed:
+                raise TicketError(f"packed masks lack key {k!r}: they belong to another architecture or granularity.")
+            n = num_tickets * int(np.prod(s, dtype=np.int64))
+            arr = np.asarray(packed[k], dtype=np.uint8).reshape(-1)
+            if arr.size != (n + 7) // 8:
+                raise TicketError(f"packed mask {k!r} has {arr.size} bytes, expected {(n + 7) // 8} for "
+                                  f"{num_tickets} tickets of shape {tuple(s)}.")
+            bits = np.unpackbits(arr, count=n).astype(bool)
+            masks[k] = torch.from_numpy(bits.reshape(num_tickets, *s))
+        return cls(space, masks)
+
+    def __repr__(self) -> str:
+        sp = ", ".join(f"{s:.3f}" for s in self.sparsity().tolist())
+        return f"TicketSet(K={self.num_tickets}, granularity={self.granularity}, sparsity=[{sp}])"
