@@ -7,9 +7,10 @@ channels of the sample's ticket only, which is what a physically pruned LayerNor
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .errors import RouteError
 
@@ -70,79 +71,81 @@ def split_by_route(route: torch.Tensor):
     return perm, tickets.tolist(), counts.tolist(), inverse
 
 
-class RoutedBatchNorm(nn.Module):
-    """BatchNorm with per-ticket running statistics and shared affine parameters.
+_ROUTED_CLASSES: dict[type, type] = {}
 
-    Buffers: ``running_mean``/``running_var`` [K, C], ``num_batches_tracked`` [K]. The ``weight``/``bias``
-    Parameters are the original BatchNorm's objects (optimizers built before wrapping stay valid).
+
+class RoutedBatchNorm(nn.Module):
+    """Mixin turning a BatchNorm instance (any subclass, e.g. timm's ``BatchNormAct2d``) into a routed one.
+
+    ``RoutedBatchNorm.convert(bn, K, state)`` changes the instance's class in place to a subclass of both
+    this mixin and the original class, so names, parameters and the original forward (activation, drop)
+    are kept. Buffers ``running_mean``/``running_var`` become [K, C] and ``num_batches_tracked`` [K];
+    each forward swaps in ticket t's rows (views, updated in place) and runs the original forward on the
+    samples routed to t. Batch statistics are therefore computed per route present in the batch.
     """
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, num_tickets: int, state: RouteState, name: str = ""):
-        super().__init__()
-        self.num_features = bn.num_features
-        self.eps = bn.eps
-        self.momentum = bn.momentum
-        self.affine = bn.affine
-        self.track_running_stats = bn.track_running_stats
-        self.num_tickets = num_tickets
-        self.base_class = type(bn)
-        self.weight = bn.weight
-        self.bias = bn.bias
-        self.training = bn.training
+    @classmethod
+    def convert(cls, bn: nn.modules.batchnorm._BatchNorm, num_tickets: int, state: "RouteState",
+                name: str = "") -> "RoutedBatchNorm":
+        if isinstance(bn, RoutedBatchNorm):
+            return bn
+        base = type(bn)
+        routed_cls = _ROUTED_CLASSES.get(base)
+        if routed_cls is None:
+            routed_cls = type(f"Routed{base.__name__}", (cls, base), {"_rtl_base_class": base})
+            _ROUTED_CLASSES[base] = routed_cls
         if bn.track_running_stats:
-            self.register_buffer("running_mean", bn.running_mean.detach().clone().unsqueeze(0).repeat(num_tickets, 1))
-            self.register_buffer("running_var", bn.running_var.detach().clone().unsqueeze(0).repeat(num_tickets, 1))
-            self.register_buffer("num_batches_tracked",
-                                 bn.num_batches_tracked.detach().clone().reshape(1).repeat(num_tickets))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        object.__setattr__(self, "_state", state)  # not a submodule
-        self._name = name
+            bn._buffers["running_mean"] = bn.running_mean.detach().clone().unsqueeze(0).repeat(num_tickets, 1)
+            bn._buffers["running_var"] = bn.running_var.detach().clone().unsqueeze(0).repeat(num_tickets, 1)
+            bn._buffers["num_batches_tracked"] = bn.num_batches_tracked.detach().clone().reshape(1).repeat(num_tickets)
+        bn.__class__ = routed_cls
+        object.__setattr__(bn, "_state", state)
+        object.__setattr__(bn, "_rtl_name", name)
+        object.__setattr__(bn, "num_tickets", num_tickets)
+        return bn
 
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, tickets={self.num_tickets}, eps={self.eps}, momentum={self.momentum}"
-
-    def _bn(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        use_batch = self.training or not self.track_running_stats
-        factor = 0.0 if self.momentum is None else self.momentum
-        rm = rv = None
-        if self.track_running_stats:
-            rm, rv = self.running_mean[t], self.running_var[t]
-            if self.training:
-                self.num_batches_tracked[t] += 1
-                factor = 1.0 / float(self.num_batches_tracked[t]) if self.momentum is None else self.momentum
-        return F.batch_norm(x, rm, rv, self.weight, self.bias, use_batch, factor, self.eps)
+    def _ticket_forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        base_forward = self._rtl_base_class.forward
+        if not self.track_running_stats:
+            return base_forward(self, x)
+        bufs = self._buffers
+        saved = (bufs["running_mean"], bufs["running_var"], bufs["num_batches_tracked"])
+        try:
+            bufs["running_mean"], bufs["running_var"], bufs["num_batches_tracked"] = (b[t] for b in saved)
+            return base_forward(self, x)
+        finally:
+            bufs["running_mean"], bufs["running_var"], bufs["num_batches_tracked"] = saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = _require_route(self._state, self._name)
+        route = _require_route(self._state, self._rtl_name)
         if isinstance(route, int):
-            return self._bn(x, route)
+            return self._ticket_forward(x, route)
         if route.shape[0] != x.shape[0]:
-            raise RouteError(f"routed norm {self._name!r} got a batch of {x.shape[0]} for {route.shape[0]} routes; "
-                             "a layer that reshapes the batch dimension cannot be routed per sample.")
+            raise RouteError(f"routed norm {self._rtl_name!r} got a batch of {x.shape[0]} for {route.shape[0]} "
+                             "routes; a layer that reshapes the batch dimension cannot be routed per sample.")
         perm, tickets, counts, inverse = split_by_route(route)
         if len(tickets) == 1:
-            return self._bn(x, tickets[0])
+            return self._ticket_forward(x, tickets[0])
         parts = torch.split(x.index_select(0, perm), counts)
-        return torch.cat([self._bn(p, t) for p, t in zip(parts, tickets)]).index_select(0, inverse)
+        return torch.cat([self._ticket_forward(p, t) for p, t in zip(parts, tickets)]).index_select(0, inverse)
 
     def to_batchnorm(self, ticket: int) -> nn.modules.batchnorm._BatchNorm:
-        """A plain BatchNorm of the original class carrying ticket ``ticket``'s statistics (shares no storage)."""
-        bn = self.base_class(self.num_features, eps=self.eps, momentum=self.momentum, affine=self.affine,
-                             track_running_stats=self.track_running_stats)
-        bn = bn.to(device=self.weight.device if self.weight is not None else None)
-        with torch.no_grad():
-            if self.affine:
-                bn.weight.copy_(self.weight)
-                bn.bias.copy_(self.bias)
-            if self.track_running_stats:
-                bn.running_mean.copy_(self.running_mean[ticket])
-                bn.running_var.copy_(self.running_var[ticket])
-                bn.num_batches_tracked.copy_(self.num_batches_tracked[ticket])
-        bn.train(self.training)
+        """A plain copy of the original BatchNorm class carrying ticket ``ticket``'s statistics."""
+        state = self.__dict__.pop("_state")
+        try:
+            bn = copy.deepcopy(self)
+        finally:
+            object.__setattr__(self, "_state", state)
+        bn.__class__ = self._rtl_base_class
+        for k in ("_rtl_name", "num_tickets"):
+            bn.__dict__.pop(k, None)
+        if bn.track_running_stats:
+            for b in ("running_mean", "running_var", "num_batches_tracked"):
+                bn._buffers[b] = bn._buffers[b][ticket].clone()
         return bn
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tickets={self.num_tickets}"
 
 
 class MaskedLayerNorm(nn.Module):

@@ -127,7 +127,7 @@ class RoutedModel(nn.Module):
         if not self.shared_norm:
             for name, m in list(mods.items()):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    _set_submodule(self.model, name, RoutedBatchNorm(m, K, self._state, name))
+                    RoutedBatchNorm.convert(m, K, self._state, name)
         if self.granularity == "channel":
             touched = {}
             for g in self.space.groups:

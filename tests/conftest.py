@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny models that trace and run in milliseconds on CPU."""
+
+import pytest
+import torch
+from torch import nn
+
+import rtl_plugin as rtl
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU x2 + global pool + Linear ``head`` (a classifier: output [B, num_classes])."""
+
+    def __init__(self, width: int = 8, num_classes: int = 5, in_ch: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class TinySeg(nn.Module):
+    """Conv-BN-ReLU x2 + 1x1 conv ``head``: a dense predictor, output [B, num_classes, H, W]."""
+
+    def __init__(self, width: int = 4, num_classes: int = 2, in_ch: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.head = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x)
+
+
+TINY_INPUT = (1, 3, 8, 8)
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    """``make_tiny(width=8, num_classes=5, seed=0)`` -> a fresh TinyCNN."""
+    def make(width: int = 8, num_classes: int = 5, seed: int = 0) -> TinyCNN:
+        torch.manual_seed(seed)
+        return TinyCNN(width, num_classes)
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_tiny_seg():
+    """``make_tiny_seg(width=4, num_classes=2, seed=0)`` -> a fresh TinySeg."""
+    def make(width: int = 4, num_classes: int = 2, seed: int = 0) -> TinySeg:
+        torch.manual_seed(seed)
+        return TinySeg(width, num_classes)
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_routed(make_tiny):
+    """``make_routed(granularity, num_tickets=3, keep=0.5, seed=1, model=None)`` -> a routed TinyCNN
+    (output layer ``head``) holding random tickets."""
+    def make(granularity: str = "weight", num_tickets: int = 3, keep: float = 0.5, seed: int = 1,
+             model: nn.Module | None = None) -> rtl.RoutedModel:
+        model = make_tiny() if model is None else model
+        routed = rtl.wrap(model, num_tickets, example_inputs=torch.randn(*TINY_INPUT), granularity=granularity,
+                          adapter="generic", output_layers=["head"])
+        routed.set_tickets(rtl.TicketSet.random(routed.space, num_tickets, keep=keep, seed=seed))
+        return routed
+    return make
