@@ -1,0 +1,409 @@
+"""RTLPruner: per-subset iterative magnitude pruning with rewinding (stage 1 of Routing the Lottery).
+
+For each ticket k independently: start from all-ones, then repeat until the last target sparsity:
+rewind the weights to θ0 (or an early checkpoint θ_t), train the masked ticket on subset k, remove the
+lowest-importance surviving weights (one global magnitude ranking over all prunable weights in weight
+mode; any ``torch_pruning.importance`` criterion per channel group in channel mode). Masks are
+recorded at every requested sparsity along this one trajectory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import DataError, SparsityError, TicketError
+from .tickets import TicketSet
+from .training import TrainStep, _progress, _to_device, default_train_step, normalize_subsets
+
+
+def validate_sparsities(targets) -> list[float]:
+    """Increasing sparsities in (0, 1)."""
+    if isinstance(targets, (int, float)):
+        targets = [targets]
+    try:
+        ts = [float(t) for t in targets]
+    except (TypeError, ValueError) as e:
+        raise SparsityError(f"target sparsities must be numbers in [0, 1), got {targets!r}.") from e
+    if not ts:
+        raise SparsityError("give at least one target sparsity, e.g. [0.5, 0.75, 0.9].")
+    for t in ts:
+        if not (0.0 <= t < 1.0) or math.isnan(t):
+            raise SparsityError(f"sparsity {t} is outside [0, 1); 0.9 means 90% of prunable weights removed.")
+    if any(b <= a for a, b in zip(ts, ts[1:])):
+        raise SparsityError(f"target sparsities must be strictly increasing, got {ts}.")
+    return ts
+
+
+@dataclass
+class RoundRecord:
+    ticket: int
+    round: int
+    sparsity: float
+    loss: float
+
+
+@dataclass
+class SearchResult:
+    """Masks at each requested sparsity and the per-round trajectory."""
+    tickets_at: dict[float, TicketSet]
+    history: list[RoundRecord] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    def sparsities(self) -> list[float]:
+        return sorted(self.tickets_at)
+
+
+def magnitude_scores(routed) -> dict[str, torch.Tensor]:
+    """|W| per prunable layer (the paper's criterion)."""
+    return {n: w.detach().abs() for n, w in routed._weight_params.items()}
+
+
+class RTLPruner:
+    """Adaptive ticket search.
+
+    Args:
+        routed: the RoutedModel to search tickets for (its K defines the number of tickets).
+        target_sparsity: increasing sparsities in [0, 1) at which masks are recorded.
+        schedule: "fraction" (remove ``prune_fraction`` of the surviving weights per round) or "count"
+            (remove ``prune_count`` weights per round, the paper's appendix: 4,096). Rounds never
+            overshoot a requested target: the last round before a target prunes exactly down to it.
+        rewind: "init" (θ0, the weights at search start) or an int t: train dense for t steps first
+            and rewind to θ_t.
+        importance: channel mode only: a ``torch_pruning.importance`` callable (default group L1 magnitude).
+        callbacks: ``cb(event: dict) -> "stop" | None`` after every round; "stop" ends that ticket's search
+            (a collapse monitor plugs in here). Events: ticket, round, sparsity, masks (ticket k's, a copy).
+    """
+
+    def __init__(self, routed, *, target_sparsity: Sequence[float] = (0.5, 0.75, 0.9), schedule: str = "fraction",
+                 prune_fraction: float = 0.2, prune_count: int | None = None, rewind: str | int = "init",
+                 importance=None, callbacks: Sequence[Callable[[dict], object]] = (), progress: bool = True):
+        from .routed import RoutedModel
+        if not isinstance(routed, RoutedModel):
+            raise TypeError(f"RTLPruner needs a RoutedModel (rtl.wrap(model, K)), got {type(routed).__name__}.")
+        self.routed = routed
+        self.targets = validate_sparsities(target_sparsity)
+        if schedule not in ("fraction", "count"):
+            raise SparsityError(f"schedule must be 'fraction' or 'count', got {schedule!r}.")
+        if schedule == "fraction" and not (0.0 < float(prune_fraction) < 1.0):
+            raise SparsityError(f"prune_fraction must be in (0, 1), got {prune_fraction}.")
+        if schedule == "count":
+            if not isinstance(prune_count, int) or prune_count < 1:
+                raise SparsityError(f"schedule='count' needs prune_count, a positive int (the paper used 4096), got {prune_count!r}.")
+            if routed.granularity == "channel":
+                raise SparsityError("schedule='count' is for weight granularity; use schedule='fraction' with channels.")
+        if not (rewind == "init" or (isinstance(rewind, int) and not isinstance(rewind, bool) and rewind >= 0)):
+            raise SparsityError(f"rewind must be 'init' or a number of dense steps >= 0, got {rewind!r}.")
+        self.schedule = schedule
+        self.prune_fraction = float(prune_fraction)
+        self.prune_count = prune_count
+        self.rewind = rewind
+        self.importance = importance
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        self.result: SearchResult | None = None
+        self._probe = None
+
+    # ------------------------------------------------------------------ public
+    def find_tickets(self, subsets, *, train_step: TrainStep | None = None, loss_fn: Callable | None = None,
+                     epochs_per_round: int = 1, optimizer_factory: Callable | None = None, device=None,
+                     tickets: Sequence[int] | None = None) -> SearchResult:
+        """Run per-subset IMP for every ticket; sets the routed model's masks to the last target.
+
+        Args:
+            subsets: ``{ticket: DataLoader}`` (or a list), one per ticket.
+            train_step: ``step(model, batch, optimizer) -> loss`` (torch-pruning style; default cross-entropy).
+            epochs_per_round: passes over subset k between two pruning rounds (T in the paper).
+            optimizer_factory: ``params -> optimizer``, a fresh one every round (default Adam lr 1e-3).
+            tickets: search only these tickets (default: all keys of ``subsets``).
+        Returns:
+            SearchResult with ``tickets_at[sparsity]`` (TicketSet) and the per-round history.
+        """
+        import time
+        t0 = time.perf_counter()
+        routed = self.routed
+        loaders = normalize_subsets(subsets)
+        K = routed.num_tickets
+        which = sorted(loaders) if tickets is None else list(tickets)
+        for k in which:
+            if not 0 <= k < K:
+                raise TicketError(f"ticket {k} is outside [0, {K}); the model routes {K} tickets.")
+            if k not in loaders:
+                raise DataError(f"no subset given for ticket {k}; pass one DataLoader per ticket.")
+        if not isinstance(epochs_per_round, int) or epochs_per_round < 1:
+            raise DataError(f"epochs_per_round must be a positive int, got {epochs_per_round!r}.")
+        step = train_step or default_train_step(loss_fn)
+        factory = optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        if self.rewind != "init" and self.rewind > 0:
+            self._dense_warmup(loaders, step, factory, device, int(self.rewind))
+        theta = {k: v.detach().clone() for k, v in routed.model.state_dict().items()}
+        start = routed.tickets.copy()
+        recorded: dict[float, dict[int, dict[str, torch.Tensor]]] = {t: {} for t in self.targets}
+        history: list[RoundRecord] = []
+        rounds_est = sum(self._estimate_rounds() for _ in which)
+        bar = _progress(total=rounds_est, desc="ticket search", enabled=self.progress)
+        try:
+            for k in which:
+                masks = {n: torch.ones_like(m[k]) for n, m in start.masks.items()}
+                self._set_ticket(k, masks)
+                r = 0
+                for target in self.targets:
+                    while True:
+                        cur = float(routed.tickets.sparsity()[k])
+                        if cur >= target - 1e-9:
+                            break
+                        routed.model.load_state_dict(theta)
+                        loss = self._train_ticket(k, loaders[k], step, factory, epochs_per_round, device)
+                        masks = self._prune_round(k, target)
+                        self._set_ticket(k, masks)
+                        r += 1
+                        sp = float(routed.tickets.sparsity()[k])
+                        history.append(RoundRecord(ticket=k, round=r, sparsity=sp, loss=loss))
+                        bar.update(1)
+                        bar.set_postfix(ticket=k, sparsity=f"{sp:.3f}")
+                        event = {"ticket": k, "round": r, "sparsity": sp, "loss": loss,
+                                 "masks": {n: m[k].clone() for n, m in routed.tickets.masks.items()}}
+                        if any(cb(event) == "stop" for cb in self.callbacks):
+                            break
+                    recorded[target][k] = {n: m[k].clone() for n, m in routed.tickets.masks.items()}
+        finally:
+            bar.close()
+            routed.model.load_state_dict(theta)
+        tickets_at = {}
+        for t, per in recorded.items():
+            ts = start.copy()
+            new = {n: m.clone() for n, m in ts.masks.items()}
+            for k, mk in per.items():
+                for n in new:
+                    new[n][k] = mk[n]
+            tickets_at[t] = TicketSet(routed.space, new)
+        routed.set_tickets(tickets_at[self.targets[-1]])
+        self.result = SearchResult(tickets_at=tickets_at, history=history, wall_time_s=time.perf_counter() - t0)
+        return self.result
+
+    # ------------------------------------------------------------------ internals
+    def _estimate_rounds(self) -> int:
+        last = self.targets[-1]
+        if self.schedule == "fraction":
+            n = math.ceil(math.log(max(1 - last, 1e-9)) / math.log(1 - self.prune_fraction))
+            return n + len(self.targets)
+        return math.ceil(last * self.routed.space.num_weights / self.prune_count)
+
+    def _set_ticket(self, k: int, masks: dict[str, torch.Tensor]) -> None:
+        self.routed.tickets.set_ticket(k, masks)
+        self.routed._cache.clear()
+
+    def _train_ticket(self, k, loader, step, factory, epochs, device) -> float:
+        routed = self.routed
+        view = routed.ticket_module(k)
+        opt = factory([p for p in routed.parameters() if p.requires_grad])
+        was = routed.training
+        routed.train()
+        total, n = 0.0, 0
+        try:
+            for _ in range(epochs):
+                for batch in loader:
+                    loss = step(view, _to_device(batch, device), opt)
+                    total += float(loss or 0.0)
+                    n += 1
+        finally:
+            routed.train(was)
+        if n == 0:
+            raise DataError(f"subset {k} yielded no batch; every ticket needs data.")
+        return total / n
+
+    def _dense_warmup(self, loaders, step, factory, device, steps: int) -> None:
+        """Train all tickets' data on the (still dense) shared weights for ``steps`` batches (rewind point θ_t)."""
+        from .training import balanced_cyclic_batches
+        routed = self.routed
+        opt = factory([p for p in routed.parameters() if p.requires_grad])
+        views = {k: routed.ticket_module(k) for k in loaders}
+        done = 0
+        routed.train()
+        while done < steps:
+            for _, k, batch in balanced_cyclic_batches(loaders):
+                step(views[k], _to_device(batch, device), opt)
+                done += 1
+                if done >= steps:
+                    break
+
+    def _n_to_prune(self, kept: int, target: float) -> int:
+        total = self.routed.space.num_weights
+        floor_kept = int(round((1 - target) * total))
+        n = math.ceil(self.prune_fraction * kept) if self.schedule == "fraction" else self.prune_count
+        return max(0, min(n, kept - floor_kept))
+
+    def _prune_round(self, k: int, target: float) -> dict[str, torch.Tensor]:
+        if self.routed.granularity == "weight":
+            return self._prune_weights(k, target)
+        return self._prune_channels(k, target)
+
+    def _prune_weights(self, k: int, target: float) -> dict[str, torch.Tensor]:
+        routed = self.routed
+        masks = {n: m[k].clone() for n, m in routed.tickets.masks.items()}
+        scores = magnitude_scores(routed)
+        kept = int(sum(int(m.sum()) for m in masks.values()))
+        n = self._n_to_prune(kept, target)
+        if n <= 0:
+            return masks
+        names = list(masks)
+        flat = torch.cat([scores[nm][masks[nm]].flatten().float() for nm in names])
+        # global threshold: the n-th smallest surviving magnitude; ties broken by position for exact counts
+        order = torch.argsort(flat, stable=True)[:n]
+        drop = torch.zeros_like(flat, dtype=torch.bool)
+        drop[order] = True
+        off = 0
+        for nm in names:
+            m = masks[nm]
+            cnt = int(m.sum())
+            sub = drop[off:off + cnt]
+            off += cnt
+            if sub.any():
+                idx = m.nonzero(as_tuple=True)
+                sel = tuple(i[sub] for i in idx)
+                m[sel] = False
+        return masks
+
+    # -- channel mode ---------------------------------------------------
+    def _channel_importance(self, k: int) -> dict[str, torch.Tensor]:
+        """Per-group importance [C_root] of ticket k's trained weights, estimated on the UNMASKED weights."""
+        import torch_pruning as tp
+        from . import _tp
+        routed = self.routed
+        if self._probe is None:
+            plain = routed.plain_copy(0)
+            root = plain.get_submodule(routed.space.trace_root) if routed.space.trace_root else plain
+            p = next(root.parameters())
+            ex = torch.zeros(routed.space.example_input_shape, device=p.device, dtype=p.dtype)
+            dg = _tp.build_graph(root, ex)
+            prefix = routed.space.trace_root + "." if routed.space.trace_root else ""
+            mods = dict(root.named_modules())
+            groups = {}
+            for g in routed.space.groups:
+                mod = mods[g.root[len(prefix):]] if prefix else mods[g.root]
+                pr = dg.get_pruner_of_module(mod)
+                groups[g.root] = dg.get_pruning_group(mod, pr.prune_out_channels, list(range(g.size)))
+            self._probe = (plain, groups)
+        plain, groups = self._probe
+        # copy current shared weights and ticket k's norm statistics into the probe
+        src = routed.plain_copy(k).state_dict()
+        plain.load_state_dict(src)
+        imp_fn = self.importance or tp.importance.GroupMagnitudeImportance(p=1)
+        out = {}
+        with torch.no_grad():
+            for g in routed.space.groups:
+                imp = imp_fn(groups[g.root])
+                if imp is None:
+                    imp = torch.ones(g.size)
+                out[g.root] = imp.detach().float().cpu()
+        return out
+
+    def _prune_channels(self, k: int, target: float) -> dict[str, torch.Tensor]:
+        routed = self.routed
+        keep = {n: m[k].clone() for n, m in routed.tickets.masks.items()}
+        imps = self._channel_importance(k)
+
+        def apply(frac: float) -> dict[str, torch.Tensor]:
+            new = {}
+            for g in routed.space.groups:
+                kv = keep[g.root].cpu()
+                per = kv.view(g.ch_groups, g.period)[0]
+                imp = imps[g.root].view(g.ch_groups, g.period).mean(0)
+                alive = per.nonzero().flatten()
+                n = min(int(math.floor(frac * alive.numel())), alive.numel() - 1)
+                newper = per.clone()
+                if n > 0:
+                    order = torch.argsort(imp[alive], stable=True)[:n]
+                    newper[alive[order]] = False
+                new[g.root] = newper.repeat(g.ch_groups).to(keep[g.root].device)
+            return new
+
+        def sparsity_of(masks) -> float:
+            K = routed.num_tickets
+            full = {n: routed.tickets.masks[n].clone() for n in masks}
+            for n in masks:
+                full[n][k] = masks[n]
+            lm = routed.space.channel_layer_masks({n: v[k:k + 1] for n, v in full.items()})
+            em = routed.space.weight_element_masks(lm, 1, device=next(iter(masks.values())).device)
+            kept = sum(int(m.sum()) for m in em.values())
+            del K
+            return 1.0 - kept / routed.space.num_weights
+
+        cand = apply(self.prune_fraction)
+        if sparsity_of(cand) <= target + 1e-9:
+            return cand
+        lo, hi = 0.0, self.prune_fraction  # bisection: the smallest fraction that reaches the target
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            if sparsity_of(apply(mid)) >= target:
+                hi = mid
+            else:
+                lo = mid
+        return apply(hi)
+
+
+class TicketImportance:
+    """A torch-pruning importance that ranks channels by what ticket k keeps (interop with stock tp pruners).
+
+    ``tp.pruner.BasePruner(plain_model, example_inputs, importance=TicketImportance(routed, k), ...)``
+    hard-prunes first the channels ticket k does not use: channel mode, channels the ticket drops get
+    -inf and kept ones the base importance; weight mode, a channel's score is the L1 norm of ticket k's
+    kept weights in it (0 when the ticket keeps none).
+
+    Args:
+        routed: the RoutedModel whose ticket defines the ranking.
+        k: ticket id.
+        base: a tp importance for kept channels (default ``GroupMagnitudeImportance(p=1)``).
+    """
+
+    def __init__(self, routed, k: int, base=None):
+        import torch_pruning as tp
+        routed.tickets._check_index(k)
+        self.routed = routed
+        self.k = int(k)
+        self.base = base or tp.importance.GroupMagnitudeImportance(p=1)
+
+    def _root_name(self, group) -> str | None:
+        dg = getattr(group, "_DG", None)
+        if dg is None:
+            return None
+        return dg._module2name.get(group[0].dep.target.module)
+
+    @torch.no_grad()
+    def __call__(self, group) -> torch.Tensor:
+        import torch_pruning as tp  # noqa: F401
+        base = self.base(group)
+        if base is None:
+            return None
+        name = self._root_name(group)
+        prefix = self.routed.space.trace_root + "." if self.routed.space.trace_root else ""
+        full = prefix + name if name is not None else None
+        n = len(group[0].idxs)
+        if self.routed.granularity == "channel":
+            kv = self.routed.tickets.masks.get(full)
+            if kv is None or kv.shape[1] != n:
+                return base
+            keep = kv[self.k].to(base.device)
+            return torch.where(keep, base, torch.full_like(base, -float("inf")))
+        # weight mode: per-channel L1 of the ticket's kept weights over the group's out-channel layers
+        score = torch.zeros(n, device=base.device)
+        masks = self.routed.tickets.masks
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            mname = group._DG._module2name.get(dep.target.module) if isinstance(dep.target.module, nn.Module) else None
+            if mname is None:
+                continue
+            mfull = prefix + mname
+            if mfull not in masks or not group._DG.is_out_channel_pruning_fn(dep.handler):
+                continue
+            w = self.routed._weight_params[mfull]
+            m = masks[mfull][self.k]
+            kind = self.routed.space.layer_kinds[mfull]
+            wm = (w * m).abs()
+            per_out = wm.transpose(0, 1).flatten(1).sum(1) if kind == "convT" else wm.flatten(1).sum(1)
+            root_idxs = torch.as_tensor(item.root_idxs, device=base.device)
+            score.index_add_(0, root_idxs, per_out[torch.as_tensor(idxs)].to(score.device).float())
+        return score

@@ -1,0 +1,214 @@
+"""Training loops: the default train step, balanced cyclic batching and joint retraining with masked updates.
+
+Masked-update guarantee: during ticket k's optimizer step, every prunable weight outside ticket k (and,
+in channel mode, the biases and norm affine parameters of channels ticket k drops) is bit-identical
+before and after the step, whatever the optimizer (Adam, SGD with momentum, weight decay). Two
+mechanisms make this hold:
+
+1. per-ticket optimizer state (default): K clones of the user's optimizer configuration, each seeing
+   only its ticket's gradient history, so momentum from ticket j never pushes ticket k's weights;
+2. a masked write-back after each step: ``w = where(mask_k, w_after, w_before)``, which also cancels
+   decoupled weight decay and momentum on weights the ticket does not own.
+
+Weights shared by several tickets are updated by every ticket that owns them (K sequential steps per
+batch index, as in the paper). Parameters outside the ticket space (classifier, norm affine in weight
+mode) are shared by all tickets and updated at every step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import DataError, RTLError, TicketError
+
+TrainStep = Callable[[nn.Module, object, torch.optim.Optimizer], float]
+
+
+def _to_device(batch, device):
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def default_train_step(loss_fn: Callable | None = None) -> TrainStep:
+    """A train step for ``(x, y)`` batches: forward, ``loss_fn(out, y)`` (default cross-entropy), backward, step."""
+    loss_fn = loss_fn or F.cross_entropy
+
+    def step(model: nn.Module, batch, optimizer: torch.optim.Optimizer) -> float:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise DataError("the default train step expects (x, y) batches; pass train_step= for other batch formats.")
+        x, y = batch[0], batch[1]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise RTLError(f"non-finite loss ({float(loss)}); lower the learning rate or check the data for NaN/inf.")
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+    return step
+
+
+def normalize_subsets(subsets) -> dict[int, object]:
+    """``{ticket: DataLoader}`` from a dict or a sequence of loaders; validates non-emptiness."""
+    if isinstance(subsets, Mapping):
+        items = dict(subsets)
+    elif isinstance(subsets, Sequence):
+        items = dict(enumerate(subsets))
+    else:
+        raise DataError(f"subsets must be a dict {{ticket: DataLoader}} or a list of loaders, got {type(subsets).__name__}.")
+    if not items:
+        raise DataError("no subsets given; pass one DataLoader per ticket.")
+    for k, dl in items.items():
+        if not isinstance(k, int) or k < 0:
+            raise DataError(f"subset keys must be ticket ids (ints >= 0), got {k!r}.")
+        try:
+            n = len(dl)
+        except TypeError:
+            n = None
+        if n == 0:
+            raise DataError(f"subset {k} is empty; every ticket needs at least one batch (drop the ticket or add data).")
+    return items
+
+
+def balanced_cyclic_batches(loaders: Mapping[int, object]) -> Iterator[tuple[int, int, object]]:
+    """One epoch of balanced cyclic batching: ``(batch_index, ticket, batch)``.
+
+    M = the largest batch count; smaller subsets repeat their batches cyclically until every ticket has
+    M batches; for each batch index the tickets come in ascending order.
+    """
+    lens = {k: len(dl) for k, dl in loaders.items()}
+    M = max(lens.values())
+    iters = {k: iter(dl) for k, dl in loaders.items()}
+    for i in range(M):
+        for k in sorted(loaders):
+            try:
+                batch = next(iters[k])
+            except StopIteration:
+                iters[k] = iter(loaders[k])
+                try:
+                    batch = next(iters[k])
+                except StopIteration:
+                    raise DataError(f"subset {k} yielded no batch; it is empty.") from None
+            yield i, k, batch
+
+
+def clone_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """A fresh optimizer of the same class and hyper-parameters over the same parameters (empty state)."""
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
+              for g in optimizer.param_groups]
+    return type(optimizer)(groups, **optimizer.defaults)
+
+
+class MaskedUpdate:
+    """Context for one ticket's step: snapshots what ticket k does not own and writes it back after the step."""
+
+    def __init__(self, routed, ticket: int):
+        self.routed = routed
+        self.ticket = ticket
+        self._pairs = ticket_param_masks(routed, ticket)
+        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self):
+        self._saved = [(p, m, p.detach().clone()) for p, m in self._pairs]
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for p, m, before in self._saved:
+                p.copy_(torch.where(m, p, before))
+        self._saved = []
+        return False
+
+
+def ticket_param_masks(routed, ticket: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(parameter, bool mask broadcastable to it)]``: which entries ticket ``ticket`` owns."""
+    masks = routed.tickets.element_masks()
+    pairs = [(routed._weight_params[n], masks[n][ticket]) for n in routed.space.layers]
+    if routed.granularity == "channel":
+        lm = routed.tickets.layer_channel_masks()
+        mods = dict(routed.model.named_modules())
+        seen = {id(p) for p, _ in pairs}
+        for name, sides in lm.items():
+            out = sides.get("out")
+            if out is None:
+                continue
+            m = mods[name]
+            for pname in ("bias", "weight"):
+                p = getattr(m, pname, None)
+                if isinstance(p, nn.Parameter) and id(p) not in seen and p.dim() == 1 and p.shape[0] == out.shape[1]:
+                    pairs.append((p, out[ticket]))
+                    seen.add(id(p))
+    return pairs
+
+
+def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: int = 1,
+                  train_step: TrainStep | None = None, loss_fn: Callable | None = None,
+                  per_ticket_state: bool = True, device=None, progress: bool = True,
+                  callbacks: Sequence[Callable[[dict], object]] = ()) -> dict:
+    """Stage 2: retrain all tickets jointly over the shared weights (masks frozen).
+
+    Args:
+        routed: the RoutedModel (its current tickets are used).
+        subsets: ``{ticket: DataLoader}`` (or a list); ticket ids must be in [0, K).
+        optimizer: an optimizer over ``routed.parameters()``; with ``per_ticket_state`` it is cloned
+            K times (same class and hyper-parameters, separate state).
+        epochs: passes of balanced cyclic batching (M batch indices x K tickets per epoch).
+        train_step: ``step(model, batch, optimizer) -> loss`` (default: cross-entropy on (x, y)).
+        callbacks: called after each epoch with ``{"epoch", "loss"}``; returning "stop" ends training.
+    Returns:
+        ``{"loss": [[mean loss per ticket] per epoch], "steps": int}``
+    """
+    from .routed import RoutedModel
+    if not isinstance(routed, RoutedModel):
+        raise TypeError(f"joint_retrain() needs a RoutedModel, got {type(routed).__name__}.")
+    if not isinstance(epochs, int) or epochs < 0:
+        raise DataError(f"epochs must be an int >= 0, got {epochs!r}.")
+    loaders = normalize_subsets(subsets)
+    bad = [k for k in loaders if k >= routed.num_tickets]
+    if bad:
+        raise TicketError(f"subsets name tickets {bad} but the model routes {routed.num_tickets} tickets (0..{routed.num_tickets - 1}).")
+    step = train_step or default_train_step(loss_fn)
+    opts = {k: clone_optimizer(optimizer) for k in loaders} if per_ticket_state else {k: optimizer for k in loaders}
+    views = {k: routed.ticket_module(k) for k in loaders}
+    history: dict = {"loss": [], "steps": 0}
+    M = max(len(dl) for dl in loaders.values())
+    bar = _progress(total=epochs * M * len(loaders), desc="joint retrain", enabled=progress)
+    was = routed.training
+    routed.train()
+    try:
+        for epoch in range(epochs):
+            sums = {k: 0.0 for k in loaders}
+            counts = {k: 0 for k in loaders}
+            for _, k, batch in balanced_cyclic_batches(loaders):
+                batch = _to_device(batch, device)
+                with MaskedUpdate(routed, k):
+                    loss = step(views[k], batch, opts[k])
+                if loss is not None and not math.isfinite(float(loss)):
+                    raise RTLError(f"non-finite loss in ticket {k}; lower the learning rate or check the data.")
+                sums[k] += float(loss or 0.0)
+                counts[k] += 1
+                history["steps"] += 1
+                bar.update(1)
+            history["loss"].append([sums[k] / max(counts[k], 1) for k in sorted(loaders)])
+            bar.set_postfix(loss=f"{sum(history['loss'][-1]) / len(loaders):.4f}")
+            if any(cb({"epoch": epoch, "loss": history["loss"][-1]}) == "stop" for cb in callbacks):
+                break
+    finally:
+        bar.close()
+        routed.train(was)
+    return history
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
