@@ -103,6 +103,9 @@ class GenericAdapter(Adapter):
             model.eval()
             with torch.no_grad():
                 model(*(example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)))
+        except Exception as e:
+            raise SpaceError(f"the model failed on example_inputs ({type(e).__name__}: {e}); pass an input that "
+                             "matches its forward(), e.g. torch.randn(1, 3, 32, 32).") from e
         finally:
             model.train(was)
             for h in handles:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import ArchitectureMismatchError, CorruptFileError, FormatVersionError, RTLError
+from .errors import ArchitectureMismatchError, CorruptFileError, FormatVersionError, TicketError
 from .space import TicketSpace, architecture_fingerprint
 from .tickets import TicketSet
 
@@ -115,9 +115,18 @@ def read_manifest(path) -> dict:
     ver = manifest.get("format_version")
     if not isinstance(ver, int):
         raise CorruptFileError(f"{mf} has no integer format_version.")
+    if ver < 1:
+        raise CorruptFileError(f"{mf} has an invalid format_version {ver}.")
     if ver > FORMAT_VERSION:
         raise FormatVersionError(f"{path} was written with format version {ver}, this rtl-plugin reads up to "
                                  f"{FORMAT_VERSION}; upgrade rtl-plugin (pip install -U rtl-plugin).")
+    need = {"fingerprint": str, "space": dict, "num_tickets": int, "files": dict, "granularity": str}
+    for key, typ in need.items():
+        if not isinstance(manifest.get(key), typ) or isinstance(manifest.get(key), bool):
+            raise CorruptFileError(f"{mf} lacks a valid {key!r} entry; the manifest is damaged or hand-edited: "
+                                   "re-save the model.")
+    if manifest["num_tickets"] < 1:
+        raise CorruptFileError(f"{mf} has num_tickets={manifest['num_tickets']}; the manifest is damaged.")
     return manifest
 
 
@@ -139,7 +148,10 @@ def load_tickets(path) -> TicketSet:
     manifest = read_manifest(path)
     space = TicketSpace.from_dict(manifest["space"])
     packed = _st_load(_read_checked(path, MASKS, manifest), str(path / MASKS))
-    return TicketSet.from_packed(space, int(manifest["num_tickets"]), {k: v.numpy() for k, v in packed.items()})
+    try:
+        return TicketSet.from_packed(space, int(manifest["num_tickets"]), {k: v.numpy() for k, v in packed.items()})
+    except TicketError as e:
+        raise CorruptFileError(f"{path / MASKS} does not match its manifest ({e}); the run folder is damaged.") from e
 
 
 def load(path, model: nn.Module, *, map_location=None):

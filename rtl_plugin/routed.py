@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.func import functional_call
@@ -222,6 +223,8 @@ class RoutedModel(nn.Module):
                              "[B, H, W] (per pixel), or a router's output.")
         if isinstance(route, bool):
             raise RouteError("route must be an int or an integer tensor, got a bool.")
+        if isinstance(route, np.integer):
+            route = int(route)
         if isinstance(route, torch.Tensor) and route.dim() == 0:
             if route.is_floating_point() or route.dtype == torch.bool or route.is_complex():
                 raise RouteError(f"route must have an integer dtype, got {route.dtype}; use route.long().")
@@ -254,6 +257,8 @@ class RoutedModel(nn.Module):
         if p is not None and p.device != x.device:
             raise RouteError(f"the input is on {x.device} but the model is on {p.device}; move one of them.")
         route = self._check_route(route, x)
+        if isinstance(route, torch.Tensor) and route.shape[0] == 0:
+            return self._run_ticket(args, kwargs, 0)  # empty batch: any ticket gives the empty output
         if isinstance(route, int):
             return self._run_ticket(args, kwargs, route)
         if route.dim() == 1:

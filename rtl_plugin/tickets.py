@@ -36,6 +36,8 @@ class TicketSet:
     @classmethod
     def random(cls, space: TicketSpace, num_tickets: int, keep: float = 0.5, *, seed: int = 0) -> "TicketSet":
         """Random masks with keep probability ``keep`` (channel mode: tiled for grouped convs, >=1 kept per group)."""
+        if not isinstance(num_tickets, int) or isinstance(num_tickets, bool) or num_tickets < 1:
+            raise TicketError(f"num_tickets must be a positive int, got {num_tickets!r}.")
         if not 0.0 < keep <= 1.0:
             raise TicketError(f"keep must be in (0, 1], got {keep}.")
         g = torch.Generator().manual_seed(seed)
@@ -85,7 +87,13 @@ class TicketSet:
         for n, m in masks.items():
             if n not in new:
                 raise TicketError(f"unknown mask key {n!r}; expected keys of the ticket space ({len(new)} keys).")
-            new[n][k] = torch.as_tensor(m, dtype=torch.bool, device=new[n].device).reshape(new[n].shape[1:])
+            m = torch.as_tensor(m, device=new[n].device)
+            if m.dtype != torch.bool:
+                raise TicketError(f"mask {n!r} has dtype {m.dtype}; masks must be torch.bool.")
+            if tuple(m.shape) != tuple(new[n].shape[1:]):
+                raise TicketError(f"mask {n!r} has shape {tuple(m.shape)}, expected {tuple(new[n].shape[1:])} "
+                                  "(one ticket's mask from the same architecture).")
+            new[n][k] = m
         self._set_all(new)
 
     def _check_index(self, k) -> None:
@@ -171,8 +179,10 @@ class TicketSet:
         K = self.num_tickets
         inter = torch.zeros(K, K, dtype=torch.float64)
         for m in self.element_masks().values():
-            f = m.reshape(K, -1).to(torch.float32)
-            inter += (f @ f.T).double().cpu()
+            f = m.reshape(K, -1)
+            # exact integer counts (float32 matmul loses counts above 2**24 weights per layer)
+            for i in range(K):
+                inter[i] += (f[i:i + 1] & f).sum(1).double().cpu()
         kept = torch.diagonal(inter).clone()
         union = kept[:, None] + kept[None, :] - inter
         return inter, union

@@ -190,18 +190,12 @@ def test_routed_batchnorm_alone_raises(ctx):
         bn(torch.randn(2, bn.num_features, 4, 4))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: rtl.wrap with the generic adapter and no output_layers runs the model "
-                   "unguarded in GenericAdapter.output_layers_for (rtl_plugin/adapters.py:105): an un-traceable "
-                   "example input raises torch's RuntimeError instead of SpaceError")
 @pytest.mark.parametrize("adapter", ["generic", "auto"])
 def test_untraceable_input_generic_adapter(ctx, adapter):
     with pytest.raises(rtl.SpaceError, match="example_inputs"):
         rtl.wrap(ctx.make_tiny(), K, example_inputs=torch.randn(1, 4, 8, 8), adapter=adapter)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an empty batch with a LongTensor route [0] crashes in "
-                   "RoutedModel._run_per_sample (rtl_plugin/routed.py: _cat_outputs([]) IndexError in weight mode, "
-                   "torch.cat ValueError from RoutedBatchNorm in channel mode) while route=int works")
 @pytest.mark.parametrize("gran", ["weight", "channel"])
 def test_empty_batch_tensor_route(ctx, gran):
     routed = getattr(ctx, gran[0])

@@ -338,9 +338,6 @@ def test_newer_format_version(saved, make_tiny, tmp_path):
     pytest.param(lambda m: m.pop("num_tickets"), id="no_num_tickets"),
     pytest.param(lambda m: m.__setitem__("files", []), id="files_not_a_dict"),
 ])
-@pytest.mark.xfail(strict=True, reason="bug: rtl_plugin/io.py load_tickets()/load()/_read_checked() index the manifest "
-                   "without validating it: a manifest missing 'space'/'num_tickets' raises KeyError, a non-dict "
-                   "'files' raises AttributeError, instead of CorruptFileError")
 def test_incomplete_manifest_is_corrupt(saved, make_tiny, tmp_path, edit):
     _, src = saved
     folder = _copy_run(src, tmp_path / "run")

@@ -152,8 +152,6 @@ def test_jaccard_disjoint_tickets_is_zero(shapes, data):
     assert ts.union_count() == int(kept.sum())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: TicketSet.pairwise_counts (rtl_plugin/tickets.py) accumulates counts in "
-                   "float32, so a layer with more than 2**24 weights gives wrong, asymmetric counts and Jaccard > 1")
 def test_pairwise_counts_exact_for_large_layer():
     n = 4097  # one 4097x4097 layer: 16,785,409 weights > 2**24
     space = weight_space([(n, n)])
@@ -264,8 +262,6 @@ def test_random_keep_validation_and_determinism(tiny_channel, make_routed):
 
 
 @pytest.mark.parametrize("bad", [-1, True])
-@pytest.mark.xfail(strict=True, reason="bug: TicketSet.random (rtl_plugin/tickets.py) does not validate num_tickets "
-                   "like TicketSet.full does: -1 raises torch's RuntimeError, True a TypeError")
 def test_random_rejects_bad_num_tickets(make_routed, bad):
     with pytest.raises(rtl.TicketError, match="positive int"):
         rtl.TicketSet.random(make_routed("weight").space, bad)
@@ -346,8 +342,6 @@ def test_set_ticket_unknown_key(make_routed):
         ts.set_ticket(0, {"nope": torch.ones(3, dtype=torch.bool)})
 
 
-@pytest.mark.xfail(strict=True, reason="bug: TicketSet.set_ticket (rtl_plugin/tickets.py:88) reshapes the new mask "
-                   "without checking its size: a wrong-shape mask raises torch's RuntimeError, not TicketError")
 def test_set_ticket_wrong_shape(make_routed):
     ts = make_routed("weight").tickets
     with pytest.raises(rtl.TicketError, match="shape"):
