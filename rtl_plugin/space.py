@@ -185,10 +185,12 @@ class TicketSpace:
         return cls.from_dict(json.loads(s))
 
     def summary(self) -> str:
+        def top(names):  # containers only, not every expanded submodule
+            return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
         lines = [f"TicketSpace granularity={self.granularity}",
                  f"  prunable layers: {len(self.layers)}  prunable weights: {self.num_weights:,}",
-                 f"  output layers (not pruned): {', '.join(self.output_layers) or '-'}",
-                 f"  ignored layers: {', '.join(self.ignored_layers) or '-'}"]
+                 f"  output layers (not pruned): {', '.join(top(self.output_layers)) or '-'}",
+                 f"  ignored layers: {', '.join(top(self.ignored_layers)) or '-'}"]
         if self.granularity == "channel":
             lines.append(f"  channel groups: {len(self.groups)}  channels: {sum(g.size for g in self.groups):,}")
             for g in self.groups[:12]:

@@ -74,3 +74,51 @@ def make_routed(make_tiny):
         routed.set_tickets(rtl.TicketSet.random(routed.space, num_tickets, keep=keep, seed=seed))
         return routed
     return make
+
+
+class GroupedCNN(nn.Module):
+    """Conv(bias)-BN-ReLU, grouped Conv (groups=2, bias)-BN-ReLU, 1x1 Conv(bias)-BN-ReLU, pool, Linear ``head``.
+
+    Channel groups: ``conv1`` (8, tiled over conv2's 2 channel groups), ``conv2`` (8, tiled), ``conv3`` (16).
+    """
+
+    def __init__(self, num_classes: int = 5, in_ch: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 16, 1)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="session")
+def make_grouped():
+    """``make_grouped(num_classes=5, seed=0)`` -> a fresh GroupedCNN."""
+    def make(num_classes: int = 5, seed: int = 0) -> GroupedCNN:
+        torch.manual_seed(seed)
+        return GroupedCNN(num_classes)
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_loader():
+    """``make_loader(n_batches, batch_size=4, seed=0, num_classes=5, shuffle=False)`` -> a DataLoader of
+    ``(x [B, 3, 8, 8], y [B])`` batches from a fixed random TensorDataset (a shuffled one uses a seeded
+    generator, so two loaders made with the same arguments yield the same batches)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    def make(n_batches: int, batch_size: int = 4, seed: int = 0, num_classes: int = 5, shuffle: bool = False):
+        g = torch.Generator().manual_seed(seed)
+        n = n_batches * batch_size
+        ds = TensorDataset(torch.randn(n, *TINY_INPUT[1:], generator=g), torch.randint(0, num_classes, (n,), generator=g))
+        gen = torch.Generator().manual_seed(seed + 1000) if shuffle else None
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
+    return make

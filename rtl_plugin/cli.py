@@ -1,0 +1,175 @@
+"""The ``rtl`` command line: demo, prune, info, diagnose."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import RTLError
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in s.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.5,0.75,0.9, got {s!r}") from e
+
+
+def _default_out() -> str:
+    return str(Path("rtl-runs") / time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
+    p.add_argument("--out", default=None, help="output folder (default rtl-runs/<timestamp>)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long run on a small slice of the data (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if demo:
+        return
+    p.add_argument("--model", default="timm:test_resnet", help="timm:NAME (any timm classifier)")
+    p.add_argument("--domains", default="digits,mnist,lfw", help="comma-separated: digits, mnist, lfw, fashion")
+    p.add_argument("--partition", default="domain", choices=["domain", "class", "kmeans"])
+    p.add_argument("--clusters", type=int, default=3, help="number of k-means clusters (--partition kmeans)")
+    p.add_argument("--granularity", default="weight", choices=["weight", "channel"])
+    p.add_argument("--sparsities", type=_floats, default=(0.5, 0.75, 0.9))
+    p.add_argument("--schedule", default="fraction", choices=["fraction", "count"])
+    p.add_argument("--prune-fraction", type=float, default=0.5)
+    p.add_argument("--prune-count", type=int, default=None)
+    p.add_argument("--search-epochs", type=int, default=1, help="epochs per pruning round")
+    p.add_argument("--retrain-epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--max-per-domain", type=int, default=None)
+    p.add_argument("--baselines", default="dense,single_imp,single_imp_balanced,single_imp_context,multi_imp")
+    p.add_argument("--routers", default="learned,centroid")
+    p.add_argument("--shared-norm", action="store_true", help="one set of BN statistics for all tickets (the paper)")
+
+
+def _run(args, *, demo: bool) -> int:
+    from .experiment import ClassificationConfig, format_table, run_classification
+    kw = dict(seed=args.seed, device=args.device, progress=not args.no_progress)
+    if not demo:
+        kw.update(model=args.model, domains=tuple(d for d in args.domains.split(",") if d), partition=args.partition,
+                  num_clusters=args.clusters, granularity=args.granularity, sparsities=args.sparsities,
+                  schedule=args.schedule, prune_fraction=args.prune_fraction, prune_count=args.prune_count,
+                  search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs, batch_size=args.batch_size,
+                  lr=args.lr, image_size=args.image_size, max_per_domain=args.max_per_domain,
+                  baselines=tuple(b for b in args.baselines.split(",") if b),
+                  routers=tuple(r for r in args.routers.split(",") if r), shared_norm=args.shared_norm)
+    cfg = ClassificationConfig.quick(**kw) if args.quick else ClassificationConfig(**kw)
+    out = args.out or _default_out()
+    print(f"rtl {'demo' if demo else 'prune'}: RTL vs baselines on {cfg.dataset} ({', '.join(cfg.domains)}), "
+          f"model {cfg.model}, sparsities {list(cfg.sparsities)}, output {out}", flush=True)
+    res = run_classification(cfg, out)
+    print()
+    print(format_table(res, "balanced_accuracy"))
+    print()
+    print(format_table(res, "auc"))
+    print()
+    if res.get("routers"):
+        for n, r in res["routers"].items():
+            print(f"router {n}: routing accuracy {r['accuracy']:.3f}, FLOPs share {r['flops_share']:.3%}")
+    sims = ", ".join(f"{int(s['sparsity']*100)}%: {s['mean_jaccard']:.3f} (chance {s['chance']:.3f})"
+                     for s in res["similarity"])
+    print(f"mean ticket Jaccard: {sims}")
+    w = res["wall_time_s"]
+    print(f"wall time: ticket search {w['ticket_search']:.1f}s, single IMP {w['single_imp']:.1f}s, "
+          f"joint retrain {w['joint_retrain']:.1f}s, total {res['total_time_s']:.1f}s")
+    print(f"results: {Path(out) / 'results.json'}; figures: {', '.join(res.get('figures', []))}; "
+          f"tickets: {Path(out) / 'tickets'}")
+    return 0
+
+
+def _model_from_spec(spec: str, num_classes: int):
+    family, _, name = spec.partition(":") if ":" in spec else ("timm", "", spec)
+    if family == "timm":
+        import timm
+        return timm.create_model(name, num_classes=num_classes)
+    if family == "smp":
+        import segmentation_models_pytorch as smp
+        arch, _, enc = name.partition(":")
+        if not enc:
+            arch, enc = "Unet", arch
+        return getattr(smp, arch)(enc, encoder_weights=None, classes=num_classes)
+    if family == "audio":
+        from rtl_plugin.integrations.audio import AudioUNet
+        return AudioUNet()
+    raise RTLError(f"unknown model family {family!r}; use timm:NAME, smp:ENCODER (Unet), smp:ARCH:ENCODER or audio:unet.")
+
+
+def _info(args) -> int:
+    from .api import resolve_adapter, wrap
+    model = _model_from_spec(args.model, args.num_classes)
+    routed = wrap(model, 1, granularity=args.granularity)
+    ad = resolve_adapter(model)
+    n_all = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.model} ({type(model).__name__}), adapter: {ad.name}, parameters: {n_all:,}")
+    print(routed.space.summary())
+    if args.json:
+        print(json.dumps(routed.space.to_dict())[:2000])
+    return 0
+
+
+def _diagnose(args) -> int:
+    from .io import load_tickets
+    run = Path(args.run)
+    res_file = run / "results.json"
+    folders = sorted((run / "tickets").glob("sparsity_*")) if (run / "tickets").is_dir() else [run]
+    names = None
+    if res_file.is_file():
+        names = json.loads(res_file.read_text()).get("ticket_names")
+    for f in folders:
+        ts = load_tickets(f)
+        j = ts.jaccard()
+        K = ts.num_tickets
+        off = float((j.sum() - j.diagonal().sum()) / max(K * (K - 1), 1))
+        sp = ", ".join(f"{v:.3f}" for v in ts.sparsity().tolist())
+        print(f"{f.name}: K={K} sparsity=[{sp}] union={ts.union_count():,} shared-by-all={ts.intersection_count():,} "
+              f"mean Jaccard={off:.3f}")
+        for a in range(K):
+            s_k = float((j[a].sum() - 1) / max(K - 1, 1))
+            label = names[a] if names and a < len(names) else str(a)
+            print(f"   S_{label} = {s_k:.3f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rtl", description="Routing the Lottery: K routed sparse tickets over shared weights.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="the main job: RTL vs its baselines on embedded real data (digits, MNIST-5k, LFW)")
+    _add_run_args(d, demo=True)
+    pr = sub.add_parser("prune", help="the same pipeline with options (model, data, partition, sparsities, ...)")
+    _add_run_args(pr, demo=False)
+    i = sub.add_parser("info", help="print a model's ticket space (prunable layers, groups, ignored layers)")
+    i.add_argument("model", help="timm:NAME | smp:ENCODER | smp:ARCH:ENCODER | audio:unet")
+    i.add_argument("--granularity", default="channel", choices=["weight", "channel"])
+    i.add_argument("--num-classes", type=int, default=10)
+    i.add_argument("--json", action="store_true")
+    g = sub.add_parser("diagnose", help="ticket similarity summary of a run folder")
+    g.add_argument("run")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "demo":
+            return _run(args, demo=True)
+        if args.cmd == "prune":
+            return _run(args, demo=False)
+        if args.cmd == "info":
+            return _info(args)
+        if args.cmd == "diagnose":
+            return _diagnose(args)
+    except RTLError as e:
+        print(f"rtl: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
