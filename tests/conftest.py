@@ -6,6 +6,12 @@ from torch import nn
 
 import rtl_plugin as rtl
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: 2 workers on 2 cores, no oversubscription
+    torch.set_num_threads(1)
+
 
 class TinyCNN(nn.Module):
     """Conv-BN-ReLU x2 + global pool + Linear ``head`` (a classifier: output [B, num_classes])."""

@@ -26,10 +26,27 @@ OPTIMIZERS = {
 # ----------------------------------------------------------------------------- helpers
 
 
+def half_tickets(space, K, seed=1):
+    """Channel tickets keeping exactly half of every group's period (tiled over channel groups)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for grp in space.groups:
+        per = torch.zeros(K, grp.period, dtype=torch.bool)
+        for k in range(K):
+            per[k, torch.randperm(grp.period, generator=g)[:grp.period // 2]] = True
+        masks[grp.root] = per.repeat(1, grp.ch_groups)
+    return rtl.TicketSet(space, masks)
+
+
 def wrap(model, granularity, K=3, keep=0.5, seed=1):
+    """Routed model with K random tickets (channel mode: exactly half of each group, so every ticket drops
+    channels everywhere)."""
     routed = rtl.wrap(model, K, example_inputs=EX, granularity=granularity, adapter="generic",
                       output_layers=["head"])
-    routed.set_tickets(rtl.TicketSet.random(routed.space, K, keep=keep, seed=seed))
+    if granularity == "weight":
+        routed.set_tickets(rtl.TicketSet.random(routed.space, K, keep=keep, seed=seed))
+    else:
+        routed.set_tickets(half_tickets(routed.space, K, seed=seed))
     return routed
 
 
