@@ -9,7 +9,10 @@ from .api import wrap
 from .errors import (ArchitectureMismatchError, CorruptFileError, DataError, FormatVersionError,
                      MissingDependencyError, RouteError, RTLError, SpaceError, SparsityError, TicketError,
                      UnsupportedLayerError)
+from .diagnostics import Diagnosis, diagnose
 from .export import export_ticket, pruning_history
+from .pruner import RTLPruner, SearchResult, TicketImportance
+from .training import joint_retrain
 from .norms import MaskedLayerNorm, RoutedBatchNorm
 from .routed import RoutedModel
 from .space import TicketSpace, build_space
@@ -23,7 +26,8 @@ def load(path, model, **kw):
 
 
 __all__ = [
-    "Adapter", "ArchitectureMismatchError", "CorruptFileError", "DataError", "FormatVersionError",
+    "Adapter", "Diagnosis", "RTLPruner", "SearchResult", "TicketImportance", "diagnose", "joint_retrain",
+    "ArchitectureMismatchError", "CorruptFileError", "DataError", "FormatVersionError",
     "MaskedLayerNorm", "MissingDependencyError", "RTLError", "RouteError", "RoutedBatchNorm", "RoutedModel",
     "SpaceError", "SparsityError", "TicketError", "TicketSet", "TicketSpace", "UnsupportedLayerError",
     "build_space", "create_adapter", "detect_adapter", "export_ticket", "list_adapters", "load",

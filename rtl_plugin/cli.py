@@ -43,7 +43,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--max-per-domain", type=int, default=None)
+    p.add_argument("--max-per-domain", type=int, default=1500, help="cap per domain (0 = all data)")
     p.add_argument("--baselines", default="dense,single_imp,single_imp_balanced,single_imp_context,multi_imp")
     p.add_argument("--routers", default="learned,centroid")
     p.add_argument("--shared-norm", action="store_true", help="one set of BN statistics for all tickets (the paper)")
@@ -57,7 +57,7 @@ def _run(args, *, demo: bool) -> int:
                   num_clusters=args.clusters, granularity=args.granularity, sparsities=args.sparsities,
                   schedule=args.schedule, prune_fraction=args.prune_fraction, prune_count=args.prune_count,
                   search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs, batch_size=args.batch_size,
-                  lr=args.lr, image_size=args.image_size, max_per_domain=args.max_per_domain,
+                  lr=args.lr, image_size=args.image_size, max_per_domain=args.max_per_domain or None,
                   baselines=tuple(b for b in args.baselines.split(",") if b),
                   routers=tuple(r for r in args.routers.split(",") if r), shared_norm=args.shared_norm)
     cfg = ClassificationConfig.quick(**kw) if args.quick else ClassificationConfig(**kw)
@@ -122,18 +122,11 @@ def _diagnose(args) -> int:
     names = None
     if res_file.is_file():
         names = json.loads(res_file.read_text()).get("ticket_names")
+    from .diagnostics import diagnose
     for f in folders:
-        ts = load_tickets(f)
-        j = ts.jaccard()
-        K = ts.num_tickets
-        off = float((j.sum() - j.diagonal().sum()) / max(K * (K - 1), 1))
-        sp = ", ".join(f"{v:.3f}" for v in ts.sparsity().tolist())
-        print(f"{f.name}: K={K} sparsity=[{sp}] union={ts.union_count():,} shared-by-all={ts.intersection_count():,} "
-              f"mean Jaccard={off:.3f}")
-        for a in range(K):
-            s_k = float((j[a].sum() - 1) / max(K - 1, 1))
-            label = names[a] if names and a < len(names) else str(a)
-            print(f"   S_{label} = {s_k:.3f}")
+        d = diagnose(load_tickets(f))
+        print(f"== {f.name}")
+        print(d.summary(names))
     return 0
 
 

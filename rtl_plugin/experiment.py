@@ -42,7 +42,7 @@ class ClassificationConfig:
     batch_size: int = 64
     lr: float = 2e-3
     image_size: int = 32
-    max_per_domain: int | None = None
+    max_per_domain: int | None = 1500    # caps MNIST-5k so the demo fits in a few CPU minutes
     seed: int = 0
     baselines: tuple[str, ...] = ("dense", "single_imp", "single_imp_balanced", "single_imp_context", "multi_imp")
     routers: tuple[str, ...] = ("learned", "centroid")
