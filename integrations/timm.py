@@ -103,8 +103,6 @@ def load_efficientnet_lite0_imagenet(model: nn.Module, *, return_report: bool = 
         MissingDependencyError: the weights package is not installed.
         SpaceError: ``model`` is not an EfficientNet-Lite0 (names the first tensor whose shape differs).
     """
-    import torch
-
     from rtl_plugin.errors import SpaceError
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -138,7 +136,7 @@ def load_efficientnet_lite0_imagenet(model: nn.Module, *, return_report: bool = 
         new[tk] = sv
     used = {sk for sk, _ in src_body[:len(tgt_body)]}
     if len(cls_keys) == len(_LITE0_CLASSIFIER):
-        tw, tb = (tgt[k] for k in cls_keys)
+        tw = tgt[cls_keys[0]]
         if tw.dim() == 2 and tw.shape[0] == _LITE0_NUM_CLASSES:
             for tk, sk in zip(cls_keys, _LITE0_CLASSIFIER):
                 check(tk, tgt[tk], sk, src[sk])

@@ -9,6 +9,7 @@ recorded at every requested sparsity along this one trajectory.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -52,6 +53,7 @@ class SearchResult:
     tickets_at: dict[float, TicketSet]
     history: list[RoundRecord] = field(default_factory=list)
     wall_time_s: float = 0.0
+    stopped: dict[int, int] = field(default_factory=dict)  # ticket -> round at which a callback stopped it
 
     def sparsities(self) -> list[float]:
         return sorted(self.tickets_at)
@@ -91,7 +93,7 @@ class RTLPruner:
         if schedule == "fraction" and not (0.0 < float(prune_fraction) < 1.0):
             raise SparsityError(f"prune_fraction must be in (0, 1), got {prune_fraction}.")
         if schedule == "count":
-            if not isinstance(prune_count, int) or prune_count < 1:
+            if not isinstance(prune_count, int) or isinstance(prune_count, bool) or prune_count < 1:
                 raise SparsityError(f"schedule='count' needs prune_count, a positive int (the paper used 4096), got {prune_count!r}.")
             if routed.granularity == "channel":
                 raise SparsityError("schedule='count' is for weight granularity; use schedule='fraction' with channels.")
@@ -145,13 +147,16 @@ class RTLPruner:
         history: list[RoundRecord] = []
         rounds_est = sum(self._estimate_rounds() for _ in which)
         bar = _progress(total=rounds_est, desc="ticket search", enabled=self.progress)
+        stopped: dict[int, int] = {}
+        ok = False
         try:
             for k in which:
                 masks = {n: torch.ones_like(m[k]) for n, m in start.masks.items()}
                 self._set_ticket(k, masks)
                 r = 0
+                stop = False
                 for target in self.targets:
-                    while True:
+                    while not stop:
                         cur = float(routed.tickets.sparsity()[k])
                         if cur >= target - 1e-9:
                             break
@@ -164,14 +169,24 @@ class RTLPruner:
                         history.append(RoundRecord(ticket=k, round=r, sparsity=sp, loss=loss))
                         bar.update(1)
                         bar.set_postfix(ticket=k, sparsity=f"{sp:.3f}")
-                        event = {"ticket": k, "round": r, "sparsity": sp, "loss": loss,
+                        event = {"ticket": k, "round": r, "sparsity": sp, "loss": loss, "target": target,
                                  "masks": {n: m[k].clone() for n, m in routed.tickets.masks.items()}}
                         if any(cb(event) == "stop" for cb in self.callbacks):
-                            break
+                            stop = True
+                            stopped[k] = r
+                        elif sp <= cur + 1e-12:
+                            warnings.warn(f"ticket {k}: no weight left to prune at sparsity {sp:.4f} "
+                                          f"(target {target}); recording the sparsest reachable masks.",
+                                          RuntimeWarning, stacklevel=2)
+                            stop = True
+                    # a stopped ticket records its current (last) masks for every remaining target
                     recorded[target][k] = {n: m[k].clone() for n, m in routed.tickets.masks.items()}
+            ok = True
         finally:
             bar.close()
             routed.model.load_state_dict(theta)
+            if not ok:  # an interrupted search leaves the model as it found it
+                routed.set_tickets(start)
         tickets_at = {}
         for t, per in recorded.items():
             ts = start.copy()
@@ -181,7 +196,8 @@ class RTLPruner:
                     new[n][k] = mk[n]
             tickets_at[t] = TicketSet(routed.space, new)
         routed.set_tickets(tickets_at[self.targets[-1]])
-        self.result = SearchResult(tickets_at=tickets_at, history=history, wall_time_s=time.perf_counter() - t0)
+        self.result = SearchResult(tickets_at=tickets_at, history=history, wall_time_s=time.perf_counter() - t0,
+                                   stopped=stopped)
         return self.result
 
     # ------------------------------------------------------------------ internals
@@ -222,17 +238,24 @@ class RTLPruner:
         opt = factory([p for p in routed.parameters() if p.requires_grad])
         views = {k: routed.ticket_module(k) for k in loaders}
         done = 0
+        saved = routed.tickets
+        routed.set_tickets(TicketSet.full(routed.space, routed.num_tickets, device=saved.device))  # dense warm-up
+        was = routed.training
         routed.train()
-        while done < steps:
-            for _, k, batch in balanced_cyclic_batches(loaders):
-                step(views[k], _to_device(batch, device), opt)
-                done += 1
-                if done >= steps:
-                    break
+        try:
+            while done < steps:
+                for _, k, batch in balanced_cyclic_batches(loaders):
+                    step(views[k], _to_device(batch, device), opt)
+                    done += 1
+                    if done >= steps:
+                        break
+        finally:
+            routed.set_tickets(saved)
+            routed.train(was)
 
     def _n_to_prune(self, kept: int, target: float) -> int:
         total = self.routed.space.num_weights
-        floor_kept = int(round((1 - target) * total))
+        floor_kept = math.floor((1 - target) * total + 1e-9)  # kept <= (1 - target) N  <=>  sparsity >= target
         n = math.ceil(self.prune_fraction * kept) if self.schedule == "fraction" else self.prune_count
         return max(0, min(n, kept - floor_kept))
 
@@ -302,43 +325,58 @@ class RTLPruner:
         return out
 
     def _prune_channels(self, k: int, target: float) -> dict[str, torch.Tensor]:
+        """One channel round: rank the surviving channel positions of all groups by importance normalised
+        within their group (mean 1 over the group's alive positions), drop the lowest ``prune_fraction`` of
+        them (never the last position of a group) and, if that overshoots ``target``, the smallest count
+        that reaches it (bisection over the count; sparsity is monotone in it)."""
         routed = self.routed
         keep = {n: m[k].clone() for n, m in routed.tickets.masks.items()}
         imps = self._channel_importance(k)
+        cands: list[tuple[float, int, str, int]] = []  # (normalised importance, order, group, position)
+        alive_of = {}
+        for gi, g in enumerate(routed.space.groups):
+            per = keep[g.root].cpu().view(g.ch_groups, g.period)[0]
+            imp = imps[g.root].view(g.ch_groups, g.period).mean(0)
+            alive = per.nonzero().flatten()
+            alive_of[g.root] = int(alive.numel())
+            if alive.numel() < 2:
+                continue
+            a = imp[alive].float()
+            a = a / a.abs().mean().clamp_min(1e-12)
+            for pos, v in zip(alive.tolist(), a.tolist()):
+                cands.append((v, len(cands), g.root, pos))
+        cands.sort()
+        groups = {g.root: g for g in routed.space.groups}
 
-        def apply(frac: float) -> dict[str, torch.Tensor]:
-            new = {}
-            for g in routed.space.groups:
-                kv = keep[g.root].cpu()
-                per = kv.view(g.ch_groups, g.period)[0]
-                imp = imps[g.root].view(g.ch_groups, g.period).mean(0)
-                alive = per.nonzero().flatten()
-                n = min(int(math.floor(frac * alive.numel())), alive.numel() - 1)
-                newper = per.clone()
-                if n > 0:
-                    order = torch.argsort(imp[alive], stable=True)[:n]
-                    newper[alive[order]] = False
-                new[g.root] = newper.repeat(g.ch_groups).to(keep[g.root].device)
-            return new
+        def apply(n: int) -> dict[str, torch.Tensor]:
+            per = {r: keep[r].cpu().view(groups[r].ch_groups, groups[r].period)[0].clone() for r in groups}
+            left = dict(alive_of)
+            done = 0
+            for _, _, root, pos in cands:
+                if done >= n:
+                    break
+                if left[root] <= 1:
+                    continue  # keep >= 1 position per group (a physically pruned layer needs a channel)
+                per[root][pos] = False
+                left[root] -= 1
+                done += 1
+            return {r: per[r].repeat(groups[r].ch_groups).to(keep[r].device) for r in groups}
 
         def sparsity_of(masks) -> float:
-            K = routed.num_tickets
-            full = {n: routed.tickets.masks[n].clone() for n in masks}
-            for n in masks:
-                full[n][k] = masks[n]
-            lm = routed.space.channel_layer_masks({n: v[k:k + 1] for n, v in full.items()})
+            lm = routed.space.channel_layer_masks({n: v.unsqueeze(0) for n, v in masks.items()})
             em = routed.space.weight_element_masks(lm, 1, device=next(iter(masks.values())).device)
-            kept = sum(int(m.sum()) for m in em.values())
-            del K
-            return 1.0 - kept / routed.space.num_weights
+            return 1.0 - sum(int(m.sum()) for m in em.values()) / routed.space.num_weights
 
-        cand = apply(self.prune_fraction)
+        if not cands:
+            return keep
+        n = max(1, math.ceil(self.prune_fraction * len(cands)))
+        cand = apply(n)
         if sparsity_of(cand) <= target + 1e-9:
             return cand
-        lo, hi = 0.0, self.prune_fraction  # bisection: the smallest fraction that reaches the target
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            if sparsity_of(apply(mid)) >= target:
+        lo, hi = 0, n  # smallest count that reaches the target
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if sparsity_of(apply(mid)) >= target - 1e-12:
                 hi = mid
             else:
                 lo = mid

@@ -51,7 +51,7 @@ def default_train_step(loss_fn: Callable | None = None) -> TrainStep:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
-            raise RTLError(f"non-finite loss ({float(loss)}); lower the learning rate or check the data for NaN/inf.")
+            raise RTLError(f"non-finite loss ({float(loss.detach())}); lower the learning rate or check the data for NaN/inf.")
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -74,7 +74,8 @@ def normalize_subsets(subsets) -> dict[int, object]:
         try:
             n = len(dl)
         except TypeError:
-            n = None
+            raise DataError(f"subset {k}'s loader has no length (an IterableDataset?); balanced cyclic batching "
+                            "needs map-style datasets or loaders with __len__.") from None
         if n == 0:
             raise DataError(f"subset {k} is empty; every ticket needs at least one batch (drop the ticket or add data).")
     return items
@@ -103,10 +104,20 @@ def balanced_cyclic_batches(loaders: Mapping[int, object]) -> Iterator[tuple[int
 
 
 def clone_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """A fresh optimizer of the same class and hyper-parameters over the same parameters (empty state)."""
+    """A fresh optimizer of the same class and hyper-parameters over the same parameters (empty state).
+
+    Hyper-parameters travel in the param groups; only constructor arguments the class accepts are passed
+    (e.g. AdamW's ``defaults`` hold keys its constructor rejects).
+    """
+    import inspect
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
               for g in optimizer.param_groups]
-    return type(optimizer)(groups, **optimizer.defaults)
+    try:
+        accepted = set(inspect.signature(type(optimizer).__init__).parameters)
+    except (TypeError, ValueError):
+        accepted = set()
+    kw = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return type(optimizer)(groups, **kw)
 
 
 class MaskedUpdate:

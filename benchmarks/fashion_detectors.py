@@ -1,0 +1,498 @@
+"""The paper's CIFAR-10 detector table, reproduced on Fashion-MNIST (K = 10 class tickets).
+
+Protocol (PAPER.md §2, §4): every class ticket k is a one-vs-rest detector (output k of a 10-output
+model) trained on balanced positive/negative batches. Methods, all from the same θ0 and with the same
+number of sample presentations:
+
+* ``rtl``: per-class IMP ticket search (fraction-per-round pruning, exact targets, rewind to θ0),
+  then joint retraining of the 10 tickets over one shared weight tensor (balanced cyclic batching,
+  per-ticket Adam state and BatchNorm statistics), scored run-all (column k = ticket k's output k);
+* ``single_imp``: the paper's "IMP single": one mask, one model with 10 sigmoid outputs trained
+  multilabel (BCE against one-hot labels) on ordinary shuffled batches; each round / epoch sees as many
+  samples as all 10 tickets together;
+* ``multi_imp``: 10 independent binary detectors, each IMP'd on its own balanced subset (that search
+  is exactly RTL's per-ticket search from the same θ0, so its masks are reused), each retrained alone;
+* ``dense`` (reference): the unpruned multilabel model with the same retraining budget.
+
+Metrics (``rtl_plugin.metrics.detector_metrics`` on the whole test set): the paper's macro detector
+balanced accuracy / precision / recall at threshold 0 on logits, threshold-free macro ROC AUC, and the
+label-free 10-way accuracy of the argmax over the 10 detector scores (run-all routing for RTL and
+multi; the argmax of the single model's outputs). Parameters: prunable weights kept (RTL = union of
+tickets, single = its mask, multi = sum over the 10 models). Similarity: mean pairwise Jaccard of the
+tickets, globally and per layer, with the chance level of independent random masks.
+
+Usage::
+
+    python benchmarks/fashion_detectors.py --quick
+    nice -n 10 python benchmarks/fashion_detectors.py --seeds 0,1,2 --model cnn \\
+        --train-per-class 300 --test-per-class 100 --out benchmarks/results/fashion_detectors.json
+    python benchmarks/fashion_detectors.py --model timm:test_resnet --seeds 0 ...
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import rtl_plugin as rtl
+from rtl_plugin.baselines import CyclicLoader
+from rtl_plugin.datasets import load_fashion_mnist
+from rtl_plugin.detectors import detector_scores, detector_train_step, multilabel_train_step, one_vs_rest_loaders
+from rtl_plugin.io import atomic_write_json
+from rtl_plugin.metrics import detector_metrics
+from rtl_plugin.pruner import RTLPruner
+from rtl_plugin.tickets import TicketSet
+from rtl_plugin.training import joint_retrain
+
+K = 10
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+METRICS = ("balanced_accuracy", "precision", "recall", "auc", "argmax_accuracy")
+METHODS = ("rtl", "single_imp", "multi_imp")
+
+
+# --------------------------------------------------------------------------- models
+class PlainCNN(nn.Module):
+    """5 x (conv3x3-BN-ReLU), global average pool, linear head. 1->16->32->64->64->96 channels,
+    strides 2,2,1,2,1 on 28x28 inputs: 115,344 prunable conv weights (the head is never pruned)."""
+
+    def __init__(self, num_classes: int = K, in_ch: int = 1, widths=(16, 32, 64, 64, 96), strides=(2, 2, 1, 2, 1)):
+        super().__init__()
+        layers, c = [], in_ch
+        for w, s in zip(widths, strides):
+            layers += [nn.Conv2d(c, w, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def model_factory(spec: str):
+    """``"cnn"`` or ``"timm:NAME"`` -> ``make(seed)`` giving the same θ0 for the same seed."""
+    if spec == "cnn":
+        def make(seed: int) -> nn.Module:
+            torch.manual_seed(seed)
+            return PlainCNN()
+        return make
+    if spec.startswith("timm:"):
+        import timm
+        name = spec.split(":", 1)[1]
+
+        def make(seed: int) -> nn.Module:
+            torch.manual_seed(seed)
+            return timm.create_model(name, num_classes=K, in_chans=1)
+        return make
+    raise SystemExit(f"--model must be 'cnn' or 'timm:NAME', got {spec!r}")
+
+
+# --------------------------------------------------------------------------- data
+def load_data(train_per_class: int, test_per_class: int, seed: int):
+    """Stratified, seeded subsets of the Fashion-MNIST train and test splits, [N, 1, 28, 28] standardised."""
+    out = []
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        images, labels = load_fashion_mnist(split=split)
+        rng = np.random.default_rng(seed * 7919 + (0 if split == "train" else 1))
+        idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), n, replace=False) for c in range(K)])
+        idx = rng.permutation(idx)
+        x = torch.from_numpy(images[idx].astype(np.float32) / 255.0).unsqueeze(1)
+        out += [(x - FMNIST_MEAN) / FMNIST_STD, torch.from_numpy(labels[idx]).long()]
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def single_ticket(space, tickets: TicketSet, k: int) -> TicketSet:
+    return TicketSet(space, {n: m[k:k + 1].clone() for n, m in tickets.masks.items()})
+
+
+def chance_jaccard(tickets: TicketSet) -> float:
+    """Expected mean pairwise Jaccard of independent random masks with the tickets' densities."""
+    keep = (1 - tickets.sparsity()).tolist()
+    vals = [p * q / (p + q - p * q) if p + q > 0 else 0.0
+            for i, p in enumerate(keep) for q in keep[i + 1:]]
+    return float(np.mean(vals)) if vals else 1.0
+
+
+def mean_offdiag(j: torch.Tensor) -> float:
+    n = j.shape[0]
+    return float((j.sum() - j.diagonal().sum()) / (n * (n - 1))) if n > 1 else 1.0
+
+
+def layer_density(tickets: TicketSet) -> dict[str, float]:
+    """Fraction of each prunable layer's weights kept, averaged over the tickets."""
+    return {n: round(float(m.float().mean()), 6) for n, m in tickets.element_masks().items()}
+
+
+def layer_jaccard(tickets: TicketSet) -> dict[str, float]:
+    """Mean pairwise Jaccard per prunable layer (in forward order of the space)."""
+    out = {}
+    for name, m in tickets.element_masks().items():
+        f = m.reshape(m.shape[0], -1).double()
+        inter = f @ f.T
+        kept = inter.diagonal()
+        union = kept[:, None] + kept[None, :] - inter
+        j = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+        out[name] = round(mean_offdiag(j), 6)
+    return out
+
+
+@torch.no_grad()
+def single_scores(routed, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Outputs [N, K] of a one-ticket RoutedModel (each column a class detector)."""
+    was = routed.training
+    routed.eval()
+    try:
+        return torch.cat([routed(x[i:i + batch_size], route=0).float() for i in range(0, len(x), batch_size)])
+    finally:
+        routed.train(was)
+
+
+def make_row(method, routing, sparsity, params, scores, y, **extra):
+    m = detector_metrics(scores, y)
+    row = {"method": method, "routing": routing, "sparsity": sparsity, "params": int(params),
+           "matching": "equal_cost", "metrics": {k: round(float(v), 6) for k, v in m.items()}}
+    row.update(extra)
+    return row
+
+
+# --------------------------------------------------------------------------- one seed
+def run_seed(cfg: dict, seed: int) -> dict:
+    t_all = time.perf_counter()
+    xtr, ytr, xte, yte = load_data(cfg["train_per_class"], cfg["test_per_class"], seed)
+    make = model_factory(cfg["model"])
+    example = xtr[:1]
+    B, lr, E = cfg["batch_size"], cfg["lr"], cfg["retrain_epochs"]
+    opt_factory = lambda params: torch.optim.Adam(params, lr=lr)  # noqa: E731
+    progress = cfg["progress"]
+    sparsities = cfg["sparsities"]
+    wall = {}
+    rows, similarity = [], []
+
+    loaders = one_vs_rest_loaders(xtr, ytr, num_classes=K, batch_size=B, seed=seed)
+    M = max(len(dl) for dl in loaders.values())
+    per_ticket_epoch = sum(dl.batch_sampler.num_samples for dl in loaders.values())
+    g = torch.Generator().manual_seed(seed * 1000 + 999)
+    all_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=B, shuffle=True,
+                                             generator=g, drop_last=True)
+    if len(all_loader) == 0:
+        raise SystemExit(f"batch size {B} exceeds the {len(xtr)} training images")
+    # equal sample presentations: per round / epoch the single model sees K*M batches of B,
+    # the 10 tickets together K x (2 n) samples in K*M batches
+    presentations = {"tickets_per_round_or_epoch": per_ticket_epoch, "single_per_round_or_epoch": K * M * B}
+
+    # ---- RTL: per-class ticket search (= multi-model IMP's searches, same θ0)
+    routed = rtl.wrap(make(seed), K, example_inputs=example)
+    n_total = routed.space.num_weights
+    theta0 = copy.deepcopy(routed.model.state_dict())
+    step_det = detector_train_step()
+    pruner = RTLPruner(routed, target_sparsity=sparsities, schedule="fraction",
+                       prune_fraction=cfg["prune_fraction"], progress=progress)
+    t = time.perf_counter()
+    search = pruner.find_tickets(loaders, train_step=step_det, epochs_per_round=cfg["epochs_per_round"],
+                                 optimizer_factory=opt_factory)
+    wall["ticket_search"] = time.perf_counter() - t
+    rounds_rtl = len(search.history) // K
+    log(f"seed {seed}: ticket search {rounds_rtl} rounds x {K} tickets in {wall['ticket_search']:.1f}s "
+        f"({n_total} prunable weights)")
+
+    # ---- RTL: joint retraining and run-all scoring per sparsity
+    wall["rtl_retrain"] = wall["eval"] = 0.0
+    for s in sparsities:
+        tickets = search.tickets_at[s]
+        routed.model.load_state_dict(theta0)
+        routed.set_tickets(tickets)
+        t = time.perf_counter()
+        joint_retrain(routed, loaders, optimizer=torch.optim.Adam(routed.parameters(), lr=lr), epochs=E,
+                      train_step=step_det, progress=progress)
+        wall["rtl_retrain"] += time.perf_counter() - t
+        t = time.perf_counter()
+        scores = detector_scores(routed, xte, batch_size=512)
+        wall["eval"] += time.perf_counter() - t
+        union = tickets.union_count()
+        rows.append(make_row("rtl", "all", s, union, scores, yte,
+                             per_ticket_params=[int(v) for v in tickets.kept()]))
+        similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiag(tickets.jaccard()), 6),
+                           "chance": round(chance_jaccard(tickets), 6), "union": union,
+                           "union_fraction": round(union / n_total, 6),
+                           "intersection": tickets.intersection_count(), "per_layer": layer_jaccard(tickets),
+                           "per_layer_density": layer_density(tickets)})
+        log(f"seed {seed}: rtl  s={s:.2f} bal_acc={rows[-1]['metrics']['balanced_accuracy']:.4f} "
+            f"auc={rows[-1]['metrics']['auc']:.4f} acc10={rows[-1]['metrics']['argmax_accuracy']:.4f} "
+            f"union={union}")
+
+    # ---- single IMP: one mask, multilabel, shuffled batches, same presentations
+    union_sp = {s: 1 - search.tickets_at[s].union_count() / n_total for s in sparsities}
+    targets = sorted(set(sparsities) | ({round(v, 6) for v in union_sp.values() if 0 < v < 1}
+                                        if cfg["equal_storage"] else set()))
+    r1 = rtl.wrap(make(seed), 1, example_inputs=example)
+    theta1 = copy.deepcopy(r1.model.state_dict())
+    step_ml = multilabel_train_step()
+    p1 = RTLPruner(r1, target_sparsity=targets, schedule="fraction", prune_fraction=cfg["prune_fraction"],
+                   progress=progress)
+    t = time.perf_counter()
+    res1 = p1.find_tickets({0: CyclicLoader(all_loader, K * M)}, train_step=step_ml,
+                           epochs_per_round=cfg["epochs_per_round"], optimizer_factory=opt_factory)
+    wall["single_search"] = time.perf_counter() - t
+    log(f"seed {seed}: single IMP search {len(res1.history)} rounds in {wall['single_search']:.1f}s")
+    wall["single_retrain"] = 0.0
+    for s1 in targets:
+        r1.model.load_state_dict(theta1)
+        r1.set_tickets(res1.tickets_at[s1])
+        t = time.perf_counter()
+        joint_retrain(r1, {0: CyclicLoader(all_loader, K * M)}, optimizer=torch.optim.Adam(r1.parameters(), lr=lr),
+                      epochs=E, train_step=step_ml, progress=progress)
+        wall["single_retrain"] += time.perf_counter() - t
+        t = time.perf_counter()
+        scores = single_scores(r1, xte)
+        wall["eval"] += time.perf_counter() - t
+        kept = int(res1.tickets_at[s1].kept()[0])
+        if s1 in sparsities:
+            rows.append(make_row("single_imp", "none", s1, kept, scores, yte,
+                                 layer_density=layer_density(res1.tickets_at[s1])))
+            log(f"seed {seed}: single s={s1:.2f} bal_acc={rows[-1]['metrics']['balanced_accuracy']:.4f} "
+                f"auc={rows[-1]['metrics']['auc']:.4f} acc10={rows[-1]['metrics']['argmax_accuracy']:.4f}")
+        for s, us in union_sp.items():
+            if cfg["equal_storage"] and abs(round(us, 6) - s1) < 1e-9:
+                rows.append(make_row("single_imp", "none", s, kept, scores, yte, matching="equal_storage",
+                                     single_sparsity=s1))
+
+    # ---- multi-model IMP: 10 independent detectors (RTL's search masks), each retrained alone
+    wall["multi_retrain"] = 0.0
+    for s in sparsities:
+        tickets = search.tickets_at[s]
+        scores = torch.zeros(len(yte), K)
+        for k in range(K):
+            mk = rtl.wrap(make(seed), 1, example_inputs=example)
+            mk.set_tickets(single_ticket(mk.space, tickets, k))
+            t = time.perf_counter()
+            joint_retrain(mk, {0: loaders[k]}, optimizer=torch.optim.Adam(mk.parameters(), lr=lr), epochs=E,
+                          train_step=step_det, progress=False)
+            wall["multi_retrain"] += time.perf_counter() - t
+            t = time.perf_counter()
+            scores[:, k] = single_scores(mk, xte)[:, k]
+            wall["eval"] += time.perf_counter() - t
+        rows.append(make_row("multi_imp", "all", s, int(tickets.kept().sum()), scores, yte))
+        log(f"seed {seed}: multi  s={s:.2f} bal_acc={rows[-1]['metrics']['balanced_accuracy']:.4f} "
+            f"auc={rows[-1]['metrics']['auc']:.4f} acc10={rows[-1]['metrics']['argmax_accuracy']:.4f}")
+
+    # ---- dense reference (multilabel, unpruned, same retraining budget)
+    if cfg["dense"]:
+        rd = rtl.wrap(make(seed), 1, example_inputs=example)
+        t = time.perf_counter()
+        joint_retrain(rd, {0: CyclicLoader(all_loader, K * M)}, optimizer=torch.optim.Adam(rd.parameters(), lr=lr),
+                      epochs=E, train_step=step_ml, progress=progress)
+        wall["dense"] = time.perf_counter() - t
+        rows.append(make_row("dense", "none", 0.0, n_total, single_scores(rd, xte), yte))
+
+    wall["total"] = time.perf_counter() - t_all
+    return {"seed": seed, "prunable_weights": n_total, "rows": rows, "similarity": similarity,
+            "rounds": {"rtl_per_ticket": rounds_rtl, "single": len(res1.history)},
+            "presentations": presentations, "batches_per_ticket_epoch": M,
+            "wall_time_s": {k: round(v, 2) for k, v in wall.items()}}
+
+
+# --------------------------------------------------------------------------- aggregation and report
+def _ms(vals) -> dict:
+    a = np.asarray(vals, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    keys = []
+    for res in per_seed:
+        for r in res["rows"]:
+            key = (r["method"], r["sparsity"], r["matching"])
+            if key not in keys:
+                keys.append(key)
+    rows = []
+    for key in keys:
+        hits = [r for res in per_seed for r in res["rows"] if (r["method"], r["sparsity"], r["matching"]) == key]
+        rows.append({"method": key[0], "sparsity": key[1], "matching": key[2], "routing": hits[0]["routing"],
+                     "params": _ms([h["params"] for h in hits]),
+                     "metrics": {m: _ms([h["metrics"][m] for h in hits]) for m in METRICS}})
+    diffs = []
+    sps = sorted({r["sparsity"] for res in per_seed for r in res["rows"] if r["method"] == "rtl"})
+    for s in sps:
+        d = {"sparsity": s}
+        for other in ("single_imp", "multi_imp"):
+            for m in METRICS:
+                vals = []
+                for res in per_seed:
+                    a = [r for r in res["rows"] if r["method"] == "rtl" and r["sparsity"] == s]
+                    b = [r for r in res["rows"] if r["method"] == other and r["sparsity"] == s
+                         and r["matching"] == "equal_cost"]
+                    if a and b:
+                        vals.append(a[0]["metrics"][m] - b[0]["metrics"][m])
+                if vals:
+                    d[f"rtl_minus_{other}:{m}"] = _ms(vals)
+        diffs.append(d)
+    sim = []
+    for s in sps:
+        hits = [x for res in per_seed for x in res["similarity"] if x["sparsity"] == s]
+        layers = list(hits[0]["per_layer"])
+        sim.append({"sparsity": s, "mean_jaccard": _ms([h["mean_jaccard"] for h in hits]),
+                    "chance": _ms([h["chance"] for h in hits]),
+                    "union_fraction": _ms([h["union_fraction"] for h in hits]),
+                    "per_layer": {ln: _ms([h["per_layer"][ln] for h in hits]) for ln in layers}})
+        if all("per_layer_density" in h for h in hits):
+            sim[-1]["per_layer_density"] = {ln: _ms([h["per_layer_density"][ln] for h in hits]) for ln in layers}
+    wall = {k: _ms([res["wall_time_s"][k] for res in per_seed]) for k in per_seed[0]["wall_time_s"]}
+    return {"rows": rows, "differences": diffs, "similarity": sim, "wall_time_s": wall}
+
+
+def _f(ms: dict, digits: int = 3) -> str:
+    if ms["n"] > 1:
+        return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
+    return f"{ms['mean']:.{digits}f}"
+
+
+def _k(n: float) -> str:
+    return f"{n / 1e3:.1f}K" if n < 1e6 else f"{n / 1e6:.2f}M"
+
+
+def markdown(summary: dict, settings: dict, n_total: int) -> str:
+    out = []
+    out.append("| sparsity | method | #params | bal. acc | precision | recall | AUC | 10-way acc (argmax) |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    order = {m: i for i, m in enumerate(("rtl", "single_imp", "multi_imp", "dense"))}
+    rows = sorted(summary["rows"], key=lambda r: (r["sparsity"], r["matching"] != "equal_cost",
+                                                   order.get(r["method"], 9)))
+    for r in rows:
+        name = r["method"] + (" (equal storage)" if r["matching"] == "equal_storage" else "")
+        mm = r["metrics"]
+        out.append(f"| {int(round(r['sparsity'] * 100))}% | {name} | {_k(r['params']['mean'])} | "
+                   f"{_f(mm['balanced_accuracy'])} | {_f(mm['precision'])} | {_f(mm['recall'])} | "
+                   f"{_f(mm['auc'])} | {_f(mm['argmax_accuracy'])} |")
+    out.append("")
+    out.append("Paired differences (same seed, same θ0), mean ± std over seeds:")
+    out.append("")
+    out.append("| sparsity | RTL − single: bal. acc | AUC | 10-way acc | RTL − multi: bal. acc | AUC | 10-way acc |")
+    out.append("|---|---|---|---|---|---|---|")
+    for d in summary["differences"]:
+        cells = []
+        for other in ("single_imp", "multi_imp"):
+            for m in ("balanced_accuracy", "auc", "argmax_accuracy"):
+                v = d.get(f"rtl_minus_{other}:{m}")
+                cells.append(("+" if v and v["mean"] >= 0 else "") + _f(v) if v else "-")
+        out.append(f"| {int(round(d['sparsity'] * 100))}% | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append(f"Ticket similarity (prunable weights: {n_total}); per-layer = mean pairwise Jaccard of each conv layer "
+               "in forward order:")
+    out.append("")
+    out.append("| sparsity | union / all | mean Jaccard | chance | per-layer Jaccard (first → last) | "
+               "per-layer kept fraction, mean over tickets |")
+    out.append("|---|---|---|---|---|---|")
+    for s in summary["similarity"]:
+        pl = " / ".join(f"{v['mean']:.2f}" for v in s["per_layer"].values())
+        dens = s.get("per_layer_density")
+        pd = " / ".join(f"{v['mean']:.3f}" for v in dens.values()) if dens else "-"
+        out.append(f"| {int(round(s['sparsity'] * 100))}% | {_f(s['union_fraction'])} | {_f(s['mean_jaccard'])} | "
+                   f"{_f(s['chance'])} | {pl} | {pd} |")
+    out.append("")
+    w = summary["wall_time_s"]
+    out.append("Wall time per seed (s): " + ", ".join(f"{k} {_f(v, 1)}" for k, v in w.items()))
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count()}
+    try:
+        import torch_pruning
+        info["torch_pruning"] = torch_pruning.__version__
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        import timm
+        info["timm"] = timm.__version__
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        pass
+    return info
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny setting (< 1 min): checks the pipeline, not quality")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--model", default="cnn", help="cnn (plain 5-layer CNN, 115K prunable weights) or timm:NAME")
+    p.add_argument("--train-per-class", type=int, default=300)
+    p.add_argument("--test-per-class", type=int, default=100)
+    p.add_argument("--sparsities", default="0.25,0.5,0.75,0.9,0.95,0.97,0.99")
+    p.add_argument("--epochs-per-round", type=int, default=1, help="T: passes over subset k per pruning round")
+    p.add_argument("--retrain-epochs", type=int, default=2)
+    p.add_argument("--prune-fraction", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=60)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1 is fastest for these small nets on a shared CPU)")
+    p.add_argument("--equal-storage", action="store_true",
+                   help="also run single IMP at RTL's union sparsity (equal storage matching)")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense reference")
+    p.add_argument("--progress", action="store_true", help="tqdm progress bars")
+    p.add_argument("--out", default="benchmarks/results/fashion_detectors.json")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.train_per_class, a.test_per_class = 12, 10
+        a.sparsities, a.retrain_epochs, a.batch_size = "0.5,0.9", 1, 24
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    settings = {"model": a.model, "seeds": seeds, "train_per_class": a.train_per_class,
+                "test_per_class": a.test_per_class, "image_size": 28, "num_tickets": K,
+                "sparsities": [float(s) for s in a.sparsities.split(",")], "schedule": "fraction",
+                "prune_fraction": a.prune_fraction, "epochs_per_round": a.epochs_per_round,
+                "retrain_epochs": a.retrain_epochs, "batch_size": a.batch_size, "optimizer": "Adam", "lr": a.lr,
+                "rewind": "init (θ0)", "norms": "per-ticket BatchNorm statistics, per-ticket Adam state",
+                "threshold": 0.0, "equal_storage": a.equal_storage, "dense": not a.no_dense,
+                "quick": a.quick, "progress": a.progress}
+    if (2 * a.train_per_class) % a.batch_size:
+        log(f"note: 2 x train-per-class = {2 * a.train_per_class} is not a multiple of the batch size "
+            f"{a.batch_size}; single IMP then sees slightly more samples per epoch than the tickets")
+    results = {"benchmark": "fashion_detectors", "dataset": "fashion-mnist (Debian dataset-fashion-mnist)",
+               "command": "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))),
+               "settings": settings, "machine": machine_info(), "per_seed": []}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for seed in seeds:
+        log(f"seed {seed}: start ({a.model})")
+        res = run_seed(settings, seed)
+        results["per_seed"].append(res)
+        results["summary"] = summarise(results["per_seed"])
+        results["markdown"] = markdown(results["summary"], settings, res["prunable_weights"])
+        results["total_wall_time_s"] = round(time.perf_counter() - t0, 1)
+        atomic_write_json(out, results)  # saved after every seed: an interrupted run keeps its finished seeds
+        log(f"seed {seed}: done in {res['wall_time_s']['total']:.1f}s -> {out}")
+    print()
+    print(results["markdown"])
+    print(f"\ntotal wall time {results['total_wall_time_s']:.1f}s; results in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
