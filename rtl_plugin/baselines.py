@@ -50,25 +50,49 @@ class CyclicLoader:
 class BalancedLoader:
     """RTL's balanced cyclic batches (M batch indices x K subsets) as one stream, for a single-mask model.
 
-    With ``with_context=True`` each batch gets the subset id appended: ``(x, y, ctx)``.
+    Same samples, same number of steps (M x K) and same batch size as RTL's joint retraining. With
+    ``mix=True`` (default) the K batches of one batch index are pooled, shuffled and re-split into K
+    batches, so every step sees a balanced mix of subsets: a single model has ONE set of BatchNorm
+    statistics, and subset-pure batches would make its running statistics track the last subset seen
+    (RTL's tickets each keep their own statistics, so they do not need this). With
+    ``with_context=True`` each batch gets the subset id of each sample appended: ``(x, y, ctx)``.
     """
 
-    def __init__(self, loaders: Mapping[int, object], *, with_context: bool = False):
+    def __init__(self, loaders: Mapping[int, object], *, with_context: bool = False, mix: bool = True,
+                 seed: int = 0):
         if not loaders:
             raise DataError("BalancedLoader needs at least one subset loader.")
         self.loaders = dict(loaders)
         self.with_context = with_context
+        self.mix = mix
+        self._gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return max(len(dl) for dl in self.loaders.values()) * len(self.loaders)
 
+    def _with_ctx(self, batch, k):
+        x = batch[0]
+        return (*batch, torch.full((x.shape[0],), k, dtype=torch.long))
+
     def __iter__(self):
+        K = len(self.loaders)
+        pending = []
         for _, k, batch in balanced_cyclic_batches(self.loaders):
-            if self.with_context:
-                x = batch[0]
-                yield (*batch, torch.full((x.shape[0],), k, dtype=torch.long))
-            else:
+            batch = self._with_ctx(batch, k) if (self.with_context or self.mix) else batch
+            if not self.mix:
                 yield batch
+                continue
+            pending.append(batch)
+            if len(pending) < K:
+                continue
+            cols = [torch.cat([b[i] for b in pending]) for i in range(len(pending[0]))]
+            perm = torch.randperm(cols[0].shape[0], generator=self._gen)
+            cols = [c[perm] for c in cols]
+            if not self.with_context:
+                cols = cols[:-1]
+            for chunk in zip(*(c.chunk(K) for c in cols)):
+                yield tuple(chunk)
+            pending = []
 
 
 class ContextInputModel(nn.Module):

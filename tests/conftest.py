@@ -1,4 +1,9 @@
 """Shared fixtures: tiny models that trace and run in milliseconds on CPU."""
+import os
+
+# OpenMP threads that spin while another process holds the other core make CPU torch 10-50x slower on
+# shared 2-core machines; passive waiting avoids it (must be set before torch initialises OpenMP).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
