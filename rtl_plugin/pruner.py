@@ -112,7 +112,8 @@ class RTLPruner:
     # ------------------------------------------------------------------ public
     def find_tickets(self, subsets, *, train_step: TrainStep | None = None, loss_fn: Callable | None = None,
                      epochs_per_round: int = 1, optimizer_factory: Callable | None = None, device=None,
-                     tickets: Sequence[int] | None = None) -> SearchResult:
+                     tickets: Sequence[int] | None = None, checkpoint_dir=None,
+                     checkpoint_every: int = 1) -> SearchResult:
         """Run per-subset IMP for every ticket; sets the routed model's masks to the last target.
 
         Args:
@@ -121,6 +122,16 @@ class RTLPruner:
             epochs_per_round: passes over subset k between two pruning rounds (T in the paper).
             optimizer_factory: ``params -> optimizer``, a fresh one every round (default Adam lr 1e-3).
             tickets: search only these tickets (default: all keys of ``subsets``).
+            checkpoint_dir: opt-in crash safety: after every ``checkpoint_every`` pruning rounds (and at the
+                end) the search state is written atomically to this folder (see :mod:`rtl_plugin.checkpoint`);
+                if it already holds a checkpoint of the same configuration (model, tickets, targets, schedule,
+                rewind, epochs_per_round, loader sizes) the search resumes from it instead of starting over.
+                The rewind weights, masks, history and the RNG states (torch/numpy/python global, every
+                loader's ``generator``) are restored, so a resumed search is bit-identical to an
+                uninterrupted one on a deterministic device. Not restored: callbacks' own state (they are not
+                replayed for completed rounds) and RNGs a loader holds outside ``loader.generator`` /
+                ``loader.sampler.generator`` (e.g. a custom sampler's; a shuffling loader without a generator
+                draws from the global torch RNG, which is restored).
         Returns:
             SearchResult with ``tickets_at[sparsity]`` (TicketSet) and the per-round history.
         """
@@ -137,25 +148,46 @@ class RTLPruner:
                 raise DataError(f"no subset given for ticket {k}; pass one DataLoader per ticket.")
         if not isinstance(epochs_per_round, int) or epochs_per_round < 1:
             raise DataError(f"epochs_per_round must be a positive int, got {epochs_per_round!r}.")
+        if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+            raise DataError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
         step = train_step or default_train_step(loss_fn)
         factory = optimizer_factory or (lambda params: torch.optim.Adam(params, lr=1e-3))
-        if self.rewind != "init" and self.rewind > 0:
-            self._dense_warmup(loaders, step, factory, device, int(self.rewind))
-        theta = {k: v.detach().clone() for k, v in routed.model.state_dict().items()}
-        start = routed.tickets.copy()
-        recorded: dict[float, dict[int, dict[str, torch.Tensor]]] = {t: {} for t in self.targets}
-        history: list[RoundRecord] = []
+        ck = None if checkpoint_dir is None else (checkpoint_dir, self._checkpoint_config(loaders, which, epochs_per_round))
+        resumed = self._load_checkpoint(ck, loaders) if ck else None
+        if resumed is None:
+            if self.rewind != "init" and self.rewind > 0:
+                self._dense_warmup(loaders, step, factory, device, int(self.rewind))
+            theta = {k: v.detach().clone() for k, v in routed.model.state_dict().items()}
+            start = routed.tickets.copy()
+            recorded: dict[float, dict[int, dict[str, torch.Tensor]]] = {t: {} for t in self.targets}
+            history: list[RoundRecord] = []
+            stopped: dict[int, int] = {}
+            pos = {"ticket": 0, "target": 0, "round": 0, "stop": False, "started": False, "rounds_done": 0}
+        else:
+            theta, start, recorded, history, stopped, pos = resumed
+        rounds_done = pos["rounds_done"]
+
+        def checkpoint(**at) -> None:
+            self._save_checkpoint(ck, loaders, theta, start, recorded, history, stopped,
+                                  {**pos, **at, "rounds_done": rounds_done})
+
+        if ck and resumed is None and self.rewind != "init" and self.rewind > 0:
+            checkpoint()  # the dense warm-up is not repeated after a crash
         rounds_est = sum(self._estimate_rounds() for _ in which)
         bar = _progress(total=rounds_est, desc="ticket search", enabled=self.progress)
-        stopped: dict[int, int] = {}
+        bar.update(len(history))
         ok = False
         try:
-            for k in which:
-                masks = {n: torch.ones_like(m[k]) for n, m in start.masks.items()}
-                self._set_ticket(k, masks)
-                r = 0
-                stop = False
-                for target in self.targets:
+            for ki in range(pos["ticket"], len(which)):
+                k = which[ki]
+                if ki == pos["ticket"] and pos["started"]:  # resume inside this ticket's search
+                    r, stop, ti0 = pos["round"], pos["stop"], pos["target"]
+                else:
+                    masks = {n: torch.ones_like(m[k]) for n, m in start.masks.items()}
+                    self._set_ticket(k, masks)
+                    r, stop, ti0 = 0, False, 0
+                for ti in range(ti0, len(self.targets)):
+                    target = self.targets[ti]
                     while not stop:
                         cur = float(routed.tickets.sparsity()[k])
                         if cur >= target - 1e-9:
@@ -179,8 +211,13 @@ class RTLPruner:
                                           f"(target {target}); recording the sparsest reachable masks.",
                                           RuntimeWarning, stacklevel=2)
                             stop = True
+                        rounds_done += 1
+                        if ck and rounds_done % checkpoint_every == 0:
+                            checkpoint(ticket=ki, target=ti, round=r, stop=stop, started=True)
                     # a stopped ticket records its current (last) masks for every remaining target
                     recorded[target][k] = {n: m[k].clone() for n, m in routed.tickets.masks.items()}
+            if ck:  # the finished search: a rerun returns at once
+                checkpoint(ticket=len(which), target=0, round=0, stop=False, started=False)
             ok = True
         finally:
             bar.close()
@@ -199,6 +236,72 @@ class RTLPruner:
         self.result = SearchResult(tickets_at=tickets_at, history=history, wall_time_s=time.perf_counter() - t0,
                                    stopped=stopped)
         return self.result
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_config(self, loaders, which, epochs_per_round) -> dict:
+        from .checkpoint import loaders_config
+        sp = self.routed.space
+        return {"kind": "find_tickets", "fingerprint": sp.fingerprint, "granularity": sp.granularity,
+                "num_tickets": self.routed.num_tickets,
+                "mask_shapes": {k: list(v) for k, v in sp.mask_shapes().items()},
+                "tickets": list(which), "targets": self.targets, "schedule": self.schedule,
+                "prune_fraction": self.prune_fraction, "prune_count": self.prune_count, "rewind": self.rewind,
+                "epochs_per_round": epochs_per_round, "loaders": loaders_config(loaders)}
+
+    def _save_checkpoint(self, ck, loaders, theta, start, recorded, history, stopped, pos) -> None:
+        """State at a round boundary. The current weights are not stored: every round starts by rewinding to
+        θ, and the optimizer is fresh every round."""
+        from .checkpoint import capture_rng, pack_masks, save_bundle
+        tensors: dict[str, torch.Tensor] = {f"theta/{k}": v for k, v in theta.items()}
+        pack_masks(start.masks, "start", tensors)
+        pack_masks(self.routed.tickets.masks, "current", tensors)
+        rec = []
+        for ti, t in enumerate(self.targets):
+            for k, masks in recorded[t].items():
+                pack_masks(masks, f"recorded/{ti}/{k}", tensors)
+                rec.append([ti, k])
+        meta = {"position": pos, "recorded": rec, "stopped": sorted([k, r] for k, r in stopped.items()),
+                "history": [[h.ticket, h.round, h.sparsity, h.loss] for h in history],
+                "rng": capture_rng(loaders, tensors)}
+        save_bundle(ck[0], "search", tensors, meta, config=ck[1])
+
+    def _load_checkpoint(self, ck, loaders):
+        """``(theta, start, recorded, history, stopped, position)`` from ``ck``'s folder (None: no checkpoint);
+        sets the model's current masks and restores the RNG states."""
+        from .checkpoint import load_bundle, restore_rng, unpack_masks
+        from .errors import CorruptFileError
+        got = load_bundle(ck[0], "search", config=ck[1])
+        if got is None:
+            return None
+        tensors, meta = got
+        routed = self.routed
+        K = routed.num_tickets
+        shapes = routed.space.mask_shapes()
+        try:
+            theta = {k[len("theta/"):]: v for k, v in tensors.items() if k.startswith("theta/")}
+            if set(theta) != set(routed.model.state_dict()):
+                raise CorruptFileError(f"the checkpoint's rewind weights do not match this model's state dict keys; "
+                                       f"delete {ck[0]} to start over.")
+            dev = routed.tickets.device
+            full = {n: (K, *s) for n, s in shapes.items()}
+            start = TicketSet(routed.space, {n: m.to(dev) for n, m in unpack_masks(tensors, "start", full).items()})
+            current = TicketSet(routed.space, unpack_masks(tensors, "current", full))
+            recorded: dict[float, dict[int, dict[str, torch.Tensor]]] = {t: {} for t in self.targets}
+            for ti, k in meta["recorded"]:
+                recorded[self.targets[ti]][int(k)] = {n: m.to(dev) for n, m in
+                                                      unpack_masks(tensors, f"recorded/{ti}/{k}", shapes).items()}
+            history = [RoundRecord(ticket=int(a), round=int(b), sparsity=float(c), loss=float(d))
+                       for a, b, c, d in meta["history"]]
+            stopped = {int(k): int(r) for k, r in meta["stopped"]}
+            pos = {key: meta["position"][key] for key in ("ticket", "target", "round", "stop", "started", "rounds_done")}
+        except (KeyError, TypeError, ValueError, IndexError, TicketError) as e:
+            raise CorruptFileError(f"the search checkpoint in {ck[0]} is damaged ({e!r}); delete it to start over.") from e
+        with torch.no_grad():
+            routed.model.load_state_dict(theta)
+        theta = {k: v.detach().clone() for k, v in routed.model.state_dict().items()}  # on the model's device
+        routed.set_tickets(current)
+        restore_rng(loaders, tensors, meta["rng"])
+        return theta, start, recorded, history, stopped, pos
 
     # ------------------------------------------------------------------ internals
     def _estimate_rounds(self) -> int:

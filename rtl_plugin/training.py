@@ -165,7 +165,7 @@ def ticket_param_masks(routed, ticket: int) -> list[tuple[torch.Tensor, torch.Te
 def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: int = 1,
                   train_step: TrainStep | None = None, loss_fn: Callable | None = None,
                   per_ticket_state: bool = True, device=None, progress: bool = True,
-                  callbacks: Sequence[Callable[[dict], object]] = ()) -> dict:
+                  callbacks: Sequence[Callable[[dict], object]] = (), checkpoint_dir=None) -> dict:
     """Stage 2: retrain all tickets jointly over the shared weights (masks frozen).
 
     Args:
@@ -176,6 +176,12 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
         epochs: passes of balanced cyclic batching (M batch indices x K tickets per epoch).
         train_step: ``step(model, batch, optimizer) -> loss`` (default: cross-entropy on (x, y)).
         callbacks: called after each epoch with ``{"epoch", "loss"}``; returning "stop" ends training.
+        checkpoint_dir: opt-in crash safety: after every epoch the model state (shared weights, per-ticket
+            norm statistics), every optimizer's state, the RNG states (torch/numpy/python global, every
+            loader's ``generator``), the history and the epoch count are written atomically to this folder;
+            if it holds a checkpoint of the same configuration (model, masks, tickets, loader sizes,
+            optimizer class) training resumes after the last completed epoch (bit-identical to an
+            uninterrupted run on a deterministic device). ``epochs`` may grow between runs.
     Returns:
         ``{"loss": [[mean loss per ticket] per epoch], "steps": int}``
     """
@@ -192,12 +198,19 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
     opts = {k: clone_optimizer(optimizer) for k in loaders} if per_ticket_state else {k: optimizer for k in loaders}
     views = {k: routed.ticket_module(k) for k in loaders}
     history: dict = {"loss": [], "steps": 0}
+    first, finished = 0, False
+    ck = None
+    if checkpoint_dir is not None:
+        ck = (checkpoint_dir, _retrain_config(routed, loaders, optimizer, per_ticket_state))
+        got = _load_retrain(ck, routed, loaders, opts)
+        if got is not None:
+            first, finished, history = got
     M = max(len(dl) for dl in loaders.values())
-    bar = _progress(total=epochs * M * len(loaders), desc="joint retrain", enabled=progress)
+    bar = _progress(total=max(epochs - first, 0) * M * len(loaders), desc="joint retrain", enabled=progress)
     was = routed.training
     routed.train()
     try:
-        for epoch in range(epochs):
+        for epoch in range(first, 0 if finished else epochs):
             sums = {k: 0.0 for k in loaders}
             counts = {k: 0 for k in loaders}
             for _, k, batch in balanced_cyclic_batches(loaders):
@@ -212,12 +225,71 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
                 bar.update(1)
             history["loss"].append([sums[k] / max(counts[k], 1) for k in sorted(loaders)])
             bar.set_postfix(loss=f"{sum(history['loss'][-1]) / len(loaders):.4f}")
-            if any(cb({"epoch": epoch, "loss": history["loss"][-1]}) == "stop" for cb in callbacks):
+            stop = any(cb({"epoch": epoch, "loss": history["loss"][-1]}) == "stop" for cb in callbacks)
+            if ck is not None:
+                _save_retrain(ck, routed, loaders, opts, history, epoch + 1, stop)
+            if stop:
                 break
     finally:
         bar.close()
         routed.train(was)
     return history
+
+
+def _retrain_config(routed, loaders, optimizer, per_ticket_state) -> dict:
+    from .checkpoint import loaders_config, masks_sha256
+    return {"kind": "joint_retrain", "fingerprint": routed.space.fingerprint, "granularity": routed.granularity,
+            "num_tickets": routed.num_tickets, "masks_sha256": masks_sha256(routed.tickets),
+            "tickets": sorted(loaders), "loaders": loaders_config(loaders),
+            "optimizer": type(optimizer).__qualname__, "per_ticket_state": bool(per_ticket_state)}
+
+
+def _distinct_opts(opts: dict) -> dict[str, torch.optim.Optimizer]:
+    """``{"0": opt, "1": opt, ...}`` per ticket, or ``{"shared": opt}`` without per-ticket state."""
+    if len({id(o) for o in opts.values()}) == 1 and len(opts) > 1:
+        return {"shared": next(iter(opts.values()))}
+    return {str(k): o for k, o in opts.items()}
+
+
+def _save_retrain(ck, routed, loaders, opts, history, epochs_done: int, stopped: bool) -> None:
+    from .checkpoint import capture_rng, encode, save_bundle
+    tensors = {f"model/{k}": v for k, v in routed.model.state_dict().items()}
+    optim = {name: encode(o.state_dict(), tensors, f"optim/{name}") for name, o in _distinct_opts(opts).items()}
+    meta = {"epochs_done": epochs_done, "stopped": stopped, "history": history, "optimizers": optim,
+            "rng": capture_rng(loaders, tensors)}
+    save_bundle(ck[0], "retrain", tensors, meta, config=ck[1])
+
+
+def _load_retrain(ck, routed, loaders, opts):
+    """Restore model, optimizers and RNG states from ``ck``'s folder; ``(epochs_done, stopped, history)`` or None."""
+    from .checkpoint import CheckpointMismatchError, decode, load_bundle, restore_rng
+    from .errors import CorruptFileError
+    got = load_bundle(ck[0], "retrain", config=ck[1])
+    if got is None:
+        return None
+    tensors, meta = got
+    try:
+        state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        optim = {name: decode(sd, tensors) for name, sd in meta["optimizers"].items()}
+        history = {"loss": [list(map(float, row)) for row in meta["history"]["loss"]],
+                   "steps": int(meta["history"]["steps"])}
+        epochs_done, stopped = int(meta["epochs_done"]), bool(meta["stopped"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptFileError(f"the retraining checkpoint in {ck[0]} is damaged ({e!r}); delete it to start over.") from e
+    targets = _distinct_opts(opts)
+    if set(optim) != set(targets):
+        raise CheckpointMismatchError(f"the retraining checkpoint in {ck[0]} holds optimizers {sorted(optim)}, "
+                                      f"this run has {sorted(targets)}.")
+    try:
+        with torch.no_grad():
+            routed.model.load_state_dict(state, strict=True)
+        for name, o in targets.items():
+            o.load_state_dict(optim[name])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointMismatchError(f"the retraining checkpoint in {ck[0]} does not fit this model/optimizer "
+                                      f"({e}); use another checkpoint_dir.") from e
+    restore_rng(loaders, tensors, meta["rng"])
+    return epochs_done, stopped, history
 
 
 def _progress(total: int, desc: str, enabled: bool):
