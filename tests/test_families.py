@@ -22,7 +22,6 @@ class FamilyBase:
     """Subclasses set ``make_model`` / ``make_input`` and optionally ``pixel`` (dense prediction)."""
     pixel = False
     tol = 1e-5
-    granularities = ("weight", "channel")
 
     def make_model(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -45,8 +44,6 @@ class FamilyBase:
     # ---------------------------------------------------------------- tests
     @pytest.mark.parametrize("granularity", ["weight", "channel"])
     def test_export_equals_routed(self, granularity):
-        if granularity not in self.granularities:
-            pytest.skip(f"{granularity} granularity not applicable to this family")
         r = self.routed(granularity).eval()
         x = self.make_input(2)
         with torch.no_grad():
@@ -63,8 +60,6 @@ class FamilyBase:
     @pytest.mark.parametrize("granularity", ["weight", "channel"])
     @pytest.mark.parametrize("train", [False, True])
     def test_mixed_batch_equals_each_route_alone(self, granularity, train):
-        if granularity not in self.granularities:
-            pytest.skip(f"{granularity} granularity not applicable to this family")
         r = self.routed(granularity)
         r.train(train)
         x = self.make_input(len(ROUTE))
@@ -83,8 +78,6 @@ class FamilyBase:
 
     @pytest.mark.parametrize("granularity", ["weight", "channel"])
     def test_gradients_stay_in_ticket(self, granularity):
-        if granularity not in self.granularities:
-            pytest.skip(f"{granularity} granularity not applicable to this family")
         r = self.routed(granularity).eval()
         k = 1
         x = self.make_input(2)
@@ -102,10 +95,14 @@ class FamilyBase:
             some_grad = some_grad or bool(g[masks[name][k]].abs().sum() > 0)
         assert some_grad
 
+
+
+class DenseFamilyBase(FamilyBase):
+    """Dense-prediction families additionally route per pixel."""
+    pixel = True
+
     def test_pixel_routes(self):
-        if not self.pixel:
-            pytest.skip("per-pixel routing is for dense prediction models")
-        for gran in self.granularities:
+        for gran in ("weight", "channel"):
             r = self.routed(gran).eval()
             x = self.make_input(2)
             with torch.no_grad():
@@ -169,8 +166,7 @@ class TestTimmMobileNetV3Small(FamilyBase):
         return torch.randn(b, 3, 32, 32)
 
 
-class TestSmpUnetResnet18(FamilyBase):
-    pixel = True
+class TestSmpUnetResnet18(DenseFamilyBase):
 
     def make_model(self):
         import segmentation_models_pytorch as smp
@@ -180,8 +176,7 @@ class TestSmpUnetResnet18(FamilyBase):
         return torch.randn(b, 3, 64, 64)
 
 
-class TestSmpUnetEfficientNetLite0(FamilyBase):
-    pixel = True
+class TestSmpUnetEfficientNetLite0(DenseFamilyBase):
 
     def make_model(self):
         import segmentation_models_pytorch as smp
