@@ -38,6 +38,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--schedule", default="fraction", choices=["fraction", "count"])
     p.add_argument("--prune-fraction", type=float, default=0.5)
     p.add_argument("--prune-count", type=int, default=None)
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="weight ranking: one global magnitude ranking (paper) or per layer")
     p.add_argument("--search-epochs", type=int, default=1, help="epochs per pruning round")
     p.add_argument("--retrain-epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
@@ -55,7 +57,7 @@ def _run(args, *, demo: bool) -> int:
     if not demo:
         kw.update(model=args.model, domains=tuple(d for d in args.domains.split(",") if d), partition=args.partition,
                   num_clusters=args.clusters, granularity=args.granularity, sparsities=args.sparsities,
-                  schedule=args.schedule, prune_fraction=args.prune_fraction, prune_count=args.prune_count,
+                  schedule=args.schedule, prune_fraction=args.prune_fraction, prune_count=args.prune_count, scope=args.scope,
                   search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs, batch_size=args.batch_size,
                   lr=args.lr, image_size=args.image_size, max_per_domain=args.max_per_domain or None,
                   baselines=tuple(b for b in args.baselines.split(",") if b),

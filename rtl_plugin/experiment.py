@@ -37,6 +37,7 @@ class ClassificationConfig:
     schedule: str = "fraction"
     prune_fraction: float = 0.5
     prune_count: int | None = None
+    scope: str = "global"                # global magnitude ranking (paper) | layer
     search_epochs: int = 1               # epochs per pruning round (T)
     retrain_epochs: int = 2
     batch_size: int = 64
@@ -195,7 +196,8 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
                   shared_norm=cfg.shared_norm)
     theta0 = copy.deepcopy(routed.model.state_dict())
     pruner = RTLPruner(routed, target_sparsity=cfg.sparsities, schedule=cfg.schedule,
-                       prune_fraction=cfg.prune_fraction, prune_count=cfg.prune_count, progress=cfg.progress)
+                       prune_fraction=cfg.prune_fraction, prune_count=cfg.prune_count, progress=cfg.progress,
+                       scope=cfg.scope)
     t = time.perf_counter()
     search = pruner.find_tickets(loaders, epochs_per_round=cfg.search_epochs, optimizer_factory=opt_factory,
                                  device=dev)
@@ -283,7 +285,7 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
         targets = [t_ for t_ in targets if 0 <= t_ < 1]
         theta1 = copy.deepcopy(r1.model.state_dict())
         p1 = RTLPruner(r1, target_sparsity=targets, schedule=cfg.schedule, prune_fraction=cfg.prune_fraction,
-                       prune_count=cfg.prune_count, progress=cfg.progress)
+                       prune_count=cfg.prune_count, progress=cfg.progress, scope=cfg.scope)
         # per round one pass over all data, like the K per-subset searches together
         search_len = sum(len(dl) for dl in loaders.values())
         res1 = p1.find_tickets({0: CyclicLoader(search_loader, search_len)}, train_step=step,

@@ -78,11 +78,14 @@ class RTLPruner:
         importance: channel mode only: a ``torch_pruning.importance`` callable (default group L1 magnitude).
         callbacks: ``cb(event: dict) -> "stop" | None`` after every round; "stop" ends that ticket's search
             (a collapse monitor plugs in here). Events: ticket, round, sparsity, masks (ticket k's, a copy).
+        scope: weight mode: "global" (one magnitude ranking over all layers, the paper) or "layer" (every
+            layer loses the same fraction per round; avoids emptying layers whose weights start small).
     """
 
     def __init__(self, routed, *, target_sparsity: Sequence[float] = (0.5, 0.75, 0.9), schedule: str = "fraction",
                  prune_fraction: float = 0.2, prune_count: int | None = None, rewind: str | int = "init",
-                 importance=None, callbacks: Sequence[Callable[[dict], object]] = (), progress: bool = True):
+                 importance=None, callbacks: Sequence[Callable[[dict], object]] = (), progress: bool = True,
+                 scope: str = "global"):
         from .routed import RoutedModel
         if not isinstance(routed, RoutedModel):
             raise TypeError(f"RTLPruner needs a RoutedModel (rtl.wrap(model, K)), got {type(routed).__name__}.")
@@ -101,6 +104,10 @@ class RTLPruner:
             raise SparsityError(f"rewind must be 'init' or a number of dense steps >= 0, got {rewind!r}.")
         self.schedule = schedule
         self.prune_fraction = float(prune_fraction)
+        if scope not in ("global", "layer"):
+            raise SparsityError(f"scope must be 'global' (one magnitude ranking, the paper) or 'layer' (every layer "
+                                f"loses the same fraction), got {scope!r}.")
+        self.scope = scope
         self.prune_count = prune_count
         self.rewind = rewind
         self.importance = importance
@@ -246,6 +253,7 @@ class RTLPruner:
                 "mask_shapes": {k: list(v) for k, v in sp.mask_shapes().items()},
                 "tickets": list(which), "targets": self.targets, "schedule": self.schedule,
                 "prune_fraction": self.prune_fraction, "prune_count": self.prune_count, "rewind": self.rewind,
+                "scope": self.scope,
                 "epochs_per_round": epochs_per_round, "loaders": loaders_config(loaders)}
 
     def _save_checkpoint(self, ck, loaders, theta, start, recorded, history, stopped, pos) -> None:
@@ -376,6 +384,8 @@ class RTLPruner:
         if n <= 0:
             return masks
         names = list(masks)
+        if self.scope == "layer":
+            return self._prune_weights_layerwise(masks, scores, kept, n)
         flat = torch.cat([scores[nm][masks[nm]].flatten().float() for nm in names])
         # global threshold: the n-th smallest surviving magnitude; ties broken by position for exact counts
         order = torch.argsort(flat, stable=True)[:n]
@@ -391,6 +401,33 @@ class RTLPruner:
                 idx = m.nonzero(as_tuple=True)
                 sel = tuple(i[sub] for i in idx)
                 m[sel] = False
+        return masks
+
+    @staticmethod
+    def _prune_weights_layerwise(masks, scores, kept: int, n: int) -> dict[str, torch.Tensor]:
+        """Every layer loses the same fraction n / kept of its surviving weights (largest remainders get the
+        leftover counts, never the last weight of a layer): avoids the layer collapse a global ranking causes
+        when deep layers start with smaller weights."""
+        names = list(masks)
+        alive = {nm: int(masks[nm].sum()) for nm in names}
+        exact = {nm: n * alive[nm] / kept for nm in names}
+        quota = {nm: min(int(math.floor(exact[nm])), max(alive[nm] - 1, 0)) for nm in names}
+        left = n - sum(quota.values())
+        for nm in sorted(names, key=lambda x: exact[x] - math.floor(exact[x]), reverse=True):
+            if left <= 0:
+                break
+            if quota[nm] < alive[nm] - 1:
+                quota[nm] += 1
+                left -= 1
+        for nm in names:
+            q = quota[nm]
+            if q <= 0:
+                continue
+            m = masks[nm]
+            idx = m.nonzero(as_tuple=True)
+            vals = scores[nm][idx].float()
+            drop = torch.argsort(vals, stable=True)[:q]
+            m[tuple(i[drop] for i in idx)] = False
         return masks
 
     # -- channel mode ---------------------------------------------------

@@ -596,3 +596,39 @@ def test_ticket_importance_rejects_bad_ticket(make_tiny):
     for bad in (3, -1, 1.0, True):
         with pytest.raises(rtl.TicketError):
             TicketImportance(routed, bad)
+
+
+# ----------------------------------------------------------------------------- per-layer ranking (scope="layer")
+def test_layer_scope_prunes_every_layer_equally_and_by_magnitude(make_tiny, make_loader):
+    routed = wrap(make_tiny())
+    N = routed.space.num_weights
+    before = {n: w.detach().abs().clone() for n, w in routed._weight_params.items()}
+    p = RTLPruner(routed, target_sparsity=[0.5, 0.9], prune_fraction=0.5, scope="layer", progress=False)
+    res = p.find_tickets({0: make_loader(1)}, train_step=Guard(100), tickets=[0])
+    for t in (0.5, 0.9):
+        ts = res.tickets_at[t]
+        assert abs(float(ts.sparsity()[0]) - t) <= 1 / N
+        for name, m in ts.masks.items():
+            layer_sp = 1 - float(m[0].float().mean())
+            assert abs(layer_sp - t) < 0.05, (name, layer_sp)  # every layer close to the target, none emptied
+            assert m[0].any()
+            # no training: within a layer, every dropped weight is no larger than every kept one
+            kept_min = before[name][m[0]].min()
+            dropped = before[name][~m[0]]
+            assert dropped.numel() == 0 or dropped.max() <= kept_min
+
+
+def test_global_scope_can_empty_layers_that_layer_scope_keeps(make_tiny, make_loader):
+    routed = wrap(make_tiny())
+    with torch.no_grad():
+        routed._weight_params["conv1"].mul_(1e-3)  # a (small) layer with much smaller weights
+    for scope, expect_empty in (("global", True), ("layer", False)):
+        r = RTLPruner(routed, target_sparsity=[0.6], prune_fraction=0.5, scope=scope, progress=False)
+        res = r.find_tickets({0: make_loader(1)}, train_step=Guard(100), tickets=[0])
+        empty = not bool(res.tickets_at[0.6].masks["conv1"][0].any())
+        assert empty == expect_empty, scope
+
+
+def test_bad_scope_rejected(make_tiny):
+    with pytest.raises(rtl.SparsityError, match="scope"):
+        RTLPruner(wrap(make_tiny()), scope="channel")
