@@ -200,7 +200,7 @@ def run_seed(cfg: dict, seed: int) -> dict:
     theta0 = copy.deepcopy(routed.model.state_dict())
     step_det = detector_train_step()
     pruner = RTLPruner(routed, target_sparsity=sparsities, schedule="fraction",
-                       prune_fraction=cfg["prune_fraction"], progress=progress)
+                       prune_fraction=cfg["prune_fraction"], progress=progress, scope=cfg.get("scope", "global"))
     t = time.perf_counter()
     search = pruner.find_tickets(loaders, train_step=step_det, epochs_per_round=cfg["epochs_per_round"],
                                  optimizer_factory=opt_factory)
@@ -242,7 +242,7 @@ def run_seed(cfg: dict, seed: int) -> dict:
     theta1 = copy.deepcopy(r1.model.state_dict())
     step_ml = multilabel_train_step()
     p1 = RTLPruner(r1, target_sparsity=targets, schedule="fraction", prune_fraction=cfg["prune_fraction"],
-                   progress=progress)
+                   progress=progress, scope=cfg.get("scope", "global"))
     t = time.perf_counter()
     res1 = p1.find_tickets({0: CyclicLoader(all_loader, K * M)}, train_step=step_ml,
                            epochs_per_round=cfg["epochs_per_round"], optimizer_factory=opt_factory)
@@ -442,6 +442,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs-per-round", type=int, default=1, help="T: passes over subset k per pruning round")
     p.add_argument("--retrain-epochs", type=int, default=2)
     p.add_argument("--prune-fraction", type=float, default=0.5)
+    p.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="magnitude ranking over all layers (paper) or per layer")
     p.add_argument("--batch-size", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1,
@@ -465,7 +467,7 @@ def main(argv=None) -> dict:
     settings = {"model": a.model, "seeds": seeds, "train_per_class": a.train_per_class,
                 "test_per_class": a.test_per_class, "image_size": 28, "num_tickets": K,
                 "sparsities": [float(s) for s in a.sparsities.split(",")], "schedule": "fraction",
-                "prune_fraction": a.prune_fraction, "epochs_per_round": a.epochs_per_round,
+                "prune_fraction": a.prune_fraction, "epochs_per_round": a.epochs_per_round, "scope": a.scope,
                 "retrain_epochs": a.retrain_epochs, "batch_size": a.batch_size, "optimizer": "Adam", "lr": a.lr,
                 "rewind": "init (θ0)", "norms": "per-ticket BatchNorm statistics, per-ticket Adam state",
                 "threshold": 0.0, "equal_storage": a.equal_storage, "dense": not a.no_dense,
