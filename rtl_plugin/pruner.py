@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import DataError, SparsityError, TicketError
+from .errors import DataError, RTLError, SparsityError, TicketError
 from .tickets import TicketSet
 from .training import TrainStep, _progress, _to_device, default_train_step, normalize_subsets
 
@@ -155,6 +155,15 @@ class RTLPruner:
                 raise DataError(f"no subset given for ticket {k}; pass one DataLoader per ticket.")
         if not isinstance(epochs_per_round, int) or epochs_per_round < 1:
             raise DataError(f"epochs_per_round must be a positive int, got {epochs_per_round!r}.")
+        for k in loaders:
+            if not 0 <= k < K:
+                raise TicketError(f"subset {k} names a ticket outside [0, {K}); the model routes {K} tickets.")
+        if tickets is None and sorted(loaders) != list(range(K)):
+            missing = sorted(set(range(K)) - set(loaders))
+            extra = sorted(set(loaders) - set(range(K)))
+            raise DataError(f"the model routes K={K} tickets but subsets were given for {sorted(loaders)} "
+                            f"(missing {missing}, unknown {extra}): K must equal the number of non-empty subsets; "
+                            "re-wrap with the right K or pass tickets=[...] to search only some tickets.")
         if not isinstance(checkpoint_every, int) or isinstance(checkpoint_every, bool) or checkpoint_every < 1:
             raise DataError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
         step = train_step or default_train_step(loss_fn)
@@ -379,6 +388,10 @@ class RTLPruner:
         routed = self.routed
         masks = {n: m[k].clone() for n, m in routed.tickets.masks.items()}
         scores = magnitude_scores(routed)
+        for nm, sc in scores.items():
+            if not bool(torch.isfinite(sc).all()):
+                raise RTLError(f"ticket {k}: layer {nm!r} has NaN/inf weights after training; the search cannot "
+                               "rank them. Lower the learning rate or check the data and the train step.")
         kept = int(sum(int(m.sum()) for m in masks.values()))
         n = self._n_to_prune(kept, target)
         if n <= 0:

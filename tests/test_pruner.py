@@ -203,7 +203,7 @@ def test_weight_search_ends_when_target_not_a_whole_weight_count(schedule, make_
     routed = wrap(make_tiny())
     assert routed.space.num_weights == 1368
     p = RTLPruner(routed, target_sparsity=[0.9], schedule=schedule, prune_count=200, progress=False)
-    res = p.find_tickets({0: make_loader(1)}, train_step=Guard(200))
+    res = p.find_tickets({0: make_loader(1)}, tickets=[0], train_step=Guard(200))
     assert abs(float(res.tickets_at[0.9].sparsity()[0]) - 0.9) <= 1 / 1368
 
 
@@ -222,7 +222,7 @@ def _failing_search(routed, make_loader):
 
     with pytest.raises(_Boom):
         RTLPruner(routed, target_sparsity=[0.5], progress=False).find_tickets(
-            {0: make_loader(1), 1: make_loader(1)}, train_step=step, optimizer_factory=adam())
+            {0: make_loader(1), 1: make_loader(1)}, tickets=[0, 1], train_step=step, optimizer_factory=adam())
     assert calls == [0, 0, 0, 0]  # failed in ticket 0's 4th round, after 3 pruning rounds
 
 
@@ -321,7 +321,7 @@ def test_search_keeps_unsearched_tickets_existing_masks(make_tiny, make_loader):
     start = rtl.TicketSet.random(routed.space, 3, keep=0.6, seed=4)
     routed.set_tickets(start.copy())
     res = RTLPruner(routed, target_sparsity=[0.5], progress=False).find_tickets(
-        {0: make_loader(1)}, train_step=Guard(500))
+        {0: make_loader(1)}, tickets=[0], train_step=Guard(500))
     for n, m in res.tickets_at[0.5].masks.items():
         assert torch.equal(m[1:], start.masks[n][1:])
     # ticket 0 is searched from all-ones, not from its previous mask
@@ -388,7 +388,7 @@ def test_channel_search_ends_for_reachable_target_default_fraction(make_tiny, ma
     routed = wrap(make_tiny(), "channel")
     # keeping 1 channel per group reaches sparsity 1 - (27 + 9) / 1368 = 0.974: 0.9 is reachable
     p = RTLPruner(routed, target_sparsity=[0.9], progress=False)
-    res = p.find_tickets({0: make_loader(1)}, train_step=Guard(200))
+    res = p.find_tickets({0: make_loader(1)}, tickets=[0], train_step=Guard(200))
     assert float(res.tickets_at[0.9].sparsity()[0]) >= 0.9
 
 
@@ -428,7 +428,7 @@ def test_rewind_zero_is_init(make_tiny, make_loader):
     theta0 = state(routed)
     calls = []
     RTLPruner(routed, target_sparsity=[0.25], rewind=0, progress=False).find_tickets(
-        {0: make_loader(1)}, train_step=Guard(500, lambda v, b, o: calls.append(state(routed)) or 0.0))
+        {0: make_loader(1)}, tickets=[0], train_step=Guard(500, lambda v, b, o: calls.append(state(routed)) or 0.0))
     assert_state_equal(calls[0], theta0)
     assert_state_equal(state(routed), theta0)
 
@@ -446,7 +446,7 @@ def test_rewind_warmup_is_dense_even_with_existing_tickets(make_tiny, make_loade
         return step(view, batch, opt)
 
     RTLPruner(routed, target_sparsity=[0.25], rewind=1, progress=False).find_tickets(
-        {0: make_loader(1)}, train_step=Guard(500, recording), optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1))
+        {0: make_loader(1)}, tickets=[0], train_step=Guard(500, recording), optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1))
     theta_t = snaps[1]
     for n, out in outside.items():
         w0, wt = theta0[f"{n}.weight"][out], theta_t[f"{n}.weight"][out]
@@ -466,7 +466,7 @@ def test_callback_events(make_tiny, make_loader):
         ev["masks"]["conv1"].fill_(False)  # events carry copies: mutating them does not touch the search
 
     res = RTLPruner(routed, target_sparsity=[0.25, 0.5], callbacks=[cb], progress=False).find_tickets(
-        {k: make_loader(1) for k in range(2)}, train_step=Guard(500))
+        {k: make_loader(1) for k in range(2)}, tickets=[0, 1], train_step=Guard(500))
     assert len(events) == len(res.history)
     for ev, rec in zip(events, res.history):
         assert set(ev) >= {"ticket", "round", "sparsity", "masks", "loss"}
@@ -487,7 +487,7 @@ def test_callback_stop_single_target(make_tiny, make_loader):
     routed = wrap(make_tiny())
     stop_0 = lambda ev: "stop" if ev["ticket"] == 0 and ev["round"] == 1 else None  # noqa: E731
     res = RTLPruner(routed, target_sparsity=[0.5], callbacks=[stop_0], progress=False).find_tickets(
-        {0: make_loader(1), 1: make_loader(1)}, train_step=Guard(500))
+        {0: make_loader(1), 1: make_loader(1)}, tickets=[0, 1], train_step=Guard(500))
     assert [r.round for r in res.history if r.ticket == 0] == [1]
     assert float(res.tickets_at[0.5].sparsity()[0]) == pytest.approx(0.2, abs=1e-3)  # one 20% round
     assert float(res.tickets_at[0.5].sparsity()[1]) == pytest.approx(0.5, abs=1e-3)  # ticket 1 unaffected
@@ -502,7 +502,7 @@ def test_callback_stop_ends_the_tickets_search(make_tiny, make_loader):
         return "stop" if ev["ticket"] == 0 and ev["round"] == 1 else None
 
     res = RTLPruner(routed, target_sparsity=[0.5, 0.75], callbacks=[cb], progress=False).find_tickets(
-        {0: make_loader(1), 1: make_loader(1)}, train_step=Guard(500))
+        {0: make_loader(1), 1: make_loader(1)}, tickets=[0, 1], train_step=Guard(500))
     assert [r for t, r in events if t == 0] == [1]
     assert float(res.tickets_at[0.75].sparsity()[1]) == pytest.approx(0.75, abs=1e-3)
 
@@ -632,3 +632,27 @@ def test_global_scope_can_empty_layers_that_layer_scope_keeps(make_tiny, make_lo
 def test_bad_scope_rejected(make_tiny):
     with pytest.raises(rtl.SparsityError, match="scope"):
         RTLPruner(wrap(make_tiny()), scope="channel")
+
+
+def test_k_must_match_the_subsets(make_tiny, make_loader):
+    routed = wrap(make_tiny(), K=3)
+    with pytest.raises(rtl.DataError, match="K=3"):
+        RTLPruner(routed, progress=False).find_tickets({0: make_loader(1), 1: make_loader(1)}, train_step=no_train)
+    with pytest.raises(rtl.TicketError, match="outside"):
+        RTLPruner(routed, progress=False).find_tickets({k: make_loader(1) for k in range(4)}, train_step=no_train)
+
+
+def test_nan_weights_during_search_raise(make_tiny, make_loader):
+    routed = wrap(make_tiny())
+    before = state(routed)
+
+    def poison(view, batch, opt):
+        with torch.no_grad():
+            routed._weight_params["conv2"][0, 0, 0, 0] = float("nan")
+        return 0.0
+
+    with pytest.raises(rtl.RTLError, match="NaN/inf weights"):
+        RTLPruner(routed, target_sparsity=[0.5], progress=False).find_tickets(
+            {0: make_loader(1)}, train_step=poison, tickets=[0])
+    assert_state_equal(state(routed), before)  # weights rewound, masks restored
+    assert bool(routed.tickets.masks["conv2"].all())
