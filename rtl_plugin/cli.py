@@ -90,6 +90,8 @@ def _model_from_spec(spec: str, num_classes: int):
     family, _, name = spec.partition(":") if ":" in spec else ("timm", "", spec)
     if family == "timm":
         import timm
+        if name not in timm.list_models():
+            raise RTLError(f"unknown timm model {name!r}; see timm.list_models() (e.g. timm:resnet18).")
         return timm.create_model(name, num_classes=num_classes)
     if family == "smp":
         import segmentation_models_pytorch as smp

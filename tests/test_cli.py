@@ -98,3 +98,15 @@ def test_bad_sparsities_rejected(tmp_path):
 def test_console_script_entry_point():
     proc = subprocess.run([sys.executable, "-m", "rtl_plugin.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "demo" in proc.stdout and "prune" in proc.stdout
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["diagnose", "/nonexistent/run"], "not a saved rtl-plugin model"),
+    (["info", "timm:not_a_model_name"], "unknown timm model"),
+    (["prune", "--quick", "--model", "timm:no_such_net", "--routers", "", "--baselines", ""], "unknown timm model"),
+    (["prune", "--quick", "--domains", "digits,nowhere", "--routers", "", "--baselines", ""], "nowhere"),
+])
+def test_cli_bad_inputs_are_clean_errors(argv, needle, tmp_path, capsys):
+    rc = main(argv + (["--out", str(tmp_path / "o")] if argv[0] == "prune" else []))
+    err = capsys.readouterr().err
+    assert rc == 2 and needle.lower() in err.lower(), err
