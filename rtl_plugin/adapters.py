@@ -5,6 +5,7 @@ tracing input looks like, and which submodule to trace. Families live in ``rtl_p
 """
 from __future__ import annotations
 
+import abc
 import importlib
 from typing import Callable
 
@@ -12,19 +13,20 @@ import torch
 import torch.nn as nn
 
 from . import _tp
-from .errors import RTLError, SpaceError
+from .errors import SpaceError
+from .registry import Registry
 
-_ADAPTERS: dict[str, type["Adapter"]] = {}
 _FAMILY_MODULES = ("timm", "smp", "audio")
 
 
-class Adapter:
-    """Base adapter. Subclasses override ``matches``, ``output_layers`` and ``example_inputs``."""
+class Adapter(abc.ABC):
+    """Base adapter. Subclasses implement ``matches`` and override ``output_layers`` / ``example_inputs``."""
     name = "base"
     priority = 0  # higher wins when several adapters match
 
-    def matches(self, model: nn.Module) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """True when this adapter handles ``model``."""
 
     def output_layers(self, model: nn.Module) -> list[str]:
         return []
@@ -44,15 +46,12 @@ class Adapter:
         """Hook to normalise a model before tracing (default: nothing)."""
 
 
+_ADAPTERS: Registry[type[Adapter]] = Registry("adapter", SpaceError, set_name=True)
+
+
 def register_adapter(name: str) -> Callable[[type[Adapter]], type[Adapter]]:
     """Class decorator: ``@register_adapter("timm")``."""
-    def deco(cls: type[Adapter]) -> type[Adapter]:
-        if name in _ADAPTERS and _ADAPTERS[name] is not cls:
-            raise RTLError(f"an adapter named {name!r} is already registered ({_ADAPTERS[name].__name__}).")
-        cls.name = name
-        _ADAPTERS[name] = cls
-        return cls
-    return deco
+    return _ADAPTERS.register(name)
 
 
 def _load_families() -> None:
@@ -65,21 +64,19 @@ def _load_families() -> None:
 
 def list_adapters() -> list[str]:
     _load_families()
-    return sorted(_ADAPTERS)
+    return _ADAPTERS.names()
 
 
 def create_adapter(name: str) -> Adapter:
     """Adapter instance by registered name (e.g. "timm", "smp", "audio", "generic")."""
     _load_families()
-    if name not in _ADAPTERS:
-        raise SpaceError(f"unknown adapter {name!r}; registered adapters: {sorted(_ADAPTERS)}.")
-    return _ADAPTERS[name]()
+    return _ADAPTERS.get(name)()
 
 
 def detect_adapter(model: nn.Module) -> Adapter:
     """The highest-priority registered adapter that matches ``model`` (falls back to "generic")."""
     _load_families()
-    found = [cls() for cls in _ADAPTERS.values() if cls is not GenericAdapter and cls().matches(model)]
+    found = [a for a in (cls() for cls in _ADAPTERS.values() if cls is not GenericAdapter) if a.matches(model)]
     if not found:
         return GenericAdapter()
     return max(found, key=lambda a: a.priority)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .errors import DataError, MissingDependencyError
+from .registry import Registry
 
 __all__ = [
     "Partition", "by_class", "by_groups", "by_condition", "by_kmeans", "embed",
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 KINDS = ("class", "groups", "condition", "kmeans")
-_PARTITIONERS: dict[str, Callable[..., "Partition"]] = {}
+_PARTITIONERS: Registry = Registry("partitioner", DataError)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -195,23 +196,16 @@ class Partition:
 
 def register_partitioner(name: str) -> Callable[[Callable[..., Partition]], Callable[..., Partition]]:
     """Function decorator: ``@register_partitioner("class")``."""
-    def deco(fn):
-        if name in _PARTITIONERS and _PARTITIONERS[name] is not fn:
-            raise DataError(f"a partitioner named {name!r} is already registered ({_PARTITIONERS[name].__name__})")
-        _PARTITIONERS[name] = fn
-        return fn
-    return deco
+    return _PARTITIONERS.register(name)
 
 
 def list_partitioners() -> list[str]:
-    return sorted(_PARTITIONERS)
+    return _PARTITIONERS.names()
 
 
 def create_partitioner(name: str, **kw) -> Callable[..., Partition]:
     """Partition builder by name with keyword config bound, e.g. ``create_partitioner("kmeans", k=3)(emb, y=y)``."""
-    if name not in _PARTITIONERS:
-        raise DataError(f"unknown partitioner {name!r}; registered partitioners: {list_partitioners()}")
-    return functools.partial(_PARTITIONERS[name], **kw)
+    return functools.partial(_PARTITIONERS.get(name), **kw)
 
 
 # --------------------------------------------------------------------------- builders

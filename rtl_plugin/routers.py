@@ -22,6 +22,7 @@ Features of the cheap routers: 4-D inputs [B, C, H, W] (images, spectrograms [B,
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import DataError, RouteError
+from .registry import Registry
 
 __all__ = [
     "Router", "ContextRouter", "LearnedRouter", "CentroidRouter", "RunAllRouter", "RouterReport",
@@ -40,7 +42,7 @@ __all__ = [
     "positive_score", "pooled_features", "model_flops",
 ]
 
-_ROUTERS: dict[str, type["Router"]] = {}
+_ROUTERS: Registry = Registry("router", RouteError, set_name=True)
 
 
 # --------------------------------------------------------------------------- registry
@@ -48,24 +50,16 @@ _ROUTERS: dict[str, type["Router"]] = {}
 
 def register_router(name: str) -> Callable[[type["Router"]], type["Router"]]:
     """Class decorator: ``@register_router("learned")``."""
-    def deco(cls):
-        if name in _ROUTERS and _ROUTERS[name] is not cls:
-            raise RouteError(f"a router named {name!r} is already registered ({_ROUTERS[name].__name__})")
-        cls.name = name
-        _ROUTERS[name] = cls
-        return cls
-    return deco
+    return _ROUTERS.register(name)
 
 
 def list_routers() -> list[str]:
-    return sorted(_ROUTERS)
+    return _ROUTERS.names()
 
 
 def create_router(name: str, *, num_tickets: int, **kw) -> "Router":
     """Router instance by registered name, e.g. ``create_router("learned", num_tickets=3, hidden=32)``."""
-    if name not in _ROUTERS:
-        raise RouteError(f"unknown router {name!r}; registered routers: {list_routers()}")
-    return _ROUTERS[name](num_tickets, **kw)
+    return _ROUTERS.get(name)(num_tickets, **kw)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -186,7 +180,7 @@ def route_accuracy(pred, true) -> float:
 # --------------------------------------------------------------------------- base
 
 
-class Router(nn.Module):
+class Router(nn.Module, abc.ABC):
     """Base router over ``num_tickets`` tickets."""
     name = "base"
 
@@ -206,8 +200,9 @@ class Router(nn.Module):
         ids = _check_ids(ticket_ids, self.num_tickets, _check_x(x).shape[0])
         return route_accuracy(self(x, **kw), ids)
 
-    def flops_per_sample(self, input_shape) -> int:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def flops_per_sample(self, input_shape) -> int:
+        """Floating-point operations to route one sample of ``input_shape`` (batch dim excluded)."""
 
     def extra_repr(self) -> str:
         return f"num_tickets={self.num_tickets}"

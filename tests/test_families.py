@@ -5,6 +5,8 @@ One shared base class, one tiny subclass per family (the segmentation_models_pyt
 """
 from __future__ import annotations
 
+import abc
+
 import pytest
 import torch
 
@@ -18,16 +20,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-class FamilyBase:
-    """Subclasses set ``make_model`` / ``make_input`` and optionally ``pixel`` (dense prediction)."""
-    pixel = False
+class FamilyBase(abc.ABC):
+    """Subclasses implement ``make_model`` / ``make_input`` (dense predictors subclass DenseFamilyBase)."""
     tol = 1e-5
 
-    def make_model(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def make_model(self) -> torch.nn.Module:
+        """A fresh model of the family."""
 
-    def make_input(self, b: int) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def make_input(self, b: int) -> torch.Tensor:
+        """A batch of ``b`` inputs."""
 
     # ---------------------------------------------------------------- helpers
     def routed(self, granularity: str, seed: int = 0) -> rtl.RoutedModel:
@@ -99,7 +102,6 @@ class FamilyBase:
 
 class DenseFamilyBase(FamilyBase):
     """Dense-prediction families additionally route per pixel."""
-    pixel = True
 
     def test_pixel_routes(self):
         for gran in ("weight", "channel"):
