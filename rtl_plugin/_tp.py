@@ -84,15 +84,6 @@ def in_channels(dg: tp.DependencyGraph, m: nn.Module):
     return None if pruner is None else pruner.get_in_channels(m)
 
 
-def has_pruner(dg: tp.DependencyGraph, m: nn.Module) -> bool:
-    return dg.get_pruner_of_module(m) is not None
-
-
 def replay_history(dg: tp.DependencyGraph, history: list) -> None:
     """Physically prune by replaying ``[[root_name, is_out_channel, idxs], ...]``."""
     dg.load_pruning_history(history)
-
-
-def prune_group_of(dg: tp.DependencyGraph, module: nn.Module, idxs: list[int]) -> None:
-    pruner = dg.get_pruner_of_module(module)
-    dg.get_pruning_group(module, pruner.prune_out_channels, idxs).prune()

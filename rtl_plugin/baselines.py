@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import DataError
-from .training import balanced_cyclic_batches
+from .training import apply_loss, balanced_cyclic_batches
 
 
 class CyclicLoader:
@@ -124,13 +124,6 @@ def context_train_step(loss_fn=None):
     def step(model, batch, optimizer):
         x, y, ctx = batch[0], batch[1], batch[2]
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x, ctx), y)
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return apply_loss(loss_fn(model(x, ctx), y), optimizer)
     return step
 
-
-def kept_params_single(tickets) -> int:
-    """Prunable weights kept by ticket 0 of a single-mask model."""
-    return int(tickets.kept()[0])

@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import DataError, RTLError
+from .errors import DataError
+from .training import apply_loss
 
 __all__ = ["one_vs_rest_loaders", "OneVsRestBatchSampler", "detector_train_step", "detector_logits",
            "detector_scores", "multilabel_train_step"]
@@ -256,12 +257,7 @@ def detector_train_step(loss_fn: Callable | None = None):
         x, target, cls = _unpack_detector_batch(batch)
         optimizer.zero_grad(set_to_none=True)
         logit = detector_logits(model(x), cls)
-        loss = loss_fn(logit, target.to(device=logit.device, dtype=logit.dtype))
-        if not torch.isfinite(loss):
-            raise RTLError(f"non-finite loss ({float(loss)}); lower the learning rate or check the data for NaN/inf.")
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return apply_loss(loss_fn(logit, target.to(device=logit.device, dtype=logit.dtype)), optimizer)
     return step
 
 
@@ -292,12 +288,7 @@ def multilabel_train_step(loss_fn: Callable | None = None):
             bad = int(y.min()) if int(y.min()) < 0 else int(y.max())
             raise DataError(f"label {bad} is outside the model's {K} outputs; build it with num_classes >= {bad + 1}")
         target = F.one_hot(y.to(out.device).long(), K).to(out.dtype)
-        loss = loss_fn(out, target)
-        if not torch.isfinite(loss):
-            raise RTLError(f"non-finite loss ({float(loss)}); lower the learning rate or check the data for NaN/inf.")
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return apply_loss(loss_fn(out, target), optimizer)
     return step
 
 

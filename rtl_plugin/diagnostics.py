@@ -10,27 +10,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import TicketError
-from .tickets import TicketSet
-
-
-def _counts(masks: list[torch.Tensor], K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inter = torch.zeros(K, K, dtype=torch.float64)
-    for m in masks:
-        f = m.reshape(K, -1)
-        for i in range(K):
-            inter[i] += (f[i:i + 1] & f).sum(1).double().cpu()
-    kept = torch.diagonal(inter).clone()
-    return inter, kept[:, None] + kept[None, :] - inter
-
-
-def _jacc(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+from .tickets import TicketSet, jaccard_from_counts, pair_counts
 
 
 def jaccard_per_layer(tickets: TicketSet) -> dict[str, torch.Tensor]:
     """``{layer: FloatTensor[K, K]}`` pairwise Jaccard of each prunable layer's masks."""
     K = tickets.num_tickets
-    return {n: _jacc(*_counts([m], K)) for n, m in tickets.element_masks().items()}
+    return {n: jaccard_from_counts(*pair_counts([m], K)) for n, m in tickets.element_masks().items()}
 
 
 def depth_bands(layers: list[str], n_bands: int = 3) -> dict[str, list[str]]:
@@ -52,7 +38,7 @@ def jaccard_per_band(tickets: TicketSet, n_bands: int = 3) -> dict[str, torch.Te
     res = {}
     for band, layers in depth_bands(list(tickets.space.layers), n_bands).items():
         if layers:
-            res[band] = _jacc(*_counts([em[n] for n in layers], K))
+            res[band] = jaccard_from_counts(*pair_counts([em[n] for n in layers], K))
     return res
 
 

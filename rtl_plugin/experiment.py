@@ -111,23 +111,6 @@ def _predict(fn, x, batch_size=256, extra=None):
     return torch.cat(outs)
 
 
-def _chance_jaccard(tickets) -> float:
-    keep = (1 - tickets.sparsity()).tolist()
-    vals = []
-    for i in range(len(keep)):
-        for j in range(i + 1, len(keep)):
-            p, q = keep[i], keep[j]
-            vals.append(p * q / (p + q - p * q) if p + q > 0 else 0.0)
-    return float(sum(vals) / len(vals)) if vals else 1.0
-
-
-def _mean_offdiag(j: torch.Tensor) -> float:
-    K = j.shape[0]
-    if K < 2:
-        return 1.0
-    return float((j.sum() - j.diagonal().sum()) / (K * (K - 1)))
-
-
 # --------------------------------------------------------------------------- the run
 def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
     """Run RTL and its baselines; write results.json, figures and tickets into ``out_dir``; return results."""
@@ -137,6 +120,7 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
     from .pruner import RTLPruner
     from .training import joint_retrain
     from .baselines import BalancedLoader, ContextInputModel, CyclicLoader, context_train_step
+    from .diagnostics import chance_matrix, mean_offdiagonal
 
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -232,8 +216,8 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
         union = tickets.union_count()
         per_ticket = [int(v) for v in tickets.kept()]
         j = tickets.jaccard()
-        similarity.append({"sparsity": s, "mean_jaccard": round(_mean_offdiag(j), 6),
-                           "chance": round(_chance_jaccard(tickets), 6), "jaccard": j.tolist(),
+        similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(j), 6),
+                           "chance": round(mean_offdiagonal(chance_matrix(tickets)), 6), "jaccard": j.tolist(),
                            "union": union, "intersection": tickets.intersection_count()})
         logits = _predict(lambda xb, cb: routed(xb, route=cb), xt, extra=ct)
         row("rtl", "context", s, union, logits, per_ticket_params=per_ticket,

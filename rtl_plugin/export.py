@@ -61,6 +61,3 @@ def export_ticket(routed: RoutedModel, ticket: int, *, example_inputs=None) -> n
     _tp.replay_history(dg, hist)
     return base
 
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

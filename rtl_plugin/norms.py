@@ -51,7 +51,8 @@ class RouteState:
         return self._gathered[key]
 
 
-def _require_route(state: RouteState, name: str):
+def require_route(state: RouteState, name: str):
+    """The current route of ``state``; RouteError when a routed layer runs outside a routed forward."""
     if state.route is None:
         raise RouteError(f"routed layer {name or '?'} was called outside a routed forward; call the RoutedModel "
                          "with route=... (or use export_ticket() for a plain model).")
@@ -117,7 +118,7 @@ class RoutedBatchNorm(nn.Module):
             bufs["running_mean"], bufs["running_var"], bufs["num_batches_tracked"] = saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        route = _require_route(self._state, self._rtl_name)
+        route = require_route(self._state, self._rtl_name)
         if isinstance(route, int):
             return self._ticket_forward(x, route)
         if route.shape[0] != x.shape[0]:
@@ -167,7 +168,7 @@ class MaskedLayerNorm(nn.Module):
         self._name = name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _require_route(self._state, self._name)
+        require_route(self._state, self._name)
         m = self._state.sample_mask(self._name, "out")
         if m is None:
             return self.base(x)

@@ -22,9 +22,10 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from . import _tp
-from .errors import RouteError, TicketError
-from .norms import MaskedLayerNorm, RoutedBatchNorm, RouteState, layer_norm_channel_dim, split_by_route
-from .space import TicketSpace
+from .errors import ArchitectureMismatchError, RouteError, TicketError
+from .norms import (MaskedLayerNorm, RoutedBatchNorm, RouteState, require_route, layer_norm_channel_dim,
+                    split_by_route)
+from .space import TicketSpace, architecture_fingerprint
 from .tickets import TicketSet
 
 
@@ -86,9 +87,7 @@ class RoutedModel(nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         if not isinstance(space, TicketSpace):
             raise TypeError(f"space must be a TicketSpace (build one with rtl.build_space), got {type(space).__name__}.")
-        from .space import architecture_fingerprint
         if architecture_fingerprint(model) != space.fingerprint:
-            from .errors import ArchitectureMismatchError
             raise ArchitectureMismatchError("the ticket space was built for another architecture (parameter names "
                                             "or shapes differ); build the space from this model.")
         if tickets is None:
@@ -164,9 +163,7 @@ class RoutedModel(nn.Module):
         state = self._state
 
         def hook(module, inputs, output):
-            if state.route is None:
-                raise RouteError(f"layer {name!r} was called outside a routed forward; call the RoutedModel with "
-                                 "route=..., or use export_ticket() for a plain model.")
+            require_route(state, name)
             m = state.sample_mask(name, "out")
             return output if m is None else self._mask_like(output, m, dim, name)
         return hook
@@ -175,9 +172,7 @@ class RoutedModel(nn.Module):
         state = self._state
 
         def pre_hook(module, args):
-            if state.route is None:
-                raise RouteError(f"layer {name!r} was called outside a routed forward; call the RoutedModel with "
-                                 "route=..., or use export_ticket() for a plain model.")
+            require_route(state, name)
             m = state.sample_mask(name, "in")
             if m is None or not args:
                 return None
@@ -266,17 +261,20 @@ class RoutedModel(nn.Module):
         return self._run_per_pixel(args, kwargs, route)
 
     def _masked_params(self, t: int) -> dict[str, torch.Tensor]:
-        masks = self.tickets.masks
-        if self.cache_masked_weights and not torch.is_grad_enabled():
+        """``{"<layer>.weight": W * mask_t}``; cached per ticket while autograd is off (keyed on mask and
+        weight versions, so optimizer steps and mask changes invalidate it)."""
+        cache = self.cache_masked_weights and not torch.is_grad_enabled()
+        if cache:
             key = (self.tickets.version, tuple(p._version for p in self._weight_params.values()),
                    tuple(p.data_ptr() for p in self._weight_params.values()))
             hit = self._cache.get(t)
             if hit is not None and hit[0] == key:
                 return hit[1]
-            params = {f"{n}.weight": w * masks[n][t].to(w.dtype) for n, w in self._weight_params.items()}
+        masks = self.tickets.masks
+        params = {f"{n}.weight": w * masks[n][t].to(w.dtype) for n, w in self._weight_params.items()}
+        if cache:
             self._cache[t] = (key, params)
-            return params
-        return {f"{n}.weight": w * masks[n][t].to(w.dtype) for n, w in self._weight_params.items()}
+        return params
 
     def _run_ticket(self, args, kwargs, t: int):
         try:

@@ -133,29 +133,20 @@ class TicketSpace:
         res = {}
         for name, shape in self.layers.items():
             lm = layer_masks.get(name, {})
-            kind = self.layer_kinds[name]
             g = self.conv_groups.get(name, 1)
-            if kind == "convT":
-                c_in, c_out = shape[0], shape[1] * g
-            else:
-                c_out, c_in = shape[0], shape[1] * g
-            om = lm.get("out")
-            im = lm.get("in")
-            if om is None:
-                om = torch.ones(num_tickets, c_out, dtype=torch.bool, device=device)
-            if im is None:
-                im = torch.ones(num_tickets, c_in, dtype=torch.bool, device=device)
-            if kind == "convT":
-                rows = im  # weight [in, out/g, ...]
-                per_g_rows, per_g_cols = c_in // g, shape[1]
-                col_idx = (torch.arange(c_in, device=om.device) // per_g_rows)[:, None] * per_g_cols + \
-                    torch.arange(per_g_cols, device=om.device)[None, :]
-                m = rows[:, :, None] & om[:, col_idx]
-            else:
-                per_g_rows, per_g_cols = c_out // g, shape[1]
-                col_idx = (torch.arange(c_out, device=om.device) // per_g_rows)[:, None] * per_g_cols + \
-                    torch.arange(per_g_cols, device=om.device)[None, :]
-                m = om[:, :, None] & im[:, col_idx]
+            # weight rows index the output channels (conv, linear) or the input channels (transposed conv);
+            # columns index the other side within the row's channel group
+            row_side, col_side = ("in", "out") if self.layer_kinds[name] == "convT" else ("out", "in")
+            n_rows, per_g_cols = shape[0], shape[1]
+            rows = lm.get(row_side)
+            cols = lm.get(col_side)
+            if rows is None:
+                rows = torch.ones(num_tickets, n_rows, dtype=torch.bool, device=device)
+            if cols is None:
+                cols = torch.ones(num_tickets, per_g_cols * g, dtype=torch.bool, device=device)
+            col_idx = (torch.arange(n_rows, device=rows.device) // (n_rows // g))[:, None] * per_g_cols + \
+                torch.arange(per_g_cols, device=rows.device)[None, :]
+            m = rows[:, :, None] & cols[:, col_idx]
             m = m.reshape(num_tickets, shape[0], shape[1], *([1] * (len(shape) - 2)))
             res[name] = m.expand(num_tickets, *shape)
         return res

@@ -13,6 +13,23 @@ from .errors import TicketError
 from .space import TicketSpace
 
 
+def pair_counts(masks: list[torch.Tensor], K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(intersection [K, K], union [K, K]) element counts of K-ticket masks ``[K, ...]`` summed over ``masks``."""
+    inter = torch.zeros(K, K, dtype=torch.float64)
+    for m in masks:
+        f = m.reshape(K, -1)
+        # exact integer counts (a float32 matmul loses counts above 2**24 weights per layer)
+        for i in range(K):
+            inter[i] += (f[i:i + 1] & f).sum(1).double().cpu()
+    kept = torch.diagonal(inter).clone()
+    return inter, kept[:, None] + kept[None, :] - inter
+
+
+def jaccard_from_counts(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    """|A∩B| / |A∪B|, 1 where both masks are empty."""
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
 class TicketSet:
     """K masks over a space. ``version`` increases on every change (caches key on it)."""
 
@@ -176,22 +193,11 @@ class TicketSet:
 
     def pairwise_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(intersection [K, K], union [K, K]) counts over all prunable weights."""
-        K = self.num_tickets
-        inter = torch.zeros(K, K, dtype=torch.float64)
-        for m in self.element_masks().values():
-            f = m.reshape(K, -1)
-            # exact integer counts (float32 matmul loses counts above 2**24 weights per layer)
-            for i in range(K):
-                inter[i] += (f[i:i + 1] & f).sum(1).double().cpu()
-        kept = torch.diagonal(inter).clone()
-        union = kept[:, None] + kept[None, :] - inter
-        return inter, union
+        return pair_counts(list(self.element_masks().values()), self.num_tickets)
 
     def jaccard(self) -> torch.Tensor:
         """Pairwise Jaccard |A∩B| / |A∪B| over all prunable weights, FloatTensor [K, K] (1 on the diagonal)."""
-        inter, union = self.pairwise_counts()
-        j = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-        return j
+        return jaccard_from_counts(*self.pairwise_counts())
 
     # ------------------------------------------------------------------ storage
     def packed(self) -> dict[str, np.ndarray]:

@@ -40,6 +40,15 @@ def _to_device(batch, device):
     return batch
 
 
+def apply_loss(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+    """The tail of every train step: refuse a non-finite loss, backward, optimizer step; returns the loss."""
+    if not torch.isfinite(loss):
+        raise RTLError(f"non-finite loss ({float(loss.detach())}); lower the learning rate or check the data for NaN/inf.")
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def default_train_step(loss_fn: Callable | None = None) -> TrainStep:
     """A train step for ``(x, y)`` batches: forward, ``loss_fn(out, y)`` (default cross-entropy), backward, step."""
     loss_fn = loss_fn or F.cross_entropy
@@ -49,12 +58,7 @@ def default_train_step(loss_fn: Callable | None = None) -> TrainStep:
             raise DataError("the default train step expects (x, y) batches; pass train_step= for other batch formats.")
         x, y = batch[0], batch[1]
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            raise RTLError(f"non-finite loss ({float(loss.detach())}); lower the learning rate or check the data for NaN/inf.")
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+        return apply_loss(loss_fn(model(x), y), optimizer)
     return step
 
 
