@@ -10,29 +10,13 @@ import torch
 from torch import nn
 
 import rtl_plugin as rtl
+from _helpers import TinyCNN  # noqa: E402  (tests/ is on sys.path: rootdir conftest)
 
 import os
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # one intra-op thread per xdist worker: 2 workers on 2 cores, no oversubscription
     torch.set_num_threads(1)
-
-
-class TinyCNN(nn.Module):
-    """Conv-BN-ReLU x2 + global pool + Linear ``head`` (a classifier: output [B, num_classes])."""
-
-    def __init__(self, width: int = 8, num_classes: int = 5, in_ch: int = 3):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(2 * width)
-        self.head = nn.Linear(2 * width, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.head(x.mean((2, 3)))
 
 
 class TinySeg(nn.Module):

@@ -8,6 +8,7 @@ import torch
 import torch_pruning as tp
 
 import rtl_plugin as rtl
+from _helpers import half_tickets
 from rtl_plugin.pruner import RTLPruner, TicketImportance, validate_sparsities
 
 EX = torch.randn(1, 3, 8, 8)
@@ -61,17 +62,6 @@ def assert_state_equal(a, b):
 def ticket_masks(ts, k):
     return {n: m[k].clone() for n, m in ts.masks.items()}
 
-
-def half_tickets(space, K, seed=1):
-    """Channel tickets keeping exactly half of every group's period (tiled over channel groups)."""
-    g = torch.Generator().manual_seed(seed)
-    masks = {}
-    for grp in space.groups:
-        per = torch.zeros(K, grp.period, dtype=torch.bool)
-        for k in range(K):
-            per[k, torch.randperm(grp.period, generator=g)[:grp.period // 2]] = True
-        masks[grp.root] = per.repeat(1, grp.ch_groups)
-    return rtl.TicketSet(space, masks)
 
 
 def warm_norm_stats(routed, x):

@@ -19,6 +19,7 @@ from rtl_plugin.pruner import RTLPruner
 from rtl_plugin.training import default_train_step, joint_retrain
 
 EX = torch.randn(1, 3, 8, 8)
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))  # the subprocess script imports TinyCNN from _helpers
 
 # ----------------------------------------------------------------------------- 1. SIGKILL at random points
 
@@ -34,19 +35,8 @@ SCRIPT = textwrap.dedent('''
     from rtl_plugin.training import default_train_step, joint_retrain
     from safetensors.torch import save_file
 
-    class TinyCNN(nn.Module):
-        def __init__(self, width=8, num_classes=5):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(2 * width)
-            self.head = nn.Linear(2 * width, num_classes)
-
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.conv1(x)))
-            x = torch.relu(self.bn2(self.conv2(x)))
-            return self.head(x.mean((2, 3)))
+    sys.path.insert(0, sys.argv[3])
+    from _helpers import TinyCNN
 
     ck, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.manual_seed(0)
@@ -89,7 +79,7 @@ SCRIPT = textwrap.dedent('''
 def _popen(script, ck, out):
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.Popen([sys.executable, str(script), str(ck), str(out)], env=env,
+    return subprocess.Popen([sys.executable, str(script), str(ck), str(out), TESTS_DIR], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -103,7 +93,7 @@ def _reference_in_process(script, ck, out, monkeypatch):
     import runpy
     out.mkdir(parents=True)
     threads = torch.get_num_threads()
-    monkeypatch.setattr(sys, "argv", [str(script), str(ck), str(out)])
+    monkeypatch.setattr(sys, "argv", [str(script), str(ck), str(out), TESTS_DIR])
     try:
         runpy.run_path(str(script), run_name="__main__")
     finally:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import rtl_plugin as rtl
+from _helpers import half_tickets
 from rtl_plugin import training
 from rtl_plugin.training import (MaskedUpdate, balanced_cyclic_batches, clone_optimizer, default_train_step,
                                  joint_retrain)
@@ -35,17 +36,6 @@ OPTIMIZERS = {
 
 # ----------------------------------------------------------------------------- helpers
 
-
-def half_tickets(space, K, seed=1):
-    """Channel tickets keeping exactly half of every group's period (tiled over channel groups)."""
-    g = torch.Generator().manual_seed(seed)
-    masks = {}
-    for grp in space.groups:
-        per = torch.zeros(K, grp.period, dtype=torch.bool)
-        for k in range(K):
-            per[k, torch.randperm(grp.period, generator=g)[:grp.period // 2]] = True
-        masks[grp.root] = per.repeat(1, grp.ch_groups)
-    return rtl.TicketSet(space, masks)
 
 
 def wrap(model, granularity, K=3, keep=0.5, seed=1):
