@@ -26,11 +26,19 @@ class RouteState:
         self.route = None
         self.layer_masks = None  # {module: {"out"/"in": BoolTensor[K, C]}}
         self._gathered: dict = {}
+        self._split = None
 
     def set(self, route, layer_masks=None) -> None:
         self.route = route
         self.layer_masks = layer_masks
         self._gathered = {}
+        self._split = None
+
+    def split(self):
+        """``split_by_route(route)``, computed once per forward (every routed norm layer needs it)."""
+        if self._split is None:
+            self._split = split_by_route(self.route)
+        return self._split
 
     def clear(self) -> None:
         self.set(None, None)
@@ -124,7 +132,7 @@ class RoutedBatchNorm(nn.Module):
         if route.shape[0] != x.shape[0]:
             raise RouteError(f"routed norm {self._rtl_name!r} got a batch of {x.shape[0]} for {route.shape[0]} "
                              "routes; a layer that reshapes the batch dimension cannot be routed per sample.")
-        perm, tickets, counts, inverse = split_by_route(route)
+        perm, tickets, counts, inverse = self._state.split()
         if len(tickets) == 1:
             return self._ticket_forward(x, tickets[0])
         parts = torch.split(x.index_select(0, perm), counts)
