@@ -11,6 +11,7 @@ from .errors import (ArchitectureMismatchError, CorruptFileError, DataError, For
                      UnsupportedLayerError)
 from .diagnostics import Diagnosis, diagnose
 from .export import export_ticket, pruning_history
+from .deploy import SlimRoutedModel, export_onnx, export_package, load_package
 from .pruner import RTLPruner, SearchResult, TicketImportance
 from .training import joint_retrain
 from .norms import MaskedLayerNorm, RoutedBatchNorm
@@ -31,5 +32,6 @@ __all__ = [
     "MaskedLayerNorm", "MissingDependencyError", "RTLError", "RouteError", "RoutedBatchNorm", "RoutedModel",
     "SpaceError", "SparsityError", "TicketError", "TicketSet", "TicketSpace", "UnsupportedLayerError",
     "build_space", "create_adapter", "detect_adapter", "export_ticket", "list_adapters", "load",
-    "pruning_history", "register_adapter", "wrap",
+    "pruning_history", "register_adapter", "wrap", "SlimRoutedModel", "export_onnx", "export_package",
+    "load_package",
 ]

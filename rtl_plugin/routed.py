@@ -62,8 +62,97 @@ def _cat_outputs(outs: list):
                      "return tensors, tuples, lists or dicts of tensors.")
 
 
+_PLAIN_FORWARDS = {c.forward for c in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                        nn.ConvTranspose2d, nn.ConvTranspose3d)}
+
+
 def _channel_dim(m: nn.Module) -> int:
     return -1 if _tp.is_linear(m) else 1
+
+
+def check_route(route, x: torch.Tensor, num_tickets: int):
+    """Validate ``route`` for input ``x`` [B, ...]: returns an int ticket or a LongTensor [B] / [B, H, W].
+
+    Raises RouteError naming the problem (None, bool, float dtype, wrong device or shape, id outside [0, K)).
+    """
+    K = num_tickets
+    if route is None:
+        raise RouteError("route is required: pass route=<int ticket>, a LongTensor [B] (per sample) or "
+                         "[B, H, W] (per pixel), or a router's output.")
+    if isinstance(route, bool):
+        raise RouteError("route must be an int or an integer tensor, got a bool.")
+    if isinstance(route, np.integer):
+        route = int(route)
+    if isinstance(route, torch.Tensor) and route.dim() == 0:
+        if route.is_floating_point() or route.dtype == torch.bool or route.is_complex():
+            raise RouteError(f"route must have an integer dtype, got {route.dtype}; use route.long().")
+        route = int(route)
+    if isinstance(route, int):
+        if not 0 <= route < K:
+            raise RouteError(f"ticket id {route} is out of range [0, {K}); valid tickets are 0..{K - 1}.")
+        return route
+    if not isinstance(route, torch.Tensor):
+        raise RouteError(f"route must be an int or a LongTensor, got {type(route).__name__}.")
+    if route.is_floating_point() or route.dtype == torch.bool or route.is_complex():
+        raise RouteError(f"route must have an integer dtype, got {route.dtype}; use route.long().")
+    if route.device != x.device:
+        raise RouteError(f"route is on {route.device} but the input is on {x.device}; move it with route.to(x.device).")
+    if route.dim() not in (1, 3):
+        raise RouteError(f"route must be [B] (per sample) or [B, H, W] (per pixel), got shape {tuple(route.shape)}.")
+    if route.shape[0] != x.shape[0]:
+        raise RouteError(f"route has {route.shape[0]} entries for a batch of {x.shape[0]}; give one ticket id per sample.")
+    if route.numel():
+        lo, hi = (int(v) for v in torch.aminmax(route))  # one device sync
+        if lo < 0 or hi >= K:
+            raise RouteError(f"route contains ticket id {lo if lo < 0 else hi}, outside [0, {K}); valid tickets are 0..{K - 1}.")
+    return route.long()
+
+
+def run_bucketed(run_ticket, args, kwargs, route: torch.Tensor):
+    """Bucket a batch by ticket and run ``run_ticket(args, kwargs, t)`` once per ticket present.
+
+    ``route`` LongTensor [B]; tensor args with batch dim B are sorted by ticket (argsort, no per-sample
+    Python loop), split into contiguous buckets, and the outputs are restored to the input order.
+    """
+    B = route.shape[0]
+    perm, tickets, counts, inverse = split_by_route(route)
+    if len(tickets) == 1:
+        return run_ticket(args, kwargs, tickets[0])
+    sorted_args = [a.index_select(0, perm) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == B else a
+                   for a in args]
+    chunks = [a.split(counts) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == B else None
+              for a in sorted_args]
+    outs = []
+    for i, t in enumerate(tickets):
+        sub = tuple(c[i] if c is not None else a for c, a in zip(chunks, sorted_args))
+        outs.append(run_ticket(sub, kwargs, t))
+    return _map_tensors(_cat_outputs(outs), lambda o: o.index_select(0, inverse))
+
+
+def run_per_pixel(run_per_sample, args, kwargs, route: torch.Tensor, num_tickets: int):
+    """Per-pixel routing ``route`` [B, H, W]: every ticket present in a sample runs on that sample once
+    (``run_per_sample(args, kwargs, ids [P])`` on the expanded batch of distinct (sample, ticket) pairs) and
+    each output pixel takes its region's ticket output. The model must return [B, C, H, W] or [B, H, W]."""
+    B, H, W = route.shape
+    K = num_tickets
+    present = torch.zeros(B, K, dtype=torch.bool, device=route.device)
+    present.scatter_(1, route.reshape(B, -1), True)
+    pairs = present.nonzero()  # [P, 2] rows (sample, ticket), sorted
+    b_idx, t_idx = pairs[:, 0], pairs[:, 1]
+    exp_args = tuple(a.index_select(0, b_idx) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == B else a
+                     for a in args)
+    out = run_per_sample(exp_args, kwargs, t_idx)
+    if not isinstance(out, torch.Tensor) or out.dim() not in (3, 4):
+        raise RouteError("per-pixel routes need a model that returns one tensor [B, C, H, W] or [B, H, W].")
+    if tuple(out.shape[-2:]) != (H, W):
+        raise RouteError(f"pixel route has size {H}x{W} but the model output is {out.shape[-2]}x{out.shape[-1]}; "
+                         "give one ticket id per output pixel.")
+    sel = route.index_select(0, b_idx) == t_idx.view(-1, 1, 1)
+    if out.dim() == 4:
+        sel = sel.unsqueeze(1)
+    contrib = torch.where(sel, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    res = torch.zeros((B,) + tuple(out.shape[1:]), dtype=out.dtype, device=out.device)
+    return res.index_add(0, b_idx, contrib)
 
 
 class RoutedModel(nn.Module):
@@ -104,7 +193,7 @@ class RoutedModel(nn.Module):
         object.__setattr__(self, "_state", RouteState())
         self._hook_ids: set[int] = set()
         self._handles: list = []
-        self._cache: dict[int, tuple[Any, dict]] = {}
+        self._cache: dict[tuple, tuple[Any, dict]] = {}  # (ticket, autocast dtype) -> (key, masked weights)
         self._install()
         try:
             dev = next(model.parameters()).device
@@ -149,6 +238,8 @@ class RoutedModel(nn.Module):
                     self._handles.append(h)
                     self._hook_ids.add(h.id)
         self._weight_params = {n: self.model.get_submodule(n).weight for n in self.space.layers}
+        # layers whose forward is the stock conv / linear one: their weights may be pre-cast under autocast
+        self._plain_layer = {n: type(self.model.get_submodule(n)).forward in _PLAIN_FORWARDS for n in self.space.layers}
 
     def _mask_like(self, x: torch.Tensor, m: torch.Tensor, dim: int, name: str) -> torch.Tensor:
         if m.shape[0] not in (1, x.shape[0]) or x.shape[dim] != m.shape[1]:
@@ -212,37 +303,7 @@ class RoutedModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_route(self, route, x: torch.Tensor):
-        K = self.num_tickets
-        if route is None:
-            raise RouteError("route is required: pass route=<int ticket>, a LongTensor [B] (per sample) or "
-                             "[B, H, W] (per pixel), or a router's output.")
-        if isinstance(route, bool):
-            raise RouteError("route must be an int or an integer tensor, got a bool.")
-        if isinstance(route, np.integer):
-            route = int(route)
-        if isinstance(route, torch.Tensor) and route.dim() == 0:
-            if route.is_floating_point() or route.dtype == torch.bool or route.is_complex():
-                raise RouteError(f"route must have an integer dtype, got {route.dtype}; use route.long().")
-            route = int(route)
-        if isinstance(route, int):
-            if not 0 <= route < K:
-                raise RouteError(f"ticket id {route} is out of range [0, {K}); valid tickets are 0..{K - 1}.")
-            return route
-        if not isinstance(route, torch.Tensor):
-            raise RouteError(f"route must be an int or a LongTensor, got {type(route).__name__}.")
-        if route.is_floating_point() or route.dtype == torch.bool or route.is_complex():
-            raise RouteError(f"route must have an integer dtype, got {route.dtype}; use route.long().")
-        if route.device != x.device:
-            raise RouteError(f"route is on {route.device} but the input is on {x.device}; move it with route.to(x.device).")
-        if route.dim() not in (1, 3):
-            raise RouteError(f"route must be [B] (per sample) or [B, H, W] (per pixel), got shape {tuple(route.shape)}.")
-        if route.shape[0] != x.shape[0]:
-            raise RouteError(f"route has {route.shape[0]} entries for a batch of {x.shape[0]}; give one ticket id per sample.")
-        if route.numel():
-            lo, hi = int(route.min()), int(route.max())
-            if lo < 0 or hi >= K:
-                raise RouteError(f"route contains ticket id {lo if lo < 0 else hi}, outside [0, {K}); valid tickets are 0..{K - 1}.")
-        return route.long()
+        return check_route(route, x, self.num_tickets)
 
     def forward(self, *args, route=None, **kwargs):
         if not args or not isinstance(args[0], torch.Tensor):
@@ -262,18 +323,29 @@ class RoutedModel(nn.Module):
 
     def _masked_params(self, t: int) -> dict[str, torch.Tensor]:
         """``{"<layer>.weight": W * mask_t}``; cached per ticket while autograd is off (keyed on mask and
-        weight versions, so optimizer steps and mask changes invalidate it)."""
+        weight versions, so optimizer steps and mask changes invalidate it). Under autocast (CUDA fp16/bf16,
+        CPU bf16) the cached weights of plain conv/linear layers are stored already cast to the autocast
+        dtype, so neither masking nor casting is repeated on every call."""
         cache = self.cache_masked_weights and not torch.is_grad_enabled()
+        cast = None
         if cache:
+            dev = next(iter(self._weight_params.values())).device.type
+            if dev in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(dev):
+                cast = torch.get_autocast_dtype(dev)
             key = (self.tickets.version, tuple(p._version for p in self._weight_params.values()),
                    tuple(p.data_ptr() for p in self._weight_params.values()))
-            hit = self._cache.get(t)
+            hit = self._cache.get((t, cast))
             if hit is not None and hit[0] == key:
                 return hit[1]
         masks = self.tickets.masks
-        params = {f"{n}.weight": w * masks[n][t].to(w.dtype) for n, w in self._weight_params.items()}
+        params = {}
+        for n, w in self._weight_params.items():
+            mw = w * masks[n][t].to(w.dtype)
+            if cast is not None and w.is_floating_point() and self._plain_layer[n]:
+                mw = mw.to(cast)
+            params[f"{n}.weight"] = mw
         if cache:
-            self._cache[t] = (key, params)
+            self._cache[(t, cast)] = (key, params)
         return params
 
     def _run_ticket(self, args, kwargs, t: int):
@@ -294,40 +366,10 @@ class RoutedModel(nn.Module):
                 return self.model(*args, **kwargs)
             finally:
                 self._state.clear()
-        perm, tickets, counts, inverse = split_by_route(route)
-        if len(tickets) == 1:
-            return self._run_ticket(args, kwargs, tickets[0])
-        sorted_args = [a.index_select(0, perm) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == B else a
-                       for a in args]
-        chunks = [a.split(counts) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == B else None
-                  for a in sorted_args]
-        outs = []
-        for i, t in enumerate(tickets):
-            sub = tuple(c[i] if c is not None else a for c, a in zip(chunks, sorted_args))
-            outs.append(self._run_ticket(sub, kwargs, t))
-        return _map_tensors(_cat_outputs(outs), lambda o: o.index_select(0, inverse))
+        return run_bucketed(self._run_ticket, args, kwargs, route)
 
     def _run_per_pixel(self, args, kwargs, route: torch.Tensor):
-        B, H, W = route.shape
-        K = self.num_tickets
-        present = torch.zeros(B, K, dtype=torch.bool, device=route.device)
-        present.scatter_(1, route.reshape(B, -1), True)
-        pairs = present.nonzero()  # [P, 2] rows (sample, ticket), sorted
-        b_idx, t_idx = pairs[:, 0], pairs[:, 1]
-        exp_args = tuple(a.index_select(0, b_idx) if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == B else a
-                         for a in args)
-        out = self._run_per_sample(exp_args, kwargs, t_idx)
-        if not isinstance(out, torch.Tensor) or out.dim() not in (3, 4):
-            raise RouteError("per-pixel routes need a model that returns one tensor [B, C, H, W] or [B, H, W].")
-        if tuple(out.shape[-2:]) != (H, W):
-            raise RouteError(f"pixel route has size {H}x{W} but the model output is {out.shape[-2]}x{out.shape[-1]}; "
-                             "give one ticket id per output pixel.")
-        sel = route.index_select(0, b_idx) == t_idx.view(-1, 1, 1)
-        if out.dim() == 4:
-            sel = sel.unsqueeze(1)
-        contrib = torch.where(sel, out, torch.zeros((), dtype=out.dtype, device=out.device))
-        res = torch.zeros((B,) + tuple(out.shape[1:]), dtype=out.dtype, device=out.device)
-        return res.index_add(0, b_idx, contrib)
+        return run_per_pixel(self._run_per_sample, args, kwargs, route, self.num_tickets)
 
     # ------------------------------------------------------------------ plain copies
     def plain_copy(self, ticket: int) -> nn.Module:
