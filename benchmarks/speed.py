@@ -1,0 +1,473 @@
+"""Speed, memory and storage of RTL vs dense / single-mask baselines (issue 7), one command, JSON output.
+
+Every ratio is measured side by side in one run on one device (dimensionless; < 1 means RTL is faster /
+smaller):
+
+* ``routed_weight_vs_dense``      weight-mode RoutedModel on a mixed batch (K tickets, batch B) / dense model
+* ``routed_channel50_vs_dense``   deployed channel package (``export_package`` -> ``load_package``: K slim
+                                  models, batch bucketed by ticket) at 50% channel sparsity / dense, batch B
+* ``routed_channel75_vs_dense``   the same at 75% channel sparsity
+* ``joint_retrain_vs_dense``      ``joint_retrain`` seconds per sample / dense training seconds per sample
+* ``ticket_search_vs_single_imp`` ``RTLPruner.find_tickets`` for K tickets (subset k per ticket) / the same
+                                  pruner with one mask over all data (same schedule, batches, epochs)
+* ``storage_vs_k_dense``          bytes of ``routed.save`` (shared fp32 weights + K bit-packed masks) / K dense
+                                  fp32 models (safetensors)
+* ``peak_memory_vs_dense``        peak memory of weight-mode routed inference (masked-weight cache included)
+                                  / dense inference, batch B
+
+plus extras (``*_b64`` CPU batch-64 channel ratios, cache-off weight mode, the soft-mask channel pass,
+CSR storage, autocast ratios on CUDA, the search time breakdown) and the absolute numbers behind each
+ratio. Times: median of ``--reps`` runs after warm-up (CUDA: synchronised).
+
+Usage::
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --quick            # < 1 min on CPU
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --out benchmarks/results/speed_cpu
+    python benchmarks/speed.py --device cuda --out benchmarks/results/speed_gpu
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch initialises OpenMP
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import rtl_plugin as rtl  # noqa: E402
+from rtl_plugin.deploy import export_package, load_package, package_size  # noqa: E402
+from rtl_plugin.io import atomic_write_json  # noqa: E402
+from rtl_plugin.pruner import RTLPruner  # noqa: E402
+from rtl_plugin.training import default_train_step, joint_retrain  # noqa: E402
+
+REQUIRED = ("routed_weight_vs_dense", "routed_channel50_vs_dense", "routed_channel75_vs_dense",
+            "joint_retrain_vs_dense", "ticket_search_vs_single_imp", "storage_vs_k_dense", "peak_memory_vs_dense")
+
+
+# --------------------------------------------------------------------------- helpers
+def device_info(dev: torch.device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        info["cpu"] = platform.processor()
+    if dev.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dev)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timeit(fn, dev: torch.device, reps: int, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(dev)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync(dev)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def make_model(name: str, num_classes: int) -> nn.Module:
+    import timm
+    return timm.create_model(name, num_classes=num_classes)
+
+
+def channel_tickets(space, K: int, keep: float, seed: int = 1) -> rtl.TicketSet:
+    """Channel tickets keeping ``keep`` of every group's channel positions (random, different per ticket)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for grp in space.groups:
+        per = torch.zeros(K, grp.period, dtype=torch.bool)
+        n = max(1, round(grp.period * keep))
+        for k in range(K):
+            per[k, torch.randperm(grp.period, generator=g)[:n]] = True
+        masks[grp.root] = per.repeat(1, grp.ch_groups)
+    return rtl.TicketSet(space, masks)
+
+
+def tensor_bytes(ts) -> int:
+    seen, n = set(), 0
+    for t in ts:
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
+def module_bytes(m: nn.Module) -> int:
+    return tensor_bytes(list(m.parameters()) + list(m.buffers()))
+
+
+def routed_bytes(r: rtl.RoutedModel) -> int:
+    cache = [t for _, params in r._cache.values() for t in params.values()]
+    return module_bytes(r.model) + tensor_bytes(list(r.tickets.masks.values())) + tensor_bytes(cache)
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA ``max_memory_allocated``; CPU: the process's resident high-water mark
+    (``VmHWM``, reset through /proc/self/clear_refs, free heap returned with malloc_trim first) above the
+    resident size at entry, plus ``persistent`` bytes (the model's tensors, already resident at entry)."""
+
+    def __init__(self, dev: torch.device, persistent: int):
+        self.dev, self.persistent, self.peak = dev, persistent, None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{key} not in /proc/self/status")
+
+    def __enter__(self):
+        gc.collect()
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            self.base = torch.cuda.memory_allocated(self.dev)
+        else:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            transient = torch.cuda.max_memory_allocated(self.dev) - self.base
+        else:
+            transient = self._status("VmHWM") - self.base
+        self.peak = self.persistent + max(transient, 0)
+        return False
+
+
+def loaders_for(K: int, n_batches: int, batch: int, shape, num_classes: int, seed: int = 0):
+    """K subset loaders of synthetic (x, y) batches (subset k shifted by k so subsets differ)."""
+    out = {}
+    for k in range(K):
+        g = torch.Generator().manual_seed(seed + k)
+        n = n_batches * batch
+        x = torch.randn(n, *shape, generator=g) + 0.1 * k
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        out[k] = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False)
+    return out
+
+
+def all_data_loader(loaders: dict, batch: int) -> DataLoader:
+    xs = torch.cat([dl.dataset.tensors[0] for dl in loaders.values()])
+    ys = torch.cat([dl.dataset.tensors[1] for dl in loaders.values()])
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(xs, ys), batch_size=batch, shuffle=True, generator=g)
+
+
+# --------------------------------------------------------------------------- benchmarks
+def bench_inference(a, dev, out: dict, tmp: Path) -> None:
+    K, B, shape = a.tickets, a.batch, (3, a.image, a.image)
+    torch.manual_seed(0)
+    base = make_model(a.model, a.classes)
+    dense = copy.deepcopy(base).to(dev).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, *shape, generator=g).to(dev)
+    route = torch.randint(0, K, (B,), generator=g).to(dev)
+    times, mem = out["times_s"], out["peak_memory_bytes"]
+    with torch.no_grad():
+        times["dense_infer"] = timeit(lambda: dense(x), dev, a.reps)
+        # ---- weight mode: cached masked weights, bucketed batch
+        rw = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="weight").to(dev)
+        rw.set_tickets(rtl.TicketSet.random(rw.space, K, keep=0.5, seed=2))
+        rw.eval()
+        times["routed_weight_infer"] = timeit(lambda: rw(x, route=route), dev, a.reps)
+        rw.cache_masked_weights = False
+        rw._cache.clear()
+        times["routed_weight_nocache_infer"] = timeit(lambda: rw(x, route=route), dev, a.reps)
+        with PeakMemory(dev, module_bytes(dense)) as pm:
+            dense(x)
+        mem["dense"] = pm.peak
+        with PeakMemory(dev, routed_bytes(rw)) as pm:
+            rw(x, route=route)
+        mem["routed_weight_nocache"] = pm.peak
+        rw.cache_masked_weights = True
+        rw(x, route=route)  # fill the cache (persistent memory of the fast path)
+        with PeakMemory(dev, routed_bytes(rw)) as pm:
+            rw(x, route=route)
+        mem["routed_weight"] = pm.peak
+        if dev.type == "cuda":
+            for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+                with torch.autocast("cuda", dtype=dt):
+                    times[f"dense_infer_{name}"] = timeit(lambda: dense(x), dev, a.reps)
+                    times[f"routed_weight_infer_{name}"] = timeit(lambda: rw(x, route=route), dev, a.reps)
+        elif not a.quick:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                times["dense_infer_bf16"] = timeit(lambda: dense(x), dev, max(1, a.reps // 2))
+                times["routed_weight_infer_bf16"] = timeit(lambda: rw(x, route=route), dev, max(1, a.reps // 2))
+        del rw
+        # ---- channel mode: soft-mask single pass, and the deployed slim package
+        rc = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="channel")
+        rc.train()
+        for keep, tag in ((0.5, "channel50"), (0.25, "channel75")):
+            rc.set_tickets(channel_tickets(rc.space, K, keep, seed=3))
+            rc.train()
+            xs = torch.randn(4 * K, *shape, generator=g)
+            rc(xs, route=torch.arange(4 * K) % K)  # per-ticket BN statistics
+            rc.eval()
+            t = time.perf_counter()
+            export_package(rc, tmp / f"pkg_{tag}", example_inputs=torch.randn(2, *shape, generator=g))
+            times[f"export_package_{tag}"] = time.perf_counter() - t
+            t = time.perf_counter()
+            slim = load_package(tmp / f"pkg_{tag}", make_model(a.model, a.classes), map_location=dev)
+            times[f"load_package_{tag}"] = time.perf_counter() - t
+            out["bytes"][f"package_{tag}"] = package_size(tmp / f"pkg_{tag}")
+            out["settings"][f"{tag}_weight_sparsity"] = round(float(rc.tickets.sparsity().mean()), 4)
+            times[f"routed_{tag}_infer"] = timeit(lambda: slim(x, route=route), dev, a.reps)
+            with PeakMemory(dev, module_bytes(slim)) as pm:
+                slim(x, route=route)
+            mem[f"routed_{tag}"] = pm.peak
+            if dev.type == "cpu" and B != 64:
+                x64, r64 = x[:64], route[:64]
+                if "dense_infer_b64" not in times:
+                    times["dense_infer_b64"] = timeit(lambda: dense(x64), dev, a.reps)
+                times[f"routed_{tag}_infer_b64"] = timeit(lambda: slim(x64, route=r64), dev, a.reps)
+            if tag == "channel50":
+                rc.to(dev)
+                times["routed_channel_mask_infer"] = timeit(lambda: rc(x, route=route), dev, a.reps)
+                rc.cpu()
+            del slim
+    r = out["ratios"] = out.get("ratios", {})
+    r["routed_weight_vs_dense"] = times["routed_weight_infer"] / times["dense_infer"]
+    r["routed_weight_nocache_vs_dense"] = times["routed_weight_nocache_infer"] / times["dense_infer"]
+    r["routed_channel50_vs_dense"] = times["routed_channel50_infer"] / times["dense_infer"]
+    r["routed_channel75_vs_dense"] = times["routed_channel75_infer"] / times["dense_infer"]
+    r["routed_channel_mask_vs_dense"] = times["routed_channel_mask_infer"] / times["dense_infer"]
+    for tag in ("channel50", "channel75"):
+        if f"routed_{tag}_infer_b64" in times:
+            r[f"routed_{tag}_vs_dense_b64"] = times[f"routed_{tag}_infer_b64"] / times["dense_infer_b64"]
+    for name in ("bf16", "fp16"):
+        if f"routed_weight_infer_{name}" in times:
+            r[f"routed_weight_vs_dense_{name}"] = times[f"routed_weight_infer_{name}"] / times[f"dense_infer_{name}"]
+    r["peak_memory_vs_dense"] = mem["routed_weight"] / mem["dense"]
+    r["peak_memory_nocache_vs_dense"] = mem["routed_weight_nocache"] / mem["dense"]
+    r["peak_memory_channel50_vs_dense"] = mem["routed_channel50"] / mem["dense"]
+
+
+def bench_training(a, dev, out: dict) -> None:
+    """Joint retraining per sample vs dense training per sample (same model, batches, Adam)."""
+    K, shape = a.tickets, (3, a.image, a.image)
+    loaders = loaders_for(K, a.train_batches, a.train_batch, shape, a.classes)
+    torch.manual_seed(0)
+    base = make_model(a.model, a.classes)
+    dense = copy.deepcopy(base).to(dev).train()
+    opt = torch.optim.Adam(dense.parameters(), lr=1e-3)
+    step = default_train_step()
+    batches = [(x.to(dev), y.to(dev)) for dl in loaders.values() for x, y in dl]
+    step(dense, batches[0], opt)  # warm-up (Adam state, allocator)
+    sync(dev)
+    t = time.perf_counter()
+    for b in batches:
+        step(dense, b, opt)
+    sync(dev)
+    t_dense, n_dense = time.perf_counter() - t, sum(b[0].shape[0] for b in batches)
+    r = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="weight").to(dev)
+    r.set_tickets(rtl.TicketSet.random(r.space, K, keep=0.5, seed=2))
+    warm = {k: DataLoader(TensorDataset(*dl.dataset[:a.train_batch]), batch_size=a.train_batch)
+            for k, dl in loaders.items()}
+    joint_retrain(r, warm, optimizer=torch.optim.Adam(r.parameters(), lr=1e-3), epochs=1, device=dev, progress=False)
+    sync(dev)
+    t = time.perf_counter()
+    hist = joint_retrain(r, loaders, optimizer=torch.optim.Adam(r.parameters(), lr=1e-3), epochs=1, device=dev,
+                         progress=False)
+    sync(dev)
+    t_joint = time.perf_counter() - t
+    n_joint = hist["steps"] * a.train_batch
+    out["times_s"].update({"dense_train": t_dense, "joint_retrain": t_joint})
+    out["counts"].update({"dense_train_samples": n_dense, "joint_retrain_samples": n_joint})
+    out["ratios"]["joint_retrain_vs_dense"] = (t_joint / n_joint) / (t_dense / n_dense)
+
+
+def bench_search(a, dev, out: dict) -> None:
+    """K per-subset IMP searches (RTLPruner) vs one single-mask IMP over all data, same schedule."""
+    K, shape = a.tickets, (3, a.image, a.image)
+    loaders = loaders_for(K, a.search_batches, a.train_batch, shape, a.classes, seed=100)
+    targets = [float(s) for s in a.search_sparsities.split(",")]
+
+    def timed_pruner(pruner):
+        acc = {"train": 0.0, "prune": 0.0}
+        for meth, key in (("_train_ticket", "train"), ("_prune_round", "prune")):
+            orig = getattr(pruner, meth)
+
+            def wrapped(*args, _orig=orig, _key=key, **kw):
+                t = time.perf_counter()
+                try:
+                    return _orig(*args, **kw)
+                finally:
+                    sync(dev)
+                    acc[_key] += time.perf_counter() - t
+            setattr(pruner, meth, wrapped)  # instance attribute: times the real method, changes nothing
+        return acc
+
+    def run(num, subsets):
+        torch.manual_seed(0)
+        r = rtl.wrap(make_model(a.model, a.classes), num, example_inputs=torch.randn(1, *shape),
+                     granularity="weight").to(dev)
+        p = RTLPruner(r, target_sparsity=targets, prune_fraction=a.prune_fraction, progress=False)
+        acc = timed_pruner(p)
+        sync(dev)
+        t = time.perf_counter()
+        res = p.find_tickets(subsets, epochs_per_round=1, device=dev)
+        sync(dev)
+        return time.perf_counter() - t, acc, len(res.history)
+
+    t_single, acc1, rounds1 = run(1, {0: all_data_loader(loaders, a.train_batch)})
+    t_rtl, accK, roundsK = run(K, loaders)
+    times = out["times_s"]
+    times.update({"single_imp_search": t_single, "ticket_search": t_rtl,
+                  "single_imp_search_train": acc1["train"], "single_imp_search_prune": acc1["prune"],
+                  "ticket_search_train": accK["train"], "ticket_search_prune": accK["prune"]})
+    out["counts"].update({"single_imp_rounds": rounds1, "ticket_search_rounds": roundsK})
+    out["ratios"]["ticket_search_vs_single_imp"] = t_rtl / t_single
+    out["ratios"]["ticket_search_train_vs_single_imp_train"] = accK["train"] / max(acc1["train"], 1e-12)
+
+
+def bench_storage(a, out: dict, tmp: Path) -> None:
+    """Bytes on disk: RTL run (shared fp32 weights + K bit-packed masks) vs K dense fp32 vs K CSR models."""
+    from safetensors.torch import save_file
+    K, shape = a.tickets, (3, a.image, a.image)
+    torch.manual_seed(0)
+    base = make_model(a.model, a.classes)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp / "dense.safetensors"))
+    dense_bytes = (tmp / "dense.safetensors").stat().st_size
+    r = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="weight")
+    r.set_tickets(rtl.TicketSet.random(r.space, K, keep=1 - a.storage_sparsity, seed=4))
+    r.save(tmp / "run")
+    rtl_bytes = package_size(tmp / "run")
+    # K sparse models: every prunable weight as CSR over [out, in * kh * kw] (int32 indices, fp32 values),
+    # everything else dense fp32 (one file holding all K models)
+    csr = {}
+    state = base.state_dict()
+    prunable = {f"{n}.weight" for n in r.space.layers}
+    for k in range(K):
+        for name, v in state.items():
+            if name in prunable:
+                m = r.tickets.masks[name[:-len(".weight")]][k]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # sparse CSR "beta" warning
+                    s = (v * m).reshape(v.shape[0], -1).to_sparse_csr()
+                csr[f"{k}/{name}/crow"] = s.crow_indices().to(torch.int32)
+                csr[f"{k}/{name}/col"] = s.col_indices().to(torch.int32)
+                csr[f"{k}/{name}/val"] = s.values().contiguous()
+            else:
+                csr[f"{k}/{name}"] = v.clone()  # each model stores its own copy
+    save_file(csr, str(tmp / "csr.safetensors"))
+    csr_bytes = (tmp / "csr.safetensors").stat().st_size
+    out["bytes"].update({"rtl_run": rtl_bytes, "dense_model": dense_bytes, "k_dense": K * dense_bytes,
+                         "k_csr": csr_bytes})
+    out["ratios"]["storage_vs_k_dense"] = rtl_bytes / (K * dense_bytes)
+    out["ratios"]["storage_vs_k_csr"] = rtl_bytes / csr_bytes
+    for tag in ("channel50", "channel75"):
+        if f"package_{tag}" in out["bytes"]:
+            out["ratios"][f"storage_{tag}_package_vs_k_dense"] = out["bytes"][f"package_{tag}"] / (K * dense_bytes)
+
+
+# --------------------------------------------------------------------------- main
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small model and sizes (< 1 min on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1: shared machines)")
+    p.add_argument("--out", default="benchmarks/results/speed", help="folder for speed.json")
+    p.add_argument("--model", default=None, help="timm model name (default resnet18; quick: test_resnet)")
+    p.add_argument("--tickets", type=int, default=10)
+    p.add_argument("--batch", type=int, default=None, help="inference batch (default 256; quick 64)")
+    p.add_argument("--image", type=int, default=32)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--train-batches", type=int, default=None, help="batches per ticket subset (joint retraining)")
+    p.add_argument("--search-batches", type=int, default=None, help="batches per ticket subset (ticket search)")
+    p.add_argument("--search-sparsities", default="0.5,0.75")
+    p.add_argument("--prune-fraction", type=float, default=0.5)
+    p.add_argument("--storage-sparsity", type=float, default=0.75)
+    p.add_argument("--skip", default="", help="comma list of sections to skip: inference,training,search,storage")
+    a = p.parse_args(argv)
+    quick = a.quick
+    defaults = {"model": "test_resnet" if quick else "resnet18", "batch": 64 if quick else 256,
+                "reps": 2 if quick else 5, "train_batch": 16 if quick else 64,
+                "train_batches": 1 if quick else 2, "search_batches": 1 if quick else 4}
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if a.device == "auto" else a.device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device is available; use --device cpu.")
+    if dev.type == "cpu":
+        torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    out = {"device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+           "device_info": device_info(dev), "threads": torch.get_num_threads(),
+           "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
+           "settings": {k: getattr(a, k) for k in ("quick", "model", "tickets", "batch", "image", "classes", "reps",
+                                                   "train_batch", "train_batches", "search_batches",
+                                                   "search_sparsities", "prune_fraction", "storage_sparsity")},
+           "ratios": {}, "times_s": {}, "bytes": {}, "peak_memory_bytes": {}, "counts": {}}
+    skip = set(filter(None, a.skip.split(",")))
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        for name, fn in (("inference", lambda: bench_inference(a, dev, out, tmp)),
+                         ("training", lambda: bench_training(a, dev, out)),
+                         ("search", lambda: bench_search(a, dev, out)),
+                         ("storage", lambda: bench_storage(a, out, tmp))):
+            if name in skip:
+                continue
+            t = time.perf_counter()
+            fn()
+            out["times_s"][f"section_{name}"] = time.perf_counter() - t
+            print(f"[speed] {name}: {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+    for k in REQUIRED:  # top-level copies of the required ratios
+        if k in out["ratios"]:
+            out[k] = round(out["ratios"][k], 4)
+    out["ratios"] = {k: round(v, 4) for k, v in out["ratios"].items()}
+    out["times_s"] = {k: round(v, 5) for k, v in out["times_s"].items()}
+    out["wall_s"] = round(time.perf_counter() - t0, 2)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(a.out) / "speed.json", out)
+    print(json.dumps({"device": out["device"], "threads": out["threads"], **out["ratios"], "wall_s": out["wall_s"]},
+                     indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
