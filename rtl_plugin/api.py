@@ -34,9 +34,14 @@ def wrap(model: nn.Module, num_tickets: int, *, example_inputs=None, granularity
         output_layers: override the adapter's output layers (never pruned).
         ignored_layers: further layers never pruned.
         shared_norm: one set of norm statistics for all tickets (the paper); default per-ticket.
+
+    Raises DistributedError for a model wrapped in DDP/DataParallel/FSDP: pass the plain model (under
+    torchrun, find_tickets and joint_retrain run data-parallel by themselves).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    from .distributed import check_not_sharded
+    check_not_sharded(model)  # DDP/FSDP-wrapped models: DistributedError naming the fix
     if not isinstance(num_tickets, int) or isinstance(num_tickets, bool) or num_tickets < 1:
         raise TicketError(f"num_tickets must be a positive int, got {num_tickets!r}.")
     ad = resolve_adapter(model, adapter)

@@ -51,8 +51,12 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--shared-norm", action="store_true", help="one set of BN statistics for all tickets (the paper)")
 
 
-def _run(args, *, demo: bool) -> int:
+def _run(args, *, demo: bool, _replica: bool = False) -> int:
+    from .distributed import is_main_process, local_device
     from .experiment import ClassificationConfig, format_table, run_classification
+    args.device = local_device(args.device)  # torchrun: --device cuda means this rank's GPU
+    if not is_main_process() and not _replica:
+        return _run_replica(args, demo=demo)
     kw = dict(seed=args.seed, device=args.device, progress=not args.no_progress)
     if not demo:
         kw.update(model=args.model, domains=tuple(d for d in args.domains.split(",") if d), partition=args.partition,
@@ -84,6 +88,22 @@ def _run(args, *, demo: bool) -> int:
     print(f"results: {Path(out) / 'results.json'}; figures: {', '.join(res.get('figures', []))}; "
           f"tickets: {Path(out) / 'tickets'}")
     return 0
+
+
+def _run_replica(args, *, demo: bool) -> int:
+    """A rank > 0 under torchrun: the same pipeline (its collectives need every rank), silent, its output
+    in a temporary folder that is deleted; rank 0 prints the tables and writes the run folder."""
+    import contextlib
+    import io
+    import shutil
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="rtl-replica-")
+    args.out, args.no_progress = tmp, True
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return _run(args, demo=demo, _replica=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _model_from_spec(spec: str, num_classes: int):
@@ -153,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import init_from_env, shutdown
+    owns_group = False
     try:
+        if args.cmd in ("demo", "prune"):  # under torchrun: join the process group (nccl on CUDA, else gloo)
+            owns_group = init_from_env(args.device)
         if args.cmd == "demo":
             return _run(args, demo=True)
         if args.cmd == "prune":
@@ -165,6 +189,9 @@ def main(argv=None) -> int:
     except RTLError as e:
         print(f"rtl: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if owns_group:
+            shutdown()
     return 1
 
 

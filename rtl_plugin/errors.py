@@ -46,3 +46,7 @@ class DataError(RTLError, ValueError):
 
 class MissingDependencyError(RTLError, ImportError):
     """An optional dependency or system package is not installed."""
+
+
+class DistributedError(RTLError, RuntimeError):
+    """An unsupported multi-process setup (FSDP, a pre-wrapped DDP model) or ranks that disagree."""

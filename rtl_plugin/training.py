@@ -186,6 +186,11 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
             if it holds a checkpoint of the same configuration (model, masks, tickets, loader sizes,
             optimizer class) training resumes after the last completed epoch (bit-identical to an
             uninterrupted run on a deterministic device). ``epochs`` may grow between runs.
+
+    Under ``torchrun`` (an initialised process group with several ranks) the training is
+    ticket-synchronous data-parallel (see :mod:`rtl_plugin.distributed`): every rank trains the same
+    ticket on its shard of each global batch through DDP, batch-norm statistics are synchronised, rank 0
+    writes the checkpoints; the result equals one process with the same global batch.
     Returns:
         ``{"loss": [[mean loss per ticket] per epoch], "steps": int}``
     """
@@ -198,9 +203,11 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
     bad = [k for k in loaders if k >= routed.num_tickets]
     if bad:
         raise TicketError(f"subsets name tickets {bad} but the model routes {routed.num_tickets} tickets (0..{routed.num_tickets - 1}).")
+    from . import distributed as dist_
+    loaders = dist_.prepare(routed, loaders)  # torchrun: rank 0's state everywhere, this rank's data shards
     step = train_step or default_train_step(loss_fn)
     opts = {k: clone_optimizer(optimizer) for k in loaders} if per_ticket_state else {k: optimizer for k in loaders}
-    views = {k: routed.ticket_module(k) for k in loaders}
+    views = dist_.ticket_views(routed, loaders)  # torchrun: DDP (gradients averaged over ranks, synced norms)
     history: dict = {"loss": [], "steps": 0}
     first, finished = 0, False
     ck = None
@@ -223,13 +230,13 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
                     loss = step(views[k], batch, opts[k])
                 if loss is not None and not math.isfinite(float(loss)):
                     raise RTLError(f"non-finite loss in ticket {k}; lower the learning rate or check the data.")
-                sums[k] += float(loss or 0.0)
+                sums[k] += float(loss or 0.0) * getattr(views[k], "loss_weight", 1.0)  # torchrun: shard share
                 counts[k] += 1
                 history["steps"] += 1
                 bar.update(1)
-            history["loss"].append([sums[k] / max(counts[k], 1) for k in sorted(loaders)])
+            history["loss"].append(dist_.all_mean([sums[k] / max(counts[k], 1) for k in sorted(loaders)]))
             bar.set_postfix(loss=f"{sum(history['loss'][-1]) / len(loaders):.4f}")
-            stop = any(cb({"epoch": epoch, "loss": history["loss"][-1]}) == "stop" for cb in callbacks)
+            stop = dist_.any_rank(any(cb({"epoch": epoch, "loss": history["loss"][-1]}) == "stop" for cb in callbacks))
             if ck is not None:
                 _save_retrain(ck, routed, loaders, opts, history, epoch + 1, stop)
             if stop:
@@ -261,7 +268,8 @@ def _save_retrain(ck, routed, loaders, opts, history, epochs_done: int, stopped:
     optim = {name: encode(o.state_dict(), tensors, f"optim/{name}") for name, o in _distinct_opts(opts).items()}
     meta = {"epochs_done": epochs_done, "stopped": stopped, "history": history, "optimizers": optim,
             "rng": capture_rng(loaders, tensors)}
-    save_bundle(ck[0], "retrain", tensors, meta, config=ck[1])
+    from .distributed import on_main_process
+    on_main_process(save_bundle, ck[0], "retrain", tensors, meta, config=ck[1])  # rank 0 writes, all wait
 
 
 def _load_retrain(ck, routed, loaders, opts):
@@ -298,4 +306,5 @@ def _load_retrain(ck, routed, loaders, opts):
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    from .distributed import is_main_process
+    return tqdm(total=total, desc=desc, disable=not enabled or not is_main_process(), leave=False, dynamic_ncols=True)
