@@ -80,18 +80,54 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def timeit(fn, dev: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    sync(dev)
-    ts = []
+class Clock:
+    """Wall and process-CPU seconds of a block (CUDA synchronised at both ends).
+
+    ``primary`` is what ratios use: process CPU time on the CPU device (the benchmark runs one intra-op
+    thread, so on an idle machine CPU time == wall time, and on a shared machine it is not inflated by
+    other jobs' preemption), wall time on CUDA."""
+
+    def __init__(self, dev: torch.device):
+        self.dev = dev
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        sync(self.dev)
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.dev)
+        self.wall, self.cpu = time.perf_counter() - self._w, time.process_time() - self._c
+        return False
+
+    @property
+    def primary(self) -> float:
+        return self.cpu if self.dev.type == "cpu" else self.wall
+
+
+def measure(fns: dict, dev: torch.device, reps: int, out: dict, warmup: int = 1) -> None:
+    """Time every ``fns[name]()`` ``reps`` times, interleaved (round-robin, so load changes hit all alike), after
+    ``warmup`` calls each; stores the minimum per name in ``out["times_s"]`` (primary clock),
+    ``out["times_wall_s"]`` and ``out["times_cpu_s"]``."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    got = {n: [] for n in fns}
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(dev)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for n, fn in fns.items():
+            with Clock(dev) as c:
+                fn()
+            got[n].append(c)
+    for n, cs in got.items():
+        out["times_s"][n] = min(c.primary for c in cs)
+        out["times_wall_s"][n] = min(c.wall for c in cs)
+        out["times_cpu_s"][n] = min(c.cpu for c in cs)
+
+
+def record(out: dict, name: str, c: "Clock") -> float:
+    out["times_s"][name], out["times_wall_s"][name], out["times_cpu_s"][name] = c.primary, c.wall, c.cpu
+    return c.primary
 
 
 def make_model(name: str, num_classes: int) -> nn.Module:
@@ -200,18 +236,65 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
     route = torch.randint(0, K, (B,), generator=g).to(dev)
     times, mem = out["times_s"], out["peak_memory_bytes"]
     with torch.no_grad():
-        times["dense_infer"] = timeit(lambda: dense(x), dev, a.reps)
         # ---- weight mode: cached masked weights, bucketed batch
         rw = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="weight").to(dev)
         rw.set_tickets(rtl.TicketSet.random(rw.space, K, keep=0.5, seed=2))
         rw.eval()
-        times["routed_weight_infer"] = timeit(lambda: rw(x, route=route), dev, a.reps)
-        rw.cache_masked_weights = False
-        rw._cache.clear()
-        times["routed_weight_nocache_infer"] = timeit(lambda: rw(x, route=route), dev, a.reps)
+
+        def weight_nocache():
+            rw.cache_masked_weights = False
+            try:
+                return rw(x, route=route)
+            finally:
+                rw.cache_masked_weights = True
+
+        # ---- channel mode: soft-mask single pass, and the deployed slim packages
+        rc = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="channel")
+        slims = {}
+        for keep, tag in ((0.5, "channel50"), (0.25, "channel75")):
+            rc.set_tickets(channel_tickets(rc.space, K, keep, seed=3))
+            rc.train()
+            rc(torch.randn(4 * K, *shape, generator=g), route=torch.arange(4 * K) % K)  # per-ticket BN statistics
+            rc.eval()
+            with Clock(dev) as c:
+                export_package(rc, tmp / f"pkg_{tag}", example_inputs=torch.randn(2, *shape, generator=g))
+            record(out, f"export_package_{tag}", c)
+            with Clock(dev) as c:
+                slims[tag] = load_package(tmp / f"pkg_{tag}", make_model(a.model, a.classes), map_location=dev)
+            record(out, f"load_package_{tag}", c)
+            out["bytes"][f"package_{tag}"] = package_size(tmp / f"pkg_{tag}")
+            out["settings"][f"{tag}_weight_sparsity"] = round(float(rc.tickets.sparsity().mean()), 4)
+        rc.set_tickets(channel_tickets(rc.space, K, 0.5, seed=3))
+        rc.to(dev).eval()
+        fns = {"dense_infer": lambda: dense(x), "routed_weight_infer": lambda: rw(x, route=route),
+               "routed_weight_nocache_infer": weight_nocache,
+               "routed_channel50_infer": lambda: slims["channel50"](x, route=route),
+               "routed_channel75_infer": lambda: slims["channel75"](x, route=route),
+               "routed_channel_mask_infer": lambda: rc(x, route=route)}
+        if dev.type == "cpu" and B > 64:
+            x64, r64 = x[:64], route[:64]
+            fns.update({"dense_infer_b64": lambda: dense(x64),
+                        "routed_channel50_infer_b64": lambda: slims["channel50"](x64, route=r64),
+                        "routed_channel75_infer_b64": lambda: slims["channel75"](x64, route=r64)})
+        measure(fns, dev, a.reps, out)
+        if a.image2:  # larger inputs: compute grows, the per-ticket weight traffic does not
+            x2 = torch.randn(B, 3, a.image2, a.image2, generator=g).to(dev)
+            measure({f"dense_infer_img{a.image2}": lambda: dense(x2),
+                     f"routed_weight_infer_img{a.image2}": lambda: rw(x2, route=route)}, dev, max(2, a.reps // 2), out)
+            del x2
+        autocasts = [("bf16", torch.bfloat16), ("fp16", torch.float16)] if dev.type == "cuda" else \
+            ([] if a.quick else [("bf16", torch.bfloat16)])
+        for name, dt in autocasts:
+            with torch.autocast(dev.type, dtype=dt):
+                measure({f"dense_infer_{name}": lambda: dense(x), f"routed_weight_infer_{name}": lambda: rw(x, route=route),
+                         f"routed_channel50_infer_{name}": lambda: slims["channel50"](x, route=route)},
+                        dev, max(2, a.reps // 2), out)
+        # ---- peak memory (one model at a time)
         with PeakMemory(dev, module_bytes(dense)) as pm:
             dense(x)
         mem["dense"] = pm.peak
+        rw._cache.clear()
+        rw.cache_masked_weights = False
         with PeakMemory(dev, routed_bytes(rw)) as pm:
             rw(x, route=route)
         mem["routed_weight_nocache"] = pm.peak
@@ -220,96 +303,68 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
         with PeakMemory(dev, routed_bytes(rw)) as pm:
             rw(x, route=route)
         mem["routed_weight"] = pm.peak
-        if dev.type == "cuda":
-            for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-                with torch.autocast("cuda", dtype=dt):
-                    times[f"dense_infer_{name}"] = timeit(lambda: dense(x), dev, a.reps)
-                    times[f"routed_weight_infer_{name}"] = timeit(lambda: rw(x, route=route), dev, a.reps)
-        elif not a.quick:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                times["dense_infer_bf16"] = timeit(lambda: dense(x), dev, max(1, a.reps // 2))
-                times["routed_weight_infer_bf16"] = timeit(lambda: rw(x, route=route), dev, max(1, a.reps // 2))
-        del rw
-        # ---- channel mode: soft-mask single pass, and the deployed slim package
-        rc = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="channel")
-        rc.train()
-        for keep, tag in ((0.5, "channel50"), (0.25, "channel75")):
-            rc.set_tickets(channel_tickets(rc.space, K, keep, seed=3))
-            rc.train()
-            xs = torch.randn(4 * K, *shape, generator=g)
-            rc(xs, route=torch.arange(4 * K) % K)  # per-ticket BN statistics
-            rc.eval()
-            t = time.perf_counter()
-            export_package(rc, tmp / f"pkg_{tag}", example_inputs=torch.randn(2, *shape, generator=g))
-            times[f"export_package_{tag}"] = time.perf_counter() - t
-            t = time.perf_counter()
-            slim = load_package(tmp / f"pkg_{tag}", make_model(a.model, a.classes), map_location=dev)
-            times[f"load_package_{tag}"] = time.perf_counter() - t
-            out["bytes"][f"package_{tag}"] = package_size(tmp / f"pkg_{tag}")
-            out["settings"][f"{tag}_weight_sparsity"] = round(float(rc.tickets.sparsity().mean()), 4)
-            times[f"routed_{tag}_infer"] = timeit(lambda: slim(x, route=route), dev, a.reps)
+        for tag, slim in slims.items():
             with PeakMemory(dev, module_bytes(slim)) as pm:
                 slim(x, route=route)
             mem[f"routed_{tag}"] = pm.peak
-            if dev.type == "cpu" and B != 64:
-                x64, r64 = x[:64], route[:64]
-                if "dense_infer_b64" not in times:
-                    times["dense_infer_b64"] = timeit(lambda: dense(x64), dev, a.reps)
-                times[f"routed_{tag}_infer_b64"] = timeit(lambda: slim(x64, route=r64), dev, a.reps)
-            if tag == "channel50":
-                rc.to(dev)
-                times["routed_channel_mask_infer"] = timeit(lambda: rc(x, route=route), dev, a.reps)
-                rc.cpu()
-            del slim
-    r = out["ratios"] = out.get("ratios", {})
-    r["routed_weight_vs_dense"] = times["routed_weight_infer"] / times["dense_infer"]
-    r["routed_weight_nocache_vs_dense"] = times["routed_weight_nocache_infer"] / times["dense_infer"]
-    r["routed_channel50_vs_dense"] = times["routed_channel50_infer"] / times["dense_infer"]
-    r["routed_channel75_vs_dense"] = times["routed_channel75_infer"] / times["dense_infer"]
-    r["routed_channel_mask_vs_dense"] = times["routed_channel_mask_infer"] / times["dense_infer"]
-    for tag in ("channel50", "channel75"):
-        if f"routed_{tag}_infer_b64" in times:
-            r[f"routed_{tag}_vs_dense_b64"] = times[f"routed_{tag}_infer_b64"] / times["dense_infer_b64"]
-    for name in ("bf16", "fp16"):
-        if f"routed_weight_infer_{name}" in times:
-            r[f"routed_weight_vs_dense_{name}"] = times[f"routed_weight_infer_{name}"] / times[f"dense_infer_{name}"]
+    r = out["ratios"]
+    for key, num, den in (("routed_weight_vs_dense", "routed_weight_infer", "dense_infer"),
+                          ("routed_weight_nocache_vs_dense", "routed_weight_nocache_infer", "dense_infer"),
+                          ("routed_channel50_vs_dense", "routed_channel50_infer", "dense_infer"),
+                          ("routed_channel75_vs_dense", "routed_channel75_infer", "dense_infer"),
+                          ("routed_channel_mask_vs_dense", "routed_channel_mask_infer", "dense_infer"),
+                          ("routed_channel50_vs_dense_b64", "routed_channel50_infer_b64", "dense_infer_b64"),
+                          ("routed_channel75_vs_dense_b64", "routed_channel75_infer_b64", "dense_infer_b64"),
+                          (f"routed_weight_vs_dense_img{a.image2}", f"routed_weight_infer_img{a.image2}",
+                           f"dense_infer_img{a.image2}"),
+                          ("routed_weight_vs_dense_bf16", "routed_weight_infer_bf16", "dense_infer_bf16"),
+                          ("routed_channel50_vs_dense_bf16", "routed_channel50_infer_bf16", "dense_infer_bf16"),
+                          ("routed_weight_vs_dense_fp16", "routed_weight_infer_fp16", "dense_infer_fp16"),
+                          ("routed_channel50_vs_dense_fp16", "routed_channel50_infer_fp16", "dense_infer_fp16")):
+        if num in times and den in times:
+            r[key] = times[num] / times[den]
+            out["ratios_wall"][key] = out["times_wall_s"][num] / out["times_wall_s"][den]
     r["peak_memory_vs_dense"] = mem["routed_weight"] / mem["dense"]
     r["peak_memory_nocache_vs_dense"] = mem["routed_weight_nocache"] / mem["dense"]
     r["peak_memory_channel50_vs_dense"] = mem["routed_channel50"] / mem["dense"]
+    r["peak_memory_channel75_vs_dense"] = mem["routed_channel75"] / mem["dense"]
 
 
 def bench_training(a, dev, out: dict) -> None:
-    """Joint retraining per sample vs dense training per sample (same model, batches, Adam)."""
+    """Joint retraining per sample vs dense training per sample (same model, batches and Adam), ``--train-reps``
+    interleaved repetitions (minimum kept)."""
     K, shape = a.tickets, (3, a.image, a.image)
     loaders = loaders_for(K, a.train_batches, a.train_batch, shape, a.classes)
     torch.manual_seed(0)
     base = make_model(a.model, a.classes)
     dense = copy.deepcopy(base).to(dev).train()
-    opt = torch.optim.Adam(dense.parameters(), lr=1e-3)
     step = default_train_step()
     batches = [(x.to(dev), y.to(dev)) for dl in loaders.values() for x, y in dl]
-    step(dense, batches[0], opt)  # warm-up (Adam state, allocator)
-    sync(dev)
-    t = time.perf_counter()
-    for b in batches:
-        step(dense, b, opt)
-    sync(dev)
-    t_dense, n_dense = time.perf_counter() - t, sum(b[0].shape[0] for b in batches)
     r = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="weight").to(dev)
     r.set_tickets(rtl.TicketSet.random(r.space, K, keep=0.5, seed=2))
+    step(dense, batches[0], torch.optim.Adam(dense.parameters(), lr=1e-3))  # warm-up (allocator, kernels)
     warm = {k: DataLoader(TensorDataset(*dl.dataset[:a.train_batch]), batch_size=a.train_batch)
-            for k, dl in loaders.items()}
+            for k, dl in list(loaders.items())[:1]}
     joint_retrain(r, warm, optimizer=torch.optim.Adam(r.parameters(), lr=1e-3), epochs=1, device=dev, progress=False)
-    sync(dev)
-    t = time.perf_counter()
-    hist = joint_retrain(r, loaders, optimizer=torch.optim.Adam(r.parameters(), lr=1e-3), epochs=1, device=dev,
-                         progress=False)
-    sync(dev)
-    t_joint = time.perf_counter() - t
-    n_joint = hist["steps"] * a.train_batch
-    out["times_s"].update({"dense_train": t_dense, "joint_retrain": t_joint})
+    dense_c, joint_c, steps = [], [], 0
+    for _ in range(a.train_reps):
+        opt = torch.optim.Adam(dense.parameters(), lr=1e-3)
+        with Clock(dev) as c:
+            for b in batches:
+                step(dense, b, opt)
+        dense_c.append(c)
+        with Clock(dev) as c:
+            hist = joint_retrain(r, loaders, optimizer=torch.optim.Adam(r.parameters(), lr=1e-3), epochs=1,
+                                 device=dev, progress=False)
+        joint_c.append(c)
+        steps = hist["steps"]
+    t_dense = record(out, "dense_train", min(dense_c, key=lambda c: c.primary))
+    t_joint = record(out, "joint_retrain", min(joint_c, key=lambda c: c.primary))
+    n_dense, n_joint = sum(b[0].shape[0] for b in batches), steps * a.train_batch
     out["counts"].update({"dense_train_samples": n_dense, "joint_retrain_samples": n_joint})
     out["ratios"]["joint_retrain_vs_dense"] = (t_joint / n_joint) / (t_dense / n_dense)
+    out["ratios_wall"]["joint_retrain_vs_dense"] = ((out["times_wall_s"]["joint_retrain"] / n_joint)
+                                                    / (out["times_wall_s"]["dense_train"] / n_dense))
 
 
 def bench_search(a, dev, out: dict) -> None:
@@ -324,12 +379,10 @@ def bench_search(a, dev, out: dict) -> None:
             orig = getattr(pruner, meth)
 
             def wrapped(*args, _orig=orig, _key=key, **kw):
-                t = time.perf_counter()
-                try:
-                    return _orig(*args, **kw)
-                finally:
-                    sync(dev)
-                    acc[_key] += time.perf_counter() - t
+                with Clock(dev) as c:
+                    res = _orig(*args, **kw)
+                acc[_key] += c.primary
+                return res
             setattr(pruner, meth, wrapped)  # instance attribute: times the real method, changes nothing
         return acc
 
@@ -339,20 +392,21 @@ def bench_search(a, dev, out: dict) -> None:
                      granularity="weight").to(dev)
         p = RTLPruner(r, target_sparsity=targets, prune_fraction=a.prune_fraction, progress=False)
         acc = timed_pruner(p)
-        sync(dev)
-        t = time.perf_counter()
-        res = p.find_tickets(subsets, epochs_per_round=1, device=dev)
-        sync(dev)
-        return time.perf_counter() - t, acc, len(res.history)
+        with Clock(dev) as c:
+            res = p.find_tickets(subsets, epochs_per_round=1, device=dev)
+        return c, acc, len(res.history)
 
-    t_single, acc1, rounds1 = run(1, {0: all_data_loader(loaders, a.train_batch)})
-    t_rtl, accK, roundsK = run(K, loaders)
-    times = out["times_s"]
-    times.update({"single_imp_search": t_single, "ticket_search": t_rtl,
-                  "single_imp_search_train": acc1["train"], "single_imp_search_prune": acc1["prune"],
-                  "ticket_search_train": accK["train"], "ticket_search_prune": accK["prune"]})
+    c1, acc1, rounds1 = run(1, {0: all_data_loader(loaders, a.train_batch)})
+    cK, accK, roundsK = run(K, loaders)
+    t_single, t_rtl = record(out, "single_imp_search", c1), record(out, "ticket_search", cK)
+    out["times_s"].update({"single_imp_search_train": acc1["train"], "single_imp_search_prune": acc1["prune"],
+                           "ticket_search_train": accK["train"], "ticket_search_prune": accK["prune"],
+                           "single_imp_search_other": t_single - acc1["train"] - acc1["prune"],
+                           "ticket_search_other": t_rtl - accK["train"] - accK["prune"]})
     out["counts"].update({"single_imp_rounds": rounds1, "ticket_search_rounds": roundsK})
     out["ratios"]["ticket_search_vs_single_imp"] = t_rtl / t_single
+    out["ratios_wall"]["ticket_search_vs_single_imp"] = out["times_wall_s"]["ticket_search"] / \
+        out["times_wall_s"]["single_imp_search"]
     out["ratios"]["ticket_search_train_vs_single_imp_train"] = accK["train"] / max(acc1["train"], 1e-12)
 
 
@@ -407,12 +461,15 @@ def parse(argv=None):
     p.add_argument("--tickets", type=int, default=10)
     p.add_argument("--batch", type=int, default=None, help="inference batch (default 256; quick 64)")
     p.add_argument("--image", type=int, default=32)
+    p.add_argument("--image2", type=int, default=None, help="also time weight mode at this input size "
+                   "(default 64; quick: off)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--train-batch", type=int, default=None)
     p.add_argument("--train-batches", type=int, default=None, help="batches per ticket subset (joint retraining)")
+    p.add_argument("--train-reps", type=int, default=None, help="interleaved repetitions of the training timing")
     p.add_argument("--search-batches", type=int, default=None, help="batches per ticket subset (ticket search)")
-    p.add_argument("--search-sparsities", default="0.5,0.75")
+    p.add_argument("--search-sparsities", default="0.5", help="targets of the search (rounds: prune-fraction each)")
     p.add_argument("--prune-fraction", type=float, default=0.5)
     p.add_argument("--storage-sparsity", type=float, default=0.75)
     p.add_argument("--skip", default="", help="comma list of sections to skip: inference,training,search,storage")
@@ -420,7 +477,8 @@ def parse(argv=None):
     quick = a.quick
     defaults = {"model": "test_resnet" if quick else "resnet18", "batch": 64 if quick else 256,
                 "reps": 2 if quick else 5, "train_batch": 16 if quick else 64,
-                "train_batches": 1 if quick else 2, "search_batches": 1 if quick else 4}
+                "train_batches": 1 if quick else 3, "train_reps": 1 if quick else 2,
+                "image2": 0 if quick else 64, "search_batches": 1 if quick else 4}
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -439,10 +497,12 @@ def main(argv=None) -> dict:
     out = {"device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
            "device_info": device_info(dev), "threads": torch.get_num_threads(),
            "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
-           "settings": {k: getattr(a, k) for k in ("quick", "model", "tickets", "batch", "image", "classes", "reps",
-                                                   "train_batch", "train_batches", "search_batches",
+           "settings": {k: getattr(a, k) for k in ("quick", "model", "tickets", "batch", "image", "image2", "classes", "reps",
+                                                   "train_batch", "train_batches", "train_reps", "search_batches",
                                                    "search_sparsities", "prune_fraction", "storage_sparsity")},
-           "ratios": {}, "times_s": {}, "bytes": {}, "peak_memory_bytes": {}, "counts": {}}
+           "clock": "process CPU time (1 thread)" if dev.type == "cpu" else "wall (CUDA synchronised)",
+           "ratios": {}, "ratios_wall": {}, "times_s": {}, "times_wall_s": {}, "times_cpu_s": {}, "bytes": {},
+           "peak_memory_bytes": {}, "counts": {}, "section_wall_s": {}}
     skip = set(filter(None, a.skip.split(",")))
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
@@ -454,13 +514,15 @@ def main(argv=None) -> dict:
                 continue
             t = time.perf_counter()
             fn()
-            out["times_s"][f"section_{name}"] = time.perf_counter() - t
+            out["section_wall_s"][name] = round(time.perf_counter() - t, 2)
             print(f"[speed] {name}: {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
     for k in REQUIRED:  # top-level copies of the required ratios
         if k in out["ratios"]:
             out[k] = round(out["ratios"][k], 4)
-    out["ratios"] = {k: round(v, 4) for k, v in out["ratios"].items()}
-    out["times_s"] = {k: round(v, 5) for k, v in out["times_s"].items()}
+    for key in ("ratios", "ratios_wall"):
+        out[key] = {k: round(v, 4) for k, v in out[key].items()}
+    for key in ("times_s", "times_wall_s", "times_cpu_s"):
+        out[key] = {k: round(v, 5) for k, v in out[key].items()}
     out["wall_s"] = round(time.perf_counter() - t0, 2)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(a.out) / "speed.json", out)

@@ -156,21 +156,26 @@ def test_onnx_rejects_routed_model(tmp_path):
 
 
 def test_package_on_timm_resnet18(tmp_path):
+    """timm resnet18 (residual couplings): package == routed soft masks, ONNX tickets == PyTorch."""
     timm = pytest.importorskip("timm")
+    pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    r = rtl.wrap(timm.create_model("resnet18", num_classes=4), 4, example_inputs=torch.randn(1, 3, 32, 32),
+    r = rtl.wrap(timm.create_model("resnet18", num_classes=4), 2, example_inputs=torch.randn(1, 3, 32, 32),
                  granularity="channel")
-    r.set_tickets(half_tickets(r.space, 4))
+    r.set_tickets(half_tickets(r.space, 2))
     r.train()
     with torch.no_grad():
-        r(torch.randn(8, 3, 32, 32), route=torch.tensor([0, 1, 2, 3] * 2))
+        r(torch.randn(8, 3, 32, 32), route=torch.tensor([0, 1] * 4))
     r.eval()
-    export_package(r, tmp_path / "pkg")
+    export_package(r, tmp_path / "pkg", onnx=True)
     slim = load_package(tmp_path / "pkg", timm.create_model("resnet18", num_classes=4))
     x = torch.randn(6, 3, 32, 32)
-    route = torch.tensor([3, 0, 1, 3, 2, 0])
+    route = torch.tensor([1, 0, 1, 1, 0, 0])
     with torch.no_grad():
         assert _rel(slim(x, route=route), r(x, route=route)) < 1e-5
+        for k in range(2):
+            (y,) = onnx_run(tmp_path / "pkg" / f"ticket_{k}.onnx", [x])
+            assert _rel(y, r(x, route=k)) < 1e-5
 
 
 def test_context_and_run_all_routers(tmp_path):
