@@ -10,6 +10,9 @@ from .errors import (ArchitectureMismatchError, CorruptFileError, DataError, For
                      MissingDependencyError, RouteError, RTLError, SpaceError, SparsityError, TicketError,
                      UnsupportedLayerError)
 from .diagnostics import Diagnosis, diagnose
+from .collapse import CollapseMonitor, CollapseWarning
+from .sweep import Sweep, SweepPoint, SweepRecorder
+from .semantic import semantic_alignment, wordnet_similarity
 from .export import export_ticket, pruning_history
 from .deploy import SlimRoutedModel, export_onnx, export_package, load_package
 from .pruner import RTLPruner, SearchResult, TicketImportance
@@ -20,6 +23,12 @@ from .space import TicketSpace, build_space
 from .tickets import TicketSet
 
 
+def diagnose_run(run_dir, **kw):
+    """Collapse diagnostics of a run folder: figures, report.md / report.html (see ``rtl_plugin.report``)."""
+    from .report import diagnose_run as _diagnose_run
+    return _diagnose_run(run_dir, **kw)
+
+
 def load(path, model, **kw):
     """Load a saved RoutedModel into a fresh ``model`` of the same architecture (see ``rtl_plugin.io``)."""
     from .io import load as _load
@@ -27,7 +36,8 @@ def load(path, model, **kw):
 
 
 __all__ = [
-    "Adapter", "Diagnosis", "RTLPruner", "SearchResult", "TicketImportance", "diagnose", "joint_retrain",
+    "Adapter", "CollapseMonitor", "CollapseWarning", "Sweep", "SweepPoint", "SweepRecorder", "semantic_alignment",
+    "wordnet_similarity", "diagnose_run", "Diagnosis", "RTLPruner", "SearchResult", "TicketImportance", "diagnose", "joint_retrain",
     "ArchitectureMismatchError", "CorruptFileError", "DataError", "FormatVersionError",
     "MaskedLayerNorm", "MissingDependencyError", "RTLError", "RouteError", "RoutedBatchNorm", "RoutedModel",
     "SpaceError", "SparsityError", "TicketError", "TicketSet", "TicketSpace", "UnsupportedLayerError",

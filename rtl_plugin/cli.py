@@ -49,6 +49,9 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--baselines", default="dense,single_imp,single_imp_balanced,single_imp_context,multi_imp")
     p.add_argument("--routers", default="learned,centroid")
     p.add_argument("--shared-norm", action="store_true", help="one set of BN statistics for all tickets (the paper)")
+    p.add_argument("--collapse", default="warn", choices=["off", "warn", "stop", "relax"],
+                   help="collapse monitor during the search: record only (warn), stop at / relax before the "
+                        "predicted collapse and keep the last healthy masks, or off")
 
 
 def _run(args, *, demo: bool, _replica: bool = False) -> int:
@@ -65,7 +68,8 @@ def _run(args, *, demo: bool, _replica: bool = False) -> int:
                   search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs, batch_size=args.batch_size,
                   lr=args.lr, image_size=args.image_size, max_per_domain=args.max_per_domain or None,
                   baselines=tuple(b for b in args.baselines.split(",") if b),
-                  routers=tuple(r for r in args.routers.split(",") if r), shared_norm=args.shared_norm)
+                  routers=tuple(r for r in args.routers.split(",") if r), shared_norm=args.shared_norm,
+                  collapse=args.collapse)
     cfg = ClassificationConfig.quick(**kw) if args.quick else ClassificationConfig(**kw)
     out = args.out or _default_out()
     print(f"rtl {'demo' if demo else 'prune'}: RTL vs baselines on {cfg.dataset} ({', '.join(cfg.domains)}), "
@@ -82,6 +86,13 @@ def _run(args, *, demo: bool, _replica: bool = False) -> int:
     sims = ", ".join(f"{int(s['sparsity']*100)}%: {s['mean_jaccard']:.3f} (chance {s['chance']:.3f})"
                      for s in res["similarity"])
     print(f"mean ticket Jaccard: {sims}")
+    col = res.get("collapse")
+    if col:
+        w = col["warning"]
+        print("collapse monitor: " + ("no collapse predicted along the search" if w is None else
+                                      f"collapse predicted at {100 * w['sparsity']:.1f}% sparsity "
+                                      f"(confidence {w['confidence']:.2f}, action {col['action']})") +
+              f"; details: rtl diagnose {args.out or 'RUN'}")
     w = res["wall_time_s"]
     print(f"wall time: ticket search {w['ticket_search']:.1f}s, single IMP {w['single_imp']:.1f}s, "
           f"joint retrain {w['joint_retrain']:.1f}s, total {res['total_time_s']:.1f}s")
@@ -139,18 +150,19 @@ def _info(args) -> int:
 
 
 def _diagnose(args) -> int:
-    from .io import load_tickets
-    run = Path(args.run)
-    res_file = run / "results.json"
-    folders = sorted((run / "tickets").glob("sparsity_*")) if (run / "tickets").is_dir() else [run]
-    names = None
-    if res_file.is_file():
-        names = json.loads(res_file.read_text()).get("ticket_names")
-    from .diagnostics import diagnose
-    for f in folders:
-        d = diagnose(load_tickets(f))
-        print(f"== {f.name}")
-        print(d.summary(names))
+    from .report import diagnose_run
+    S = None
+    if args.class_similarity:
+        f = Path(args.class_similarity)
+        try:
+            S = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise RTLError(f"--class-similarity {f}: cannot read a JSON [K, K] matrix ({e}).") from e
+    res = diagnose_run(args.run, out_dir=args.out, class_similarity=S, wordnet=args.wordnet,
+                       figures=not args.no_figures)
+    print(res["summary"])
+    print(f"report: {res['report_md']} and {res['report_html']} (self-contained); figures: "
+          f"{', '.join(res['figures']) or 'none'}")
     return 0
 
 
@@ -166,8 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--granularity", default="channel", choices=["weight", "channel"])
     i.add_argument("--num-classes", type=int, default=10)
     i.add_argument("--json", action="store_true")
-    g = sub.add_parser("diagnose", help="ticket similarity summary of a run folder")
-    g.add_argument("run")
+    g = sub.add_parser("diagnose", help="collapse diagnostics of a run folder: summary, figures, Markdown/HTML report")
+    g.add_argument("run", help="a run folder of rtl demo / rtl prune (or one saved TicketSet folder)")
+    g.add_argument("--out", default=None, help="output folder (default RUN/diagnostics)")
+    g.add_argument("--class-similarity", default=None,
+                   help="JSON file with a [K, K] class similarity matrix for semantic alignment (Spearman)")
+    g.add_argument("--wordnet", action="store_true",
+                   help="semantic alignment against WordNet path similarity of the ticket names "
+                        "(needs apt-get install wordnet-base)")
+    g.add_argument("--no-figures", action="store_true", help="text and report only")
     return p
 
 

@@ -51,6 +51,7 @@ class ClassificationConfig:
     shared_norm: bool = False
     device: str = "cpu"
     progress: bool = True
+    collapse: str = "warn"               # collapse monitor during the search: off | warn | stop | relax
 
     @classmethod
     def quick(cls, **kw) -> "ClassificationConfig":
@@ -179,14 +180,45 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
     routed = wrap(make(cfg.seed).to(dev), K, example_inputs=example, granularity=cfg.granularity,
                   shared_norm=cfg.shared_norm)
     theta0 = copy.deepcopy(routed.model.state_dict())
+    callbacks, monitor = [], None
+    if cfg.collapse != "off":
+        from .collapse import CollapseMonitor
+        from .sweep import SweepRecorder
+        if cfg.collapse not in ("warn", "stop", "relax"):
+            raise DataError(f"collapse must be 'off', 'warn', 'stop' or 'relax', got {cfg.collapse!r}.")
+        g = torch.Generator().manual_seed(cfg.seed)
+        pick = torch.randperm(len(xt), generator=g)[:256].to(dev)
+        xs, ys, cs = xt[pick], yt.to(dev)[pick], ct[pick]
+
+        def subset_accuracy(model, k):  # labels: evaluation only, the monitor never reads it
+            sel = cs == k
+            if not bool(sel.any()):
+                return float("nan")
+            was = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    return float((model(xs[sel], route=k).argmax(1) == ys[sel]).float().mean())
+            finally:
+                model.train(was)
+
+        monitor = CollapseMonitor(action=cfg.collapse, recorder=SweepRecorder(probe=xs, metric=subset_accuracy))
+        callbacks.append(monitor)
     pruner = RTLPruner(routed, target_sparsity=cfg.sparsities, schedule=cfg.schedule,
                        prune_fraction=cfg.prune_fraction, prune_count=cfg.prune_count, progress=cfg.progress,
-                       scope=cfg.scope)
+                       scope=cfg.scope, order="round" if monitor is not None else "ticket", callbacks=callbacks)
     t = time.perf_counter()
     search = pruner.find_tickets(loaders, epochs_per_round=cfg.search_epochs, optimizer_factory=opt_factory,
                                  device=dev)
     wall["ticket_search"] = time.perf_counter() - t
     log(f"ticket search: {len(search.history)} rounds in {wall['ticket_search']:.1f}s")
+    collapse = None
+    if monitor is not None:
+        monitor.sweep.save(out_dir / "sweep.json")
+        w = monitor.warnings[0] if monitor.warnings else None
+        collapse = {"action": cfg.collapse, "warning": None if w is None else w.to_dict(), "events": monitor.sweep.events}
+        log("collapse monitor: " + ("no collapse predicted" if w is None else
+                                    f"collapse predicted at {100 * w.sparsity:.1f}% sparsity ({cfg.collapse})"))
     n_total = routed.space.num_weights
 
     # ---- routers (label-free inference), trained once on the training inputs and subset ids
@@ -325,7 +357,7 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
         "task": "classification", "dataset": cfg.dataset, "model": cfg.model, "granularity": cfg.granularity,
         "num_tickets": K, "seed": cfg.seed, "device": str(dev),
         "ticket_names": names, "partition": cfg.partition, "prunable_weights": n_total,
-        "rows": rows, "similarity": similarity,
+        "rows": rows, "similarity": similarity, "collapse": collapse,
         "routers": {n: {"accuracy": round(i["accuracy"], 6), "flops_share": i["flops_share"]} for n, i in routers.items()},
         "wall_time_s": {k: round(v, 3) for k, v in wall.items()},
         "total_time_s": round(time.perf_counter() - t_start, 3),

@@ -80,12 +80,20 @@ class RTLPruner:
             (a collapse monitor plugs in here). Events: ticket, round, sparsity, masks (ticket k's, a copy).
         scope: weight mode: "global" (one magnitude ranking over all layers, the paper) or "layer" (every
             layer loses the same fraction per round; avoids emptying layers whose weights start small).
+        order: "ticket" (each ticket's whole IMP run in turn, the paper) or "round" (all tickets advance one
+            round at a time; with per-loader generators both give the same masks). Round order calls
+            ``cb.on_round_end(event)`` on callbacks that have it, after every round of all tickets; it may
+            return "stop" (restore every ticket's masks of the previous round and end the search: the
+            remaining targets get those last healthy masks) or "relax" (restore them, halve the prune
+            fraction and go on; after ``max_relaxations`` a "relax" acts as "stop"). Callbacks with an
+            ``on_trained(event)`` method are also called after each ticket's training, before pruning
+            (event: ticket, round, sparsity of the trained masks, target, model).
     """
 
     def __init__(self, routed, *, target_sparsity: Sequence[float] = (0.5, 0.75, 0.9), schedule: str = "fraction",
                  prune_fraction: float = 0.2, prune_count: int | None = None, rewind: str | int = "init",
                  importance=None, callbacks: Sequence[Callable[[dict], object]] = (), progress: bool = True,
-                 scope: str = "global"):
+                 scope: str = "global", order: str = "ticket", max_relaxations: int = 2):
         from .routed import RoutedModel
         if not isinstance(routed, RoutedModel):
             raise TypeError(f"RTLPruner needs a RoutedModel (rtl.wrap(model, K)), got {type(routed).__name__}.")
@@ -108,6 +116,15 @@ class RTLPruner:
             raise SparsityError(f"scope must be 'global' (one magnitude ranking, the paper) or 'layer' (every layer "
                                 f"loses the same fraction), got {scope!r}.")
         self.scope = scope
+        if order not in ("ticket", "round"):
+            raise SparsityError(f"order must be 'ticket' (each ticket's whole search in turn, the paper) or 'round' "
+                                f"(all tickets advance one pruning round at a time; needed by round-end callbacks "
+                                f"such as CollapseMonitor), got {order!r}.")
+        self.order = order
+        if not isinstance(max_relaxations, int) or isinstance(max_relaxations, bool) or max_relaxations < 0:
+            raise SparsityError(f"max_relaxations must be an int >= 0, got {max_relaxations!r}.")
+        self.max_relaxations = max_relaxations
+        self._relaxations = 0
         self.prune_count = prune_count
         self.rewind = rewind
         self.importance = importance
@@ -146,6 +163,8 @@ class RTLPruner:
         t0 = time.perf_counter()
         routed = self.routed
         loaders = normalize_subsets(subsets)
+        from .distributed import prepare
+        loaders = prepare(routed, loaders)  # torchrun: rank 0's weights/masks/RNG everywhere, this rank's data shards
         K = routed.num_tickets
         which = sorted(loaders) if tickets is None else list(tickets)
         for k in which:
@@ -178,65 +197,107 @@ class RTLPruner:
             recorded: dict[float, dict[int, dict[str, torch.Tensor]]] = {t: {} for t in self.targets}
             history: list[RoundRecord] = []
             stopped: dict[int, int] = {}
-            pos = {"ticket": 0, "target": 0, "round": 0, "stop": False, "started": False, "rounds_done": 0}
+            for k in which:  # every searched ticket starts dense
+                self._set_ticket(k, {n: torch.ones_like(m[k]) for n, m in start.masks.items()})
+            pos = {"states": {str(k): [0, 0, False] for k in which}, "rounds_done": 0, "sweep": 0, "relaxations": 0}
         else:
             theta, start, recorded, history, stopped, pos = resumed
         rounds_done = pos["rounds_done"]
+        base_fraction = self.prune_fraction
+        self._relaxations = int(pos.get("relaxations", 0))
+        self.prune_fraction = base_fraction / 2 ** self._relaxations
 
-        def checkpoint(**at) -> None:
+        def checkpoint() -> None:
             self._save_checkpoint(ck, loaders, theta, start, recorded, history, stopped,
-                                  {**pos, **at, "rounds_done": rounds_done})
+                                  {**pos, "rounds_done": rounds_done, "relaxations": self._relaxations})
 
-        if ck and resumed is None and self.rewind != "init" and self.rewind > 0:
-            checkpoint()  # the dense warm-up is not repeated after a crash
+        if ck and resumed is None:
+            checkpoint()  # the start state (and the dense warm-up, not repeated after a crash)
         rounds_est = sum(self._estimate_rounds() for _ in which)
         bar = _progress(total=rounds_est, desc="ticket search", enabled=self.progress)
         bar.update(len(history))
+        states = pos["states"]  # str(k) -> [target index, round, stopped]
+        snapshot = routed.tickets.copy() if self.order == "round" else None  # masks at the last healthy round end
         ok = False
+
+        def record(k: int, ti: int) -> None:
+            recorded[self.targets[ti]][k] = {n: m[k].clone() for n, m in routed.tickets.masks.items()}
+
+        def advance(k: int) -> bool:
+            """Ticket k's next pruning round (recording every target it has reached); False when it is done."""
+            nonlocal rounds_done
+            st = states[str(k)]
+            while st[0] < len(self.targets):
+                target = self.targets[st[0]]
+                cur = float(routed.tickets.sparsity()[k])
+                if st[2] or cur >= target - 1e-9:  # a stopped ticket records its last masks for every remaining target
+                    record(k, st[0])
+                    st[0] += 1
+                    continue
+                routed.model.load_state_dict(theta)
+                loss = self._train_ticket(k, loaders[k], step, factory, epochs_per_round, device)
+                trained = {"ticket": k, "round": st[1] + 1, "sparsity": cur, "target": target, "model": routed}
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_trained"):
+                        cb.on_trained(trained)
+                masks = self._prune_round(k, target)
+                self._set_ticket(k, masks)
+                st[1] += 1
+                sp = float(routed.tickets.sparsity()[k])
+                history.append(RoundRecord(ticket=k, round=st[1], sparsity=sp, loss=loss))
+                bar.update(1)
+                bar.set_postfix(ticket=k, sparsity=f"{sp:.3f}")
+                event = {"ticket": k, "round": st[1], "sparsity": sp, "loss": loss, "target": target, "model": routed,
+                         "masks": {n: m[k].clone() for n, m in routed.tickets.masks.items()}}
+                if any(cb(event) == "stop" for cb in self.callbacks):
+                    st[2] = True
+                    stopped[k] = st[1]
+                elif sp <= cur + 1e-12:
+                    warnings.warn(f"ticket {k}: no weight left to prune at sparsity {sp:.4f} "
+                                  f"(target {target}); recording the sparsest reachable masks.",
+                                  RuntimeWarning, stacklevel=3)
+                    st[2] = True
+                rounds_done += 1
+                return True
+            return False
+
         try:
-            for ki in range(pos["ticket"], len(which)):
-                k = which[ki]
-                if ki == pos["ticket"] and pos["started"]:  # resume inside this ticket's search
-                    r, stop, ti0 = pos["round"], pos["stop"], pos["target"]
-                else:
-                    masks = {n: torch.ones_like(m[k]) for n, m in start.masks.items()}
-                    self._set_ticket(k, masks)
-                    r, stop, ti0 = 0, False, 0
-                for ti in range(ti0, len(self.targets)):
-                    target = self.targets[ti]
-                    while not stop:
-                        cur = float(routed.tickets.sparsity()[k])
-                        if cur >= target - 1e-9:
-                            break
-                        routed.model.load_state_dict(theta)
-                        loss = self._train_ticket(k, loaders[k], step, factory, epochs_per_round, device)
-                        masks = self._prune_round(k, target)
-                        self._set_ticket(k, masks)
-                        r += 1
-                        sp = float(routed.tickets.sparsity()[k])
-                        history.append(RoundRecord(ticket=k, round=r, sparsity=sp, loss=loss))
-                        bar.update(1)
-                        bar.set_postfix(ticket=k, sparsity=f"{sp:.3f}")
-                        event = {"ticket": k, "round": r, "sparsity": sp, "loss": loss, "target": target,
-                                 "masks": {n: m[k].clone() for n, m in routed.tickets.masks.items()}}
-                        if any(cb(event) == "stop" for cb in self.callbacks):
-                            stop = True
-                            stopped[k] = r
-                        elif sp <= cur + 1e-12:
-                            warnings.warn(f"ticket {k}: no weight left to prune at sparsity {sp:.4f} "
-                                          f"(target {target}); recording the sparsest reachable masks.",
-                                          RuntimeWarning, stacklevel=2)
-                            stop = True
-                        rounds_done += 1
+            if self.order == "ticket":
+                for k in which:
+                    while advance(k):
                         if ck and rounds_done % checkpoint_every == 0:
-                            checkpoint(ticket=ki, target=ti, round=r, stop=stop, started=True)
-                    # a stopped ticket records its current (last) masks for every remaining target
-                    recorded[target][k] = {n: m[k].clone() for n, m in routed.tickets.masks.items()}
+                            checkpoint()
+            else:
+                sweep = pos.get("sweep", 0)
+                while True:
+                    moved = [k for k in which if advance(k)]
+                    if not moved:
+                        break
+                    sweep += 1
+                    action = self._round_end(sweep, which, moved)
+                    if action in ("stop", "relax"):
+                        # back to the last healthy masks: every ticket that moved this round is rewound one round
+                        for k in moved:
+                            self._set_ticket(k, {n: m[k].clone() for n, m in snapshot.masks.items()})
+                        relax = action == "relax" and self.schedule == "fraction" and self._relaxations < self.max_relaxations
+                        if relax:
+                            self._relaxations += 1
+                            self.prune_fraction /= 2
+                        else:
+                            for k in which:
+                                if not states[str(k)][2]:
+                                    states[str(k)][2] = True
+                                    stopped[k] = states[str(k)][1]
+                    snapshot = routed.tickets.copy()
+                    pos["sweep"] = sweep
+                    if ck and rounds_done % checkpoint_every == 0:
+                        checkpoint()
             if ck:  # the finished search: a rerun returns at once
-                checkpoint(ticket=len(which), target=0, round=0, stop=False, started=False)
+                checkpoint()
             ok = True
         finally:
             bar.close()
+            self.prune_fraction = base_fraction
             routed.model.load_state_dict(theta)
             if not ok:  # an interrupted search leaves the model as it found it
                 routed.set_tickets(start)
@@ -253,6 +314,21 @@ class RTLPruner:
                                    stopped=stopped)
         return self.result
 
+    def _round_end(self, sweep: int, which, moved) -> str | None:
+        """Round-end callbacks; the strongest action asked for ("stop" > "relax" > None)."""
+        routed = self.routed
+        event = {"round": sweep, "tickets": routed.tickets, "active": list(moved), "searched": list(which),
+                 "sparsity": [float(s) for s in routed.tickets.sparsity()], "model": routed,
+                 "relaxations": self._relaxations}
+        actions = set()
+        for cb in self.callbacks:
+            if hasattr(cb, "on_round_end"):
+                a = cb.on_round_end(event)
+                if a not in (None, "stop", "relax"):
+                    raise RTLError(f"on_round_end returned {a!r}; return None, 'stop' or 'relax'.")
+                actions.add(a)
+        return "stop" if "stop" in actions else "relax" if "relax" in actions else None
+
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_config(self, loaders, which, epochs_per_round) -> dict:
         from .checkpoint import loaders_config
@@ -262,7 +338,7 @@ class RTLPruner:
                 "mask_shapes": {k: list(v) for k, v in sp.mask_shapes().items()},
                 "tickets": list(which), "targets": self.targets, "schedule": self.schedule,
                 "prune_fraction": self.prune_fraction, "prune_count": self.prune_count, "rewind": self.rewind,
-                "scope": self.scope,
+                "scope": self.scope, "order": self.order, "max_relaxations": self.max_relaxations,
                 "epochs_per_round": epochs_per_round, "loaders": loaders_config(loaders)}
 
     def _save_checkpoint(self, ck, loaders, theta, start, recorded, history, stopped, pos) -> None:
@@ -280,7 +356,8 @@ class RTLPruner:
         meta = {"position": pos, "recorded": rec, "stopped": sorted([k, r] for k, r in stopped.items()),
                 "history": [[h.ticket, h.round, h.sparsity, h.loss] for h in history],
                 "rng": capture_rng(loaders, tensors)}
-        save_bundle(ck[0], "search", tensors, meta, config=ck[1])
+        from .distributed import on_main_process
+        on_main_process(save_bundle, ck[0], "search", tensors, meta, config=ck[1])  # torchrun: rank 0 writes, all wait
 
     def _load_checkpoint(self, ck, loaders):
         """``(theta, start, recorded, history, stopped, position)`` from ``ck``'s folder (None: no checkpoint);
@@ -310,7 +387,9 @@ class RTLPruner:
             history = [RoundRecord(ticket=int(a), round=int(b), sparsity=float(c), loss=float(d))
                        for a, b, c, d in meta["history"]]
             stopped = {int(k): int(r) for k, r in meta["stopped"]}
-            pos = {key: meta["position"][key] for key in ("ticket", "target", "round", "stop", "started", "rounds_done")}
+            p = meta["position"]
+            pos = {"states": {str(k): [int(a), int(b), bool(c)] for k, (a, b, c) in p["states"].items()},
+                   "rounds_done": int(p["rounds_done"]), "sweep": int(p["sweep"]), "relaxations": int(p["relaxations"])}
         except (KeyError, TypeError, ValueError, IndexError, TicketError) as e:
             raise CorruptFileError(f"the search checkpoint in {ck[0]} is damaged ({e!r}); delete it to start over.") from e
         with torch.no_grad():
@@ -333,8 +412,9 @@ class RTLPruner:
         self.routed._cache.clear()
 
     def _train_ticket(self, k, loader, step, factory, epochs, device) -> float:
+        from .distributed import all_mean, ticket_view
         routed = self.routed
-        view = routed.ticket_module(k)
+        view = ticket_view(routed, k)  # torchrun: DDP over the RoutedModel, synced batch norms
         opt = factory([p for p in routed.parameters() if p.requires_grad])
         was = routed.training
         routed.train()
@@ -343,20 +423,21 @@ class RTLPruner:
             for _ in range(epochs):
                 for batch in loader:
                     loss = step(view, _to_device(batch, device), opt)
-                    total += float(loss or 0.0)
+                    total += float(loss or 0.0) * getattr(view, "loss_weight", 1.0)  # torchrun: this shard's share
                     n += 1
         finally:
             routed.train(was)
         if n == 0:
             raise DataError(f"subset {k} yielded no batch; every ticket needs data.")
-        return total / n
+        return all_mean(total / n)  # torchrun: the same loss on every rank (callbacks decide alike)
 
     def _dense_warmup(self, loaders, step, factory, device, steps: int) -> None:
         """Train all tickets' data on the (still dense) shared weights for ``steps`` batches (rewind point θ_t)."""
         from .training import balanced_cyclic_batches
         routed = self.routed
         opt = factory([p for p in routed.parameters() if p.requires_grad])
-        views = {k: routed.ticket_module(k) for k in loaders}
+        from .distributed import ticket_views
+        views = ticket_views(routed, loaders)
         done = 0
         saved = routed.tickets
         routed.set_tickets(TicketSet.full(routed.space, routed.num_tickets, device=saved.device))  # dense warm-up
@@ -380,9 +461,10 @@ class RTLPruner:
         return max(0, min(n, kept - floor_kept))
 
     def _prune_round(self, k: int, target: float) -> dict[str, torch.Tensor]:
+        from .distributed import broadcast_masks
         if self.routed.granularity == "weight":
-            return self._prune_weights(k, target)
-        return self._prune_channels(k, target)
+            return broadcast_masks(self._prune_weights(k, target))  # torchrun: rank 0's masks on every rank
+        return broadcast_masks(self._prune_channels(k, target))
 
     def _prune_weights(self, k: int, target: float) -> dict[str, torch.Tensor]:
         routed = self.routed

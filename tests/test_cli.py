@@ -74,6 +74,9 @@ def test_diagnose_prints_similarity(demo_run, capsys):
     assert main(["diagnose", str(demo_run)]) == 0
     out = capsys.readouterr().out
     assert "mean pairwise Jaccard" in out and "sparsity_50" in out and "digits=" in out and "by depth" in out
+    assert "collapse monitor:" in out and "report.html" in out
+    for f in ("report.md", "report.html", "diagnostics.json", "sweep.png"):
+        assert (demo_run / "diagnostics" / f).is_file(), f
 
 
 @pytest.mark.parametrize("spec,expect", [("timm:resnet18", "layer4.0.downsample.0"), ("audio:unet", "unet.enc1.conv")])
@@ -101,7 +104,7 @@ def test_console_script_entry_point():
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["diagnose", "/nonexistent/run"], "not a saved rtl-plugin model"),
+    (["diagnose", "/nonexistent/run"], "is not a folder"),
     (["info", "timm:not_a_model_name"], "unknown timm model"),
     (["prune", "--quick", "--model", "timm:no_such_net", "--routers", "", "--baselines", ""], "unknown timm model"),
     (["prune", "--quick", "--domains", "digits,nowhere", "--routers", "", "--baselines", ""], "nowhere"),

@@ -646,3 +646,103 @@ def test_nan_weights_during_search_raise(make_tiny, make_loader):
             {0: make_loader(1)}, train_step=poison, tickets=[0])
     assert_state_equal(state(routed), before)  # weights rewound, masks restored
     assert bool(routed.tickets.masks["conv2"].all())
+
+
+# ----------------------------------------------------------------------------- 9. round order and round-end actions
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_round_order_gives_the_ticket_order_masks(granularity, make_tiny, make_loader):
+    """With per-loader generators each ticket's search is independent of the interleaving."""
+    def run(order):
+        torch.manual_seed(7)
+        routed = wrap(make_tiny(), granularity)
+        p = RTLPruner(routed, target_sparsity=[0.3, 0.6], prune_fraction=0.3, order=order, progress=False)
+        return p.find_tickets({k: make_loader(2, seed=k, shuffle=True) for k in range(3)}, optimizer_factory=adam(),
+                              train_step=trained())
+
+    a, b = run("ticket"), run("round")
+    for t in a.tickets_at:
+        for n in a.tickets_at[t].masks:
+            assert torch.equal(a.tickets_at[t].masks[n], b.tickets_at[t].masks[n]), (t, n)
+    key = lambda r: (r.ticket, r.round)  # noqa: E731
+    assert sorted((r.ticket, r.round, r.sparsity, r.loss) for r in a.history) == \
+        sorted((r.ticket, r.round, r.sparsity, r.loss) for r in b.history)
+    assert [r.ticket for r in b.history][:3] == [0, 1, 2]  # interleaved
+    assert [key(r) for r in a.history] == sorted(key(r) for r in a.history)
+
+
+class _RoundSpy:
+    def __init__(self, act_at=None, action="stop"):
+        self.ends, self.trained, self.act_at, self.action = [], [], act_at, action
+
+    def on_trained(self, ev):
+        self.trained.append((ev["ticket"], ev["round"], ev["sparsity"]))
+        assert ev["model"].training is False or ev["model"].training is True
+
+    def on_round_end(self, ev):
+        self.ends.append((ev["round"], list(ev["active"]), list(ev["sparsity"])))
+        return self.action if ev["round"] == self.act_at else None
+
+    def __call__(self, ev):
+        return None
+
+
+def test_round_end_events_and_on_trained(make_tiny, make_loader):
+    routed = wrap(make_tiny())
+    spy = _RoundSpy()
+    res = RTLPruner(routed, target_sparsity=[0.5], prune_fraction=0.25, order="round", callbacks=[spy],
+                    progress=False).find_tickets({k: make_loader(1) for k in range(3)}, train_step=Guard(500))
+    rounds = max(r.round for r in res.history)
+    assert [e[0] for e in spy.ends] == list(range(1, rounds + 1))
+    assert all(e[1] == [0, 1, 2] for e in spy.ends)
+    assert len(spy.trained) == len(res.history)
+    # on_trained sees the sparsity of the masks it trained: 0 for round 1
+    assert [s for k, r, s in spy.trained if r == 1] == [0.0, 0.0, 0.0]
+
+
+def test_ticket_order_never_calls_round_end(make_tiny, make_loader):
+    spy = _RoundSpy()
+    RTLPruner(wrap(make_tiny()), target_sparsity=[0.5], callbacks=[spy], progress=False).find_tickets(
+        {k: make_loader(1) for k in range(3)}, train_step=Guard(500))
+    assert spy.ends == [] and len(spy.trained) > 0
+
+
+def test_round_end_stop_restores_the_last_healthy_masks(make_tiny, make_loader):
+    subsets = {k: make_loader(1, seed=k) for k in range(3)}
+    ref = RTLPruner(wrap(make_tiny()), target_sparsity=[0.2, 0.36, 0.488], prune_fraction=0.2, order="round",
+                    progress=False).find_tickets(subsets, optimizer_factory=adam(), train_step=trained())
+    spy = _RoundSpy(act_at=2)  # "collapse" seen on the masks of round 2 -> back to round 1's masks
+    routed = wrap(make_tiny())
+    res = RTLPruner(routed, target_sparsity=[0.2, 0.36, 0.488], prune_fraction=0.2, order="round", callbacks=[spy],
+                    progress=False).find_tickets(subsets, optimizer_factory=adam(), train_step=trained())
+    assert len(spy.ends) == 2
+    for t in (0.2, 0.36, 0.488):
+        for n in routed.space.layers:
+            assert torch.equal(res.tickets_at[t].masks[n], ref.tickets_at[0.2].masks[n]), (t, n)
+    assert res.stopped == {0: 2, 1: 2, 2: 2}
+    for n in routed.space.layers:
+        assert torch.equal(routed.tickets.masks[n], ref.tickets_at[0.2].masks[n])
+
+
+def test_round_end_relax_halves_the_step_and_goes_on(make_tiny, make_loader):
+    routed = wrap(make_tiny())
+    spy = _RoundSpy(act_at=2, action="relax")
+    p = RTLPruner(routed, target_sparsity=[0.5], prune_fraction=0.4, order="round", callbacks=[spy], progress=False)
+    res = p.find_tickets({k: make_loader(1) for k in range(2)}, tickets=[0, 1], train_step=Guard(500))
+    sp = [e[2][0] for e in spy.ends]
+    assert sp[0] == pytest.approx(0.4, abs=1e-3) and sp[1] == pytest.approx(0.5, abs=1e-3)  # round 2 is undone
+    assert sp[2] == pytest.approx(0.5, abs=1e-3)  # 0.4 + 0.6 * 0.2 = 0.52 -> capped at the target
+    assert float(res.tickets_at[0.5].sparsity()[0]) == pytest.approx(0.5, abs=1e-3)
+    assert p.prune_fraction == 0.4 and not res.stopped  # restored after the search
+
+
+def test_round_end_bad_action_and_bad_order(make_tiny, make_loader):
+    with pytest.raises(rtl.SparsityError, match="order"):
+        RTLPruner(wrap(make_tiny()), order="random")
+    with pytest.raises(rtl.SparsityError, match="max_relaxations"):
+        RTLPruner(wrap(make_tiny()), max_relaxations=-1)
+    spy = _RoundSpy(act_at=1, action="explode")
+    with pytest.raises(rtl.RTLError, match="on_round_end"):
+        RTLPruner(wrap(make_tiny()), target_sparsity=[0.5], order="round", callbacks=[spy], progress=False).find_tickets(
+            {k: make_loader(1) for k in range(3)}, train_step=Guard(500))

@@ -100,6 +100,18 @@ def _reference_in_process(script, ck, out, monkeypatch):
         torch.set_num_threads(threads)
 
 
+def _checkpointed_work(manifest, phase) -> bool:
+    """A checkpoint of ``phase`` exists that holds completed work (the search also writes one at its start)."""
+    if not manifest.exists():
+        return False
+    if phase != "search":
+        return True
+    try:
+        return json.loads(manifest.read_text())["meta"]["position"]["rounds_done"] > 0
+    except (ValueError, KeyError):
+        return False
+
+
 def test_sigkill_then_rerun_is_bit_identical(tmp_path, monkeypatch):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
@@ -120,7 +132,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, monkeypatch):
             p = v["proc"]
             if p.poll() is not None:
                 continue
-            if v["kill_at"] is None and v["manifest"].exists():
+            if v["kill_at"] is None and _checkpointed_work(v["manifest"], phase):
                 v["kill_at"] = now + v["delay"]
             if v["kill_at"] is not None and now >= v["kill_at"]:
                 os.kill(p.pid, signal.SIGKILL)
@@ -163,12 +175,12 @@ class Flaky:
         return self.base(view, (x + 0.05 * torch.randn_like(x), y), opt)
 
 
-def _setup(make_tiny, make_loader):
+def _setup(make_tiny, make_loader, order="ticket"):
     torch.manual_seed(123)
     routed = rtl.wrap(make_tiny(), 2, example_inputs=EX, granularity="weight", adapter="generic",
                       output_layers=["head"])
     subsets = {0: make_loader(3, seed=1, shuffle=True), 1: make_loader(3, seed=2, shuffle=True)}
-    pruner = RTLPruner(routed, target_sparsity=[0.4, 0.7], prune_fraction=0.35, progress=False)
+    pruner = RTLPruner(routed, target_sparsity=[0.4, 0.7], prune_fraction=0.35, progress=False, order=order)
     return routed, subsets, pruner
 
 
@@ -190,11 +202,12 @@ def _run(routed, subsets, pruner, ck=None, search_fail=None, retrain_fail=None, 
     return res, hist, {k: v.clone() for k, v in routed.model.state_dict().items()}, torch.get_rng_state()
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_resume_after_exception_matches_uninterrupted(tmp_path, make_tiny, make_loader, every):
-    ref = _run(*_setup(make_tiny, make_loader))  # no checkpoint at all
-    # 3 batches per round: call 11 dies in round 4 of ticket 0; 6 steps per epoch: call 16 dies in epoch 3
-    got = _run(*_setup(make_tiny, make_loader), ck=tmp_path, search_fail=3 * 3 + 2, retrain_fail=6 * 2 + 4,
+@pytest.mark.parametrize("every,order", [(1, "ticket"), (3, "ticket"), (1, "round"), (3, "round")])
+def test_resume_after_exception_matches_uninterrupted(tmp_path, make_tiny, make_loader, every, order):
+    ref = _run(*_setup(make_tiny, make_loader, order))  # no checkpoint at all
+    # 3 batches per round: call 11 dies in round 4 of ticket 0 (ticket order) or in round 2 of ticket 1
+    # (round order); 6 steps per epoch: call 16 dies in epoch 3
+    got = _run(*_setup(make_tiny, make_loader, order), ck=tmp_path, search_fail=3 * 3 + 2, retrain_fail=6 * 2 + 4,
                every=every)
     assert [vars(h) for h in got[0].history] == [vars(h) for h in ref[0].history]
     assert got[0].sparsities() == ref[0].sparsities()
@@ -207,7 +220,7 @@ def test_resume_after_exception_matches_uninterrupted(tmp_path, make_tiny, make_
         assert torch.equal(got[2][k], ref[2][k]), k
     assert torch.equal(got[3], ref[3])
     # a finished checkpoint makes a rerun return at once (no training step is called)
-    routed, subsets, pruner = _setup(make_tiny, make_loader)
+    routed, subsets, pruner = _setup(make_tiny, make_loader, order)
 
     def never(*a):
         raise AssertionError("a finished search must not train again")
