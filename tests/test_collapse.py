@@ -1,6 +1,7 @@
 """Collapse diagnostics: the sweep recorder, CollapseMonitor, semantic alignment, the report."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -256,7 +257,9 @@ def test_wordnet_similarity_or_clear_error(tmp_path):
     try:
         S = wordnet_similarity(["tee_shirt", "shirt", "sandal", "sneaker", "bag"])
     except rtl.MissingDependencyError:
-        pytest.fail("WordNet data missing: .ci/run installs Debian's wordnet-base; install it to run this test")
+        if os.environ.get("CI"):
+            pytest.fail("WordNet data missing in CI: .ci/run installs Debian's wordnet-base")
+        pytest.skip("WordNet data missing: apt-get install wordnet-base (CI installs it and requires this test)")
     assert torch.allclose(S, S.T) and torch.all(S.diagonal() == 1)
     assert S[0, 1] == pytest.approx(0.5)  # a tee shirt IS-A shirt: one hypernym edge
     assert S[0, 1] > S[0, 2] and S[2, 3] > S[2, 4]  # shirts closer to shirts, shoes to shoes
