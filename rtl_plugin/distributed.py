@@ -18,7 +18,8 @@ averaged gradient is one ticket's masked update, exactly as in one process with 
   ``torch.nn.functional.batch_norm`` while a ticket view trains: mean and variance are all-reduced over
   the global batch (with autograd), so every rank normalises with the statistics one process would use
   and the per-ticket running statistics (``RoutedBatchNorm``'s row of ticket k) stay identical on all
-  ranks. Works for any BatchNorm subclass that calls ``F.batch_norm`` (timm's ``BatchNormAct2d``).
+  ranks. Works for any BatchNorm subclass that calls ``F.batch_norm`` (timm's ``BatchNormAct2d``). Each
+  layer costs one all-gather of per-rank (count, mean, variance) forward and one all-reduce backward.
 * masks and weights: :func:`prepare` broadcasts rank 0's weights, buffers, masks and RNG states at the
   start of a search or a retraining; every pruning round's masks are broadcast from rank 0
   (:func:`broadcast_masks`), so ranks cannot drift.
@@ -124,6 +125,9 @@ def local_device(device: str) -> str:
     """``cuda`` under torchrun means this rank's GPU ``cuda:LOCAL_RANK``; other devices are unchanged."""
     if not isinstance(device, str):
         raise DistributedError(f"device must be a string like 'cpu' or 'cuda', got {type(device).__name__}.")
+    if device.startswith("cuda:") and is_distributed():
+        raise DistributedError(f"--device {device} would put every rank on the same GPU; under torchrun use "
+                               "--device cuda (rank r uses cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to pick GPUs.")
     if device == "cuda" and is_distributed():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
@@ -198,7 +202,7 @@ def broadcast_state(module: nn.Module) -> None:
         for t in list(module.parameters()) + list(module.buffers()):
             buf = t.detach().to(dev)
             dist.broadcast(buf, 0)
-            if buf is not t:
+            if buf.data_ptr() != t.data_ptr():
                 t.copy_(buf)
 
 
@@ -403,7 +407,7 @@ class SlicedLoader:
             if t is None:
                 raise DataError("a batch holds no tensor; cannot shard it across ranks.")
             n = int(t.shape[0]) if t.dim() else 1
-            probe = torch.tensor([float(n), float(t.detach().double().sum())], dtype=torch.float64)
+            probe = torch.tensor([float(n), float(t.detach().double().nan_to_num().sum())], dtype=torch.float64)
             both = torch.cat([probe, -probe]).to(_comm_device())
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
             both = both.cpu()
@@ -487,40 +491,50 @@ def prepare(routed, loaders: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- synchronised batch norm
-class _AllReduceSum(torch.autograd.Function):
+class _AllGather(torch.autograd.Function):
+    """``[world, *x.shape]``: every rank's ``x``; the gradient of this rank's row is summed over all ranks."""
+
     @staticmethod
     def forward(ctx, x):
         import torch.distributed as dist
-        y = x.clone()
-        dist.all_reduce(y)
-        return y
+        x = x.contiguous()
+        out = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(out, x)
+        return torch.stack(out)
 
     @staticmethod
     def backward(ctx, g):
         import torch.distributed as dist
         g = g.contiguous().clone()
         dist.all_reduce(g)
-        return g
+        return g[rank()]
 
 
 _BN_SIG = inspect.signature(F.batch_norm)
 
 
 def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps):
+    """Batch norm over the global batch: each rank's (count, mean, biased variance) per channel are gathered
+    in one collective (one more in backward) and combined exactly (Chan et al.)."""
     C = input.shape[1]
     low = input.dtype in (torch.float16, torch.bfloat16)
     x = input.float() if low else input
     dims = [0] + list(range(2, x.dim()))
     shape = [1, C] + [1] * (x.dim() - 2)
     n_local = x.numel() // C if C else 0
-    tot = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_full((1,), float(n_local))]))
-    n = float(tot[C].detach())
+    if n_local:
+        mean_r, var_r = x.mean(dims), x.var(dims, unbiased=False)
+    else:
+        mean_r = var_r = x.new_zeros(C)
+    stats = _AllGather.apply(torch.cat([mean_r, var_r, x.new_full((1,), float(n_local))]))  # [W, 2C + 1]
+    counts = stats[:, 2 * C:].detach()  # [W, 1]
+    n = float(counts.sum())
     if n <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got {int(n)} over all ranks.")
-    mean = tot[:C] / n
-    xc = x - mean.view(shape)
-    var = _AllReduceSum.apply((xc * xc).sum(dims)) / n
-    y = xc * torch.rsqrt(var + eps).view(shape)
+    means, vars_ = stats[:, :C], stats[:, C:2 * C]
+    mean = (counts * means).sum(0) / n
+    var = (counts * (vars_ + (means - mean) ** 2)).sum(0) / n
+    y = (x - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
     if weight is not None:
         y = y * weight.view(shape)
     if bias is not None:
