@@ -48,6 +48,7 @@ class GuardedStep:
         self.checked = 0
         self.violations = 0
         self.enabled = False
+        self.calls = 0
 
     def check(self):
         if self.pending is not None:
@@ -58,21 +59,38 @@ class GuardedStep:
         self.pending = None
 
     def __call__(self, view, batch, opt):
+        self.calls += 1
         if self.enabled:
             self.check()
             self.pending = [(p, m.expand_as(p), p.detach().clone()) for p, m in ticket_param_masks(self.routed, view.k)]
         return self.base(view, batch, opt)
 
 
+def crash_at_ticket1(event):
+    """A callback that crashes the search after ticket 1's first round (after ticket 0's checkpoints)."""
+    if event["ticket"] == 1 and event["round"] == 1:
+        raise RuntimeError("simulated crash")
+
+
 def scenario(out: Path) -> dict:
-    """Ticket search (2 targets, checkpointed) then joint retraining (1 epoch, then resumed to 2)."""
+    """Ticket search (2 targets, checkpointed; crashed once and resumed) then joint retraining (1 epoch,
+    then resumed to 2)."""
     routed = build()
     subs = subsets()
     step = GuardedStep(routed)
     t0 = time.perf_counter()
+    factory = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)  # noqa: E731
+    crashed = False
+    try:
+        RTLPruner(routed, target_sparsity=[0.5, 0.75], prune_fraction=0.5, progress=False,
+                  callbacks=[crash_at_ticket1]).find_tickets(subs, train_step=step, checkpoint_dir=out / "search",
+                                                             optimizer_factory=factory)
+    except RuntimeError as e:
+        crashed = "simulated crash" in str(e)
+    steps_before = step.calls
     pruner = RTLPruner(routed, target_sparsity=[0.5, 0.75], prune_fraction=0.5, progress=False)
-    res = pruner.find_tickets(subs, train_step=step, checkpoint_dir=out / "search",
-                              optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    res = pruner.find_tickets(subs, train_step=step, checkpoint_dir=out / "search", optimizer_factory=factory)
+    resumed_steps = step.calls - steps_before
     t_search = time.perf_counter() - t0
     after_search = {k: v.clone() for k, v in routed.model.state_dict().items()}
     step.enabled = True
@@ -89,8 +107,23 @@ def scenario(out: Path) -> dict:
             "search_loss": [h.loss for h in res.history], "after_search": after_search,
             "final": {k: v.clone() for k, v in routed.model.state_dict().items()},
             "retrain_loss": h1["loss"] + h2["loss"][len(h1["loss"]):], "steps": h2["steps"],
-            "checked": step.checked, "violations": step.violations,
+            "checked": step.checked, "violations": step.violations, "crashed": crashed,
+            "search_steps": (steps_before, resumed_steps),
             "time": {"search": t_search, "retrain": t_retrain}}
+
+
+def channel_scenario(out: Path) -> dict:
+    """Channel granularity: one search round per ticket (torch-pruning importance) and one retraining epoch."""
+    torch.manual_seed(1)
+    routed = rtl.wrap(TinyCNN().double(), 2, example_inputs=EX, granularity="channel", adapter="generic",
+                      output_layers=["head"])
+    subs = subsets()
+    res = RTLPruner(routed, target_sparsity=[0.5], prune_fraction=0.5, progress=False).find_tickets(
+        subs, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    joint_retrain(routed, subs, optimizer=torch.optim.SGD(routed.parameters(), lr=0.05, momentum=0.9),
+                  epochs=1, progress=False)
+    return {"masks": {t: {n: m.clone() for n, m in ts.masks.items()} for t, ts in res.tickets_at.items()},
+            "final": {k: v.clone() for k, v in routed.model.state_dict().items()}}
 
 
 def shard_check() -> dict:
@@ -163,6 +196,7 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         res = scenario(out)
+        res["channel"] = channel_scenario(out)
         res["shards"] = shard_check()
         res["errors"] = wrapper_errors()
         torch.save(res, out / f"rank{rank}.pt")

@@ -69,7 +69,10 @@ def dist_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref_run(tmp_path_factory):
-    return W.scenario(tmp_path_factory.mktemp("ref"))
+    out = tmp_path_factory.mktemp("ref")
+    res = W.scenario(out)
+    res["channel"] = W.channel_scenario(out)
+    return res
 
 
 def _assert_masks_equal(a, b):
@@ -108,6 +111,38 @@ def test_two_processes_equal_one_process(dist_run, ref_run):
     assert r0["search_loss"] == pytest.approx(ref_run["search_loss"], rel=1e-9)
     for a, b in zip(r0["retrain_loss"], ref_run["retrain_loss"]):
         assert a == pytest.approx(b, rel=1e-6)
+
+
+def _assert_state_close(got_state, ref_state, rtol=1e-6):
+    for n, ref in ref_state.items():
+        got = got_state[n]
+        if ref.is_floating_point():
+            scale = float(ref.abs().max().clamp_min(1e-3))
+            assert float((got - ref).abs().max()) <= rtol * scale, n
+        else:
+            assert torch.equal(got, ref), n
+
+
+def test_channel_granularity_two_processes_equal_one(dist_run, ref_run):
+    _, (r0, r1) = dist_run
+    _assert_masks_equal(r0["channel"]["masks"], r1["channel"]["masks"])
+    _assert_masks_equal(r0["channel"]["masks"], ref_run["channel"]["masks"])
+    for n in r0["channel"]["final"]:
+        assert torch.equal(r0["channel"]["final"][n], r1["channel"]["final"][n]), n
+    _assert_state_close(r0["channel"]["final"], ref_run["channel"]["final"])
+    sp = {n: float(m.float().mean()) for n, m in r0["channel"]["masks"][0.5].items()}
+    assert all(v < 1.0 for v in sp.values())  # channels were really pruned
+
+
+def test_search_resumes_after_a_crash_on_every_rank(dist_run, ref_run):
+    _, ranks = dist_run
+    for r in ranks:
+        assert r["crashed"]
+        before, resumed = r["search_steps"]
+        # before the crash: ticket 0's two rounds (2 x 3 batches) + ticket 1's crashed round (2 batches);
+        # the resumed search re-runs only ticket 1's two rounds, from the checkpoint rank 0 wrote
+        assert before == 6 + 2 and resumed == 2 * 2
+    assert ranks[0]["search_steps"] == ref_run["search_steps"]
 
 
 def test_per_ticket_norm_statistics_synchronised(dist_run, ref_run):
