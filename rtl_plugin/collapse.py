@@ -59,6 +59,9 @@ class CollapseMonitor:
         factor: a change fires when it exceeds ``factor`` x the largest |change| seen before (per series).
         min_change: ... and is at least this large in absolute value (per unit of log-density).
         warmup: points (after the dense start) to observe before the monitor may fire.
+        depletion_slope: layer-depletion rule: fire when the sparsest layer's kept fraction falls this many
+            times faster than the whole model's, in log-density, over one round (None: off). Global magnitude
+            pruning empties some layers first; the tickets break when one of them becomes a bottleneck.
         min_density: bottleneck rule: fire when a layer keeps less than this fraction of its weights
             (None: off).
         action: what the callback asks the pruner to do when it fires: "stop", "relax" or "warn" (record only).
@@ -66,8 +69,8 @@ class CollapseMonitor:
     """
 
     def __init__(self, *, signals: Sequence[str] = DEFAULT_SIGNALS, factor: float = 2.0, min_change: float = 0.05,
-                 warmup: int = 2, min_density: float | None = None, action: str = "stop",
-                 recorder: SweepRecorder | None = None):
+                 warmup: int = 2, depletion_slope: float | None = 2.0, min_density: float | None = None,
+                 action: str = "stop", recorder: SweepRecorder | None = None):
         if isinstance(signals, str) or not signals:
             raise RTLError("signals must be a non-empty list of SweepPoint field names, e.g. ['band_jaccard'].")
         if not factor > 1:
@@ -76,12 +79,16 @@ class CollapseMonitor:
             raise RTLError(f"min_change must be >= 0, got {min_change}.")
         if not isinstance(warmup, int) or warmup < 1:
             raise RTLError(f"warmup must be an int >= 1, got {warmup!r}.")
+        if depletion_slope is not None and not depletion_slope > 1:
+            raise RTLError(f"depletion_slope must be > 1 (1 = the layer thins out as fast as the model) or None, "
+                           f"got {depletion_slope}.")
         if min_density is not None and not 0 < min_density < 1:
             raise RTLError(f"min_density must be in (0, 1) or None, got {min_density}.")
         if action not in ("stop", "relax", "warn"):
             raise RTLError(f"action must be 'stop', 'relax' or 'warn', got {action!r}.")
         self.signals, self.factor, self.min_change = list(signals), float(factor), float(min_change)
         self.warmup, self.min_density, self.action = warmup, min_density, action
+        self.depletion_slope = depletion_slope
         self.recorder = recorder
         self.warnings: list[CollapseWarning] = []
 
@@ -107,6 +114,18 @@ class CollapseMonitor:
                     reasons.append(f"{name} changed {vals[i - 1]:.3f} -> {vals[i]:.3f} "
                                    f"({d[-1]:+.3f} per log-density unit; largest before {prev:.3f})")
                     strength = max(strength, abs(d[-1]) / ref)
+        if self.depletion_slope is not None and i >= 2:
+            # the most depleted layer empties faster than the model: d ln(min layer density) / d ln(model density)
+            a, b = points[i - 1].min_layer_density, points[i].min_layer_density
+            dx = x[i] - x[i - 1]
+            if a > 0 and dx > 0:
+                slope = (math.log(a) - math.log(b)) / dx if b > 0 else math.inf
+                if slope > self.depletion_slope:
+                    worst = min(points[i].layer_density, key=points[i].layer_density.get)
+                    reasons.append(f"layer depletion: the sparsest layer ({worst}) went {a:.4f} -> {b:.4f} kept, "
+                                   f"{slope:.2f}x faster than the whole model in log-density "
+                                   f"(threshold {self.depletion_slope})")
+                    strength = max(strength, min(slope / self.depletion_slope, 1e3))
         if self.min_density is not None and points[i].min_layer_density < self.min_density:
             worst = min(points[i].layer_density, key=points[i].layer_density.get)
             reasons.append(f"layer {worst} keeps {points[i].layer_density[worst]:.4f} of its weights "

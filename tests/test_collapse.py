@@ -304,3 +304,22 @@ def _write_sim(tmp_path):
     f = tmp_path / "sim.json"
     f.write_text(json.dumps([[1, 0.8, 0.1], [0.8, 1, 0.1], [0.1, 0.1, 1]]))
     return f
+
+
+def test_depletion_rule_fires_when_a_layer_empties_faster_than_the_model():
+    sp = [1 - 0.7 ** i for i in range(9)]
+    pts = _points([0.8] * 9, sp)
+    for p in pts:  # a layer that thins out exactly as fast as the model: silent
+        p.layer_density = {"a": 1 - p.sparsity, "b": 1.0}
+        p.min_layer_density = 1 - p.sparsity
+    assert CollapseMonitor().scan(pts) is None
+    for i, p in enumerate(pts):  # from round 6 on layer "a" loses density 3x faster (log scale)
+        d = (1 - p.sparsity) if i < 6 else (1 - pts[5].sparsity) * (0.7 ** (3 * (i - 5)))
+        p.layer_density = {"a": d, "b": 1.0}
+        p.min_layer_density = d
+    w = CollapseMonitor().scan(pts)
+    assert w is not None and w.round == 6 and "layer depletion" in w.reasons[0] and "(a)" in w.reasons[0]
+    assert CollapseMonitor(depletion_slope=None).scan(pts) is None
+    assert CollapseMonitor(depletion_slope=4.0).scan(pts) is None
+    with pytest.raises(rtl.RTLError, match="depletion_slope"):
+        CollapseMonitor(depletion_slope=0.5)

@@ -46,3 +46,25 @@ def test_readme_api_block_runs(tmp_path, monkeypatch):
     routed2.eval()
     with torch.no_grad():
         assert torch.equal(routed(x, route=env["domain_ids"]), routed2(x, route=env["domain_ids"]))
+
+
+def test_readme_collapse_block_runs(tmp_path, monkeypatch):
+    import rtl_plugin as rtl
+    from _helpers import TinyCNN
+
+    monkeypatch.chdir(tmp_path)
+    text = README.read_text()
+    section = text.split("## Collapse diagnostics", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    routed = rtl.wrap(TinyCNN(), 2, example_inputs=torch.randn(1, 3, 8, 8), adapter="generic",
+                      output_layers=["head"])
+    subsets = {k: DataLoader(TensorDataset(torch.randn(8, 3, 8, 8, generator=g) + k,
+                                           torch.randint(0, 5, (8,), generator=g)), batch_size=8) for k in range(2)}
+    env = {"rtl": rtl, "routed": routed, "subsets": subsets, "x_unlabeled": torch.randn(16, 3, 8, 8, generator=g),
+           "my_val_metric": lambda model, k: 0.5}
+    (tmp_path / "run").mkdir()
+    exec(compile(code, "README-collapse", "exec"), env)
+    assert (tmp_path / "run" / "sweep.json").is_file()
+    assert isinstance(env["mon"].warnings, list) and env["rec"].sweep.points[0].sparsity == 0
