@@ -612,6 +612,7 @@ class DistributedTicketView(nn.Module):
                 return routed(*args, route=self.k, **kwargs)
             scale = self.loss_weight = self._shard_scale(args)
             out = self.ddp(*args, route=self.k, **kwargs)
+        _check_finite_everywhere(out, self.k)
         return out if scale == 1.0 else _scale_grads(out, scale)
 
     def _shard_scale(self, args) -> float:
@@ -626,6 +627,39 @@ class DistributedTicketView(nn.Module):
             raise DataError(f"a rank received an empty shard (global batch of {total} over {W} ranks); use "
                             f"drop_last=True or a batch size of at least {W}.")
         return 1.0 if W * squares == total * total else n * W / total
+
+
+def _check_finite_everywhere(out, k: int) -> None:
+    """Raise on every rank when any rank's output holds NaN/inf (a rank raising alone would leave the others
+    waiting in DDP's gradient all-reduce)."""
+    import torch.distributed as dist
+    bad = []
+    _visit_tensors(out, lambda t: bad.append(bool((~torch.isfinite(t.detach())).any())))
+    flag = torch.tensor([1 if any(bad) else 0], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        from .errors import RTLError
+        raise RTLError(f"non-finite model output while training ticket {k} on "
+                       f"{'this rank' if any(bad) else 'another rank'}; lower the learning rate or check the data "
+                       "for NaN/inf (every rank stops).")
+
+
+def _visit_tensors(obj, fn) -> None:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            fn(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _visit_tensors(v, fn)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _visit_tensors(v, fn)
+
+
+DDP_OPTIONS: dict = {"find_unused_parameters": False}
+"""Keyword arguments for the DistributedDataParallel that :func:`ticket_views` creates; set
+``DDP_OPTIONS["find_unused_parameters"] = True`` for models with trainable parameters their forward does
+not use (DDP otherwise stops with "Expected to have finished reduction in the prior iteration")."""
 
 
 def ticket_views(routed, tickets) -> dict[int, nn.Module]:
@@ -650,7 +684,10 @@ def ticket_views(routed, tickets) -> dict[int, nn.Module]:
     # buffers (per-ticket norm statistics) stay identical through synchronised batch norms: no per-forward sync
     params = inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-    ddp = DistributedDataParallel(routed, device_ids=dev_ids, find_unused_parameters=False, **no_sync)
+    if not isinstance(DDP_OPTIONS, dict):
+        raise DistributedError(f"rtl_plugin.distributed.DDP_OPTIONS must be a dict of DDP keyword arguments, got "
+                               f"{type(DDP_OPTIONS).__name__}.")
+    ddp = DistributedDataParallel(routed, device_ids=dev_ids, **{**no_sync, **DDP_OPTIONS})
     return {k: DistributedTicketView(ddp, routed, k) for k in ks}
 
 

@@ -126,6 +126,21 @@ def channel_scenario(out: Path) -> dict:
             "final": {k: v.clone() for k, v in routed.model.state_dict().items()}}
 
 
+def nan_shard_check() -> str:
+    """Rank 1's shard holds a NaN sample: every rank must stop with the same error (no rank left waiting)."""
+    from rtl_plugin.errors import RTLError
+    routed = build()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    x[3] = float("nan")  # global batch [0, 1, 2, 3]: rank 0 gets samples 0-1, rank 1 gets 2-3
+    dl = DataLoader(TensorDataset(x, torch.zeros(4, dtype=torch.long)), batch_size=4)
+    try:
+        joint_retrain(routed, {0: dl, 1: dl}, optimizer=torch.optim.SGD(routed.parameters(), lr=0.1), epochs=1,
+                      progress=False)
+    except RTLError as e:
+        return str(e)
+    return "no error"
+
+
 def shard_check() -> dict:
     """Indices each rank gets from a sharded shuffling DataLoader (2 epochs) and from a sliced wrapper."""
     from rtl_plugin.baselines import CyclicLoader
@@ -198,6 +213,7 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
         res = scenario(out)
         res["channel"] = channel_scenario(out)
         res["shards"] = shard_check()
+        res["nan"] = nan_shard_check()
         res["errors"] = wrapper_errors()
         torch.save(res, out / f"rank{rank}.pt")
         dist.barrier()

@@ -200,6 +200,14 @@ def test_rank0_checkpoints_resume_in_one_process(dist_run):
         assert torch.equal(v, r0["final"][n]), n
 
 
+def test_nan_in_one_ranks_shard_stops_every_rank(dist_run):
+    _, (r0, r1) = dist_run
+    # (synchronised batch norm spreads rank 1's NaN into rank 0's statistics too; what matters is that both
+    # ranks raise the same error instead of one rank waiting forever in DDP's all-reduce)
+    for r in (r0, r1):
+        assert "non-finite model output while training ticket 0" in r["nan"] and "every rank stops" in r["nan"]
+
+
 def test_ddp_and_fsdp_wrapped_models_are_rejected(dist_run):
     _, (r0, r1) = dist_run
     for r in (r0, r1):
