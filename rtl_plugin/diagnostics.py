@@ -93,6 +93,7 @@ class Diagnosis:
     bands: dict[str, float] = field(default_factory=dict)
     per_layer: dict[str, float] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
+    flags: list[str] = field(default_factory=list)   # collapse flags read from one TicketSet (no sweep needed)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict
@@ -107,14 +108,16 @@ class Diagnosis:
                  f"weights: union {p['union']:,} | shared by all {p['shared_by_all']:,} | private {p['private']:,} | "
                  f"per ticket max {p['per_ticket_max']:,} | K independent models {p['multi_model']:,}",
                  "S_k: " + ", ".join(f"{n}={s:.3f}" for n, s in zip(names, self.scores))]
+        lines += [f"flag: {f}" for f in self.flags]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
 
 
-def diagnose(obj, n_bands: int = 3) -> Diagnosis:
-    """Diagnose a RoutedModel or a TicketSet (label-free)."""
+def diagnose(obj, n_bands: int = 3, bottleneck_density: float = 0.01) -> Diagnosis:
+    """Diagnose a RoutedModel or a TicketSet (label-free); ``flags`` name bottleneck layers (a ticket keeps less
+    than ``bottleneck_density`` of a layer's weights) and near-identical tickets."""
     from .routed import RoutedModel
     tickets = obj.tickets if isinstance(obj, RoutedModel) else obj
     if not isinstance(tickets, TicketSet):
@@ -126,7 +129,17 @@ def diagnose(obj, n_bands: int = 3) -> Diagnosis:
     kept = tickets.kept()
     params = sharing_counts(tickets)
     params.update(per_ticket_max=int(kept.max()), multi_model=int(kept.sum()), total=tickets.space.num_weights)
-    return Diagnosis(num_tickets=tickets.num_tickets, sparsity=[round(float(s), 6) for s in tickets.sparsity()],
+    flags = []
+    for n, m in tickets.element_masks().items():
+        dens = m.reshape(m.shape[0], -1).float().mean(1)
+        worst = int(dens.argmin())
+        if float(dens[worst]) < bottleneck_density:
+            flags.append(f"bottleneck: layer {n} keeps {float(dens[worst]):.2%} of its weights in ticket {worst} "
+                         f"(< {bottleneck_density:.0%}); quality usually breaks here")
+    off = j[~torch.eye(j.shape[0], dtype=torch.bool)]
+    if j.shape[0] > 1 and float(off.min()) > 0.98:
+        flags.append("tickets nearly identical (every pairwise Jaccard > 0.98): routing buys nothing here")
+    return Diagnosis(flags=flags, num_tickets=tickets.num_tickets, sparsity=[round(float(s), 6) for s in tickets.sparsity()],
                      jaccard=[[round(float(v), 6) for v in row] for row in j], mean_jaccard=mean_offdiagonal(j),
                      chance=mean_offdiagonal(chance), scores=[float(s) for s in ticket_scores(j)], bands=bands,
                      per_layer=per_layer, params=params)

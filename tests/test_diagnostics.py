@@ -60,3 +60,17 @@ def test_per_layer_and_bands(routed):
         depth_bands(["a"], 0)
     with pytest.raises(rtl.TicketError):
         rtl.diagnose("not tickets")
+
+
+def test_flags_bottleneck_and_identical(make_tiny):
+    routed = rtl.wrap(make_tiny(), 3, example_inputs=torch.randn(1, 3, 8, 8), output_layers=["head"],
+                      granularity="weight")
+    full = rtl.TicketSet.full(routed.space, 3)
+    d = rtl.diagnose(full)
+    assert any("nearly identical" in f for f in d.flags) and "flag:" in d.summary()
+    masks = {n: m.clone() for n, m in full.masks.items()}
+    layer = list(routed.space.layers)[0]
+    masks[layer][1].view(-1)[1:] = False  # ticket 1 keeps one weight of the first layer
+    d = rtl.diagnose(rtl.TicketSet(routed.space, masks))
+    assert any(f.startswith(f"bottleneck: layer {layer}") and "ticket 1" in f for f in d.flags)
+    assert not any("bottleneck" in f for f in rtl.diagnose(rtl.TicketSet.random(routed.space, 3, keep=0.5)).flags)
