@@ -186,7 +186,7 @@ def plot_dendrogram(jaccard, names, path, *, title: str = "") -> str:
     d = 1 - np.asarray(jaccard, dtype=float)
     d = (d + d.T) / 2
     np.fill_diagonal(d, 0)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(names), 3.4))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.45 * len(names)), 3.4))
     dendrogram(linkage(squareform(np.clip(d, 0, None), checks=False), method="average"), labels=list(names), ax=ax,
                leaf_rotation=60, leaf_font_size=7)
     ax.set_ylabel("1 - Jaccard")
@@ -205,12 +205,13 @@ def plot_layer_sparsity(tickets, names, path, *, title: str = "") -> str:
     layers = list(em)
     dens = np.array([[float(em[n][k].float().mean()) for n in layers] for k in range(tickets.num_tickets)])
     fig, ax = plt.subplots(figsize=(min(2 + 0.25 * len(layers), 16), 1.2 + 0.3 * tickets.num_tickets))
-    im = ax.imshow(dens, vmin=0, vmax=1, aspect="auto", cmap="magma")
+    from matplotlib.colors import LogNorm
+    im = ax.imshow(np.clip(dens, 1e-4, 1), norm=LogNorm(vmin=1e-4, vmax=1), aspect="auto", cmap="magma")
     ax.set_yticks(range(len(names)), names, fontsize=6)
     step = max(1, len(layers) // 40)
     ax.set_xticks(range(0, len(layers), step), [layers[i] for i in range(0, len(layers), step)], rotation=90,
                   fontsize=5)
-    fig.colorbar(im, ax=ax, fraction=0.03, label="kept fraction")
+    fig.colorbar(im, ax=ax, fraction=0.03, label="kept (log)")
     ax.set_title(title or "per-layer density per ticket", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

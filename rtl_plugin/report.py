@@ -100,7 +100,7 @@ def diagnose_run(run_dir, *, out_dir=None, class_similarity=None, wordnet: bool 
                                                  title=f"ticket Jaccard per depth band at {pct}% sparsity"))
             if ts.num_tickets >= 2:
                 figs.append(plots.plot_dendrogram(d.jaccard, names, out / f"dendrogram_{pct}.png",
-                                                  title=f"tickets at {pct}% sparsity (average linkage, 1 - Jaccard)"))
+                                                  title=f"tickets at {pct}% sparsity (average linkage)"))
             figs.append(plots.plot_layer_sparsity(ts, names, out / f"layer_density_{pct}.png",
                                                   title=f"per-layer density per ticket at {pct}% sparsity"))
 
