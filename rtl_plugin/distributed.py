@@ -4,19 +4,20 @@ At every step all ranks train the SAME ticket on disjoint shards of that ticket'
 averaged gradient is one ticket's masked update, exactly as in one process with the same global batch:
 
 * data: :func:`shard_loader` gives each rank a contiguous slice of every global batch. For a standard
-  ``DataLoader`` the batch sampler is sharded (rank 0's index order of each epoch is broadcast, each rank
+  ``DataLoader`` the batch sampler is sharded (rank 0's index list of each batch is broadcast, each rank
   loads only its slice); other loaders (wrappers yielding batches) are iterated on every rank and each
   batch is sliced along dim 0, with a per-batch check that all ranks saw the same global batch.
-* gradients: :func:`ticket_view` runs the ticket through ``torch.nn.parallel.DistributedDataParallel``
+* gradients: :func:`ticket_views` runs the ticket through ``torch.nn.parallel.DistributedDataParallel``
   wrapped around the whole ``RoutedModel`` (the ticket id travels as the ``route=`` keyword, so one DDP
   serves every ticket; ``functional_call``'s masked weights are products with the real parameters, so
   DDP's gradient hooks fire on them). DDP averages over ranks; when the shards of a batch are unequal
   (a last batch not divisible by the world size) the output gradient of each rank is scaled by
   ``n_rank * world / n_global`` so the result is the mean over the global batch, as in one process
-  (exact for losses that are a mean over samples, like the default cross-entropy step).
+  (exact for losses that are a mean over samples, like the default cross-entropy step). A NaN/inf output
+  on any rank stops every rank with the same error.
 * norms: batch statistics are synchronised (SyncBatchNorm semantics) by intercepting
-  ``torch.nn.functional.batch_norm`` while a ticket view trains: mean and variance are all-reduced over
-  the global batch (with autograd), so every rank normalises with the statistics one process would use
+  ``torch.nn.functional.batch_norm`` while a ticket view trains: mean and variance are those of the
+  global batch (gathered from every rank, with autograd), so every rank normalises with the statistics one process would use
   and the per-ticket running statistics (``RoutedBatchNorm``'s row of ticket k) stay identical on all
   ranks. Works for any BatchNorm subclass that calls ``F.batch_norm`` (timm's ``BatchNormAct2d``). Each
   layer costs one all-gather of per-rank (count, mean, variance) forward and one all-reduce backward.
@@ -37,7 +38,6 @@ import hashlib
 import inspect
 import json
 import os
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -49,8 +49,8 @@ from .errors import DataError, DistributedError
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "barrier", "init_from_env", "shutdown",
            "launched_by_torchrun", "check_not_sharded", "shard_loader", "prepare", "ticket_view", "ticket_views",
-           "broadcast_masks", "broadcast_state", "all_mean", "any_rank", "on_main_process",
-           "ShardedBatchSampler", "SyncBatchNormMode"]
+           "broadcast_masks", "broadcast_state", "all_mean", "any_rank", "on_main_process", "local_device",
+           "ShardedBatchSampler", "SlicedLoader", "SyncBatchNormMode", "DistributedTicketView", "DDP_OPTIONS"]
 
 
 # ----------------------------------------------------------------------------- process group helpers
@@ -669,9 +669,13 @@ def ticket_views(routed, tickets) -> dict[int, nn.Module]:
     from .routed import RoutedModel
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"ticket_views() needs a RoutedModel, got {type(routed).__name__}.")
-    ks = [int(k) for k in tickets]
+    try:
+        ks = [k for k in tickets]
+    except TypeError:
+        raise DistributedError(f"tickets must be an iterable of ticket ids, got {type(tickets).__name__}.") from None
     for k in ks:
-        routed.tickets._check_index(k)
+        routed.tickets._check_index(k)  # TicketError naming the valid range
+    ks = [int(k) for k in ks]
     if not is_distributed():
         return {k: routed.ticket_module(k) for k in ks}
     check_not_sharded(routed.model)
@@ -695,7 +699,3 @@ def ticket_view(routed, k: int) -> nn.Module:
     """One ticket's training view (see :func:`ticket_views`)."""
     return ticket_views(routed, [k])[int(k)]
 
-
-def sync_norms(routed) -> "SyncBatchNormMode | nullcontext":
-    """A context in which training-mode batch norms use global batch statistics (no-op with one process)."""
-    return SyncBatchNormMode() if is_distributed() else nullcontext()

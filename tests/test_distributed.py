@@ -261,6 +261,11 @@ def test_bad_loader_and_model_inputs():
         D.ShardedBatchSampler(3, 0, 2)
     with pytest.raises(TypeError, match="nn.Module"):
         D.check_not_sharded("model")
+    routed = W.build()
+    with pytest.raises(DistributedError, match="iterable"):
+        D.ticket_views(routed, 3)
+    with pytest.raises(rtl.TicketError, match="ticket index"):
+        D.ticket_views(routed, [0, 2])
 
 
 def test_cli_joins_the_torchrun_group_and_only_rank0_writes(dist_run):
