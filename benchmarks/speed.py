@@ -330,11 +330,13 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
     r["peak_memory_channel75_vs_dense"] = mem["routed_channel75"] / mem["dense"]
 
 
-def bench_training(a, dev, out: dict) -> None:
-    """Joint retraining per sample vs dense training per sample (same model, batches and Adam), ``--train-reps``
+def bench_training(a, dev, out: dict, image: int | None = None, n_batches: int | None = None,
+                   reps: int | None = None, suffix: str = "") -> None:
+    """Joint retraining per sample vs dense training per sample (same model, batches and Adam), ``reps``
     interleaved repetitions (minimum kept)."""
-    K, shape = a.tickets, (3, a.image, a.image)
-    loaders = loaders_for(K, a.train_batches, a.train_batch, shape, a.classes)
+    image, n_batches, reps = image or a.image, n_batches or a.train_batches, reps or a.train_reps
+    K, shape = a.tickets, (3, image, image)
+    loaders = loaders_for(K, n_batches, a.train_batch, shape, a.classes)
     torch.manual_seed(0)
     base = make_model(a.model, a.classes)
     dense = copy.deepcopy(base).to(dev).train()
@@ -347,7 +349,7 @@ def bench_training(a, dev, out: dict) -> None:
             for k, dl in list(loaders.items())[:1]}
     joint_retrain(r, warm, optimizer=torch.optim.Adam(r.parameters(), lr=1e-3), epochs=1, device=dev, progress=False)
     dense_c, joint_c, steps = [], [], 0
-    for _ in range(a.train_reps):
+    for _ in range(reps):
         opt = torch.optim.Adam(dense.parameters(), lr=1e-3)
         with Clock(dev) as c:
             for b in batches:
@@ -358,13 +360,15 @@ def bench_training(a, dev, out: dict) -> None:
                                  device=dev, progress=False)
         joint_c.append(c)
         steps = hist["steps"]
-    t_dense = record(out, "dense_train", min(dense_c, key=lambda c: c.primary))
-    t_joint = record(out, "joint_retrain", min(joint_c, key=lambda c: c.primary))
+    t_dense = record(out, f"dense_train{suffix}", min(dense_c, key=lambda c: c.primary))
+    t_joint = record(out, f"joint_retrain{suffix}", min(joint_c, key=lambda c: c.primary))
     n_dense, n_joint = sum(b[0].shape[0] for b in batches), steps * a.train_batch
-    out["counts"].update({"dense_train_samples": n_dense, "joint_retrain_samples": n_joint})
-    out["ratios"]["joint_retrain_vs_dense"] = (t_joint / n_joint) / (t_dense / n_dense)
-    out["ratios_wall"]["joint_retrain_vs_dense"] = ((out["times_wall_s"]["joint_retrain"] / n_joint)
-                                                    / (out["times_wall_s"]["dense_train"] / n_dense))
+    out["counts"].update({f"dense_train_samples{suffix}": n_dense, f"joint_retrain_samples{suffix}": n_joint})
+    out["ratios"][f"joint_retrain_vs_dense{suffix}"] = (t_joint / n_joint) / (t_dense / n_dense)
+    out["ratios_wall"][f"joint_retrain_vs_dense{suffix}"] = (
+        (out["times_wall_s"][f"joint_retrain{suffix}"] / n_joint) / (out["times_wall_s"][f"dense_train{suffix}"] / n_dense))
+    if a.image2 and not suffix:  # larger inputs: compute grows, the per-step O(weights) masking work does not
+        bench_training(a, dev, out, image=a.image2, n_batches=1, reps=1, suffix=f"_img{a.image2}")
 
 
 def bench_search(a, dev, out: dict) -> None:
