@@ -279,9 +279,13 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
         measure(fns, dev, a.reps, out)
         if a.image2:  # larger inputs: compute grows, the per-ticket weight traffic does not
             x2 = torch.randn(B, 3, a.image2, a.image2, generator=g).to(dev)
+            x2b, r2b = x2[:64], route[:64]
             measure({f"dense_infer_img{a.image2}": lambda: dense(x2),
-                     f"routed_weight_infer_img{a.image2}": lambda: rw(x2, route=route)}, dev, max(2, a.reps // 2), out)
-            del x2
+                     f"routed_weight_infer_img{a.image2}": lambda: rw(x2, route=route),
+                     f"dense_infer_b64_img{a.image2}": lambda: dense(x2b),
+                     f"routed_channel50_infer_b64_img{a.image2}": lambda: slims["channel50"](x2b, route=r2b)},
+                    dev, max(2, a.reps // 2), out)
+            del x2, x2b
         autocasts = [("bf16", torch.bfloat16), ("fp16", torch.float16)] if dev.type == "cuda" else \
             ([] if a.quick else [("bf16", torch.bfloat16)])
         for name, dt in autocasts:
@@ -317,6 +321,8 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
                           ("routed_channel75_vs_dense_b64", "routed_channel75_infer_b64", "dense_infer_b64"),
                           (f"routed_weight_vs_dense_img{a.image2}", f"routed_weight_infer_img{a.image2}",
                            f"dense_infer_img{a.image2}"),
+                          (f"routed_channel50_vs_dense_b64_img{a.image2}", f"routed_channel50_infer_b64_img{a.image2}",
+                           f"dense_infer_b64_img{a.image2}"),
                           ("routed_weight_vs_dense_bf16", "routed_weight_infer_bf16", "dense_infer_bf16"),
                           ("routed_channel50_vs_dense_bf16", "routed_channel50_infer_bf16", "dense_infer_bf16"),
                           ("routed_weight_vs_dense_fp16", "routed_weight_infer_fp16", "dense_infer_fp16"),
