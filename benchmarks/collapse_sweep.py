@@ -93,7 +93,9 @@ def ground_truth(truth: list[dict], key: str = "balanced_accuracy") -> dict:
     best = max(t[key] for t in truth)
     drop = next((t["sparsity"] for t in truth if t[key] < best - 0.05), None)
     healthy = [t["sparsity"] for t in truth if t[key] >= best - 0.01]
-    return {"best": best, "drop_at": drop, "last_healthy": max(healthy)}
+    # a drop that never recovers at higher sparsity (the cliff), as opposed to a dip or a gradual slide
+    sustained = next((t["sparsity"] for i, t in enumerate(truth) if all(u[key] < best - 0.05 for u in truth[i:])), None)
+    return {"best": best, "drop_at": drop, "sustained_drop_at": sustained, "last_healthy": max(healthy)}
 
 
 def signal_value(point: dict, name: str):
@@ -112,7 +114,10 @@ def evaluate(per_seed: list[dict], monitor_kw: dict | None = None) -> dict:
         fired = mon.scan(sweep)
         ok_early = gt["drop_at"] is None or (fired is not None and fired["sparsity"] <= gt["drop_at"] + 1e-4)
         ok_false = fired is None or fired["sparsity"] > gt["last_healthy"] + 1e-4
+        ok_sustained = gt["sustained_drop_at"] is None or (fired is not None and
+                                                           fired["sparsity"] <= gt["sustained_drop_at"] + 1e-4)
         rows.append({"seed": r["seed"], **gt, "fired_at": None if fired is None else fired["sparsity"],
+                     "in_time_sustained": ok_sustained,
                      "confidence": None if fired is None else fired["confidence"],
                      "reasons": None if fired is None else fired["reasons"],
                      "in_time": ok_early, "no_false_alarm": ok_false})
@@ -184,16 +189,23 @@ def signal_table(per_seed: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(rows: list[dict]) -> list[str]:
+    pct = lambda v, none: none if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    yes = lambda b: "yes" if b else "NO"  # noqa: E731
+    out = ["| seed | best bal. acc | first drop > 5 pts | sustained drop > 5 pts | last within 1 pt | monitor fired at "
+           "| confidence | in time (first / sustained) | no false alarm |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = "" if r["confidence"] is None else f"{r['confidence']:.2f}"
+        out.append(f"| {r['seed']} | {r['best']:.3f} | {pct(r['drop_at'], 'none')} | "
+                   f"{pct(r['sustained_drop_at'], 'none')} | {pct(r['last_healthy'], '')} | "
+                   f"{pct(r['fired_at'], 'never')} | {c} | {yes(r['in_time'])} / {yes(r['in_time_sustained'])} | "
+                   f"{yes(r['no_false_alarm'])} |")
+    return out
+
+
 def markdown(results: dict) -> str:
     ev = results["evaluation"]
-    out = ["| seed | best bal. acc | drop > 5 pts at | last within 1 pt | monitor fired at | confidence | in time | "
-           "no false alarm |", "|---|---|---|---|---|---|---|---|"]
-    for r in ev["rows"]:
-        f = "never" if r["fired_at"] is None else f"{100 * r['fired_at']:.1f}%"
-        d = "none" if r["drop_at"] is None else f"{100 * r['drop_at']:.1f}%"
-        c = "" if r["confidence"] is None else f"{r['confidence']:.2f}"
-        out.append(f"| {r['seed']} | {r['best']:.3f} | {d} | {100 * r['last_healthy']:.1f}% | {f} | {c} | "
-                   f"{'yes' if r['in_time'] else 'NO'} | {'yes' if r['no_false_alarm'] else 'NO'} |")
+    out = seed_table(ev["rows"])
     out.append("")
     out.append("Retrained RTL balanced accuracy per target sparsity (mean over seeds):")
     sps = [t["sparsity"] for t in results["per_seed"][0]["truth"]]
@@ -207,14 +219,7 @@ def markdown(results: dict) -> str:
     if results.get("demo_task"):
         tasks["multi-domain demo task"] = results["demo_task"]
         out += ["", "Multi-domain demo task (rtl prune, K = 3, timm test_resnet), monitor default:", ""]
-        ev = evaluate(results["demo_task"])
-        out += ["| seed | best bal. acc | drop > 5 pts at | last within 1 pt | monitor fired at | in time | "
-                "no false alarm |", "|---|---|---|---|---|---|---|"]
-        for r in ev["rows"]:
-            drop = "none" if r["drop_at"] is None else f"{100 * r['drop_at']:.1f}%"
-            fired = "never" if r["fired_at"] is None else f"{100 * r['fired_at']:.1f}%"
-            out.append(f"| {r['seed']} | {r['best']:.3f} | {drop} | {100 * r['last_healthy']:.1f}% | {fired} | "
-                       f"{'yes' if r['in_time'] else 'NO'} | {'yes' if r['no_false_alarm'] else 'NO'} |")
+        out += seed_table(evaluate(results["demo_task"])["rows"])
     out += ["", "Each signal under the same step rule (and the default monitor), fired-at sparsity per seed:", "",
             detector_table(tasks)]
     return "\n".join(out)
