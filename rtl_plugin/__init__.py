@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from .adapters import Adapter, create_adapter, detect_adapter, list_adapters, register_adapter
 from .api import wrap
-from .errors import (ArchitectureMismatchError, CorruptFileError, DataError, FormatVersionError,
+from .errors import (ArchitectureMismatchError, CorruptFileError, DataError, DistributedError, FormatVersionError,
                      MissingDependencyError, RouteError, RTLError, SpaceError, SparsityError, TicketError,
                      UnsupportedLayerError)
 from .diagnostics import Diagnosis, diagnose
@@ -38,7 +38,7 @@ def load(path, model, **kw):
 __all__ = [
     "Adapter", "CollapseMonitor", "CollapseWarning", "Sweep", "SweepPoint", "SweepRecorder", "semantic_alignment",
     "wordnet_similarity", "diagnose_run", "Diagnosis", "RTLPruner", "SearchResult", "TicketImportance", "diagnose", "joint_retrain",
-    "ArchitectureMismatchError", "CorruptFileError", "DataError", "FormatVersionError",
+    "ArchitectureMismatchError", "CorruptFileError", "DataError", "DistributedError", "FormatVersionError",
     "MaskedLayerNorm", "MissingDependencyError", "RTLError", "RouteError", "RoutedBatchNorm", "RoutedModel",
     "SpaceError", "SparsityError", "TicketError", "TicketSet", "TicketSpace", "UnsupportedLayerError",
     "build_space", "create_adapter", "detect_adapter", "export_ticket", "list_adapters", "load",
