@@ -330,3 +330,27 @@ def test_package_on_cuda(package):
     with torch.no_grad():
         want = r(_x(), route=ROUTE)
     assert _rel(y.cpu(), want) < 1e-4 and _rel(yh.float().cpu(), want) < 0.05
+
+
+def test_readme_deployment_block_runs(tmp_path, monkeypatch):
+    """The README's Deployment snippet runs as written (on test_resnet and stand-in data)."""
+    import re
+    timm = pytest.importorskip("timm")
+    pytest.importorskip("onnxruntime")
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text.split("## Deployment", 1)[1], re.S).group(1)
+    code = code.replace('"resnet18"', '"test_resnet"')
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    routed = rtl.wrap(timm.create_model("test_resnet", num_classes=22), 3, example_inputs=torch.randn(1, 3, 32, 32),
+                      granularity="channel")
+    routed.set_tickets(half_tickets(routed.space, 3))
+    routed.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    env = {"rtl": rtl, "timm": timm, "routed": routed, "x": x, "domain_ids": torch.tensor([0, 1, 2, 2, 1, 0]),
+           "x_train": torch.cat([x, x + 1.0, x - 1.0]), "domain_train": torch.arange(3).repeat_interleave(6)}
+    exec(compile(code, "README.md", "exec"), env)
+    with torch.no_grad():
+        assert _rel(env["logits"], routed(x, route=env["domain_ids"])) < 1e-5
+    assert (tmp_path / "pkg" / "ticket_2.onnx").is_file() and (tmp_path / "t0.onnx").is_file()
