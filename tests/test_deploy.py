@@ -354,3 +354,18 @@ def test_readme_deployment_block_runs(tmp_path, monkeypatch):
     with torch.no_grad():
         assert _rel(env["logits"], routed(x, route=env["domain_ids"])) < 1e-5
     assert (tmp_path / "pkg" / "ticket_2.onnx").is_file() and (tmp_path / "t0.onnx").is_file()
+
+
+def test_centroid_router_package_and_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    r = _routed("channel")
+    xs = _x(30, seed=9)
+    ids = torch.arange(30) % K
+    xs[ids == 2] -= 2.0
+    router = create_router("centroid", num_tickets=K).fit(xs, ids)
+    export_package(r, tmp_path / "p", router=router, onnx=True)
+    slim = load_package(tmp_path / "p", _fresh())
+    (got,) = onnx_run(tmp_path / "p" / "router.onnx", [xs])
+    with torch.no_grad():
+        assert torch.equal(slim.router(xs), router(xs)) and torch.equal(got, router(xs))
+        assert _rel(slim(xs), r(xs, route=router(xs))) < 1e-5
