@@ -229,7 +229,7 @@ class RTLPruner:
             st = states[str(k)]
             while st[0] < len(self.targets):
                 target = self.targets[st[0]]
-                cur = float(routed.tickets.sparsity()[k])
+                cur = self._sparsity_of(k)
                 if st[2] or cur >= target - 1e-9:  # a stopped ticket records its last masks for every remaining target
                     record(k, st[0])
                     st[0] += 1
@@ -243,12 +243,12 @@ class RTLPruner:
                 masks = self._prune_round(k, target)
                 self._set_ticket(k, masks)
                 st[1] += 1
-                sp = float(routed.tickets.sparsity()[k])
+                sp = self._sparsity_of(k)
                 history.append(RoundRecord(ticket=k, round=st[1], sparsity=sp, loss=loss))
                 bar.update(1)
                 bar.set_postfix(ticket=k, sparsity=f"{sp:.3f}")
                 event = {"ticket": k, "round": st[1], "sparsity": sp, "loss": loss, "target": target, "model": routed,
-                         "masks": {n: m[k].clone() for n, m in routed.tickets.masks.items()}}
+                         "masks": {n: m[k].clone() for n, m in routed.tickets.masks.items()}} if self.callbacks else {}
                 if any(cb(event) == "stop" for cb in self.callbacks):
                     st[2] = True
                     stopped[k] = st[1]
@@ -407,6 +407,14 @@ class RTLPruner:
             return n + len(self.targets)
         return math.ceil(last * self.routed.space.num_weights / self.prune_count)
 
+    def _sparsity_of(self, k: int) -> float:
+        """Ticket k's sparsity without counting the other K - 1 tickets (weight mode: its masks directly)."""
+        ts = self.routed.tickets
+        if self.routed.granularity != "weight":
+            return float(ts.sparsity()[k])
+        kept = sum(int(m[k].sum()) for m in ts.masks.values())
+        return 1.0 - kept / self.routed.space.num_weights
+
     def _set_ticket(self, k: int, masks: dict[str, torch.Tensor]) -> None:
         self.routed.tickets.set_ticket(k, masks)
         self.routed._cache.clear()
@@ -483,9 +491,12 @@ class RTLPruner:
             return self._prune_weights_layerwise(masks, scores, kept, n)
         flat = torch.cat([scores[nm][masks[nm]].flatten().float() for nm in names])
         # global threshold: the n-th smallest surviving magnitude; ties broken by position for exact counts
-        order = torch.argsort(flat, stable=True)[:n]
-        drop = torch.zeros_like(flat, dtype=torch.bool)
-        drop[order] = True
+        # (the same set as the first n of a stable argsort, in O(N) instead of O(N log N))
+        thr = torch.kthvalue(flat.cpu(), n).values.to(flat.device)
+        drop = flat < thr
+        need = n - int(drop.sum())
+        if need > 0:
+            drop[(flat == thr).nonzero().flatten()[:need]] = True
         off = 0
         for nm in names:
             m = masks[nm]

@@ -100,6 +100,23 @@ class TicketSet:
     def set_ticket(self, k: int, masks: dict[str, torch.Tensor]) -> None:
         """Replace ticket ``k``'s masks (keys and shapes must match the space)."""
         self._check_index(k)
+        if self.space.granularity == "weight":  # validate everything first, then write row k in place
+            checked = {}
+            for n, m in masks.items():
+                if n not in self.masks:
+                    raise TicketError(f"unknown mask key {n!r}; expected keys of the ticket space "
+                                      f"({len(self.masks)} keys).")
+                m = torch.as_tensor(m, device=self.masks[n].device)
+                if m.dtype != torch.bool:
+                    raise TicketError(f"mask {n!r} has dtype {m.dtype}; masks must be torch.bool.")
+                if tuple(m.shape) != tuple(self.masks[n].shape[1:]):
+                    raise TicketError(f"mask {n!r} has shape {tuple(m.shape)}, expected "
+                                      f"{tuple(self.masks[n].shape[1:])} (one ticket's mask from the same architecture).")
+                checked[n] = m
+            for n, m in checked.items():
+                self.masks[n][k] = m
+            self._touch()
+            return
         new = {n: m.clone() for n, m in self.masks.items()}
         for n, m in masks.items():
             if n not in new:
