@@ -489,9 +489,11 @@ class RTLPruner:
         names = list(masks)
         if self.scope == "layer":
             return self._prune_weights_layerwise(masks, scores, kept, n)
-        flat = torch.cat([scores[nm][masks[nm]].flatten().float() for nm in names])
-        # global threshold: the n-th smallest surviving magnitude; ties broken by position for exact counts
-        # (the same set as the first n of a stable argsort, in O(N) instead of O(N log N))
+        # global threshold: the n-th smallest surviving magnitude (pruned weights score +inf); ties broken by
+        # position for exact counts: the same set as the first n of a stable argsort of the survivors, in O(N)
+        inf = torch.tensor(float("inf"))
+        flat = torch.cat([torch.where(masks[nm], scores[nm].float(), inf.to(scores[nm].device)).flatten()
+                          for nm in names])
         thr = torch.kthvalue(flat.cpu(), n).values.to(flat.device)
         drop = flat < thr
         need = n - int(drop.sum())
@@ -500,13 +502,8 @@ class RTLPruner:
         off = 0
         for nm in names:
             m = masks[nm]
-            cnt = int(m.sum())
-            sub = drop[off:off + cnt]
-            off += cnt
-            if sub.any():
-                idx = m.nonzero(as_tuple=True)
-                sel = tuple(i[sub] for i in idx)
-                m[sel] = False
+            m &= ~drop[off:off + m.numel()].view_as(m)
+            off += m.numel()
         return masks
 
     @staticmethod
