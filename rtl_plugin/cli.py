@@ -166,6 +166,54 @@ def _diagnose(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    """Package one sparsity of a run folder: slim tickets (channel mode) or shared weights + masks, a router."""
+    from . import load
+    from .datasets import load_domains
+    from .deploy import export_package
+    from .experiment import make_model_factory
+    run = Path(args.run)
+    res_file = run / "results.json"
+    if not res_file.is_file():
+        raise RTLError(f"{run} has no results.json; pass a run folder written by `rtl demo` / `rtl prune`.")
+    res = json.loads(res_file.read_text())
+    cfg, saved = res.get("config") or {}, res.get("tickets") or {}
+    if not saved:
+        raise RTLError(f"{res_file} lists no saved tickets; rerun `rtl prune` (it saves tickets per sparsity).")
+    by_sp = {float(k): v for k, v in saved.items()}
+    if args.sparsity is None:
+        sp = max(by_sp)
+    else:
+        sp = min(by_sp, key=lambda s: abs(s - args.sparsity))
+        if abs(sp - args.sparsity) > 1e-6:
+            raise RTLError(f"the run has tickets at sparsities {sorted(by_sp)}, not {args.sparsity}; pick one of them.")
+    folder = Path(by_sp[sp])
+    if not folder.is_absolute() and not folder.exists():
+        folder = run / "tickets" / folder.name
+    train, _ = load_domains(image_size=cfg.get("image_size", 32), channels=3, domains=tuple(cfg.get("domains", ())),
+                            seed=cfg.get("seed", 0), max_per_domain=cfg.get("max_per_domain"))
+    model = make_model_factory(cfg.get("model", res.get("model")), train.num_classes, 3)(cfg.get("seed", 0))
+    routed = load(folder, model)
+    routed.eval()
+    router = None
+    if args.router != "none":
+        from .routers import create_router
+        part = cfg.get("partition", "domain")
+        if part not in ("domain", "class"):
+            raise RTLError(f"--router needs the run's ticket ids; this run's partition is {part!r} (only 'domain' "
+                           "and 'class' runs can refit a router here). Use --router none and route yourself.")
+        ids = train.domain if part == "domain" else train.y
+        router = create_router(args.router, num_tickets=routed.num_tickets)
+        router.fit(train.x, ids, seed=cfg.get("seed", 0))
+    ex = train.x[:4].to(next(routed.parameters()).device)
+    out = export_package(routed, args.out, router=router, example_inputs=ex, onnx=args.onnx)
+    print(f"exported {folder.name} ({100 * sp:.0f}% sparsity, {routed.granularity} mode, K={routed.num_tickets}"
+          f"{', router ' + args.router if router is not None else ''}{', ONNX' if args.onnx else ''}) -> {out}")
+    print("load it with: rtl_plugin.load_package(PKG, fresh_model)  (the run's model, e.g. "
+          f"{cfg.get('model', res.get('model'))})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rtl", description="Routing the Lottery: K routed sparse tickets over shared weights.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -187,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="semantic alignment against WordNet path similarity of the ticket names "
                         "(needs apt-get install wordnet-base)")
     g.add_argument("--no-figures", action="store_true", help="text and report only")
+    e = sub.add_parser("export", help="deployable package of a run: slim tickets (channel mode), router, manifest")
+    e.add_argument("run", help="a run folder of rtl demo / rtl prune")
+    e.add_argument("--out", required=True, help="package folder to write")
+    e.add_argument("--sparsity", type=float, default=None, help="which saved sparsity (default: the sparsest)")
+    e.add_argument("--router", default="learned", choices=["none", "learned", "centroid", "context"],
+                   help="router for label-free inference, refit on the run's training data (default learned)")
+    e.add_argument("--onnx", action="store_true", help="also write ONNX files (checked with onnxruntime)")
     return p
 
 
@@ -205,6 +260,8 @@ def main(argv=None) -> int:
             return _info(args)
         if args.cmd == "diagnose":
             return _diagnose(args)
+        if args.cmd == "export":
+            return _export(args)
     except RTLError as e:
         print(f"rtl: error: {e}", file=sys.stderr)
         return 2

@@ -113,3 +113,31 @@ def test_cli_bad_inputs_are_clean_errors(argv, needle, tmp_path, capsys):
     rc = main(argv + (["--out", str(tmp_path / "o")] if argv[0] == "prune" else []))
     err = capsys.readouterr().err
     assert rc == 2 and needle.lower() in err.lower(), err
+
+
+def test_export_channel_run_to_package_with_onnx(tmp_path):
+    import torch
+
+    import rtl_plugin as rtl
+    from rtl_plugin.datasets import load_domains
+    from rtl_plugin.experiment import make_model_factory
+
+    run = tmp_path / "run"
+    assert main(["prune", "--quick", "--granularity", "channel", "--baselines", "", "--routers", "",
+                 "--sparsities", "0.5", "--no-progress", "--collapse", "off", "--out", str(run)]) == 0
+    pkg = tmp_path / "pkg"
+    assert main(["export", str(run), "--out", str(pkg), "--onnx"]) == 0
+    assert {f"ticket_{k}.onnx" for k in range(3)} <= {p.name for p in pkg.iterdir()}
+    cfg = json.loads((run / "results.json").read_text())["config"]
+    train, _ = load_domains(image_size=cfg["image_size"], channels=3, domains=tuple(cfg["domains"]), seed=0,
+                            max_per_domain=cfg["max_per_domain"])
+    make = make_model_factory(cfg["model"], train.num_classes, 3)
+    slim = rtl.load_package(pkg, make(0))
+    routed = rtl.load(run / "tickets" / "sparsity_50", make(0)).eval()
+    x, ids = train.x[:12], train.domain[:12]
+    with torch.no_grad():
+        a, b = slim(x, route=ids), routed(x, route=ids)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert slim(x).shape == b.shape  # the packaged learned router picks the tickets
+    assert main(["export", str(run), "--out", str(tmp_path / "p2"), "--sparsity", "0.8"]) == 2
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "p3")]) == 2
