@@ -29,6 +29,12 @@ EXPECTED_OUTPUT = {
         r"mean Jaccard \d\.\d{3}",
         r"reloaded outputs equal: True",
     ],
+    "inr_regions.ipynb": [
+        r"forward passes 3 for 3 regions",
+        r"RESULT method=rtl\s+sparsity=0\.50 psnr=\d+\.\d{2} dB",
+        r"RESULT method=single_imp sparsity=0\.75 psnr=\d+\.\d{2} dB",
+        r"RTL - single IMP at 50%: [+-]\d+\.\d{2} dB",
+    ],
 }
 
 
