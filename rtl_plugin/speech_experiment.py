@@ -1,0 +1,440 @@
+"""Speech enhancement with one ticket per acoustic environment (the paper's §4 audio experiment, offline).
+
+``run_speech(config, out_dir)``: the noisy-speech data of :mod:`rtl_plugin.speech` (indoor / outdoor /
+transport noise, unseen test noise sources), the complex-STFT :class:`~rtl_plugin.integrations.audio.AudioUNet`,
+weighted SDR loss and SI-SNRi (dB) as the metric. Methods, all from the same θ0 and with the same number
+of sample presentations (equal per-input cost matching: each ticket as sparse as the single model):
+
+* ``rtl``: per-environment IMP ticket search (weight granularity) + joint retraining, routed by the known
+  environment (``context``) and by a learned router on the noisy spectrogram (``learned``, label-free);
+* ``single_imp``: one mask, one model, shuffled batches over all environments;
+* ``multi_imp``: K independent models, one per environment;
+* ``dense``: the unpruned model trained like the single model (reference).
+
+Writes ``results.json`` (the stable results schema, metric ``si_snri``) and figures (spectrograms of
+noisy / enhanced / clean per environment, SI-SNRi vs sparsity).
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError, SparsityError
+
+ROUTER_FFT = 512
+
+
+@dataclass
+class SpeechConfig:
+    """Settings of one speech-enhancement run (clips of ``clip_seconds`` at 16 kHz, SNRs in dB)."""
+    train_per_env: int = 96
+    test_per_env: int = 32
+    train_utterances: int = 96
+    test_utterances: int = 32
+    babble_utterances: int = 16
+    clip_seconds: float = 1.0
+    snr_db: tuple[float, float] = (-5.0, 10.0)
+    n_fft: int = 512                     # the paper: 1024 (10 s clips); 512 keeps CPU runs short
+    hop_length: int = 256
+    sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)
+    prune_fraction: float = 0.5
+    search_epochs: int = 1               # passes over an environment's clips per pruning round
+    retrain_epochs: int = 3
+    batch_size: int = 8
+    lr: float = 1e-3
+    baselines: tuple[str, ...] = ("dense", "single_imp", "multi_imp")
+    router: bool = True
+    router_epochs: int = 200
+    figures: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    cache: str | None = None             # dataset cache folder (default $RTL_CACHE or ~/.cache/rtl-plugin)
+
+    @classmethod
+    def quick(cls, **kw) -> "SpeechConfig":
+        """A seconds-long setting for tests and ``--quick``."""
+        base = dict(train_per_env=8, test_per_env=4, train_utterances=8, test_utterances=4, babble_utterances=6,
+                    retrain_epochs=1, router_epochs=50, progress=False)
+        base.update(kw)
+        return cls(**base)
+
+    def validate(self) -> "SpeechConfig":
+        for name in ("train_per_env", "test_per_env", "search_epochs", "batch_size", "router_epochs",
+                     "train_utterances", "test_utterances", "babble_utterances", "n_fft", "hop_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise DataError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.retrain_epochs, int) or self.retrain_epochs < 0:
+            raise DataError(f"retrain_epochs must be an int >= 0, got {self.retrain_epochs!r}")
+        if not self.sparsities or any(not (0 <= float(s) < 1) for s in self.sparsities) \
+                or list(self.sparsities) != sorted(set(self.sparsities)):
+            raise SparsityError(f"sparsities must be increasing values in [0, 1), got {self.sparsities!r}")
+        if not (0 < float(self.lr) < 1):
+            raise DataError(f"lr must be in (0, 1), got {self.lr!r}")
+        unknown = sorted(set(self.baselines) - {"dense", "single_imp", "multi_imp"})
+        if unknown:
+            raise DataError(f"unknown baselines {unknown}; choose from 'dense', 'single_imp', 'multi_imp'")
+        return self
+
+    def data_config(self):
+        from .speech import SpeechDataConfig
+        return SpeechDataConfig(train_per_env=self.train_per_env, test_per_env=self.test_per_env,
+                                clip_seconds=self.clip_seconds, snr_db=tuple(self.snr_db),
+                                train_utterances=self.train_utterances, test_utterances=self.test_utterances,
+                                babble_utterances=self.babble_utterances, seed=self.seed)
+
+
+def router_features(noisy: torch.Tensor) -> torch.Tensor:
+    """Label-free router input from noisy waveforms ``[B, L]`` (16 kHz): per-frequency mean and std over
+    time of the log power spectrogram (n_fft 512), ``[B, 2, 257]``."""
+    if not isinstance(noisy, torch.Tensor) or not noisy.is_floating_point() or noisy.dim() != 2 \
+            or noisy.shape[1] < ROUTER_FFT:
+        raise DataError(f"router_features expects float waveforms [B, L] with L >= {ROUTER_FFT} samples, got "
+                        f"{getattr(noisy, 'shape', type(noisy).__name__)}")
+    spec = torch.stft(noisy.float(), ROUTER_FFT, hop_length=ROUTER_FFT // 2,
+                      window=torch.hann_window(ROUTER_FFT, device=noisy.device), return_complex=True)
+    logp = torch.log10(spec.abs().pow(2) + 1e-10)  # [B, F, T]
+    logp = logp - logp.mean(dim=(1, 2), keepdim=True)  # level-invariant: the SNR must not decide the route
+    return torch.stack([logp.mean(-1), logp.std(-1)], dim=1)
+
+
+def make_train_step():
+    """``step(model, (noisy, clean), optimizer) -> loss``: weighted SDR loss on waveforms ``[B, L]``."""
+    from .integrations.audio import weighted_sdr_loss
+    from .training import apply_loss
+
+    def step(model, batch, optimizer):
+        noisy, clean = batch[0], batch[1]
+        optimizer.zero_grad(set_to_none=True)
+        return apply_loss(weighted_sdr_loss(noisy, model(noisy), clean), optimizer)
+    return step
+
+
+@torch.no_grad()
+def _enhance(fn, noisy: torch.Tensor, extra=None, batch_size: int = 32) -> torch.Tensor:
+    outs = []
+    for i in range(0, noisy.shape[0], batch_size):
+        sl = slice(i, i + batch_size)
+        outs.append(fn(noisy[sl], None if extra is None else extra[sl]).float().cpu())
+    return torch.cat(outs)
+
+
+def _per_env(values: torch.Tensor, env: torch.Tensor, K: int) -> list[float]:
+    return [round(float(values[env == k].mean()), 4) for k in range(K)]
+
+
+def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-runs/speech") -> dict:
+    """Run RTL against single / multi-model IMP on environment-routed speech enhancement.
+
+    Returns the results dict (also written to ``out_dir/results.json``): rows of
+    ``{method, routing, sparsity, params, matching, metrics: {si_snri}, per_env_si_snri}`` (SI-SNRi in dB,
+    mean over environments of the per-clip improvement), the router's accuracy, wall times, figures.
+    """
+    from . import wrap
+    from .baselines import CyclicLoader
+    from .integrations.audio import AudioUNet, si_snr_improvement
+    from .pruner import RTLPruner
+    from .speech import build_noisy_speech
+    from .training import joint_retrain
+    from torch.utils.data import DataLoader, TensorDataset
+
+    cfg = (config if config is not None else SpeechConfig())
+    if not isinstance(cfg, SpeechConfig):
+        raise DataError(f"config must be a SpeechConfig, got {type(cfg).__name__}")
+    cfg = cfg.validate()
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(cfg.device)
+    log = (lambda m: print(m, flush=True)) if cfg.progress else (lambda m: None)
+
+    t = time.perf_counter()
+    data = build_noisy_speech(cfg.data_config(), cache=cfg.cache)
+    t_data = time.perf_counter() - t
+    envs = list(data.environments)
+    K = len(envs)
+    x_tr, c_tr, e_tr = data.train.tensors()
+    x_te, c_te, e_te = data.test.tensors()
+    L = x_tr.shape[1]
+    log(f"data: {len(x_tr)} train / {len(x_te)} test clips of {L / 16000:.2f} s, environments {envs} "
+        f"({t_data:.1f}s)")
+
+    def loader(idx, salt):
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + salt)
+        return DataLoader(TensorDataset(x_tr[idx], c_tr[idx]), batch_size=cfg.batch_size, shuffle=True, generator=g)
+
+    loaders = {k: loader((e_tr == k).nonzero().flatten(), k) for k in range(K)}
+    all_loader = loader(torch.arange(len(x_tr)), 999)
+    M = max(len(dl) for dl in loaders.values())
+    budget = M * K  # sample presentations (batches) per retraining epoch, equal for every method
+    step = make_train_step()
+
+    def make(seed: int) -> AudioUNet:
+        torch.manual_seed(seed)
+        return AudioUNet(n_fft=cfg.n_fft, hop_length=cfg.hop_length)
+
+    def opt_factory(params):
+        return torch.optim.Adam(params, lr=cfg.lr)
+
+    example = x_tr[:1].to(dev)
+    xt, et = x_te.to(dev), e_te.to(dev)
+    from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio as si_snr
+    input_si_snr = si_snr(x_te, c_te)  # dB, per clip
+    rows: list[dict] = []
+    wall = {"data": round(t_data, 3), "ticket_search": 0.0, "joint_retrain": 0.0, "single_imp": 0.0,
+            "multi_imp": 0.0, "dense": 0.0, "router": 0.0}
+    enhanced_examples = {}
+
+    def row(method, routing, sparsity, params, enhanced, **extra):
+        imp = si_snr_improvement(x_te, enhanced, c_te)
+        if not torch.isfinite(imp).all():
+            raise DataError(f"{method} produced non-finite SI-SNRi; lower the learning rate")
+        per = _per_env(imp, e_te, K)
+        r = {"method": method, "routing": routing, "sparsity": sparsity, "params": int(params),
+             "matching": "equal_cost", "metrics": {"si_snri": round(float(np.mean(per)), 4)},
+             "per_env_si_snri": dict(zip(envs, per))}
+        r.update(extra)
+        rows.append(r)
+        log(f"{method:<11s} {routing:<8s} sparsity {sparsity:.2f}: SI-SNRi {r['metrics']['si_snri']:+.2f} dB "
+            f"({', '.join(f'{e} {v:+.2f}' for e, v in zip(envs, per))})")
+        return r
+
+    # ---- RTL ticket search (per-environment IMP from θ0)
+    routed = wrap(make(cfg.seed).to(dev), K, example_inputs=example, granularity="weight")
+    theta0 = copy.deepcopy(routed.model.state_dict())
+    n_total = routed.space.num_weights
+    pruner = RTLPruner(routed, target_sparsity=list(cfg.sparsities), prune_fraction=cfg.prune_fraction,
+                       progress=cfg.progress)
+    t = time.perf_counter()
+    search = pruner.find_tickets(loaders, train_step=step, epochs_per_round=cfg.search_epochs,
+                                 optimizer_factory=opt_factory, device=dev)
+    wall["ticket_search"] = time.perf_counter() - t
+    log(f"ticket search: {len(search.history)} rounds in {wall['ticket_search']:.1f}s")
+
+    # ---- learned router on the noisy spectrogram (label-free inference), trained on train clips only
+    router_info = None
+    if cfg.router:
+        from .routers import create_router
+        t = time.perf_counter()
+        f_tr, f_te = router_features(x_tr), router_features(x_te)
+        router = create_router("learned", num_tickets=K, epochs=cfg.router_epochs, weight_decay=1e-3)
+        router.fit(f_tr, e_tr, seed=cfg.seed)
+        pred_te = router(f_te)
+        acc = float((pred_te == e_te).float().mean())
+        wall["router"] = time.perf_counter() - t
+        router_info = {"name": "learned", "accuracy": round(acc, 4),
+                       "per_env_accuracy": dict(zip(envs, [round(float((pred_te[e_te == k] == k).float().mean()), 4)
+                                                           for k in range(K)])),
+                       "flops_per_clip": int(router.flops_per_sample(tuple(f_te.shape[1:]))),
+                       "features": "mean and std over time of the log power spectrum (n_fft 512), [2, 257]"}
+        log(f"router learned: accuracy {acc:.3f} on test clips with unseen noise sources")
+
+    # ---- RTL joint retraining per target sparsity
+    sim = []
+    mid = cfg.sparsities[len(cfg.sparsities) // 2]
+    for s in cfg.sparsities:
+        tickets = search.tickets_at[s]
+        routed.model.load_state_dict(theta0)
+        routed.set_tickets(tickets)
+        t = time.perf_counter()
+        joint_retrain(routed, loaders, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
+                      epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
+        wall["joint_retrain"] += time.perf_counter() - t
+        routed.eval()
+        from .diagnostics import mean_offdiagonal
+        sim.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
+                    "union": int(tickets.union_count())})
+        enh = _enhance(lambda xb, eb: routed(xb, route=eb), xt, et)
+        row("rtl", "context", s, tickets.union_count(), enh, per_ticket_params=[int(v) for v in tickets.kept()])
+        if s == mid:
+            enhanced_examples["rtl"] = enh
+        if router_info is not None:
+            enh_r = _enhance(lambda xb, fb: routed(xb, route=router(fb)), xt, f_te.to(dev))
+            row("rtl", "learned", s, tickets.union_count(), enh_r, routing_accuracy=router_info["accuracy"])
+        routed.train()
+
+    # ---- dense reference
+    if "dense" in cfg.baselines:
+        t = time.perf_counter()
+        r0 = wrap(make(cfg.seed).to(dev), 1, example_inputs=example)
+        joint_retrain(r0, {0: CyclicLoader(all_loader, budget)}, optimizer=torch.optim.Adam(r0.parameters(), lr=cfg.lr),
+                      epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
+        r0.eval()
+        row("dense", "none", 0.0, n_total, _enhance(lambda xb, _: r0(xb, route=0), xt))
+        wall["dense"] = time.perf_counter() - t
+
+    # ---- single-mask IMP: one mask over all environments, shuffled batches, same presentations
+    if "single_imp" in cfg.baselines:
+        t = time.perf_counter()
+        r1 = wrap(make(cfg.seed).to(dev), 1, example_inputs=example)
+        theta1 = copy.deepcopy(r1.model.state_dict())
+        p1 = RTLPruner(r1, target_sparsity=list(cfg.sparsities), prune_fraction=cfg.prune_fraction,
+                       progress=cfg.progress)
+        search_len = sum(len(dl) for dl in loaders.values())  # per round one pass over all environments
+        res1 = p1.find_tickets({0: CyclicLoader(all_loader, search_len)}, train_step=step,
+                               epochs_per_round=cfg.search_epochs, optimizer_factory=opt_factory, device=dev)
+        for s in cfg.sparsities:
+            r1.model.load_state_dict(theta1)
+            r1.set_tickets(res1.tickets_at[s])
+            joint_retrain(r1, {0: CyclicLoader(all_loader, budget)}, optimizer=torch.optim.Adam(r1.parameters(), lr=cfg.lr),
+                          epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
+            r1.eval()
+            enh = _enhance(lambda xb, _: r1(xb, route=0), xt)
+            row("single_imp", "none", s, int(res1.tickets_at[s].kept()[0]), enh)
+            if s == mid:
+                enhanced_examples["single_imp"] = enh
+            r1.train()
+        wall["single_imp"] = time.perf_counter() - t
+
+    # ---- multi-model IMP: K independent models; per-environment IMP from the same θ0 gives exactly the masks
+    # of RTL's ticket search (each round rewinds to θ0), so they are reused; each model retrains alone.
+    if "multi_imp" in cfg.baselines:
+        from .experiment import _single_ticket
+        t = time.perf_counter()
+        for s in cfg.sparsities:
+            tickets = search.tickets_at[s]
+            enh = torch.zeros_like(x_te)
+            for k in range(K):
+                mk = wrap(make(cfg.seed).to(dev), 1, example_inputs=example)
+                mk.set_tickets(_single_ticket(mk.space, tickets, k))
+                joint_retrain(mk, {0: CyclicLoader(loaders[k], M)}, optimizer=torch.optim.Adam(mk.parameters(), lr=cfg.lr),
+                              epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=False)
+                mk.eval()
+                sel = (e_te == k).nonzero().flatten()
+                enh[sel] = _enhance(lambda xb, _: mk(xb, route=0), xt[sel.to(dev)])
+            row("multi_imp", "context", s, int(tickets.kept().sum()), enh)
+        wall["multi_imp"] = time.perf_counter() - t + wall["ticket_search"]
+
+    results = {
+        "task": "speech_enhancement", "dataset": "synthetic-noisy-speech (espeak-ng/flite + sox noise)",
+        "model": f"audio:unet(n_fft={cfg.n_fft},hop={cfg.hop_length})", "granularity": "weight",
+        "num_tickets": K, "seed": cfg.seed, "device": str(dev), "ticket_names": envs, "prunable_weights": n_total,
+        "rows": rows, "similarity": sim, "router": router_info,
+        "input_si_snr_db": {"mean": round(float(input_si_snr.mean()), 4),
+                            "per_env": dict(zip(envs, _per_env(input_si_snr, e_te, K)))},
+        "noise_sources": {e: {"train": sorted(set(data.train.source[data.train.env == k].tolist())),
+                              "test": sorted(set(data.test.source[data.test.env == k].tolist()))}
+                          for k, e in enumerate(envs)},
+        "sample_presentations_per_retrain_epoch": budget * cfg.batch_size,
+        "targets": targets(rows),
+        "wall_time_s": {k: round(v, 3) for k, v in wall.items()},
+        "total_time_s": None,
+        "config": _jsonable(asdict(cfg)),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
+    }
+    if cfg.figures:
+        try:
+            results["figures"] = plot_speech(results, out_dir, x_te, c_te, e_te, enhanced_examples, envs, cfg)
+        except ImportError as e:  # matplotlib missing: results stay valid without figures
+            log(f"figures skipped ({e}); pip install 'rtl-plugin[plots]'")
+    results["total_time_s"] = round(time.perf_counter() - t_start, 3)
+    from .io import atomic_write_json
+    atomic_write_json(out_dir / "results.json", results)
+    return results
+
+
+def targets(rows: list[dict]) -> dict:
+    """The issue's targets checked on the rows: RTL (context) mean SI-SNRi >= single IMP at every sparsity and
+    >= multi-model IMP; learned routing within 0.2 dB of oracle (context) routing. Missing methods give None."""
+    def get(method, routing):
+        return {r["sparsity"]: r["metrics"]["si_snri"] for r in rows if r["method"] == method and r["routing"] == routing}
+    rtl, single, multi, learned = get("rtl", "context"), get("single_imp", "none"), get("multi_imp", "context"), get("rtl", "learned")
+
+    def cmp(other, fn):
+        if not other or not rtl:
+            return None
+        return {"met": all(fn(rtl[s], other[s]) for s in rtl if s in other),
+                "margin_db": {str(s): round(rtl[s] - other[s], 4) for s in rtl if s in other}}
+    out = {"rtl_ge_single_imp": cmp(single, lambda a, b: a >= b), "rtl_ge_multi_imp": cmp(multi, lambda a, b: a >= b)}
+    out["router_within_0.2db_of_oracle"] = None if not learned else {
+        "met": all(rtl[s] - learned[s] <= 0.2 for s in learned),
+        "gap_db": {str(s): round(rtl[s] - learned[s], 4) for s in learned}}
+    return out
+
+
+def plot_speech(results, out_dir, x_te, c_te, e_te, enhanced, envs, cfg) -> list[str]:
+    """Spectrograms (noisy / enhanced / clean, one row per environment) and SI-SNRi vs sparsity; file paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out_dir = Path(out_dir)
+    paths = []
+    methods = [m for m in ("rtl", "single_imp") if m in enhanced]
+    cols = ["noisy", *[f"enhanced ({m})" for m in methods], "clean"]
+    fig, axes = plt.subplots(len(envs), len(cols), figsize=(3.2 * len(cols), 2.4 * len(envs)), squeeze=False)
+    win = torch.hann_window(ROUTER_FFT)
+    for k, env in enumerate(envs):
+        i = int((e_te == k).nonzero().flatten()[0])
+        waves = [x_te[i], *[enhanced[m][i] for m in methods], c_te[i]]
+        for j, (w, title) in enumerate(zip(waves, cols)):
+            spec = torch.stft(w.float(), ROUTER_FFT, hop_length=128, window=win, return_complex=True).abs()
+            db = 20 * torch.log10(spec + 1e-6)
+            ax = axes[k, j]
+            ax.imshow(db.numpy(), origin="lower", aspect="auto", cmap="magma", vmin=float(db.max()) - 80,
+                      extent=[0, w.shape[0] / 16000, 0, 8])
+            ax.set_title(f"{env}: {title}", fontsize=8)
+            ax.set_xlabel("time (s)", fontsize=7)
+            ax.set_ylabel("kHz", fontsize=7)
+            ax.tick_params(labelsize=6)
+    fig.suptitle(f"test clips (unseen noise sources), sparsity {cfg.sparsities[len(cfg.sparsities) // 2]}", fontsize=9)
+    fig.tight_layout()
+    p = out_dir / "spectrograms.png"
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    paths.append(str(p))
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    keys = []
+    for r in results["rows"]:
+        if r["method"] != "dense" and (r["method"], r["routing"]) not in keys:
+            keys.append((r["method"], r["routing"]))
+    for m, rt in keys:
+        pts = sorted((r["sparsity"], r["metrics"]["si_snri"]) for r in results["rows"] if (r["method"], r["routing"]) == (m, rt))
+        ax.plot([100 * s for s, _ in pts], [v for _, v in pts], marker="o", label=f"{m} ({rt})")
+    for r in results["rows"]:
+        if r["method"] == "dense":
+            ax.axhline(r["metrics"]["si_snri"], color="gray", ls="--", label="dense")
+    ax.set_xlabel("sparsity (%)")
+    ax.set_ylabel("SI-SNRi (dB)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out_dir / "si_snri_vs_sparsity.png"
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    paths.append(str(p))
+    return paths
+
+
+def format_speech_table(results: dict) -> str:
+    """Methods x sparsities: mean SI-SNRi (dB) / #params, like the paper's table."""
+    sps = sorted({r["sparsity"] for r in results["rows"] if r["method"] != "dense"})
+    keys = []
+    for r in results["rows"]:
+        if (r["method"], r["routing"]) not in keys:
+            keys.append((r["method"], r["routing"]))
+    lines = ["| method | routing | " + " | ".join(f"{int(round(100 * s))}%" for s in sps) + " |",
+             "|---|---|" + "---|" * len(sps)]
+    for m, rt in keys:
+        cells = []
+        for s in sps:
+            hit = [r for r in results["rows"] if (r["method"], r["routing"]) == (m, rt) and (r["sparsity"] == s or m == "dense")]
+            cells.append(f"{hit[0]['metrics']['si_snri']:.2f} / {hit[0]['params'] / 1e3:.1f}K" if hit else "-")
+        lines.append(f"| {m} | {rt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _jsonable(obj):
+    import json
+    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+
+
+__all__ = ["SpeechConfig", "run_speech", "router_features", "make_train_step", "targets", "plot_speech",
+           "format_speech_table"]
