@@ -379,6 +379,9 @@ def _save(path: Path, data: SpeechData) -> None:
               "meta": np.array(json.dumps({"version": FORMAT_VERSION, "key": data.config.key()}))}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a cache file is as readable as any other
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()

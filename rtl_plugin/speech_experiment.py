@@ -54,14 +54,15 @@ class SpeechConfig:
     figures: bool = True
     seed: int = 0
     device: str = "cpu"
-    progress: bool = True
+    progress: bool = True                # progress bars
+    verbose: bool = True                 # one line per result
     cache: str | None = None             # dataset cache folder (default $RTL_CACHE or ~/.cache/rtl-plugin)
 
     @classmethod
     def quick(cls, **kw) -> "SpeechConfig":
         """A seconds-long setting for tests and ``--quick``."""
         base = dict(train_per_env=8, test_per_env=4, train_utterances=8, test_utterances=4, babble_utterances=6,
-                    retrain_epochs=1, router_epochs=50, progress=False)
+                    retrain_epochs=1, router_epochs=50, progress=False, verbose=False)
         base.update(kw)
         return cls(**base)
 
@@ -153,7 +154,7 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(cfg.device)
-    log = (lambda m: print(m, flush=True)) if cfg.progress else (lambda m: None)
+    log = (lambda m: print(m, flush=True)) if cfg.verbose else (lambda m: None)
 
     t = time.perf_counter()
     data = build_noisy_speech(cfg.data_config(), cache=cfg.cache)
