@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--retrain-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--single-batches", choices=("full", "per_region"), default="full")
-    ap.add_argument("--methods", default="rtl,single_imp,dense", help="comma-separated subset of rtl,single_imp,dense")
+    ap.add_argument("--methods", default="rtl,single_imp,dense", help="comma-separated subset of rtl,single_imp,dense,multi_imp")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "results" / "inr_regions.json"))
     args = ap.parse_args(argv)
@@ -61,15 +61,16 @@ def main(argv=None) -> dict:
         res.pop("reconstructions")
         per_image.append(res)
         line = "  ".join(f"{m} " + "/".join(f"{v:.2f}" for v in res["psnr"][m].values())
-                         for m in ("rtl", "single_imp") if m in res["psnr"])
+                         for m in ("rtl", "single_imp", "multi_imp") if m in res["psnr"])
         print(f"image {cfg.image_seed} {res['image']['sources']}: {line}  dense {res['psnr'].get('dense', float('nan')):.2f}"
               f"  ({res['total_time_s']:.0f}s)", flush=True)
-    methods = [m for m in ("rtl", "single_imp") if m in per_image[0]["psnr"]]
+    methods = [m for m in ("rtl", "single_imp", "multi_imp") if m in per_image[0]["psnr"]]
     sps = sorted(per_image[0]["psnr"][methods[0]]) if methods else []
     mean = {m: {s: _mean([r["psnr"][m][s] for r in per_image]) for s in sps} for m in methods}
     if "dense" in per_image[0]["psnr"]:
         mean["dense"] = _mean([r["psnr"]["dense"] for r in per_image])
-    gain = {s: round(mean["rtl"][s] - mean["single_imp"][s], 4) for s in sps} if len(methods) == 2 else {}
+    gain = ({s: round(mean["rtl"][s] - mean["single_imp"][s], 4) for s in sps}
+            if {"rtl", "single_imp"} <= set(methods) else {})
     target = {s: gain[s] >= 1.5 for s in gain if s in (0.5, 0.75)}
     summary = {
         "benchmark": "inr_regions", "command": "python benchmarks/inr_regions.py" + (" --quick" if args.quick else ""),

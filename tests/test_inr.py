@@ -39,10 +39,8 @@ def test_mosaic_region_map_is_exact():
     assert float(img.min()) >= 0 and float(img.max()) <= 1
     assert sorted(reg.unique().tolist()) == [0, 1, 2, 3]
     assert int(torch.bincount(reg.flatten()).min()) >= 48 * 48 // 16  # no sliver regions
-    # exact: every region's pixels equal the crop of its own photo and nothing else. Rebuild region k's
-    # texture independently: pixels inside region k must match it, so two regions never share colours
-    # along a boundary. We check it through the builder's own decomposition: painting each region with
-    # its texture reproduces the image bit for bit.
+    # exact: replaying the builder's random stream gives the same region map, and inside region k the image
+    # equals photo k's crop bit for bit (no blending across a boundary)
     from rtl_plugin import images
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([1, 4, 48, 20261123])))
     regions = images._region_map(rng, 4, 48)
@@ -223,3 +221,13 @@ def test_run_inr_user_image_and_bad_inputs():
         INRMLP(hidden=0)
     with pytest.raises(DataError, match="height"):
         pixel_coords(1, 5)
+
+
+def test_run_inr_multi_imp_trains_each_ticket_alone(tmp_path):
+    res = run_inr(INRConfig.quick(methods=("rtl", "multi_imp"), sparsities=(0.5,), figure_sparsities=(0.5,),
+                                  cache_dir=str(tmp_path)))
+    (row,) = [r for r in res["rows"] if r["method"] == "multi_imp"]
+    (rtl_row,) = [r for r in res["rows"] if r["method"] == "rtl"]
+    assert math.isfinite(row["psnr"]) and row["params"] == sum(rtl_row["per_ticket_params"])
+    with pytest.raises(DataError, match="add 'rtl'"):
+        run_inr(INRConfig.quick(methods=("multi_imp",)))
