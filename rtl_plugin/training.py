@@ -127,20 +127,31 @@ def clone_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 class MaskedUpdate:
     """Context for one ticket's step: snapshots what ticket k does not own and writes it back after the step."""
 
-    def __init__(self, routed, ticket: int):
+    def __init__(self, routed, ticket: int, buffers: dict | None = None):
+        """``buffers``: a dict shared by several MaskedUpdates (one per ticket) to reuse one snapshot buffer per
+        parameter instead of allocating a copy of every weight at every step."""
         self.routed = routed
         self.ticket = ticket
         self._pairs = ticket_param_masks(routed, ticket)
+        self._buffers = {} if buffers is None else buffers
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self):
-        self._saved = [(p, m, p.detach().clone()) for p, m in self._pairs]
+        self._saved = []
+        with torch.no_grad():
+            for p, m in self._pairs:
+                buf = self._buffers.get(id(p))
+                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                    buf = self._buffers[id(p)] = torch.empty_like(p.detach())
+                buf.copy_(p.detach())
+                self._saved.append((p, m, buf))
         return self
 
     def __exit__(self, *exc):
         with torch.no_grad():
             for p, m, before in self._saved:
-                p.copy_(torch.where(m, p, before))
+                w = p.detach()
+                torch.where(m, w, before, out=w)  # in place: entries ticket k does not own get their old values
         self._saved = []
         return False
 
@@ -220,13 +231,20 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
     bar = _progress(total=max(epochs - first, 0) * M * len(loaders), desc="joint retrain", enabled=progress)
     was = routed.training
     routed.train()
+    updates: dict[int, MaskedUpdate] = {}   # one per ticket (masks are fixed while retraining)
+    updates_version = (id(routed.tickets), routed.tickets.version)
+    snap_buffers: dict = {}                 # one snapshot buffer per parameter, shared by the tickets
     try:
         for epoch in range(first, 0 if finished else epochs):
             sums = {k: 0.0 for k in loaders}
             counts = {k: 0 for k in loaders}
             for _, k, batch in balanced_cyclic_batches(loaders):
                 batch = _to_device(batch, device)
-                with MaskedUpdate(routed, k):
+                if (id(routed.tickets), routed.tickets.version) != updates_version:  # masks changed: rebuild
+                    updates, updates_version = {}, (id(routed.tickets), routed.tickets.version)
+                if k not in updates:
+                    updates[k] = MaskedUpdate(routed, k, buffers=snap_buffers)
+                with updates[k]:
                     loss = step(views[k], batch, opts[k])
                 if loss is not None and not math.isfinite(float(loss)):
                     raise RTLError(f"non-finite loss in ticket {k}; lower the learning rate or check the data.")
