@@ -4,7 +4,8 @@ An INR maps Fourier features of a pixel's (x, y) position to its RGB colour: ``I
 (ReLU, 53,888 weights, all prunable). RTL finds one ticket per image region (pixels of region k are ticket
 k's subset) and routes every pixel to its region's ticket; the single-mask IMP baseline gets the region as
 an extra input through a learned embedding (as in the paper). ``run_inr(config)`` compares RTL, single IMP
-and the dense model from the same θ0 with the same number of pixel presentations and returns PSNRs.
+and the dense model (optionally K independent models, "multi_imp") from the same θ0 with the same number of
+pixel presentations and returns PSNRs. Measured results: ``benchmarks/RESULTS.md`` §5.
 
 Per-pixel routing cost: pixels are batch items, so ``routed(features [N, 34], route=region_ids [N])``
 buckets the batch by ticket (one argsort + index_select) and runs each ticket present in the batch once
@@ -317,7 +318,9 @@ def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = Non
         dict with ``psnr`` ({"rtl": {sparsity: dB}, "single_imp": {...}, "dense": dB, "multi_imp": {...} when
         asked}), ``rows`` (method,
         sparsity, psnr, per-region psnr, kept weights), ``similarity`` (mean ticket Jaccard), ``routing_cost``,
-        ``wall_time_s``, ``figures`` (paths, when ``figures_dir`` is set), image info and the config.
+        ``wall_time_s``, ``figures`` (paths, when ``figures_dir`` is set), image info, the config, and
+        ``reconstructions`` ({(method, sparsity): image [3, H, W] in [0, 1]}; tuple keys: drop it before
+        ``json.dump``).
     """
     from . import wrap
     from .baselines import CyclicLoader
