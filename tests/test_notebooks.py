@@ -87,6 +87,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
             pytest.fail(f"{path.name} needs {missing} in CI: .ci/run must {install}")
         pytest.skip(f"{path.name} needs {missing}: {install} (CI installs them and requires this test)")
     monkeypatch.setenv("RTL_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("RTL_CACHE", str(tmp_path / "cache"))  # built data sets stay inside the test's folder
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # OpenMP threads that spin while waiting are pathological on an oversubscribed machine (a forward pass of
