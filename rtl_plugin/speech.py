@@ -263,7 +263,10 @@ NOISE_SOURCES = {
 # ---------------------------------------------------------------------------- the dataset
 @dataclass(frozen=True)
 class SpeechDataConfig:
-    """What to build: clips per environment, clip length (s), SNR range (dB), utterance pool sizes, seed."""
+    """What to build: clips per environment, clip length (s), SNR range (dB), utterance pool sizes, seed.
+
+    ``use_flite``: also speak every 4th utterance with a flite voice; set to False by the builder when flite
+    is not installed (so the cache key says which speech was used)."""
     train_per_env: int = 96
     test_per_env: int = 32
     clip_seconds: float = 1.0
@@ -459,11 +462,14 @@ def build_noisy_speech(config: SpeechDataConfig | None = None, *, cache: str | o
         cfg = SpeechDataConfig(**{**asdict(cfg), **overrides})
     cfg = SpeechDataConfig(**{**asdict(cfg), "snr_db": tuple(float(v) for v in cfg.snr_db),
                               "environments": tuple(cfg.environments)}).validate()
+    if cfg.use_flite and shutil.which("flite") is None:
+        # the data depend on whether flite voices are available: the config (and the cache key) records it
+        cfg = SpeechDataConfig(**{**asdict(cfg), "use_flite": False})
     path = cache_dir(cache) / "speech" / f"noisy_speech_{cfg.key()}.npz"
     if use_cache and path.exists():
         return _load(path, cfg)
     tools = check_tools()
-    flite_ok = cfg.use_flite and tools["flite"] is not None
+    flite_ok = cfg.use_flite
     rng = np.random.default_rng([cfg.seed, 6])
     pools = {}
     for name, count, voices in (("train", cfg.train_utterances, _ESPEAK_TARGET),

@@ -162,3 +162,13 @@ def test_quick_pipeline_gives_finite_si_snri_for_every_method(tmp_path):
         router_features(torch.zeros(2, 100))
     with pytest.raises(rtl.SparsityError, match="sparsities"):
         run_speech(SpeechConfig.quick(sparsities=(0.5, 0.25)), tmp_path / "x")
+
+
+def test_without_flite_builds_espeak_only_under_its_own_cache_key(tiny, monkeypatch):
+    real = shutil.which
+    monkeypatch.setattr(speech.shutil, "which", lambda name, *a, **k: None if name == "flite" else real(name, *a, **k))
+    data = build_noisy_speech(SpeechDataConfig(**TINY, seed=3), cache=tiny.path.parent.parent)
+    assert data.config.use_flite is False and np.isfinite(data.train.noisy).all()
+    if real("flite") is not None:  # flite changes the speech, so it must not share the cached file
+        assert data.path != tiny.path
+        assert not np.array_equal(data.train.clean, tiny.train.clean)
