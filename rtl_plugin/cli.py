@@ -92,7 +92,7 @@ def _run(args, *, demo: bool, _replica: bool = False) -> int:
         print("collapse monitor: " + ("no collapse predicted along the search" if w is None else
                                       f"collapse predicted at {100 * w['sparsity']:.1f}% sparsity "
                                       f"(confidence {w['confidence']:.2f}, action {col['action']})") +
-              f"; details: rtl diagnose {args.out or 'RUN'}")
+              f"; details: rtl diagnose {out}")
     w = res["wall_time_s"]
     print(f"wall time: ticket search {w['ticket_search']:.1f}s, single IMP {w['single_imp']:.1f}s, "
           f"joint retrain {w['joint_retrain']:.1f}s, total {res['total_time_s']:.1f}s")
