@@ -40,6 +40,12 @@ EXPECTED_OUTPUT = {
         r"RESULT routing=learned\s+si_snri=-?\d+\.\d{3} dB",
         r"router accuracy on unseen test noise: \d\.\d{3}",
     ],
+    "segmentation_smp.ipynb": [
+        r"routed == composed per ticket: True",
+        r"RESULT method=rtl\s+routing=label_free sparsity=0\.75 miou=\d\.\d{4}",
+        r"RESULT method=single_imp routing=direct\s+sparsity=0\.75 miou=\d\.\d{4}",
+        r"router pixel accuracy at 75%: \d\.\d{4}",
+    ],
 }
 
 #: Notebooks that need Debian programs: (programs, install line). Skipped with the install line when they are

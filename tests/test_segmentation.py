@@ -1,0 +1,182 @@
+"""Segmentation mosaics with per-class tickets on smp U-Net (rtl_plugin.segmentation)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("segmentation_models_pytorch")
+pytest.importorskip("skimage")
+
+import rtl_plugin as rtl  # noqa: E402
+from rtl_plugin.errors import DataError, RouteError, SparsityError  # noqa: E402
+from rtl_plugin.segmentation import (SEG_CLASSES, MosaicBatches, SegConfig, SegMosaicDataset, build_unet,  # noqa: E402
+                                     class_step, iou_per_class, make_seg_mosaic, run_segmentation)
+
+
+# --------------------------------------------------------------------------- data
+def test_mosaic_deterministic_and_labels_are_classes():
+    a_img, a_lab = make_seg_mosaic(3, SEG_CLASSES, n_regions=3, size=32)
+    b_img, b_lab = make_seg_mosaic(3, SEG_CLASSES, n_regions=3, size=32)
+    assert torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
+    assert a_img.shape == (3, 32, 32) and a_img.dtype == torch.float32
+    assert 0 <= float(a_img.min()) and float(a_img.max()) <= 1
+    assert a_lab.shape == (32, 32) and a_lab.dtype == torch.int64
+    ids = a_lab.unique().tolist()
+    assert len(ids) == 3 and all(0 <= i < len(SEG_CLASSES) for i in ids)  # 3 distinct classes of 4
+    c_img, c_lab = make_seg_mosaic(4, SEG_CLASSES, n_regions=3, size=32)
+    assert not torch.equal(a_img, c_img)
+
+
+def test_label_map_matches_texture_source():
+    """Label k marks exactly the pixels filled from photo ``classes[k]`` (rebuilt from the same generator)."""
+    import numpy as np
+
+    from rtl_plugin.images import _region_map, _texture
+    from rtl_plugin.segmentation import _photo_source
+    img, lab = make_seg_mosaic(5, SEG_CLASSES, n_regions=3, size=32)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([5, 3, 32, 5150])))
+    regions = _region_map(rng, 3, 32)
+    cls = rng.permutation(len(SEG_CLASSES))[:3]
+    assert torch.equal(lab, torch.from_numpy(cls[regions]))
+    sk = _photo_source()
+    for r, c in enumerate(cls):
+        tex = torch.from_numpy(_texture(sk, SEG_CLASSES[int(c)], rng, 32).transpose(2, 0, 1)).float()
+        sel = (lab == int(c)).expand(3, -1, -1)
+        assert torch.allclose(img[sel], tex[sel])
+
+
+def test_dataset_splits_disjoint_and_subsets():
+    tr = SegMosaicDataset(6, 0, SEG_CLASSES[:3], n_regions=2, size=32)
+    te = SegMosaicDataset(3, 1000, SEG_CLASSES[:3], n_regions=2, size=32)
+    assert not set(tr.seeds) & set(te.seeds)
+    assert tr.images.shape == (6, 3, 32, 32) and tr.labels.shape == (6, 32, 32)
+    x, y = tr[2]
+    img, lab = make_seg_mosaic(2, SEG_CLASSES[:3], n_regions=2, size=32)
+    assert torch.equal(x, img) and torch.equal(y, lab)
+    for k in range(3):
+        idx = tr.contains(k)
+        assert all(bool((tr.labels[i] == k).any()) for i in idx.tolist())
+        others = sorted(set(range(6)) - set(idx.tolist()))
+        assert all(not bool((tr.labels[i] == k).any()) for i in others)
+    batches = list(MosaicBatches(tr.images, tr.labels, 4, seed=0))
+    assert [b[0].shape[0] for b in batches] == [4, 2]
+
+
+def test_class_step_is_balanced_one_vs_rest():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 1)
+    x = torch.randn(2, 3, 8, 8)
+    y = torch.zeros(2, 8, 8, dtype=torch.long)
+    y[:, :2] = 1  # class 1: 25% of pixels
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    per = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    per = per.detach()
+    expect = 0.5 * per[y == 1].mean() + 0.5 * per[y != 1].mean()
+    assert math.isclose(class_step(1)(model, (x, y), opt), float(expect), rel_tol=1e-5)
+    # class absent from the batch: only the negative term
+    assert math.isclose(class_step(2)(model, (x, y), opt), float(per.mean()), rel_tol=1e-5)
+
+
+def test_iou_per_class():
+    t = torch.tensor([0, 0, 1, 1, 2, 2])
+    p = torch.tensor([0, 1, 1, 1, 2, 0])
+    iou = iou_per_class(p, t, 3)
+    assert iou == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert iou_per_class(t, t, 4)[:3] == [1.0, 1.0, 1.0] and math.isnan(iou_per_class(t, t, 4)[3])
+
+
+# --------------------------------------------------------------------------- routing
+def test_pixel_routed_output_equals_composed_masked_copies():
+    K = 3
+    model = build_unet("resnet18", K, seed=0, decoder_channels=(16, 16, 8, 8, 8))
+    r = rtl.wrap(model, K)
+    r.set_tickets(rtl.TicketSet.random(r.space, K, keep=0.6, seed=1))
+    tr = SegMosaicDataset(4, 0, SEG_CLASSES[:3], n_regions=2, size=32)
+    x, route = (tr.images - 0.5) / 0.5, tr.labels
+    r.train()
+    with torch.no_grad():
+        for k in range(K):  # per-ticket batch-norm statistics differ
+            r(x, route=k)
+    r.eval()
+    with torch.no_grad():
+        y = r(x, route=route)
+        expect = torch.zeros_like(y)
+        for k in range(K):
+            dense = r.plain_copy(k).eval()
+            for name, m in r.tickets.masks.items():
+                w = dense.get_submodule(name).weight
+                w.mul_(m[k].to(w.dtype))
+            out = dense(x)
+            sel = (route == k).unsqueeze(1).expand_as(y)
+            expect[sel] = out[sel]
+    assert y.shape == (4, K, 32, 32)
+    assert torch.allclose(y, expect, atol=1e-4, rtol=1e-4), float((y - expect).abs().max())
+
+
+# --------------------------------------------------------------------------- pipeline
+@pytest.fixture(scope="module")
+def quick_result():
+    torch.manual_seed(0)
+    return run_segmentation(SegConfig.quick())
+
+
+def test_pipeline_quick_finite_miou_every_method_and_routing(quick_result):
+    m = quick_result["miou"]
+    assert set(m) == {"rtl", "single_imp", "multi_imp"}
+    assert set(m["rtl"]) == {"oracle", "label_free"} and set(m["multi_imp"]) == {"oracle", "label_free"}
+    for meth, routes in m.items():
+        for routing, by_s in routes.items():
+            assert sorted(by_s) == [0.5, 0.75], (meth, routing)
+            assert all(math.isfinite(v) and 0 <= v <= 1 for v in by_s.values()), (meth, routing, by_s)
+    rows = quick_result["rows"]
+    assert all(len(r["iou"]) == 3 for r in rows)
+    kept = {(r["method"], r["sparsity"]): r["params"] for r in rows}
+    n = quick_result["model"]["prunable_weights"]
+    # single IMP keeps ~(1 - s) of the weights; multi-IMP holds K models' worth; RTL's union lies in between
+    assert kept[("single_imp", 0.75)] == pytest.approx(0.25 * n, rel=0.05)
+    assert kept[("single_imp", 0.75)] < kept[("rtl", 0.75)] <= kept[("multi_imp", 0.75)]
+    assert all(0 <= a <= 1 for a in quick_result["router_pixel_acc"].values())
+
+
+def test_pipeline_label_free_route_is_router_prediction(quick_result):
+    """Label-free routing uses the single-IMP prediction: with the same masks, the RTL label-free rows differ
+    from the oracle rows unless the router is perfect."""
+    acc = quick_result["router_pixel_acc"]
+    rows = {(r["method"], r["sparsity"], r["routing"]): r for r in quick_result["rows"]}
+    for s, a in acc.items():
+        assert rows[("single_imp", s, "direct")]["pixel_acc"] == pytest.approx(a)
+        if a < 1.0:
+            assert rows[("rtl", s, "oracle")]["iou"] != rows[("rtl", s, "label_free")]["iou"] or \
+                rows[("rtl", s, "oracle")]["pixel_acc"] != rows[("rtl", s, "label_free")]["pixel_acc"]
+
+
+# --------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("kw, err, text", [
+    (dict(encoder="resnet50"), DataError, "encoder must be one of"),
+    (dict(size=40), DataError, "multiple of 32"),
+    (dict(classes=("brick", "nope")), DataError, "unknown or repeated"),
+    (dict(sparsities=(0.75, 0.5)), SparsityError, "increasing"),
+    (dict(methods=("rtl",)), DataError, "single_imp"),
+    (dict(test_first_seed=3), DataError, "disjoint"),
+    (dict(n_train=0), DataError, "n_train"),
+])
+def test_bad_config_raises(kw, err, text):
+    with pytest.raises(err, match=text):
+        run_segmentation(SegConfig.quick(**kw))
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(DataError, match="SegConfig"):
+        run_segmentation({"size": 32})
+    with pytest.raises(DataError, match="n_regions"):
+        make_seg_mosaic(0, SEG_CLASSES, n_regions=5)
+    with pytest.raises(DataError, match="seed"):
+        make_seg_mosaic(-1)
+    with pytest.raises(DataError, match="logits"):
+        iou_per_class(torch.rand(2, 4), torch.zeros(2, 4, dtype=torch.long), 3)
+    model = build_unet("resnet18", 3, decoder_channels=(16, 16, 8, 8, 8))
+    r = rtl.wrap(model, 3)
+    with pytest.raises(RouteError):
+        r(torch.zeros(1, 3, 32, 32), route=torch.zeros(1, 32, 32))  # float route
