@@ -2,7 +2,7 @@
 
     python benchmarks/segmentation_mosaic.py                 # resnet18 + tf_efficientnet_lite0 (ImageNet), 50/75%
     python benchmarks/segmentation_mosaic.py --encoders resnet18
-    python benchmarks/segmentation_mosaic.py --quick         # tiny setting, < 1 min
+    python benchmarks/segmentation_mosaic.py --quick         # tiny setting, < 1 min (..._quick.json)
 
 Writes benchmarks/results/segmentation_mosaic.json: per encoder, mIoU of RTL (oracle- and label-free-routed),
 single IMP and multi-model IMP, per-class IoU, kept weights, the router's pixel accuracy and wall times.
@@ -41,7 +41,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(HERE / "results" / "segmentation_mosaic.json"))
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default results/segmentation_mosaic.json; --quick: ..._quick.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
@@ -83,7 +84,8 @@ def main(argv=None) -> dict:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                     "cpus": os.cpu_count(), "platform": platform.platform()},
     }
-    out = Path(args.out)
+    out = Path(args.out) if args.out else HERE / "results" / (
+        "segmentation_mosaic_quick.json" if args.quick else "segmentation_mosaic.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
