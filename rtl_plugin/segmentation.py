@@ -12,6 +12,7 @@ Methods (all from the same θ0, ``run_segmentation(config)``):
   mosaics: ``0.5 * CE(class-k pixels) + 0.5 * CE(other pixels)`` (K-way CE). Counting only class-k pixels
   would make every ticket the constant predictor "k" (the route would BE the label, oracle mIoU 1.0 by
   construction); the negatives make ticket k a k-vs-rest specialist, as the paper's one-vs-rest detectors.
+  ``ticket_loss="plain"`` instead trains ticket k with plain CE on every pixel of its mosaics.
   Per-pixel routing: ``routed(x, route=class_map [B, H, W])`` runs every ticket present in a sample once and
   each pixel takes its ticket's logits. Oracle routing = ground-truth class map; label-free routing = the
   argmax map of the router (the single-IMP model at the same sparsity; its pixel accuracy is reported).
@@ -300,6 +301,7 @@ class SegConfig:
     retrain_epochs: int = 4
     lr: float = 1e-3
     methods: tuple[str, ...] = ("rtl", "single_imp", "multi_imp")
+    ticket_loss: str = "balanced"        # "balanced": 0.5 CE(class k) + 0.5 CE(rest); "plain": CE on all pixels
     device: str = "cpu"
     progress: bool = False
 
@@ -340,6 +342,9 @@ def _validate(cfg: SegConfig) -> None:
     unknown = [m for m in cfg.methods if m not in _METHODS]
     if unknown or not cfg.methods:
         raise DataError(f"methods must be a non-empty subset of {_METHODS}, got {tuple(cfg.methods)}.")
+    if cfg.ticket_loss not in ("balanced", "plain"):
+        raise DataError(f"ticket_loss must be 'balanced' (0.5 CE on class-k pixels + 0.5 CE on the rest) or 'plain' "
+                        f"(CE on every pixel of the ticket's mosaics), got {cfg.ticket_loss!r}.")
     if "single_imp" not in cfg.methods:
         raise DataError("the label-free router is the single-IMP model; keep 'single_imp' in methods.")
     if "multi_imp" in cfg.methods and "rtl" not in cfg.methods:
@@ -386,7 +391,7 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
         if idx.numel() == 0:
             raise DataError(f"no training mosaic contains class {k} ({cfg.classes[k]}); raise n_train.")
         subsets[k] = MosaicBatches(train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
-    steps = {k: class_step(k) for k in range(K)}
+    steps = {k: (class_step(k) if cfg.ticket_loss == "balanced" else ce_step) for k in range(K)}
     n_batches = sum(len(s) for s in subsets.values())
     single_loader = CyclicLoader(MosaicBatches(train_x, train.labels, cfg.batch_size, seed=cfg.seed + 99),
                                  n_batches)
