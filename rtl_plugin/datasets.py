@@ -27,7 +27,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import tempfile
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -438,25 +437,8 @@ def _read_cache(path: Path, key: str, image_size: int) -> dict | None:
 
 
 def _write_cache(path: Path, arrays: dict, key: str) -> None:
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, key=np.array(key), **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        warnings.warn(f"could not write dataset cache {path} ({exc}); continuing without it",
-                      RuntimeWarning, stacklevel=3)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    from .io import write_cache_npz
+    write_cache_npz(path, {"key": np.array(key), **arrays}, what="dataset cache")
 
 
 # --------------------------------------------------------------------------- public API

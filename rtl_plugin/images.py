@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, MissingDependencyError
+from .io import default_cache_dir
 
 #: Photos bundled in the scikit-image wheel whose docstrings state CC0 or public domain. Grey textures
 #: (brick, grass, gravel, camera) are tinted with a random colour per mosaic.
@@ -33,10 +32,6 @@ _CACHE_FORMAT = 1
 _PIP_HINT = 'pip install "rtl-plugin[data]"  (or: pip install scikit-image)'
 
 
-def default_cache_dir() -> Path:
-    """``$RTL_CACHE`` if set, else ``~/.cache/rtl-plugin``."""
-    env = os.environ.get("RTL_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rtl-plugin"
 
 
 def _is_int(v) -> bool:
@@ -159,25 +154,8 @@ def _read_cache(path: Path, key: str, n: int, size: int) -> dict | None:
 
 
 def _write_cache(path: Path, arrays: dict, key: str) -> None:
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, key=np.array(key), **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        warnings.warn(f"could not write mosaic cache {path} ({exc}); continuing without it",
-                      RuntimeWarning, stacklevel=3)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    from .io import write_cache_npz
+    write_cache_npz(path, {"key": np.array(key), **arrays}, what="mosaic cache")
 
 
 def make_mosaic(seed: int = 0, n_regions: int = 4, size: int = 64, *, cache_dir=None, cache: bool = True,

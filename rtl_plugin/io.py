@@ -35,6 +35,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result is as readable as any other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -48,6 +51,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_npz(path, arrays: dict) -> None:
+    """``np.savez`` of ``arrays`` (no object arrays, no pickle), written atomically."""
+    import io as _io
+
+    import numpy as np
+    buf = _io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_cache_npz(path, arrays: dict, *, what: str = "cache") -> None:
+    """Best-effort atomic cache write: a failure (read-only folder, full disk) warns and is otherwise ignored."""
+    try:
+        atomic_write_npz(path, arrays)
+    except OSError as exc:
+        import warnings
+        warnings.warn(f"could not write {what} {path} ({exc}); continuing without it", RuntimeWarning, stacklevel=3)
+
+
+def default_cache_dir(path=None) -> Path:
+    """Cache folder for built data sets: ``path``, else ``$RTL_CACHE``, else ``~/.cache/rtl-plugin``."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("RTL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "rtl-plugin"
 
 
 def _sha256(data: bytes) -> str:

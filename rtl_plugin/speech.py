@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorruptFileError, DataError, MissingDependencyError
+from .io import atomic_write_npz, default_cache_dir
 
 SAMPLE_RATE = 16000
 FORMAT_VERSION = 1
@@ -362,12 +363,6 @@ def snr_db(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
     return 10 * np.log10(np.sum(clean ** 2, -1) / np.maximum(np.sum((noisy - clean) ** 2, -1), 1e-30))
 
 
-def cache_dir(path: str | os.PathLike | None = None) -> Path:
-    """The cache folder: ``path``, else ``$RTL_CACHE``, else ``~/.cache/rtl-plugin``."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get("RTL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "rtl-plugin"
 
 
 def _split_arrays(prefix: str, s: SpeechSplit) -> dict:
@@ -376,24 +371,10 @@ def _split_arrays(prefix: str, s: SpeechSplit) -> dict:
 
 
 def _save(path: Path, data: SpeechData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {**_split_arrays("train", data.train), **_split_arrays("test", data.test),
               "environments": np.array(data.environments, dtype="U32"),
               "meta": np.array(json.dumps({"version": FORMAT_VERSION, "key": data.config.key()}))}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a cache file is as readable as any other
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_npz(path, arrays)
 
 
 def _load(path: Path, cfg: SpeechDataConfig) -> SpeechData:
@@ -465,7 +446,7 @@ def build_noisy_speech(config: SpeechDataConfig | None = None, *, cache: str | o
     if cfg.use_flite and shutil.which("flite") is None:
         # the data depend on whether flite voices are available: the config (and the cache key) records it
         cfg = SpeechDataConfig(**{**asdict(cfg), "use_flite": False})
-    path = cache_dir(cache) / "speech" / f"noisy_speech_{cfg.key()}.npz"
+    path = default_cache_dir(cache) / "speech" / f"noisy_speech_{cfg.key()}.npz"
     if use_cache and path.exists():
         return _load(path, cfg)
     tools = check_tools()

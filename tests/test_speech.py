@@ -78,9 +78,10 @@ def test_noise_sources_split_disjoint_per_environment():
 
 def test_cache_dir_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("RTL_CACHE", str(tmp_path / "c"))
-    assert speech.cache_dir() == tmp_path / "c"
+    assert speech.default_cache_dir() == tmp_path / "c"
+    assert speech.default_cache_dir(tmp_path / "x") == tmp_path / "x"
     monkeypatch.delenv("RTL_CACHE")
-    assert speech.cache_dir() == speech.Path.home() / ".cache" / "rtl-plugin"
+    assert speech.default_cache_dir() == speech.Path.home() / ".cache" / "rtl-plugin"
 
 
 # ----------------------------------------------------------------------------- builder (espeak-ng + sox)
