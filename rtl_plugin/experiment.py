@@ -119,7 +119,7 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
     from .datasets import load_domains
     from .metrics import classification_metrics
     from .pruner import RTLPruner
-    from .training import joint_retrain
+    from .training import joint_retrain, retrain_tickets
     from .baselines import BalancedLoader, ContextInputModel, CyclicLoader, context_train_step
     from .diagnostics import chance_matrix, mean_offdiagonal
 
@@ -238,13 +238,8 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
     saved = {}
     for s in cfg.sparsities:
         tickets = search.tickets_at[s]
-        routed.model.load_state_dict(theta0)
-        routed.set_tickets(tickets)
-        t = time.perf_counter()
-        joint_retrain(routed, loaders, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
-                      epochs=cfg.retrain_epochs, device=dev, progress=cfg.progress)
-        wall["joint_retrain"] += time.perf_counter() - t
-        routed.eval()
+        wall["joint_retrain"] += retrain_tickets(routed, theta0, tickets, loaders, lr=cfg.lr, epochs=cfg.retrain_epochs,
+                                                 device=dev, progress=cfg.progress)
         union = tickets.union_count()
         per_ticket = [int(v) for v in tickets.kept()]
         j = tickets.jaccard()
@@ -307,12 +302,8 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
         res1 = p1.find_tickets({0: CyclicLoader(search_loader, search_len)}, train_step=step,
                                epochs_per_round=cfg.search_epochs, optimizer_factory=opt_factory, device=dev)
         for s1 in targets:
-            r1.model.load_state_dict(theta1)
-            r1.set_tickets(res1.tickets_at[s1])
-            retrain_loader = CyclicLoader(search_loader, budget_batches)
-            joint_retrain(r1, {0: retrain_loader}, optimizer=torch.optim.Adam(r1.parameters(), lr=cfg.lr),
-                          epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
-            r1.eval()
+            retrain_tickets(r1, theta1, res1.tickets_at[s1], {0: CyclicLoader(search_loader, budget_batches)},
+                            lr=cfg.lr, epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
             if method == "single_imp_context":
                 logits = _predict(lambda xb, cb: r1(xb, cb, route=0), xt, extra=ct)
             else:

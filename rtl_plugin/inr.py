@@ -326,7 +326,7 @@ def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = Non
     from .baselines import CyclicLoader
     from .diagnostics import mean_offdiagonal
     from .pruner import RTLPruner
-    from .training import joint_retrain
+    from .training import joint_retrain, retrain_tickets
 
     cfg = INRConfig() if config is None else config
     _validate_config(cfg)
@@ -395,13 +395,9 @@ def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = Non
         wall["rtl_retrain"] = 0.0
         for s in sps:
             tickets = search.tickets_at[s]
-            routed.model.load_state_dict(theta0_mlp)
-            routed.set_tickets(tickets)
-            t = time.perf_counter()
-            joint_retrain(routed, subsets, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
-                          epochs=cfg.retrain_steps, train_step=mse_step, device=dev, progress=cfg.progress)
-            wall["rtl_retrain"] += time.perf_counter() - t
-            routed.eval()
+            wall["rtl_retrain"] += retrain_tickets(routed, theta0_mlp, tickets, subsets, lr=cfg.lr,
+                                                   epochs=cfg.retrain_steps, train_step=mse_step, device=dev,
+                                                   progress=cfg.progress)
             value, per, img = evaluate(lambda: routed(feats, route=reg))
             recon[("rtl", s)] = img
             row("rtl", s, value, per, tickets.union_count(), per_ticket_params=[int(v) for v in tickets.kept()])
@@ -447,13 +443,9 @@ def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = Non
         wall["single_imp_search"] = time.perf_counter() - t
         wall["single_imp_retrain"] = 0.0
         for s in sps:
-            r1.model.load_state_dict(theta1)
-            r1.set_tickets(res1.tickets_at[s])
-            t = time.perf_counter()
-            joint_retrain(r1, {0: mixed}, optimizer=torch.optim.Adam(r1.parameters(), lr=cfg.lr),
-                          epochs=cfg.retrain_steps, train_step=context_mse_step, device=dev, progress=cfg.progress)
-            wall["single_imp_retrain"] += time.perf_counter() - t
-            r1.eval()
+            wall["single_imp_retrain"] += retrain_tickets(r1, theta1, res1.tickets_at[s], {0: mixed}, lr=cfg.lr,
+                                                          epochs=cfg.retrain_steps, train_step=context_mse_step,
+                                                          device=dev, progress=cfg.progress)
             value, per, img = evaluate(lambda: r1(feats, reg, route=0))
             recon[("single_imp", s)] = img
             row("single_imp", s, value, per, int(res1.tickets_at[s].kept()[0]))

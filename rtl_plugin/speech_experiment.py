@@ -146,7 +146,7 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     from .integrations.audio import AudioUNet, si_snr_improvement
     from .pruner import RTLPruner
     from .speech import build_noisy_speech
-    from .training import joint_retrain
+    from .training import joint_retrain, retrain_tickets
     from torch.utils.data import DataLoader, TensorDataset
 
     cfg = (config if config is not None else SpeechConfig())
@@ -263,13 +263,9 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     mid = cfg.sparsities[len(cfg.sparsities) // 2]
     for s in cfg.sparsities:
         tickets = search.tickets_at[s]
-        routed.model.load_state_dict(theta0)
-        routed.set_tickets(tickets)
-        t = time.perf_counter()
-        joint_retrain(routed, loaders, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
-                      epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
-        wall["joint_retrain"] += time.perf_counter() - t
-        routed.eval()
+        wall["joint_retrain"] += retrain_tickets(routed, theta0, tickets, loaders, lr=cfg.lr,
+                                                 epochs=cfg.retrain_epochs, train_step=step, device=dev,
+                                                 progress=cfg.progress)
         from .diagnostics import mean_offdiagonal
         sim.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
                     "union": int(tickets.union_count())})
@@ -303,11 +299,8 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
         res1 = p1.find_tickets({0: CyclicLoader(all_loader, search_len)}, train_step=step,
                                epochs_per_round=cfg.search_epochs, optimizer_factory=opt_factory, device=dev)
         for s in cfg.sparsities:
-            r1.model.load_state_dict(theta1)
-            r1.set_tickets(res1.tickets_at[s])
-            joint_retrain(r1, {0: CyclicLoader(all_loader, budget)}, optimizer=torch.optim.Adam(r1.parameters(), lr=cfg.lr),
-                          epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
-            r1.eval()
+            retrain_tickets(r1, theta1, res1.tickets_at[s], {0: CyclicLoader(all_loader, budget)}, lr=cfg.lr,
+                            epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
             enh = _enhance(lambda xb, _: r1(xb, route=0), xt)
             row("single_imp", "none", s, int(res1.tickets_at[s].kept()[0]), enh)
             if s == mid:

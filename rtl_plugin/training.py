@@ -326,3 +326,17 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     from .distributed import is_main_process
     return tqdm(total=total, desc=desc, disable=not enabled or not is_main_process(), leave=False, dynamic_ncols=True)
+
+
+def retrain_tickets(routed, theta: dict, tickets, subsets, *, lr: float, epochs: int, **kw) -> float:
+    """Rewind ``routed`` to the weights ``theta``, set ``tickets``, jointly retrain them with a fresh Adam(``lr``)
+    for ``epochs`` and leave the model in eval mode; returns the retraining wall time in seconds.
+    ``kw`` goes to :func:`joint_retrain` (train_step, device, progress, ...)."""
+    import time
+    routed.model.load_state_dict(theta)
+    routed.set_tickets(tickets)
+    t = time.perf_counter()
+    joint_retrain(routed, subsets, optimizer=torch.optim.Adam(routed.parameters(), lr=lr), epochs=epochs, **kw)
+    seconds = time.perf_counter() - t
+    routed.eval()
+    return seconds
