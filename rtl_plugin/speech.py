@@ -3,12 +3,20 @@
 Clean speech is synthesised with ``espeak-ng`` (several voices, variants, speeds and pitches, many short
 generated sentences) and, when installed, ``flite`` (16 kHz voices); noise comes from three environments
 (``indoor``, ``outdoor``, ``transport``), each built from several synthetic sources (numpy signal models
-filtered and shaped with ``sox`` effects; babble from mixed speech of other voices). Every environment's
-sources are split into train and test sources, so test noise is unseen. Clips are mixed at SNRs drawn
+filtered and shaped with ``sox`` effects; babble from mixed speech of other voices) and, when the Debian
+package ``sonic-pi-samples`` is installed, real recorded CC0 clips (room hums, vinyl hiss, wind, crow,
+3D printer, industrial loops; :data:`REAL_NOISE_CLIPS`). Every environment's sources are split into
+train and test sources, so test noise is unseen.
+
+A held-out **real-speech** test split (``SpeechData.real``) mixes recorded speech (asterisk prompts, codec2
+and pocketsphinx test clips, 8 or 16 kHz, resampled to 16 kHz; :func:`real_speech_files`) with the TEST
+noise sources of each environment; it is never used for training. Clips are mixed at SNRs drawn
 uniformly from a range (default -5 to 10 dB). Everything is deterministic in the seed and cached on disk
 (``.npz``, no pickle, atomic writes) under ``$RTL_CACHE`` (default ``~/.cache/rtl-plugin``).
 
-Needs the Debian packages ``espeak-ng`` and ``sox`` (``apt-get install espeak-ng sox``; ``flite`` optional).
+Needs the Debian packages ``espeak-ng`` and ``sox`` (``apt-get install espeak-ng sox``; ``flite`` optional);
+real noise and the real-speech split need :data:`REAL_INSTALL_LINE` (skipped with a warning when absent,
+MissingDependencyError with ``require_real=True``).
 Waveforms are float32 at 16 kHz; shapes ``[N, L]`` with ``L = clip_seconds * 16000`` samples.
 """
 from __future__ import annotations
@@ -20,6 +28,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 import wave
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -31,9 +40,11 @@ from .errors import CorruptFileError, DataError, MissingDependencyError
 from .io import atomic_write_npz, default_cache_dir
 
 SAMPLE_RATE = 16000
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: real noise clips (sonic-pi-samples) + held-out real-speech test split
 ENVIRONMENTS = ("indoor", "outdoor", "transport")
 INSTALL_LINE = "apt-get install espeak-ng sox"
+REAL_INSTALL_LINE = ("apt-get install sox libsox-fmt-all sonic-pi-samples asterisk-core-sounds-en-wav "
+                     "codec2-examples pocketsphinx-testdata")
 
 # ---------------------------------------------------------------------------- sources: speech
 _WORDS = {
@@ -206,6 +217,10 @@ def _clicks(n, rng, period_s, jitter, band, exe):
 
 def _noise_source(name: str, n: int, rng: np.random.Generator, tools: dict, babble: list[np.ndarray]) -> np.ndarray:
     """One noise source ``name`` (see :data:`NOISE_SOURCES`) as float32 [n]."""
+    if name.startswith("sp:"):
+        y = _real_noise(name[3:], n, rng)
+        y = np.asarray(y, dtype=np.float64) - float(np.mean(y))
+        return (y / (np.sqrt(np.mean(y ** 2)) + 1e-12)).astype(np.float32)
     sx = tools["sox"]
     w = rng.standard_normal(n)
     if name == "hum50":
@@ -260,6 +275,135 @@ NOISE_SOURCES = {
     "transport": {"train": ["rumble", "engine_low", "clatter"], "test": ["engine_high", "machine_whine"]},
 }
 
+# ---------------------------------------------------------------------------- real recordings (Debian packages)
+#: folders of the real recordings; module-level so tests (and users) can point them elsewhere
+SONIC_PI_DIR = Path("/usr/share/sonic-pi/samples")
+REAL_SPEECH_DIRS = {"asterisk": Path("/usr/share/asterisk/sounds"), "codec2": Path("/usr/share/codec2/raw"),
+                    "pocketsphinx": Path("/usr/share/pocketsphinx/test/data")}
+#: the Debian package holding each real source
+REAL_PACKAGES = {"sonic-pi": "sonic-pi-samples", "asterisk": "asterisk-core-sounds-en-wav",
+                 "codec2": "codec2-examples", "pocketsphinx": "pocketsphinx-testdata"}
+REAL_CORPORA = ("asterisk", "codec2", "pocketsphinx")
+#: codec2's raw folder also holds modem frames and sine sweeps: only these files are speech (8 kHz s16le)
+_CODEC2_SPEECH = ("big_dog", "cross", "forig", "hts1", "hts2", "kristoff", "mmt1", "morig", "vk5qi", "ve9qrp_10s")
+#: raw (headerless s16le mono) sample rates per corpus
+_RAW_RATE = {"codec2": 8000, "pocketsphinx": 16000}
+
+#: real CC0 noise clips from ``sonic-pi-samples`` (name without ``.flac``) per environment, train / test
+#: disjoint; used as noise sources ``"sp:<name>"`` next to the synthetic :data:`NOISE_SOURCES`
+REAL_NOISE_CLIPS = {
+    "indoor": {"train": ["vinyl_hiss", "ambi_glass_hum", "ambi_soft_buzz"],        # hiss, room hum, buzz
+               "test": ["ambi_haunted_hum", "ambi_sauna", "perc_till"]},            # hum, sauna room, till
+    "outdoor": {"train": ["loop_safari", "ambi_dark_woosh", "misc_crow"],           # nature loop, wind, crow
+                "test": ["ambi_lunar_land", "ambi_swoosh"]},                        # open-air ambience, gust
+    "transport": {"train": ["loop_3d_printer", "loop_industrial", "mehackit_robot4"],  # printer, machines
+                  "test": ["loop_electric", "misc_cineboom", "glitch_robot1"]},        # motor, rumble, servo
+}
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int | None = None) -> np.ndarray:
+    """Read an audio file as float32 mono ``[L]`` at 16 kHz (resampled when needed).
+
+    ``.wav`` (16-bit PCM) with the stdlib ``wave``; ``.raw`` as headerless signed 16-bit little-endian mono at
+    ``sample_rate`` Hz (required for raw files); anything else (``.flac``, other wav encodings) through a
+    ``sox`` pipe. Channels are averaged. ``torchaudio.load`` is not used (it needs torchcodec).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"audio file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".raw":
+        if sample_rate is None or int(sample_rate) <= 0:
+            raise DataError(f"{path} is headerless raw audio: pass its sample_rate (Hz)")
+        b = path.read_bytes()
+        x = np.frombuffer(b[: len(b) // 2 * 2], dtype="<i2").astype(np.float32) / 32768.0
+        return _resample(x, int(sample_rate))
+    if suffix == ".wav":
+        try:
+            x, sr = _read_wav(path.read_bytes())
+            return _resample(x, sr)
+        except DataError:
+            pass  # not 16-bit PCM: let sox convert it
+    exe = shutil.which("sox")
+    if exe is None:
+        raise MissingDependencyError(f"reading {path.name} needs sox; install it with:\napt-get install sox libsox-fmt-all")
+    out = subprocess.run([exe, "-q", "-V1", str(path), "-t", "raw", "-e", "floating-point", "-b", "32", "-c", "1",
+                          "-r", str(SAMPLE_RATE), "-"], capture_output=True, timeout=120)
+    if out.returncode != 0:
+        raise DataError(f"sox could not read {path}: {out.stderr.decode(errors='replace')[:200]} "
+                        "(apt-get install libsox-fmt-all)")
+    return np.frombuffer(out.stdout, dtype="<f4").astype(np.float32)
+
+
+def real_speech_files(min_seconds: float = 0.6) -> dict[str, list[tuple[Path, int | None]]]:
+    """Installed real speech recordings: corpus -> sorted ``[(path, raw sample rate or None)]``.
+
+    asterisk: the English prompts (``en*/**/*.wav``, 8 kHz, silence files dropped, at least ``min_seconds``);
+    codec2: the speech files of ``codec2-examples`` (``raw/*.raw`` at 8 kHz, ``speech_orig_16k.wav``);
+    pocketsphinx: every ``.wav`` and ``.raw`` (16 kHz) under ``test/data``. Absent corpora map to ``[]``.
+    """
+    out: dict[str, list[tuple[Path, int | None]]] = {c: [] for c in REAL_CORPORA}
+    root = Path(REAL_SPEECH_DIRS["asterisk"])
+    if root.is_dir():
+        seen = set()
+        for p in sorted(root.glob("en*/**/*.wav")):
+            r = p.resolve()
+            if r in seen or "silence" in p.parts or not r.is_file():
+                continue
+            seen.add(r)
+            try:
+                with wave.open(str(r)) as w:
+                    if w.getnframes() / w.getframerate() < min_seconds:
+                        continue
+            except (wave.Error, EOFError, OSError):
+                continue
+            out["asterisk"].append((r, None))
+    root = Path(REAL_SPEECH_DIRS["codec2"])
+    if root.is_dir():
+        out["codec2"] = [(root / f"{n}.raw", _RAW_RATE["codec2"]) for n in _CODEC2_SPEECH if (root / f"{n}.raw").is_file()]
+        if (root / "speech_orig_16k.wav").is_file():
+            out["codec2"].append((root / "speech_orig_16k.wav", None))
+    root = Path(REAL_SPEECH_DIRS["pocketsphinx"])
+    if root.is_dir():
+        out["pocketsphinx"] = sorted([(p, None) for p in root.rglob("*.wav")] +
+                                     [(p, _RAW_RATE["pocketsphinx"]) for p in root.rglob("*.raw")])
+    return out
+
+
+def real_noise_available() -> list[str]:
+    """Names of the :data:`REAL_NOISE_CLIPS` missing on disk (empty list: all present)."""
+    names = [n for e in REAL_NOISE_CLIPS.values() for p in e.values() for n in p]
+    return [n for n in names if not (Path(SONIC_PI_DIR) / f"{n}.flac").is_file()]
+
+
+_CLIP_CACHE: dict[str, np.ndarray] = {}
+
+
+def _real_noise(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` samples of sonic-pi clip ``name`` (looped from a random start, random polarity)."""
+    path = Path(SONIC_PI_DIR) / f"{name}.flac"
+    key = str(path)
+    if key not in _CLIP_CACHE:
+        x = load_audio(path)
+        x = x - x.mean()
+        if len(x) < 64 or not np.any(x):
+            raise DataError(f"the noise clip {path} is empty")
+        _CLIP_CACHE[key] = x
+    x = _CLIP_CACHE[key]
+    reps = int(np.ceil((n + len(x)) / len(x)))
+    # a window with sound in it (energy >= 30% of the loudest window), from a random phase of the loop
+    s = int(rng.integers(len(x)))
+    return _speech_crop(np.tile(x, reps + 1)[s:], n, rng) * float(rng.choice([-1.0, 1.0]))
+
+
+def noise_sources(env: str, which: str, real_noise: bool = True) -> list[str]:
+    """Noise source names of ``env`` for split ``which`` (``train``/``test``): the synthetic ones, plus the
+    real clips ``"sp:<name>"`` when ``real_noise``. Train and test lists are disjoint."""
+    out = list(NOISE_SOURCES[env][which])
+    if real_noise:
+        out += [f"sp:{n}" for n in REAL_NOISE_CLIPS[env][which]]
+    return out
+
 
 # ---------------------------------------------------------------------------- the dataset
 @dataclass(frozen=True)
@@ -267,7 +411,11 @@ class SpeechDataConfig:
     """What to build: clips per environment, clip length (s), SNR range (dB), utterance pool sizes, seed.
 
     ``use_flite``: also speak every 4th utterance with a flite voice; set to False by the builder when flite
-    is not installed (so the cache key says which speech was used)."""
+    is not installed (so the cache key says which speech was used).
+    ``real_noise``: add the real sonic-pi clips (:data:`REAL_NOISE_CLIPS`) to every environment's sources.
+    ``real_test_per_env`` / ``real_corpora``: size and speech corpora of the held-out real-speech test split
+    (recorded speech + each environment's TEST noise); ``real_corpora=()`` disables it. The builder drops
+    what is not installed (with a warning) so the cache key records the data actually used."""
     train_per_env: int = 96
     test_per_env: int = 32
     clip_seconds: float = 1.0
@@ -277,10 +425,14 @@ class SpeechDataConfig:
     test_utterances: int = 32
     babble_utterances: int = 16
     use_flite: bool = True
+    real_noise: bool = True
+    real_test_per_env: int = 32
+    real_corpora: tuple[str, ...] = REAL_CORPORA
     seed: int = 0
 
     def validate(self) -> "SpeechDataConfig":
-        for name in ("train_per_env", "test_per_env", "train_utterances", "test_utterances", "babble_utterances"):
+        for name in ("train_per_env", "test_per_env", "train_utterances", "test_utterances", "babble_utterances",
+                     "real_test_per_env"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise DataError(f"{name} must be a positive int, got {v!r}")
@@ -295,6 +447,9 @@ class SpeechDataConfig:
         unknown = [e for e in envs if e not in NOISE_SOURCES]
         if not envs or unknown or len(set(envs)) != len(envs):
             raise DataError(f"environments must be distinct names from {list(NOISE_SOURCES)}, got {envs!r}")
+        bad = [c for c in self.real_corpora if c not in REAL_CORPORA]
+        if bad or len(set(self.real_corpora)) != len(tuple(self.real_corpora)):
+            raise DataError(f"real_corpora must be distinct names from {list(REAL_CORPORA)}, got {self.real_corpora!r}")
         return self
 
     @property
@@ -305,6 +460,7 @@ class SpeechDataConfig:
         d = asdict(self)
         d["snr_db"] = [float(v) for v in self.snr_db]
         d["environments"] = list(self.environments)
+        d["real_corpora"] = list(self.real_corpora)
         d["version"] = FORMAT_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -312,12 +468,14 @@ class SpeechDataConfig:
 @dataclass
 class SpeechSplit:
     """One split: ``noisy``/``clean`` float32 [N, L] (16 kHz), ``env`` int64 [N] (ticket id),
-    ``snr_db`` float32 [N] (requested mixing SNR), ``source`` [N] noise source names."""
+    ``snr_db`` float32 [N] (requested mixing SNR), ``source`` [N] noise source names (``sp:<clip>`` = a real
+    sonic-pi recording), ``speech`` [N] clean speech origin (``synthetic`` or ``<corpus>:<file stem>``)."""
     noisy: np.ndarray
     clean: np.ndarray
     env: np.ndarray
     snr_db: np.ndarray
     source: np.ndarray
+    speech: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.noisy.shape[0])
@@ -330,12 +488,14 @@ class SpeechSplit:
 
 @dataclass
 class SpeechData:
-    """Train and test splits plus the environment names (ticket k = ``environments[k]``)."""
+    """Train and test splits plus the environment names (ticket k = ``environments[k]``); ``real``: the
+    held-out real-speech test split (None when no real speech corpus is installed or requested)."""
     train: SpeechSplit
     test: SpeechSplit
     environments: tuple[str, ...]
     config: SpeechDataConfig
     path: Path | None = None
+    real: SpeechSplit | None = None
 
 
 def mix_at_snr(clean: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
@@ -366,12 +526,16 @@ def snr_db(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
 
 
 def _split_arrays(prefix: str, s: SpeechSplit) -> dict:
-    return {f"{prefix}_noisy": s.noisy, f"{prefix}_clean": s.clean, f"{prefix}_env": s.env,
-            f"{prefix}_snr_db": s.snr_db, f"{prefix}_source": s.source.astype("U32")}
+    out = {f"{prefix}_noisy": s.noisy, f"{prefix}_clean": s.clean, f"{prefix}_env": s.env,
+           f"{prefix}_snr_db": s.snr_db, f"{prefix}_source": s.source.astype("U32")}
+    if s.speech is not None:
+        out[f"{prefix}_speech"] = s.speech.astype("U64")
+    return out
 
 
 def _save(path: Path, data: SpeechData) -> None:
     arrays = {**_split_arrays("train", data.train), **_split_arrays("test", data.test),
+              **(_split_arrays("real", data.real) if data.real is not None else {}),
               "environments": np.array(data.environments, dtype="U32"),
               "meta": np.array(json.dumps({"version": FORMAT_VERSION, "key": data.config.key()}))}
     atomic_write_npz(path, arrays)
@@ -384,24 +548,36 @@ def _load(path: Path, cfg: SpeechDataConfig) -> SpeechData:
             if meta.get("key") != cfg.key():
                 raise CorruptFileError(f"{path} holds another dataset configuration; delete it to rebuild")
             splits = {p: SpeechSplit(z[f"{p}_noisy"], z[f"{p}_clean"], z[f"{p}_env"], z[f"{p}_snr_db"],
-                                     z[f"{p}_source"]) for p in ("train", "test")}
+                                     z[f"{p}_source"], z[f"{p}_speech"] if f"{p}_speech" in z.files else None)
+                      for p in ("train", "test", "real") if f"{p}_noisy" in z.files}
             envs = tuple(str(e) for e in z["environments"])
     except CorruptFileError:
         raise
     except Exception as e:  # zip / key / value errors: a damaged cache file
         raise CorruptFileError(f"the cached dataset {path} is unreadable ({type(e).__name__}: {e}); "
                                "delete it and the builder will recreate it") from e
-    return SpeechData(splits["train"], splits["test"], envs, cfg, path)
+    return SpeechData(splits["train"], splits["test"], envs, cfg, path, splits.get("real"))
 
 
-def _build_split(cfg, which, per_env, utterances, babble, tools, rng) -> SpeechSplit:
+def _build_split(cfg, which, per_env, utterances, babble, tools, rng, names=None) -> SpeechSplit:
+    """``per_env`` mixtures per environment of crops of ``utterances`` (origin ``names``, cycled through
+    ``names``' groups when given) with the ``which`` noise sources."""
     n = cfg.num_samples
     lo, hi = (float(v) for v in cfg.snr_db)
-    noisy, clean, env, snrs, source = [], [], [], [], []
+    noisy, clean, env, snrs, source, speech = [], [], [], [], [], []
+    groups = None
+    if names is not None:  # real speech: take the corpora in turn so each is represented in every environment
+        corpora = sorted({m.split(":")[0] for m in names})
+        groups = [[j for j, m in enumerate(names) if m.split(":")[0] == c] for c in corpora]
     for k, e in enumerate(cfg.environments):
-        sources = NOISE_SOURCES[e][which]
+        sources = noise_sources(e, which, cfg.real_noise)
         for i in range(per_env):
-            c = _speech_crop(utterances[int(rng.integers(len(utterances)))], n, rng)
+            if groups is None:
+                u = int(rng.integers(len(utterances)))
+            else:
+                g = groups[(i + k) % len(groups)]
+                u = g[int(rng.integers(len(g)))]
+            c = _speech_crop(utterances[u], n, rng)
             c = c / (np.sqrt(np.mean(c.astype(np.float64) ** 2)) + 1e-12) * 0.05
             src = sources[i % len(sources)]
             noise = _noise_source(src, n, rng, tools, babble)
@@ -414,12 +590,59 @@ def _build_split(cfg, which, per_env, utterances, babble, tools, rng) -> SpeechS
             env.append(k)
             snrs.append(s)
             source.append(src)
+            speech.append("synthetic" if names is None else names[u])
     return SpeechSplit(np.stack(noisy).astype(np.float32), np.stack(clean).astype(np.float32),
-                       np.array(env, dtype=np.int64), np.array(snrs, dtype=np.float32), np.array(source, dtype="U32"))
+                       np.array(env, dtype=np.int64), np.array(snrs, dtype=np.float32), np.array(source, dtype="U32"),
+                       np.array(speech, dtype="U64"))
+
+
+def _resolve_real(cfg: SpeechDataConfig, require_real: bool) -> SpeechDataConfig:
+    """Drop the real sources that are not installed (warning), or raise when ``require_real``."""
+    missing_pkgs, notes = [], []
+    real_noise = cfg.real_noise
+    if real_noise:
+        gone = real_noise_available()
+        if gone or shutil.which("sox") is None:
+            missing_pkgs.append(REAL_PACKAGES["sonic-pi"])
+            notes.append(f"real noise clips ({len(gone)} of the sonic-pi-samples clips missing under {SONIC_PI_DIR})")
+            real_noise = False
+    corpora = tuple(cfg.real_corpora)
+    if corpora:
+        files = real_speech_files(min_seconds=0.6 * float(cfg.clip_seconds))
+        absent = [c for c in corpora if not files[c]]
+        for c in absent:
+            missing_pkgs.append(REAL_PACKAGES[c])
+            notes.append(f"real speech corpus {c!r} (nothing under {REAL_SPEECH_DIRS[c]})")
+        corpora = tuple(c for c in corpora if files[c])
+    if notes:
+        line = "apt-get install " + " ".join(missing_pkgs)
+        if require_real:
+            raise MissingDependencyError("the real recordings are missing: " + "; ".join(notes)
+                                         + f"; install them with:\n{line}")
+        warnings.warn("noisy-speech dataset: skipping " + "; ".join(notes) + f" (install with: {line})", stacklevel=3)
+    return SpeechDataConfig(**{**asdict(cfg), "real_noise": real_noise, "real_corpora": corpora})
+
+
+def _load_real_speech(cfg: SpeechDataConfig, rng: np.random.Generator, per_corpus: int = 48):
+    """Recorded utterances (16 kHz) of the configured corpora: at most ``per_corpus`` files each, drawn
+    deterministically; returns (waveforms, ``corpus:stem`` names)."""
+    files = real_speech_files(min_seconds=0.6 * float(cfg.clip_seconds))
+    waves, names = [], []
+    for c in cfg.real_corpora:
+        fl = files[c]
+        pick = sorted(rng.choice(len(fl), size=min(per_corpus, len(fl)), replace=False).tolist())
+        for j in pick:
+            path, rate = fl[j]
+            x = load_audio(path, rate)
+            if np.sqrt(np.mean(x.astype(np.float64) ** 2)) < 1e-4:
+                continue  # a silent recording carries no speech
+            waves.append(x)
+            names.append(f"{c}:{path.stem}")
+    return waves, names
 
 
 def build_noisy_speech(config: SpeechDataConfig | None = None, *, cache: str | os.PathLike | None = None,
-                       use_cache: bool = True, **overrides) -> SpeechData:
+                       use_cache: bool = True, require_real: bool = False, **overrides) -> SpeechData:
     """Build (or load from the cache) the noisy-speech dataset.
 
     Args:
@@ -427,11 +650,15 @@ def build_noisy_speech(config: SpeechDataConfig | None = None, *, cache: str | o
         cache: cache folder (default ``$RTL_CACHE`` or ``~/.cache/rtl-plugin``); the file is
             ``<cache>/speech/noisy_speech_<config hash>.npz``.
         use_cache: False builds afresh and does not touch the cache.
+        require_real: raise MissingDependencyError (with the apt line) when a requested real source (sonic-pi
+            noise clips, a real speech corpus) is not installed; by default it is skipped with a warning.
     Returns:
         :class:`SpeechData`: ``train`` / ``test`` splits with noisy/clean ``[N, L]`` float32 at 16 kHz,
         environment ids ``[N]`` (the ticket of each clip), the requested SNRs (dB) and noise source names.
+        ``real``: the held-out real-speech split (recorded speech x TEST noise), or None.
     Raises:
-        MissingDependencyError when espeak-ng or sox is not installed (``apt-get install espeak-ng sox``).
+        MissingDependencyError when espeak-ng or sox is not installed (``apt-get install espeak-ng sox``),
+        or a real source is missing and ``require_real``.
     """
     cfg = config if config is not None else SpeechDataConfig()
     if not isinstance(cfg, SpeechDataConfig):
@@ -442,7 +669,9 @@ def build_noisy_speech(config: SpeechDataConfig | None = None, *, cache: str | o
             raise DataError(f"unknown dataset settings {bad}; valid: {sorted(asdict(cfg))}")
         cfg = SpeechDataConfig(**{**asdict(cfg), **overrides})
     cfg = SpeechDataConfig(**{**asdict(cfg), "snr_db": tuple(float(v) for v in cfg.snr_db),
-                              "environments": tuple(cfg.environments)}).validate()
+                              "environments": tuple(cfg.environments),
+                              "real_corpora": tuple(cfg.real_corpora)}).validate()
+    cfg = _resolve_real(cfg, require_real)
     if cfg.use_flite and shutil.which("flite") is None:
         # the data depend on whether flite voices are available: the config (and the cache key) records it
         cfg = SpeechDataConfig(**{**asdict(cfg), "use_flite": False})
@@ -460,7 +689,14 @@ def build_noisy_speech(config: SpeechDataConfig | None = None, *, cache: str | o
         pools[name] = _synthesise(_utterance_specs(count, rng, voices, flite_ok), tools)
     train = _build_split(cfg, "train", cfg.train_per_env, pools["train"], pools["babble_train"], tools, rng)
     test = _build_split(cfg, "test", cfg.test_per_env, pools["test"], pools["babble_test"], tools, rng)
-    data = SpeechData(train, test, tuple(cfg.environments), cfg, path if use_cache else None)
+    real = None
+    if cfg.real_corpora:  # its own generator: the synthetic splits do not depend on the real corpora
+        rng_real = np.random.default_rng([cfg.seed, 6, 1])
+        waves, names = _load_real_speech(cfg, rng_real)
+        if waves:
+            real = _build_split(cfg, "test", cfg.real_test_per_env, waves, pools["babble_test"], tools, rng_real,
+                                names=names)
+    data = SpeechData(train, test, tuple(cfg.environments), cfg, path if use_cache else None, real)
     if use_cache:
         _save(path, data)
     return data
