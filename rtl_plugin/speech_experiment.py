@@ -38,6 +38,8 @@ class SpeechConfig:
     train_utterances: int = 96
     test_utterances: int = 32
     babble_utterances: int = 16
+    real_test_per_env: int = 32          # held-out real-speech test clips per environment (0: none)
+    real_noise: bool = True              # add the real sonic-pi noise clips to every environment
     clip_seconds: float = 1.0
     snr_db: tuple[float, float] = (-5.0, 10.0)
     n_fft: int = 512                     # the paper: 1024 (10 s clips); 512 keeps CPU runs short
@@ -63,7 +65,7 @@ class SpeechConfig:
     def quick(cls, **kw) -> "SpeechConfig":
         """A seconds-long setting for tests and ``--quick``."""
         base = dict(train_per_env=8, test_per_env=4, train_utterances=8, test_utterances=4, babble_utterances=6,
-                    retrain_epochs=1, warmup_steps=4, router_epochs=50, progress=False, verbose=False)
+                    real_test_per_env=4, retrain_epochs=1, warmup_steps=4, router_epochs=50, progress=False, verbose=False)
         base.update(kw)
         return cls(**base)
 
@@ -75,6 +77,9 @@ class SpeechConfig:
                 raise DataError(f"{name} must be a positive int, got {v!r}")
         if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
             raise DataError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.real_test_per_env, int) or isinstance(self.real_test_per_env, bool) \
+                or self.real_test_per_env < 0:
+            raise DataError(f"real_test_per_env must be an int >= 0, got {self.real_test_per_env!r}")
         if not isinstance(self.retrain_epochs, int) or self.retrain_epochs < 0:
             raise DataError(f"retrain_epochs must be an int >= 0, got {self.retrain_epochs!r}")
         if not self.sparsities or any(not (0 <= float(s) < 1) for s in self.sparsities) \
@@ -88,11 +93,13 @@ class SpeechConfig:
         return self
 
     def data_config(self):
-        from .speech import SpeechDataConfig
+        from .speech import REAL_CORPORA, SpeechDataConfig
         return SpeechDataConfig(train_per_env=self.train_per_env, test_per_env=self.test_per_env,
                                 clip_seconds=self.clip_seconds, snr_db=tuple(self.snr_db),
                                 train_utterances=self.train_utterances, test_utterances=self.test_utterances,
-                                babble_utterances=self.babble_utterances, seed=self.seed)
+                                babble_utterances=self.babble_utterances, seed=self.seed,
+                                real_noise=bool(self.real_noise), real_test_per_env=max(1, self.real_test_per_env),
+                                real_corpora=REAL_CORPORA if self.real_test_per_env > 0 else ())
 
 
 def router_features(noisy: torch.Tensor) -> torch.Tensor:
@@ -167,7 +174,12 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     x_tr, c_tr, e_tr = data.train.tensors()
     x_te, c_te, e_te = data.test.tensors()
     L = x_tr.shape[1]
-    log(f"data: {len(x_tr)} train / {len(x_te)} test clips of {L / 16000:.2f} s, environments {envs} "
+    # test sets: synthetic speech x unseen noise, and (when installed) recorded speech x the same unseen noise
+    sets = {"synthetic": (x_te, c_te, e_te)}
+    if data.real is not None and cfg.real_test_per_env > 0:
+        sets["real"] = data.real.tensors()
+    log(f"data: {len(x_tr)} train / {len(x_te)} test clips of {L / 16000:.2f} s, environments {envs}, "
+        f"real-speech test clips: {len(sets['real'][0]) if 'real' in sets else 'none (not installed)'} "
         f"({t_data:.1f}s)")
 
     def loader(idx, salt):
@@ -206,27 +218,35 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
         return torch.optim.Adam(params, lr=cfg.lr)
 
     example = x_tr[:1].to(dev)
-    xt, et = x_te.to(dev), e_te.to(dev)
+    X = {n: v[0].to(dev) for n, v in sets.items()}
+    E = {n: v[2].to(dev) for n, v in sets.items()}
     from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio as si_snr
-    input_si_snr = si_snr(x_te, c_te)  # dB, per clip
-    rows: list[dict] = []
+    input_si_snr = {n: si_snr(v[0], v[1]) for n, v in sets.items()}  # dB, per clip
+    rows_by: dict[str, list[dict]] = {n: [] for n in sets}
+    rows = rows_by["synthetic"]
     wall = {"data": round(t_data, 3), "warmup": wall_warmup, "ticket_search": 0.0, "joint_retrain": 0.0, "single_imp": 0.0,
             "multi_imp": 0.0, "dense": 0.0, "router": 0.0}
-    enhanced_examples = {}
+    enhanced_examples: dict[str, dict] = {}
 
-    def row(method, routing, sparsity, params, enhanced, **extra):
-        imp = si_snr_improvement(x_te, enhanced, c_te)
-        if not torch.isfinite(imp).all():
-            raise DataError(f"{method} produced non-finite SI-SNRi; lower the learning rate")
-        per = _per_env(imp, e_te, K)
-        r = {"method": method, "routing": routing, "sparsity": sparsity, "params": int(params),
-             "matching": "equal_cost", "metrics": {"si_snri": round(float(np.mean(per)), 4)},
-             "per_env_si_snri": dict(zip(envs, per))}
-        r.update(extra)
-        rows.append(r)
-        log(f"{method:<11s} {routing:<8s} sparsity {sparsity:.2f}: SI-SNRi {r['metrics']['si_snri']:+.2f} dB "
-            f"({', '.join(f'{e} {v:+.2f}' for e, v in zip(envs, per))})")
-        return r
+    def row(method, routing, sparsity, params, enhance, extra_by_set=None, **extra):
+        """Score ``enhance(test_set_name) -> enhanced [N, L]`` on every test set; {test set: enhanced}."""
+        outs = {}
+        for name, (x, c, e) in sets.items():
+            enhanced = enhance(name)
+            imp = si_snr_improvement(x, enhanced, c)
+            if not torch.isfinite(imp).all():
+                raise DataError(f"{method} produced non-finite SI-SNRi; lower the learning rate")
+            per = _per_env(imp, e, K)
+            r = {"method": method, "routing": routing, "sparsity": sparsity, "params": int(params),
+                 "matching": "equal_cost", "test_set": name, "metrics": {"si_snri": round(float(np.mean(per)), 4)},
+                 "per_env_si_snri": dict(zip(envs, per))}
+            r.update(extra)
+            r.update((extra_by_set or {}).get(name, {}))
+            rows_by[name].append(r)
+            log(f"{method:<11s} {routing:<8s} sparsity {sparsity:.2f} [{name:<9s}]: SI-SNRi "
+                f"{r['metrics']['si_snri']:+.2f} dB ({', '.join(f'{e} {v:+.2f}' for e, v in zip(envs, per))})")
+            outs[name] = enhanced
+        return outs
 
     # ---- RTL ticket search (per-environment IMP from θ0)
     routed = wrap(make(cfg.seed).to(dev), K, example_inputs=example, granularity="weight")
@@ -242,21 +262,31 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
 
     # ---- learned router on the noisy spectrogram (label-free inference), trained on train clips only
     router_info = None
+    F: dict[str, torch.Tensor] = {}
+    route_acc: dict[str, dict] = {}
     if cfg.router:
         from .routers import create_router
         t = time.perf_counter()
-        f_tr, f_te = router_features(x_tr), router_features(x_te)
+        f_tr = router_features(x_tr)
+        F = {n: router_features(v[0]) for n, v in sets.items()}
         router = create_router("learned", num_tickets=K, epochs=cfg.router_epochs, weight_decay=1e-3)
         router.fit(f_tr, e_tr, seed=cfg.seed)
-        pred_te = router(f_te)
-        acc = float((pred_te == e_te).float().mean())
+        for n, (_, _, e) in sets.items():
+            pred = router(F[n])
+            route_acc[n] = {"routing_accuracy": round(float((pred == e).float().mean()), 4),
+                            "per_env_routing_accuracy": dict(zip(envs, [round(float((pred[e == k] == k).float().mean()), 4)
+                                                                        for k in range(K)]))}
+        F = {n: f.to(dev) for n, f in F.items()}
         wall["router"] = time.perf_counter() - t
-        router_info = {"name": "learned", "accuracy": round(acc, 4),
-                       "per_env_accuracy": dict(zip(envs, [round(float((pred_te[e_te == k] == k).float().mean()), 4)
-                                                           for k in range(K)])),
-                       "flops_per_clip": int(router.flops_per_sample(tuple(f_te.shape[1:]))),
+        acc = route_acc["synthetic"]["routing_accuracy"]
+        router_info = {"name": "learned", "accuracy": acc,
+                       "per_env_accuracy": route_acc["synthetic"]["per_env_routing_accuracy"],
+                       "accuracy_by_test_set": {n: v["routing_accuracy"] for n, v in route_acc.items()},
+                       "per_env_accuracy_by_test_set": {n: v["per_env_routing_accuracy"] for n, v in route_acc.items()},
+                       "flops_per_clip": int(router.flops_per_sample(tuple(F["synthetic"].shape[1:]))),
                        "features": "mean and std over time of the log power spectrum (n_fft 512), [2, 257]"}
-        log(f"router learned: accuracy {acc:.3f} on test clips with unseen noise sources")
+        log(f"router learned: accuracy {acc:.3f} on test clips with unseen noise sources"
+            + (f", {route_acc['real']['routing_accuracy']:.3f} on real-speech clips" if "real" in route_acc else ""))
 
     # ---- RTL joint retraining per target sparsity
     sim = []
@@ -269,13 +299,15 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
         from .diagnostics import mean_offdiagonal
         sim.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
                     "union": int(tickets.union_count())})
-        enh = _enhance(lambda xb, eb: routed(xb, route=eb), xt, et)
-        row("rtl", "context", s, tickets.union_count(), enh, per_ticket_params=[int(v) for v in tickets.kept()])
+        enh = row("rtl", "context", s, tickets.union_count(),
+                  lambda n: _enhance(lambda xb, eb: routed(xb, route=eb), X[n], E[n]),
+                  per_ticket_params=[int(v) for v in tickets.kept()])
         if s == mid:
             enhanced_examples["rtl"] = enh
         if router_info is not None:
-            enh_r = _enhance(lambda xb, fb: routed(xb, route=router(fb)), xt, f_te.to(dev))
-            row("rtl", "learned", s, tickets.union_count(), enh_r, routing_accuracy=router_info["accuracy"])
+            row("rtl", "learned", s, tickets.union_count(),
+                lambda n: _enhance(lambda xb, fb: routed(xb, route=router(fb)), X[n], F[n]),
+                extra_by_set={n: {"routing_accuracy": v["routing_accuracy"]} for n, v in route_acc.items()})
         routed.train()
 
     # ---- dense reference
@@ -285,7 +317,7 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
         joint_retrain(r0, {0: CyclicLoader(all_loader, budget)}, optimizer=torch.optim.Adam(r0.parameters(), lr=cfg.lr),
                       epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
         r0.eval()
-        row("dense", "none", 0.0, n_total, _enhance(lambda xb, _: r0(xb, route=0), xt))
+        row("dense", "none", 0.0, n_total, lambda n: _enhance(lambda xb, _: r0(xb, route=0), X[n]))
         wall["dense"] = time.perf_counter() - t
 
     # ---- single-mask IMP: one mask over all environments, shuffled batches, same presentations
@@ -301,8 +333,8 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
         for s in cfg.sparsities:
             retrain_tickets(r1, theta1, res1.tickets_at[s], {0: CyclicLoader(all_loader, budget)}, lr=cfg.lr,
                             epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
-            enh = _enhance(lambda xb, _: r1(xb, route=0), xt)
-            row("single_imp", "none", s, int(res1.tickets_at[s].kept()[0]), enh)
+            enh = row("single_imp", "none", s, int(res1.tickets_at[s].kept()[0]),
+                      lambda n: _enhance(lambda xb, _: r1(xb, route=0), X[n]))
             if s == mid:
                 enhanced_examples["single_imp"] = enh
             r1.train()
@@ -315,30 +347,48 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
         t = time.perf_counter()
         for s in cfg.sparsities:
             tickets = search.tickets_at[s]
-            enh = torch.zeros_like(x_te)
+            models = []
             for k in range(K):
                 mk = wrap(make(cfg.seed).to(dev), 1, example_inputs=example)
                 mk.set_tickets(_single_ticket(mk.space, tickets, k))
                 joint_retrain(mk, {0: CyclicLoader(loaders[k], M)}, optimizer=torch.optim.Adam(mk.parameters(), lr=cfg.lr),
                               epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=False)
                 mk.eval()
-                sel = (e_te == k).nonzero().flatten()
-                enh[sel] = _enhance(lambda xb, _: mk(xb, route=0), xt[sel.to(dev)])
-            row("multi_imp", "context", s, int(tickets.kept().sum()), enh)
+                models.append(mk)
+
+            def multi(n, models=models):
+                enh = torch.zeros_like(sets[n][0])
+                for k, mk in enumerate(models):
+                    sel = (sets[n][2] == k).nonzero().flatten()
+                    if len(sel):
+                        enh[sel] = _enhance(lambda xb, _: mk(xb, route=0), X[n][sel.to(dev)])
+                return enh
+            row("multi_imp", "context", s, int(tickets.kept().sum()), multi)
+            del models
         wall["multi_imp"] = time.perf_counter() - t + wall["ticket_search"]
 
     results = {
-        "task": "speech_enhancement", "dataset": "synthetic-noisy-speech (espeak-ng/flite + sox noise)",
+        "task": "speech_enhancement", "dataset": "offline-noisy-speech (espeak-ng/flite speech; sox-synthesised + sonic-pi noise; "
+                   "recorded asterisk/codec2/pocketsphinx speech as a held-out test set)",
         "model": f"audio:unet(n_fft={cfg.n_fft},hop={cfg.hop_length})", "granularity": "weight",
         "num_tickets": K, "seed": cfg.seed, "device": str(dev), "ticket_names": envs, "prunable_weights": n_total,
-        "rows": rows, "similarity": sim, "router": router_info,
-        "input_si_snr_db": {"mean": round(float(input_si_snr.mean()), 4),
-                            "per_env": dict(zip(envs, _per_env(input_si_snr, e_te, K)))},
+        "rows": rows, "rows_real": rows_by.get("real", []), "similarity": sim, "router": router_info,
+        "test_sets": {n: {"clips": int(len(v[0])),
+                          "speech": ("synthetic (espeak-ng/flite, held-out sentences)" if n == "synthetic" else
+                                     "recorded: " + ", ".join(data.config.real_corpora) + " (resampled to 16 kHz)"),
+                          "noise": "the environment's TEST noise sources (unseen in training)"} for n, v in sets.items()},
+        "input_si_snr_db": {"mean": round(float(input_si_snr["synthetic"].mean()), 4),
+                            "per_env": dict(zip(envs, _per_env(input_si_snr["synthetic"], e_te, K)))},
+        "input_si_snr_db_real": None if "real" not in sets else {
+            "mean": round(float(input_si_snr["real"].mean()), 4),
+            "per_env": dict(zip(envs, _per_env(input_si_snr["real"], sets["real"][2], K)))},
         "noise_sources": {e: {"train": sorted(set(data.train.source[data.train.env == k].tolist())),
                               "test": sorted(set(data.test.source[data.test.env == k].tolist()))}
                           for k, e in enumerate(envs)},
+        "real_speech_files": None if data.real is None else sorted(set(data.real.speech.tolist())),
         "sample_presentations_per_retrain_epoch": budget * cfg.batch_size,
         "targets": targets(rows),
+        "targets_real": targets(rows_by["real"]) if "real" in rows_by else None,
         "wall_time_s": {k: round(v, 3) for k, v in wall.items()},
         "total_time_s": None,
         "config": _jsonable(asdict(cfg)),
@@ -347,7 +397,12 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     }
     if cfg.figures:
         try:
-            results["figures"] = plot_speech(results, out_dir, x_te, c_te, e_te, enhanced_examples, envs, cfg)
+            results["figures"] = plot_speech(results, out_dir, x_te, c_te, e_te,
+                                             {m: v["synthetic"] for m, v in enhanced_examples.items()}, envs, cfg)
+            if "real" in sets:
+                results["figures"].append(plot_speech(
+                    results, out_dir, *sets["real"], {m: v["real"] for m, v in enhanced_examples.items()}, envs, cfg,
+                    name="spectrograms_real_speech.png")[0])
         except ImportError as e:  # matplotlib missing: results stay valid without figures
             log(f"figures skipped ({e}); pip install 'rtl-plugin[plots]'")
     results["total_time_s"] = round(time.perf_counter() - t_start, 3)
@@ -375,8 +430,9 @@ def targets(rows: list[dict]) -> dict:
     return out
 
 
-def plot_speech(results, out_dir, x_te, c_te, e_te, enhanced, envs, cfg) -> list[str]:
-    """Spectrograms (noisy / enhanced / clean, one row per environment) and SI-SNRi vs sparsity; file paths."""
+def plot_speech(results, out_dir, x_te, c_te, e_te, enhanced, envs, cfg, name: str = "spectrograms.png") -> list[str]:
+    """Spectrograms (noisy / enhanced / clean, one row per environment, saved as ``name``) and SI-SNRi vs
+    sparsity (only with the default ``name``); file paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -399,12 +455,16 @@ def plot_speech(results, out_dir, x_te, c_te, e_te, enhanced, envs, cfg) -> list
             ax.set_xlabel("time (s)", fontsize=7)
             ax.set_ylabel("kHz", fontsize=7)
             ax.tick_params(labelsize=6)
-    fig.suptitle(f"test clips (unseen noise sources), sparsity {cfg.sparsities[len(cfg.sparsities) // 2]}", fontsize=9)
+    what = "recorded speech" if "real" in name else "synthetic speech"
+    fig.suptitle(f"test clips ({what}, unseen noise sources), sparsity {cfg.sparsities[len(cfg.sparsities) // 2]}",
+                 fontsize=9)
     fig.tight_layout()
-    p = out_dir / "spectrograms.png"
+    p = out_dir / name
     fig.savefig(p, dpi=90)
     plt.close(fig)
     paths.append(str(p))
+    if name != "spectrograms.png":
+        return paths
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     keys = []
@@ -428,11 +488,13 @@ def plot_speech(results, out_dir, x_te, c_te, e_te, enhanced, envs, cfg) -> list
     return paths
 
 
-def format_speech_table(results: dict) -> str:
-    """Methods x sparsities: mean SI-SNRi (dB) / #params, like the paper's table."""
-    sps = sorted({r["sparsity"] for r in results["rows"] if r["method"] != "dense"})
+def format_speech_table(results: dict, test_set: str = "synthetic") -> str:
+    """Methods x sparsities: mean SI-SNRi (dB) / #params, like the paper's table (``test_set``: ``synthetic``
+    or ``real``, the recorded-speech mixtures)."""
+    rows = results["rows"] if test_set == "synthetic" else results.get("rows_real") or []
+    sps = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
     keys = []
-    for r in results["rows"]:
+    for r in rows:
         if (r["method"], r["routing"]) not in keys:
             keys.append((r["method"], r["routing"]))
     lines = ["| method | routing | " + " | ".join(f"{int(round(100 * s))}%" for s in sps) + " |",
@@ -440,7 +502,7 @@ def format_speech_table(results: dict) -> str:
     for m, rt in keys:
         cells = []
         for s in sps:
-            hit = [r for r in results["rows"] if (r["method"], r["routing"]) == (m, rt) and (r["sparsity"] == s or m == "dense")]
+            hit = [r for r in rows if (r["method"], r["routing"]) == (m, rt) and (r["sparsity"] == s or m == "dense")]
             cells.append(f"{hit[0]['metrics']['si_snri']:.2f} / {hit[0]['params'] / 1e3:.1f}K" if hit else "-")
         lines.append(f"| {m} | {rt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
