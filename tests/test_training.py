@@ -468,3 +468,60 @@ def test_joint_retrain_same_seed_same_weights(granularity, make_tiny, make_group
     for n in a:
         assert torch.equal(a[n], b[n]), n
     assert any(not torch.equal(a[n], c[n]) for n in a)  # a different data order gives different weights
+
+
+# ----------------------------------------------------------------------------- write-back skipping
+
+
+@pytest.mark.parametrize("granularity,opt_name,per_ticket,needed", [
+    ("weight", "adam", True, False), ("weight", "sgd_nesterov", True, False),
+    ("weight", "adam", False, True),                   # shared state: momentum of ticket j moves ticket k
+    ("weight", "adamw", True, True), ("weight", "sgd_momentum_wd", True, True),   # weight decay
+    ("weight", "adamw_cloneable", True, True),         # subclass: update rule unknown
+    ("channel", "adam", True, True),                   # norm affine of dropped channels may get gradient
+])
+def test_write_back_needed(granularity, opt_name, per_ticket, needed, make_tiny, make_grouped):
+    routed = wrap(model_for(granularity, make_tiny, make_grouped), granularity)
+    opt = OPTIMIZERS[opt_name](routed.parameters())
+    assert training.write_back_needed(routed, [opt], per_ticket) is needed
+
+
+def test_write_back_needed_when_state_not_empty(make_tiny, make_loader):
+    routed = wrap(make_tiny(), "weight")
+    opt = torch.optim.Adam(routed.parameters(), lr=1e-2)
+    assert not training.write_back_needed(routed, [opt], True)
+    default_train_step()(routed.ticket_module(0), next(iter(make_loader(1))), opt)
+    assert training.write_back_needed(routed, [opt], True)  # moments from an unmasked history
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "sgd_nesterov"])
+def test_skipped_write_back_is_bit_identical(opt_name, make_tiny, make_loader, monkeypatch):
+    """The auto path (no write-back) gives exactly the same weights as the forced snapshot/write-back, and
+    still leaves entries outside the ticket untouched at every step."""
+    results = {}
+    for wb in (None, True):
+        torch.manual_seed(0)
+        routed = wrap(make_tiny(), "weight")
+        log, flags = StepLog(), []
+
+        class Flagged(log.cls):
+            def __enter__(self):
+                flags.append(self.write_back)
+                return super().__enter__()
+
+        monkeypatch.setattr(training, "MaskedUpdate", Flagged)
+        subsets = {k: make_loader(2, seed=k) for k in range(3)}
+        joint_retrain(routed, subsets, optimizer=OPTIMIZERS[opt_name](routed.parameters()), epochs=2,
+                      progress=False, write_back=wb)
+        assert set(flags) == {wb is True}  # auto skipped the write-back at every step
+        check_masked_steps(routed, log.records, min_steps=12)
+        results[wb] = snapshot(routed)
+    for n in results[True]:
+        assert torch.equal(results[None][n], results[True][n]), n
+
+
+def test_write_back_rejects_non_bool(make_tiny, make_loader):
+    routed = wrap(make_tiny(), "weight")
+    with pytest.raises(TypeError, match="write_back"):
+        joint_retrain(routed, {0: make_loader(1)}, optimizer=torch.optim.Adam(routed.parameters()),
+                      progress=False, write_back="yes")
