@@ -602,9 +602,13 @@ def _resolve_real(cfg: SpeechDataConfig, require_real: bool) -> SpeechDataConfig
     real_noise = cfg.real_noise
     if real_noise:
         gone = real_noise_available()
-        if gone or shutil.which("sox") is None:
+        if gone:
             missing_pkgs.append(REAL_PACKAGES["sonic-pi"])
-            notes.append(f"real noise clips ({len(gone)} of the sonic-pi-samples clips missing under {SONIC_PI_DIR})")
+            notes.append(f"real noise clips ({len(gone)} sonic-pi-samples clips missing under {SONIC_PI_DIR})")
+            real_noise = False
+        elif shutil.which("sox") is None:
+            missing_pkgs += ["sox", "libsox-fmt-all"]
+            notes.append("real noise clips (reading flac needs sox)")
             real_noise = False
     corpora = tuple(cfg.real_corpora)
     if corpora:

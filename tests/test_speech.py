@@ -10,9 +10,13 @@ import pytest
 
 import rtl_plugin as rtl
 from rtl_plugin import speech
-from rtl_plugin.speech import NOISE_SOURCES, SpeechDataConfig, build_noisy_speech, mix_at_snr, snr_db
+from rtl_plugin.speech import (NOISE_SOURCES, REAL_NOISE_CLIPS, SpeechDataConfig, build_noisy_speech, load_audio,
+                               mix_at_snr, noise_sources, snr_db)
 
-TINY = dict(train_per_env=4, test_per_env=3, train_utterances=4, test_utterances=3, babble_utterances=4)
+TINY = dict(train_per_env=4, test_per_env=3, train_utterances=4, test_utterances=3, babble_utterances=4,
+            real_test_per_env=3)
+REAL_APT = ("apt-get install sox libsox-fmt-all sonic-pi-samples asterisk-core-sounds-en-wav codec2-examples "
+            "pocketsphinx-testdata")
 
 
 def _need_tools():
@@ -22,6 +26,22 @@ def _need_tools():
         if os.environ.get("CI"):
             pytest.fail("espeak-ng/sox missing in CI: .ci/run must install the Debian packages espeak-ng sox flite")
         pytest.skip("espeak-ng/sox missing: apt-get install espeak-ng sox (CI installs them and requires this test)")
+
+
+def _need_real():
+    """The real recordings (sonic-pi noise clips, asterisk/codec2/pocketsphinx speech): skip when absent,
+    except in CI (env CI set), where their absence fails the test."""
+    _need_tools()
+    missing = []
+    if speech.real_noise_available():
+        missing.append("sonic-pi-samples")
+    files = speech.real_speech_files()
+    missing += [speech.REAL_PACKAGES[c] for c in speech.REAL_CORPORA if not files[c]]
+    if missing:
+        msg = f"real recordings missing ({', '.join(missing)}): {REAL_APT}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{msg}; .ci/run must install them")
+        pytest.skip(f"{msg} (CI installs them and requires this test)")
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +122,19 @@ def test_dataset_shapes_snr_and_sources(tiny):
     for k, env in enumerate(tiny.environments):
         tr = set(tiny.train.source[tiny.train.env == k].tolist())
         te = set(tiny.test.source[tiny.test.env == k].tolist())
-        assert tr <= set(NOISE_SOURCES[env]["train"]) and te <= set(NOISE_SOURCES[env]["test"])
+        real = tiny.config.real_noise
+        assert tr <= set(noise_sources(env, "train", real)) and te <= set(noise_sources(env, "test", real))
         assert tr and te and not tr & te  # test noise is unseen
 
 
 def test_builder_is_deterministic_in_the_seed(tiny, tmp_path):
     again = build_noisy_speech(SpeechDataConfig(**TINY, seed=3), use_cache=False)
-    for a, b in ((tiny.train, again.train), (tiny.test, again.test)):
+    pairs = [(tiny.train, again.train), (tiny.test, again.test)]
+    assert (tiny.real is None) == (again.real is None)
+    if tiny.real is not None:
+        pairs.append((tiny.real, again.real))
+        assert tiny.real.speech.tolist() == again.real.speech.tolist()
+    for a, b in pairs:
         np.testing.assert_array_equal(a.noisy, b.noisy)
         np.testing.assert_array_equal(a.clean, b.clean)
         np.testing.assert_array_equal(a.snr_db, b.snr_db)
@@ -158,6 +184,11 @@ def test_quick_pipeline_gives_finite_si_snri_for_every_method(tmp_path):
     assert 0.0 <= res["router"]["accuracy"] <= 1.0
     assert set(res["targets"]) == {"rtl_ge_single_imp", "rtl_ge_multi_imp", "router_within_0.2db_of_oracle"}
     assert (tmp_path / "run" / "results.json").exists()
+    if res["rows_real"]:  # recorded-speech test mixtures: every method scored on them too
+        assert {(r["method"], r["routing"]) for r in res["rows_real"]} == got
+        assert all(r["test_set"] == "real" and math.isfinite(r["metrics"]["si_snri"]) for r in res["rows_real"])
+        assert set(res["router"]["accuracy_by_test_set"]) == {"synthetic", "real"}
+        assert set(res["targets_real"]) == set(res["targets"])
     assert all(os.path.exists(p) for p in res["figures"])
     with pytest.raises(rtl.DataError, match="router_features"):
         router_features(torch.zeros(2, 100))
@@ -173,3 +204,114 @@ def test_without_flite_builds_espeak_only_under_its_own_cache_key(tiny, monkeypa
     if real("flite") is not None:  # flite changes the speech, so it must not share the cached file
         assert data.path != tiny.path
         assert not np.array_equal(data.train.clean, tiny.train.clean)
+
+
+# ----------------------------------------------------------------------------- real recordings
+
+
+def _tone_int16(sr, seconds, freq=1000.0, amp=0.5):
+    t = np.arange(int(sr * seconds)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t) * 32767).astype("<i2")
+
+
+def _peak_hz(x, sr=16000):
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return float(np.fft.rfftfreq(len(x), 1 / sr)[int(np.argmax(spec))])
+
+
+def test_load_audio_resamples_a_known_tone_to_16khz(tmp_path):
+    import wave
+    pcm = _tone_int16(8000, 0.5)
+    raw = tmp_path / "tone8k.raw"
+    raw.write_bytes(pcm.tobytes())
+    wav = tmp_path / "tone8k.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.writeframes(pcm.tobytes())
+    for path, rate in ((raw, 8000), (wav, None)):
+        x = load_audio(path, rate)
+        assert x.dtype == np.float32 and x.shape == (8000,)  # 0.5 s at 16 kHz
+        assert abs(_peak_hz(x) - 1000.0) <= 2.0  # the tone keeps its pitch
+        mid = x[1000:-1000]  # away from the filter's edge transients
+        assert abs(np.sqrt(np.mean(mid.astype(np.float64) ** 2)) - 0.5 / np.sqrt(2)) < 0.01  # and its level
+        assert np.abs(mid).max() < 0.52
+    raw16 = tmp_path / "tone16k.raw"
+    raw16.write_bytes(_tone_int16(16000, 0.25).tobytes())
+    x16 = load_audio(raw16, 16000)
+    assert x16.shape == (4000,) and abs(_peak_hz(x16) - 1000.0) <= 4.0  # 16 kHz input is left as is
+    with pytest.raises(rtl.DataError, match="sample_rate"):
+        load_audio(raw)
+    with pytest.raises(rtl.DataError, match="does not exist"):
+        load_audio(tmp_path / "nope.wav")
+
+
+def test_real_noise_clips_are_split_disjoint_and_unseen():
+    names = []
+    for env, split in REAL_NOISE_CLIPS.items():
+        assert len(split["train"]) >= 2 and len(split["test"]) >= 2, env
+        assert not set(split["train"]) & set(split["test"]), env
+        names += split["train"] + split["test"]
+        tr, te = noise_sources(env, "train"), noise_sources(env, "test")
+        assert not set(tr) & set(te)
+        assert {f"sp:{n}" for n in split["train"]} <= set(tr) and {f"sp:{n}" for n in split["test"]} <= set(te)
+        assert noise_sources(env, "train", real_noise=False) == NOISE_SOURCES[env]["train"]
+    assert len(names) == len(set(names))  # no clip in two environments or two splits
+
+
+def test_missing_real_recordings_are_skipped_or_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(speech, "SONIC_PI_DIR", tmp_path / "no-sonic-pi")
+    monkeypatch.setattr(speech, "REAL_SPEECH_DIRS", {c: tmp_path / c for c in speech.REAL_CORPORA})
+    cfg = SpeechDataConfig(**TINY)
+    with pytest.warns(UserWarning, match="skipping real noise clips.*apt-get install sonic-pi-samples"):
+        got = speech._resolve_real(cfg, require_real=False)
+    assert got.real_noise is False and got.real_corpora == ()  # the cache key records what was used
+    assert got.key() != cfg.key()
+    with pytest.raises(rtl.MissingDependencyError, match="apt-get install sonic-pi-samples asterisk-core-sounds-en-wav "
+                                                         "codec2-examples pocketsphinx-testdata"):
+        build_noisy_speech(cfg, cache=tmp_path, require_real=True)
+    # a corpus not asked for is not required
+    got = speech._resolve_real(SpeechDataConfig(**TINY, real_noise=False, real_corpora=()), require_real=True)
+    assert got.real_corpora == ()
+    with pytest.raises(rtl.DataError, match="real_corpora"):
+        SpeechDataConfig(real_corpora=("timit",)).validate()
+
+
+def test_real_sources_are_readable_16khz_and_non_silent():
+    _need_real()
+    files = speech.real_speech_files()
+    for corpus in speech.REAL_CORPORA:
+        path, rate = files[corpus][0]
+        x = load_audio(path, rate)
+        assert x.dtype == np.float32 and x.ndim == 1 and len(x) >= 0.6 * 16000, (corpus, path)
+        assert np.sqrt(np.mean(x.astype(np.float64) ** 2)) > 1e-3, (corpus, path)
+        if rate == 8000 or (rate is None and path.suffix == ".wav" and "asterisk" in str(path)):
+            # 8 kHz speech upsampled: nothing above the old Nyquist frequency (4 kHz)
+            spec = np.abs(np.fft.rfft(x)) ** 2
+            f = np.fft.rfftfreq(len(x), 1 / 16000)
+            assert spec[f > 4200].sum() < 0.01 * spec.sum(), path
+    x = load_audio(speech.SONIC_PI_DIR / "vinyl_hiss.flac")  # flac through the sox pipe: 44.1 kHz stereo
+    assert abs(len(x) - 8.0 * 16000) < 200 and np.sqrt(np.mean(x ** 2)) > 1e-3
+
+
+def test_real_speech_test_split(tiny):
+    _need_real()
+    real = tiny.real
+    assert real is not None and tiny.config.real_corpora == speech.REAL_CORPORA and tiny.config.real_noise
+    K, per = len(tiny.environments), TINY["real_test_per_env"]
+    assert real.noisy.shape == real.clean.shape == (K * per, 16000)  # 1-s clips at 16 kHz
+    assert np.bincount(real.env, minlength=K).tolist() == [per] * K
+    assert (np.sqrt((real.clean.astype(np.float64) ** 2).mean(1)) > 1e-3).all()  # recorded speech, not silence
+    assert np.max(np.abs(snr_db(real.clean, real.noisy) - real.snr_db)) < 0.1
+    assert np.all((real.snr_db >= -5) & (real.snr_db <= 10))
+    assert {m.split(":")[0] for m in real.speech} == set(speech.REAL_CORPORA)  # every corpus is used
+    for k, env in enumerate(tiny.environments):  # only each environment's TEST noise: unseen in training
+        src = set(real.source[real.env == k].tolist())
+        assert src <= set(noise_sources(env, "test")) and not src & set(tiny.train.source.tolist())
+    # real noise clips do reach the training data, and only train clips
+    assert any(s.startswith("sp:") for s in tiny.train.source)
+    train_clips = {s[3:] for s in tiny.train.source if s.startswith("sp:")}
+    assert train_clips <= {n for e in REAL_NOISE_CLIPS.values() for n in e["train"]}
+    # the real split survives the cache
+    loaded = build_noisy_speech(tiny.config, cache=tiny.path.parent.parent)
+    np.testing.assert_array_equal(loaded.real.noisy, real.noisy)
+    assert loaded.real.speech.tolist() == real.speech.tolist()
