@@ -211,6 +211,8 @@ class INRConfig:
     depth: int = 4
     embed_dim: int = 8                   # single IMP / dense: learned region embedding size
     single_batches: str = "full"         # "full" | "per_region" (see the class docstring)
+    retrain_mode: str = "summed"         # RTL joint retraining: "summed" | "sequential" (the paper) |
+                                         # "sequential_shared" (see RETRAIN_MODES)
     sparsities: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
     prune_fraction: float = 0.5
     search_steps: int = 150
@@ -235,6 +237,24 @@ class INRConfig:
 
 _METHODS = ("rtl", "single_imp", "dense", "multi_imp")
 
+#: How RTL's tickets are retrained jointly (stage 2), all with the same pixel presentations per epoch:
+#:
+#: * ``"sequential"``: the paper's stage 2: per epoch K sequential optimizer steps, step k on region k's
+#:   pixels with the update restricted to ticket k (``joint_retrain``), one Adam state per ticket.
+#: * ``"sequential_shared"``: the same K sequential masked steps with ONE Adam state shared by the tickets
+#:   (``joint_retrain(per_ticket_state=False)``).
+#: * ``"summed"``: per epoch ONE optimizer step on all pixels, each routed to its ticket
+#:   (``routed(features, route=region)``, one MSE over the image, one backward): a weight's gradient is the
+#:   sum of the gradients of the tickets that own it (a ticket that does not own a weight multiplies it by
+#:   0 in its forward, so it contributes no gradient); weights no ticket owns get zero gradient and, with
+#:   Adam without weight decay, never move. As many optimizer steps as single IMP's full-batch steps.
+#:
+#: Default ``"summed"`` (measured, RESULTS.md §5): with per-ticket Adam state each ticket's update of a
+#: shared weight is normalised by that ticket's own gradient scale, so every ticket moves the (86-91%
+#: at 25% sparsity) shared weights by about ``lr`` per step in its own direction: K uncoordinated
+#: full-size steps per epoch that fight; denser tickets share more and fit worse.
+RETRAIN_MODES = ("summed", "sequential", "sequential_shared")
+
 
 def _validate_config(cfg: INRConfig) -> None:
     from .pruner import validate_sparsities
@@ -252,6 +272,8 @@ def _validate_config(cfg: INRConfig) -> None:
     bad = [f for f in cfg.figure_sparsities if f not in sps]
     if bad:
         raise SparsityError(f"figure_sparsities {bad} are not in sparsities {sps}; pick from those.")
+    if cfg.retrain_mode not in RETRAIN_MODES:
+        raise DataError(f"retrain_mode must be one of {RETRAIN_MODES} (see inr.RETRAIN_MODES), got {cfg.retrain_mode!r}.")
     if cfg.single_batches not in ("full", "per_region"):
         raise DataError(f"single_batches must be 'full' (one full-batch step per epoch) or 'per_region' (K steps "
                         f"of N/K pixels per epoch), got {cfg.single_batches!r}.")
@@ -304,6 +326,48 @@ def _routing_cost(routed, plain: nn.Module, feats: torch.Tensor, regions: torch.
     return {"pixels": int(feats.shape[0]), "regions_present": int(regions.unique().numel()),
             "forward_passes": len(calls), "pixels_per_pass": calls, "routed_forward_ms": round(routed_ms, 3),
             "dense_forward_ms": round(dense_ms, 3), "ratio": round(routed_ms / max(dense_ms, 1e-9), 3)}
+
+
+def summed_retrain(routed, feats: torch.Tensor, rgb: torch.Tensor, regions: torch.Tensor, *,
+                   optimizer: torch.optim.Optimizer, epochs: int) -> list[float]:
+    """Joint retraining of all tickets, one optimizer step per epoch on every pixel routed to its ticket.
+
+    ``routed(feats, route=regions)`` runs each ticket once over its own pixels (masked weights), one MSE over
+    all pixels, one backward, one ``optimizer.step()``: a shared weight gets the sum of its owners' gradients
+    (pixel-weighted), a weight outside every ticket gets zero gradient. Returns the loss per epoch.
+
+    Guarantee (as ``joint_retrain``'s masked updates): entries that no ticket owns never change; with a
+    plain Adam / SGD without weight decay that follows from their zero gradient and zero optimizer state;
+    they are also restored explicitly after every step, so any optimizer is safe.
+    """
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise DataError(f"epochs must be an int >= 0, got {epochs!r}.")
+    if regions.dim() != 1 or regions.shape[0] != feats.shape[0] or rgb.shape[0] != feats.shape[0]:
+        raise DataError(f"features {tuple(feats.shape)}, rgb {tuple(rgb.shape)} and regions {tuple(regions.shape)} "
+                        "must have one row per pixel.")
+    masks = routed.tickets.element_masks()
+    union = [(routed._weight_params[n], masks[n].any(0)) for n in routed.space.layers]
+    frozen = [(p, m, p.detach().clone()) for p, m in union if not bool(m.all())]
+    was = routed.training
+    routed.train()
+    losses = []
+    try:
+        for _ in range(epochs):
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.mse_loss(routed(feats, route=regions), rgb)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for p, m, before in frozen:
+                    w = p.detach()
+                    torch.where(m, w, before, out=w)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise DataError("non-finite loss in summed retraining; lower the learning rate.")
+            losses.append(value)
+    finally:
+        routed.train(was)
+    return losses
 
 
 def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = None,
@@ -395,9 +459,19 @@ def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = Non
         wall["rtl_retrain"] = 0.0
         for s in sps:
             tickets = search.tickets_at[s]
-            wall["rtl_retrain"] += retrain_tickets(routed, theta0_mlp, tickets, subsets, lr=cfg.lr,
-                                                   epochs=cfg.retrain_steps, train_step=mse_step, device=dev,
-                                                   progress=cfg.progress)
+            if cfg.retrain_mode == "summed":
+                t = time.perf_counter()
+                routed.model.load_state_dict(theta0_mlp)
+                routed.set_tickets(tickets)
+                summed_retrain(routed, feats, rgb, reg, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
+                               epochs=cfg.retrain_steps)
+                routed.eval()
+                wall["rtl_retrain"] += time.perf_counter() - t
+            else:
+                wall["rtl_retrain"] += retrain_tickets(routed, theta0_mlp, tickets, subsets, lr=cfg.lr,
+                                                       epochs=cfg.retrain_steps, train_step=mse_step, device=dev,
+                                                       per_ticket_state=cfg.retrain_mode == "sequential",
+                                                       progress=cfg.progress)
             value, per, img = evaluate(lambda: routed(feats, route=reg))
             recon[("rtl", s)] = img
             row("rtl", s, value, per, tickets.union_count(), per_ticket_params=[int(v) for v in tickets.kept()])
@@ -483,7 +557,8 @@ def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = Non
         "psnr": table, "rows": rows, "similarity": similarity, "routing_cost": routing_cost,
         "budget": {"pixel_presentations_search_per_round": cfg.search_steps * H * W,
                    "pixel_presentations_retrain": cfg.retrain_steps * H * W,
-                   "optimizer_steps_retrain": {"rtl_per_ticket": cfg.retrain_steps, "rtl_total": cfg.retrain_steps * K,
+                   "optimizer_steps_retrain": {"rtl_mode": cfg.retrain_mode,
+                                               "rtl_total": cfg.retrain_steps * (1 if cfg.retrain_mode == "summed" else K),
                                                "single": cfg.retrain_steps * len(mixed)}},
         "wall_time_s": {k: round(v, 3) for k, v in wall.items()},
         "total_time_s": round(time.perf_counter() - t_start, 3),
@@ -537,5 +612,5 @@ def plot_reconstructions(image: torch.Tensor, regions: torch.Tensor, recon: dict
     return [str(path)]
 
 
-__all__ = ["FourierFeatures", "INRMLP", "INRConfig", "run_inr", "pixel_coords", "psnr", "region_subsets",
+__all__ = ["FourierFeatures", "INRMLP", "INRConfig", "RETRAIN_MODES", "run_inr", "summed_retrain", "pixel_coords", "psnr", "region_subsets",
            "mse_step", "context_mse_step", "plot_reconstructions"]

@@ -231,3 +231,62 @@ def test_run_inr_multi_imp_trains_each_ticket_alone(tmp_path):
     assert math.isfinite(row["psnr"]) and row["params"] == sum(rtl_row["per_ticket_params"])
     with pytest.raises(DataError, match="add 'rtl'"):
         run_inr(INRConfig.quick(methods=("multi_imp",)))
+
+
+# --------------------------------------------------------------------------- joint retraining modes
+
+def test_summed_retrain_sums_owner_gradients_and_freezes_unowned():
+    """One summed step = one SGD step on the sum over tickets of (n_k / N) x region k's MSE gradient, each
+    restricted to ticket k's mask; weights no ticket owns never move (also with Adam)."""
+    from rtl_plugin.inr import summed_retrain
+    K = 3
+    routed = _routed_inr(K)
+    x = FourierFeatures()(pixel_coords(6, 6))
+    y = torch.rand(36, 3)
+    regions = torch.arange(36) % K
+    regions[:6] = 0
+    names = list(routed.space.layers)
+    w0 = {n: routed._weight_params[n].detach().clone() for n in names}
+    # expected gradient, ticket by ticket
+    expected = {n: torch.zeros_like(w0[n]) for n in names}
+    for k in range(K):
+        routed.zero_grad(set_to_none=True)
+        sel = regions == k
+        (torch.nn.functional.mse_loss(routed(x[sel], route=k), y[sel]) * float(sel.float().mean())).backward()
+        for n in names:
+            g = routed._weight_params[n].grad
+            assert bool((g[~routed.tickets.masks[n][k].expand_as(g)] == 0).all())  # a non-owner adds nothing
+            expected[n] += g
+    routed.zero_grad(set_to_none=True)
+    full = {k: v.detach().clone() for k, v in routed.model.state_dict().items()}
+    losses = summed_retrain(routed, x, y, regions, optimizer=torch.optim.SGD(routed.parameters(), lr=0.1), epochs=1)
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    for n in names:
+        assert torch.allclose(routed._weight_params[n].detach(), w0[n] - 0.1 * expected[n], atol=1e-6), n
+    # Adam, several epochs: entries outside the union of the masks are bit-identical, owned ones moved
+    routed.model.load_state_dict(full)
+    summed_retrain(routed, x, y, regions, optimizer=torch.optim.Adam(routed.parameters(), lr=1e-2), epochs=5)
+    moved = 0
+    for n in names:
+        w = routed._weight_params[n].detach()
+        union = routed.tickets.masks[n].any(0).expand_as(w)
+        assert torch.equal(w[~union], w0[n][~union])
+        moved += int((w[union] != w0[n][union]).sum())
+    assert moved > 0.9 * sum(int(routed.tickets.masks[n].any(0).expand_as(w0[n]).sum()) for n in names)
+    with pytest.raises(DataError, match="epochs"):
+        summed_retrain(routed, x, y, regions, optimizer=torch.optim.Adam(routed.parameters()), epochs=-1)
+    with pytest.raises(DataError, match="one row per pixel"):
+        summed_retrain(routed, x, y[:5], regions, optimizer=torch.optim.Adam(routed.parameters()), epochs=1)
+
+
+@pytest.mark.parametrize("mode", ["summed", "sequential", "sequential_shared"])
+def test_run_inr_retrain_modes(tmp_path, mode):
+    cfg = INRConfig.quick(methods=("rtl",), retrain_mode=mode, cache_dir=str(tmp_path))
+    res = run_inr(cfg)
+    assert all(math.isfinite(v) and v > 5 for v in res["psnr"]["rtl"].values())
+    steps = res["budget"]["optimizer_steps_retrain"]
+    assert steps["rtl_mode"] == mode
+    assert steps["rtl_total"] == cfg.retrain_steps * (1 if mode == "summed" else 3)
+    assert res["budget"]["pixel_presentations_retrain"] == cfg.retrain_steps * 24 * 24  # same for every mode
+    with pytest.raises(DataError, match="retrain_mode"):
+        run_inr(INRConfig.quick(retrain_mode="parallel"))
