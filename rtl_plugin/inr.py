@@ -221,6 +221,7 @@ class INRConfig:
                                          # 1e-2 made RTL's PSNR jump non-monotonically across sparsities)
     methods: tuple[str, ...] = ("rtl", "single_imp", "dense")  # + "multi_imp": K independent models
     figures_dir: str | None = None
+    image_name: str | None = None        # label of a user image (results and figure file name)
     figure_sparsities: tuple[float, ...] = (0.5, 0.75, 0.9)
     cache_dir: str | None = None
     device: str = "cpu"
@@ -548,7 +549,8 @@ def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = Non
             table.setdefault(r["method"], {})[r["sparsity"]] = r["psnr"]
     results = {
         "task": "inr_regions",
-        "image": {"source": "mosaic" if sources is not None else "user", "seed": cfg.image_seed, "size": [H, W],
+        "image": {"source": "mosaic" if sources is not None else "user", "name": cfg.image_name,
+                  "seed": cfg.image_seed, "size": [H, W],
                   "n_regions": K, "sources": sources,
                   "region_pixels": [int(v) for v in torch.bincount(reg.cpu(), minlength=K)]},
         "encoding": {"kind": "gaussian_fourier", "num_frequencies": cfg.num_frequencies, "scale": cfg.fourier_scale,
@@ -606,7 +608,10 @@ def plot_reconstructions(image: torch.Tensor, regions: torch.Tensor, recon: dict
     fig.tight_layout()
     out = Path(cfg.figures_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"inr_mosaic_s{cfg.image_seed}_n{int(regions.max()) + 1}_{image.shape[1]}px.png"
+    stem = (f"inr_{cfg.image_name}" if cfg.image_name else f"inr_mosaic_s{cfg.image_seed}") + \
+        f"_n{int(regions.max()) + 1}_{image.shape[1]}px"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)
+    path = out / f"{safe}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [str(path)]
