@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--single-batches", choices=("full", "per_region"), default="full")
     ap.add_argument("--retrain-mode", choices=("summed", "sequential", "sequential_shared"), default=None,
-                    help="RTL joint retraining (default: INRConfig's, 'summed'; 'sequential' = the paper's)")
+                    help="RTL joint retraining (default: INRConfig's, sequential_shared)")
     ap.add_argument("--tasks", default="all", help="comma-separated: all | mosaics | real | mosaic<seed> | "
                                                    "quokka | nuclei | fashion<seed>")
     ap.add_argument("--methods", default="rtl,single_imp,dense", help="comma-separated subset of rtl,single_imp,dense,multi_imp")

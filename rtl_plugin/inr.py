@@ -211,8 +211,8 @@ class INRConfig:
     depth: int = 4
     embed_dim: int = 8                   # single IMP / dense: learned region embedding size
     single_batches: str = "full"         # "full" | "per_region" (see the class docstring)
-    retrain_mode: str = "summed"         # RTL joint retraining: "summed" | "sequential" (the paper) |
-                                         # "sequential_shared" (see RETRAIN_MODES)
+    retrain_mode: str = "sequential_shared"  # RTL joint retraining: "sequential_shared" | "sequential" |
+                                             # "summed" (see RETRAIN_MODES)
     sparsities: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
     prune_fraction: float = 0.5
     search_steps: int = 150
@@ -240,20 +240,25 @@ _METHODS = ("rtl", "single_imp", "dense", "multi_imp")
 
 #: How RTL's tickets are retrained jointly (stage 2), all with the same pixel presentations per epoch:
 #:
-#: * ``"sequential"``: the paper's stage 2: per epoch K sequential optimizer steps, step k on region k's
-#:   pixels with the update restricted to ticket k (``joint_retrain``), one Adam state per ticket.
-#: * ``"sequential_shared"``: the same K sequential masked steps with ONE Adam state shared by the tickets
-#:   (``joint_retrain(per_ticket_state=False)``).
+#: * ``"sequential_shared"`` (default): the paper's stage 2: per epoch K sequential optimizer steps, step k
+#:   on region k's pixels with the update restricted to ticket k (``joint_retrain(per_ticket_state=False)``:
+#:   weights ticket k does not own are restored after its step), ONE Adam optimizer for all tickets (the
+#:   paper runs one Adam; it never mentions per-ticket state).
+#: * ``"sequential"``: the same K sequential masked steps with one Adam state PER TICKET (``joint_retrain``'s
+#:   default; what this module used before).
 #: * ``"summed"``: per epoch ONE optimizer step on all pixels, each routed to its ticket
 #:   (``routed(features, route=region)``, one MSE over the image, one backward): a weight's gradient is the
 #:   sum of the gradients of the tickets that own it (a ticket that does not own a weight multiplies it by
 #:   0 in its forward, so it contributes no gradient); weights no ticket owns get zero gradient and, with
 #:   Adam without weight decay, never move. As many optimizer steps as single IMP's full-batch steps.
 #:
-#: Default ``"summed"`` (measured, RESULTS.md §5): with per-ticket Adam state each ticket's update of a
-#: shared weight is normalised by that ticket's own gradient scale, so every ticket moves the (86-91%
-#: at 25% sparsity) shared weights by about ``lr`` per step in its own direction: K uncoordinated
-#: full-size steps per epoch that fight; denser tickets share more and fit worse.
+#: Why not ``"sequential"`` (measured, RESULTS.md §5): with per-ticket Adam state each ticket's update of a
+#: shared weight is normalised by that ticket's own gradient history, so every ticket moves the shared
+#: weights (86-91% of a ticket at 25% sparsity) by about ``lr`` per step in its own direction: K
+#: uncoordinated full-size steps per epoch that fight, and denser tickets (more sharing) fit worse. One
+#: shared Adam state normalises a shared weight by the gradients of all its owners and its momentum
+#: averages them. ``"summed"`` removes the fight too, with K times fewer optimizer steps (as many as
+#: single IMP's full-batch steps); on this step-limited budget it fits less than ``"sequential_shared"``.
 RETRAIN_MODES = ("summed", "sequential", "sequential_shared")
 
 
