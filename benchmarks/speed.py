@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 import rtl_plugin as rtl  # noqa: E402
 from rtl_plugin.deploy import export_package, load_package, package_size  # noqa: E402
 from rtl_plugin.io import atomic_write_json  # noqa: E402
+from rtl_plugin.routed import run_bucketed  # noqa: E402
 from rtl_plugin.pruner import RTLPruner  # noqa: E402
 from rtl_plugin.training import default_train_step, joint_retrain  # noqa: E402
 
@@ -266,7 +267,11 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
             out["settings"][f"{tag}_weight_sparsity"] = round(float(rc.tickets.sparsity().mean()), 4)
         rc.set_tickets(channel_tickets(rc.space, K, 0.5, seed=3))
         rc.to(dev).eval()
+        def dense_bucketed(inp, rt):  # the dense model on the same K buckets: the floor of any per-ticket-weights run
+            return run_bucketed(lambda args, kwargs, t: dense(*args), (inp,), {}, rt)
+
         fns = {"dense_infer": lambda: dense(x), "routed_weight_infer": lambda: rw(x, route=route),
+               "dense_bucketed_infer": lambda: dense_bucketed(x, route),
                "routed_weight_nocache_infer": weight_nocache,
                "routed_channel50_infer": lambda: slims["channel50"](x, route=route),
                "routed_channel75_infer": lambda: slims["channel75"](x, route=route),
@@ -277,13 +282,15 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
                         "routed_channel50_infer_b64": lambda: slims["channel50"](x64, route=r64),
                         "routed_channel75_infer_b64": lambda: slims["channel75"](x64, route=r64)})
         measure(fns, dev, a.reps, out)
-        if a.image2:  # larger inputs: compute grows, the per-ticket weight traffic does not
-            x2 = torch.randn(B, 3, a.image2, a.image2, generator=g).to(dev)
+        for size in a.image2:  # larger inputs: compute grows, the per-ticket weight traffic does not
+            x2 = torch.randn(B, 3, size, size, generator=g).to(dev)
             x2b, r2b = x2[:64], route[:64]
-            measure({f"dense_infer_img{a.image2}": lambda: dense(x2),
-                     f"routed_weight_infer_img{a.image2}": lambda: rw(x2, route=route),
-                     f"dense_infer_b64_img{a.image2}": lambda: dense(x2b),
-                     f"routed_channel50_infer_b64_img{a.image2}": lambda: slims["channel50"](x2b, route=r2b)},
+            measure({f"dense_infer_img{size}": lambda: dense(x2),
+                     f"dense_bucketed_infer_img{size}": lambda: dense_bucketed(x2, route),
+                     f"routed_weight_infer_img{size}": lambda: rw(x2, route=route),
+                     f"routed_channel50_infer_img{size}": lambda: slims["channel50"](x2, route=route),
+                     f"dense_infer_b64_img{size}": lambda: dense(x2b),
+                     f"routed_channel50_infer_b64_img{size}": lambda: slims["channel50"](x2b, route=r2b)},
                     dev, max(2, a.reps // 2), out)
             del x2, x2b
         autocasts = [("bf16", torch.bfloat16), ("fp16", torch.float16)] if dev.type == "cuda" else \
@@ -314,19 +321,21 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
     r = out["ratios"]
     for key, num, den in (("routed_weight_vs_dense", "routed_weight_infer", "dense_infer"),
                           ("routed_weight_nocache_vs_dense", "routed_weight_nocache_infer", "dense_infer"),
+                          ("dense_bucketed_vs_dense", "dense_bucketed_infer", "dense_infer"),
+                          ("routed_weight_vs_dense_bucketed", "routed_weight_infer", "dense_bucketed_infer"),
                           ("routed_channel50_vs_dense", "routed_channel50_infer", "dense_infer"),
                           ("routed_channel75_vs_dense", "routed_channel75_infer", "dense_infer"),
                           ("routed_channel_mask_vs_dense", "routed_channel_mask_infer", "dense_infer"),
                           ("routed_channel50_vs_dense_b64", "routed_channel50_infer_b64", "dense_infer_b64"),
                           ("routed_channel75_vs_dense_b64", "routed_channel75_infer_b64", "dense_infer_b64"),
-                          (f"routed_weight_vs_dense_img{a.image2}", f"routed_weight_infer_img{a.image2}",
-                           f"dense_infer_img{a.image2}"),
-                          (f"routed_channel50_vs_dense_b64_img{a.image2}", f"routed_channel50_infer_b64_img{a.image2}",
-                           f"dense_infer_b64_img{a.image2}"),
                           ("routed_weight_vs_dense_bf16", "routed_weight_infer_bf16", "dense_infer_bf16"),
                           ("routed_channel50_vs_dense_bf16", "routed_channel50_infer_bf16", "dense_infer_bf16"),
                           ("routed_weight_vs_dense_fp16", "routed_weight_infer_fp16", "dense_infer_fp16"),
-                          ("routed_channel50_vs_dense_fp16", "routed_channel50_infer_fp16", "dense_infer_fp16")):
+                          ("routed_channel50_vs_dense_fp16", "routed_channel50_infer_fp16", "dense_infer_fp16"),
+                          *[(f"{kind}_vs_dense{b}_img{size}", f"{kind}_infer{b}_img{size}", f"dense_infer{b}_img{size}")
+                            for size in a.image2 for kind, b in (("routed_weight", ""), ("dense_bucketed", ""),
+                                                                 ("routed_channel50", ""),
+                                                                 ("routed_channel50", "_b64"))]):
         if num in times and den in times:
             r[key] = times[num] / times[den]
             out["ratios_wall"][key] = out["times_wall_s"][num] / out["times_wall_s"][den]
@@ -338,8 +347,12 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
 
 def bench_training(a, dev, out: dict, image: int | None = None, n_batches: int | None = None,
                    reps: int | None = None, suffix: str = "") -> None:
-    """Joint retraining per sample vs dense training per sample (same model, batches and Adam), ``reps``
-    interleaved repetitions (minimum kept)."""
+    """Joint retraining per sample vs dense training per sample (same model, batches and Adam).
+
+    Steady state: one ``joint_retrain`` call runs ``1 + reps`` epochs; after each joint epoch a callback
+    runs one dense epoch (interleaved, so load changes hit both alike). The first epoch of each (optimizer
+    state creation: K per-ticket Adam states vs one) is reported apart as ``..._first_epoch``; the ratio uses
+    the fastest later epoch of each."""
     image, n_batches, reps = image or a.image, n_batches or a.train_batches, reps or a.train_reps
     K, shape = a.tickets, (3, image, image)
     loaders = loaders_for(K, n_batches, a.train_batch, shape, a.classes)
@@ -350,31 +363,34 @@ def bench_training(a, dev, out: dict, image: int | None = None, n_batches: int |
     batches = [(x.to(dev), y.to(dev)) for dl in loaders.values() for x, y in dl]
     r = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="weight").to(dev)
     r.set_tickets(rtl.TicketSet.random(r.space, K, keep=0.5, seed=2))
-    step(dense, batches[0], torch.optim.Adam(dense.parameters(), lr=1e-3))  # warm-up (allocator, kernels)
-    warm = {k: DataLoader(TensorDataset(*dl.dataset[:a.train_batch]), batch_size=a.train_batch)
-            for k, dl in list(loaders.items())[:1]}
-    joint_retrain(r, warm, optimizer=torch.optim.Adam(r.parameters(), lr=1e-3), epochs=1, device=dev, progress=False)
-    dense_c, joint_c, steps = [], [], 0
-    for _ in range(reps):
-        opt = torch.optim.Adam(dense.parameters(), lr=1e-3)
+    dense_opt = torch.optim.Adam(dense.parameters(), lr=1e-3)
+    joint_c, dense_c = [], []
+    clock = {"joint": Clock(dev)}
+
+    def dense_epoch(info):
+        clock["joint"].__exit__()
+        joint_c.append(clock["joint"])
         with Clock(dev) as c:
             for b in batches:
-                step(dense, b, opt)
+                step(dense, b, dense_opt)
         dense_c.append(c)
-        with Clock(dev) as c:
-            hist = joint_retrain(r, loaders, optimizer=torch.optim.Adam(r.parameters(), lr=1e-3), epochs=1,
-                                 device=dev, progress=False)
-        joint_c.append(c)
-        steps = hist["steps"]
-    t_dense = record(out, f"dense_train{suffix}", min(dense_c, key=lambda c: c.primary))
-    t_joint = record(out, f"joint_retrain{suffix}", min(joint_c, key=lambda c: c.primary))
-    n_dense, n_joint = sum(b[0].shape[0] for b in batches), steps * a.train_batch
+        clock["joint"] = Clock(dev).__enter__()
+
+    clock["joint"].__enter__()
+    hist = joint_retrain(r, loaders, optimizer=torch.optim.Adam(r.parameters(), lr=1e-3), epochs=1 + reps,
+                         device=dev, progress=False, callbacks=[dense_epoch])
+    steps_per_epoch = hist["steps"] // (1 + reps)
+    n_dense, n_joint = sum(b[0].shape[0] for b in batches), steps_per_epoch * a.train_batch
     out["counts"].update({f"dense_train_samples{suffix}": n_dense, f"joint_retrain_samples{suffix}": n_joint})
-    out["ratios"][f"joint_retrain_vs_dense{suffix}"] = (t_joint / n_joint) / (t_dense / n_dense)
-    out["ratios_wall"][f"joint_retrain_vs_dense{suffix}"] = (
-        (out["times_wall_s"][f"joint_retrain{suffix}"] / n_joint) / (out["times_wall_s"][f"dense_train{suffix}"] / n_dense))
-    if a.image2 and not suffix:  # larger inputs: compute grows, the per-step O(weights) masking work does not
-        bench_training(a, dev, out, image=a.image2, n_batches=1, reps=1, suffix=f"_img{a.image2}")
+    for tag, js, ds in (("", joint_c[1:], dense_c[1:]), ("_first_epoch", joint_c[:1], dense_c[:1])):
+        t_dense = record(out, f"dense_train{tag}{suffix}", min(ds, key=lambda c: c.primary))
+        t_joint = record(out, f"joint_retrain{tag}{suffix}", min(js, key=lambda c: c.primary))
+        out["ratios"][f"joint_retrain{tag}_vs_dense{suffix}"] = (t_joint / n_joint) / (t_dense / n_dense)
+        out["ratios_wall"][f"joint_retrain{tag}_vs_dense{suffix}"] = (
+            (out["times_wall_s"][f"joint_retrain{tag}{suffix}"] / n_joint)
+            / (out["times_wall_s"][f"dense_train{tag}{suffix}"] / n_dense))
+    for size in a.train_image2 if not suffix else ():  # compute grows, the per-step O(weights) work does not
+        bench_training(a, dev, out, image=size, n_batches=1, reps=2, suffix=f"_img{size}")
 
 
 def bench_search(a, dev, out: dict) -> None:
@@ -471,8 +487,10 @@ def parse(argv=None):
     p.add_argument("--tickets", type=int, default=10)
     p.add_argument("--batch", type=int, default=None, help="inference batch (default 256; quick 64)")
     p.add_argument("--image", type=int, default=32)
-    p.add_argument("--image2", type=int, default=None, help="also time weight mode at this input size "
-                   "(default 64; quick: off)")
+    p.add_argument("--image2", default=None, help="comma list: also time inference at these input sizes "
+                   "(default 64,224: resnet18's native 224x224; quick: none)")
+    p.add_argument("--train-image2", default=None, help="comma list: also time training at these input sizes "
+                   "(default 64; quick: none)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--train-batch", type=int, default=None)
@@ -488,10 +506,19 @@ def parse(argv=None):
     defaults = {"model": "test_resnet" if quick else "resnet18", "batch": 64 if quick else 256,
                 "reps": 2 if quick else 5, "train_batch": 16 if quick else 64,
                 "train_batches": 1 if quick else 3, "train_reps": 1 if quick else 2,
-                "image2": 0 if quick else 64, "search_batches": 1 if quick else 4}
+                "image2": "" if quick else "64,224",
+                "train_image2": "" if quick else "64", "search_batches": 1 if quick else 4}
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    for k in ("image2", "train_image2"):
+        try:
+            sizes = [int(v) for v in str(getattr(a, k)).split(",") if v.strip()]
+        except ValueError:
+            p.error(f"--{k.replace('_', '-')} takes a comma list of ints, got {getattr(a, k)!r}")
+        if any(v < 8 for v in sizes):
+            p.error(f"--{k.replace('_', '-')}: sizes must be >= 8, got {sizes}")
+        setattr(a, k, sizes)
     return a
 
 
@@ -507,7 +534,8 @@ def main(argv=None) -> dict:
     out = {"device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
            "device_info": device_info(dev), "threads": torch.get_num_threads(),
            "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
-           "settings": {k: getattr(a, k) for k in ("quick", "model", "tickets", "batch", "image", "image2", "classes", "reps",
+           "settings": {k: getattr(a, k) for k in ("quick", "model", "tickets", "batch", "image", "image2", "train_image2", "classes",
+                                                   "reps",
                                                    "train_batch", "train_batches", "train_reps", "search_batches",
                                                    "search_sparsities", "prune_fraction", "storage_sparsity")},
            "clock": "process CPU time (1 thread)" if dev.type == "cpu" else "wall (CUDA synchronised)",

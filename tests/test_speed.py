@@ -19,7 +19,8 @@ def speed_json(tmp_path_factory):
     pytest.importorskip("timm")
     out = tmp_path_factory.mktemp("speed")
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out),
+                           "--image2", "40", "--train-image2", "40"],
                           cwd=out, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "speed.json").read_text())
@@ -50,6 +51,15 @@ def test_device_settings_and_absolute_numbers(speed_json):
     assert r["routed_weight_vs_dense"] == pytest.approx(t["routed_weight_infer"] / t["dense_infer"], rel=1e-2)
     assert r["storage_vs_k_dense"] == pytest.approx(b["rtl_run"] / b["k_dense"], rel=1e-3)
     assert r["ticket_search_vs_single_imp"] == pytest.approx(t["ticket_search"] / t["single_imp_search"], rel=1e-2)
+    # extra input sizes and the steady-state / first-epoch split of the training timing
+    for key in ("routed_weight_vs_dense_img40", "routed_channel50_vs_dense_img40", "routed_channel50_vs_dense_b64_img40",
+                "joint_retrain_vs_dense_img40", "joint_retrain_first_epoch_vs_dense", "dense_bucketed_vs_dense",
+                "dense_bucketed_vs_dense_img40", "routed_weight_vs_dense_bucketed"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert speed_json["settings"]["image2"] == [40] and speed_json["settings"]["train_image2"] == [40]
+    assert r["joint_retrain_vs_dense"] == pytest.approx(
+        (t["joint_retrain"] / speed_json["counts"]["joint_retrain_samples"])
+        / (t["dense_train"] / speed_json["counts"]["dense_train_samples"]), rel=1e-2)
     # the channel tickets really are 50% / 75% channel-sparse (~75% / ~94% of the weights)
     assert speed_json["settings"]["channel50_weight_sparsity"] > 0.6
     assert speed_json["settings"]["channel75_weight_sparsity"] > speed_json["settings"]["channel50_weight_sparsity"]
