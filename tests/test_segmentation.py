@@ -12,7 +12,8 @@ pytest.importorskip("skimage")
 import rtl_plugin as rtl  # noqa: E402
 from rtl_plugin.errors import DataError, RouteError, SparsityError  # noqa: E402
 from rtl_plugin.segmentation import (SEG_CLASSES, MosaicBatches, SegConfig, SegMosaicDataset, build_unet,  # noqa: E402
-                                     class_step, iou_per_class, make_seg_mosaic, run_segmentation)
+                                     class_step, iou_per_class, make_seg_mosaic, routed_pixels_step,
+                                     run_segmentation)
 
 
 # --------------------------------------------------------------------------- data
@@ -77,6 +78,35 @@ def test_class_step_is_balanced_one_vs_rest():
     assert math.isclose(class_step(1)(model, (x, y), opt), float(expect), rel_tol=1e-5)
     # class absent from the batch: only the negative term
     assert math.isclose(class_step(2)(model, (x, y), opt), float(per.mean()), rel_tol=1e-5)
+
+
+def test_routed_pixels_step_counts_only_routed_pixels():
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 3, 1)
+    x = torch.randn(2, 3, 8, 8)
+    y = torch.randint(0, 3, (2, 8, 8))
+    r = torch.zeros(2, 8, 8, dtype=torch.long)
+    r[:, :3] = 2  # ticket 2 owns the first 3 rows, whatever their label
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    per = torch.nn.functional.cross_entropy(model(x), y, reduction="none").detach()
+    assert math.isclose(routed_pixels_step(2)(model, (x, y, r), opt), float(per[:, :3].mean()), rel_tol=1e-5)
+    assert math.isclose(routed_pixels_step(0)(model, (x, y, r), opt), float(per[:, 3:].mean()), rel_tol=1e-5)
+    with pytest.raises(DataError, match="no pixel routed"):
+        routed_pixels_step(1)(model, (x, y, r), opt)
+    with pytest.raises(DataError, match="routes must have"):
+        MosaicBatches(x, y, 2, routes=r[:, :4])
+    got = list(MosaicBatches(x, y, 1, seed=0, routes=r))
+    assert all(len(b) == 3 and torch.equal(b[2], r[0:1]) for b in got)
+
+
+def test_router_ticket_loss_pipeline():
+    """ticket_loss='router': tickets retrained on the router's routes on the training mosaics; the router's
+    train accuracy is reported and every RTL row stays a valid mIoU."""
+    torch.manual_seed(0)
+    res = run_segmentation(SegConfig.quick(ticket_loss="router", methods=("rtl", "single_imp")))
+    assert sorted(res["router_train_pixel_acc"]) == [0.5, 0.75]
+    assert all(0 < a <= 1 for a in res["router_train_pixel_acc"].values())
+    assert all(0 <= v <= 1 for v in res["miou"]["rtl"]["label_free"].values())
 
 
 def test_iou_per_class():
