@@ -132,7 +132,8 @@ def main(argv=None) -> dict:
     mean, gain = stats[main_group]["mean_psnr"], stats[main_group]["rtl_minus_single_imp"]
     sps = sorted(gain) if gain else []
     methods = [m for m in ("rtl", "single_imp", "multi_imp") if m in mean]
-    target = {s: gain[s] >= 1.5 for s in gain if s in (0.5, 0.75)}
+    # the target is on the mosaic task; a run without mosaics reports the gains but no verdict
+    target = {s: gain[s] >= 1.5 for s in gain if s in (0.5, 0.75)} if main_group == "mosaics" else {}
     summary = {
         "benchmark": "inr_regions", "command": "python benchmarks/inr_regions.py" + (" --quick" if args.quick else ""),
         "args": vars(args), "tasks": [r["image"]["task"] for r in per_image], "skipped": skipped,
