@@ -222,6 +222,24 @@ def routed_pixels_step(k: int):
     return step
 
 
+def self_routes(ticket_logits: torch.Tensor) -> torch.Tensor:
+    """Label-free pixel routes from the tickets themselves: ``ticket_logits`` [K, N, K, H, W] (ticket k's
+    logits over the K classes) → [N, H, W] = argmax_k log-softmax(ticket k)[class k], i.e. every one-vs-rest
+    ticket scores its own class and the most confident one takes the pixel. Costs K forward passes."""
+    if ticket_logits.dim() != 5 or ticket_logits.shape[0] != ticket_logits.shape[2]:
+        raise DataError(f"ticket_logits must be [K, N, K, H, W] (one class per ticket), got {tuple(ticket_logits.shape)}.")
+    K = ticket_logits.shape[0]
+    own = torch.log_softmax(ticket_logits.float(), dim=2)[torch.arange(K), :, torch.arange(K)]  # [K, N, H, W]
+    return own.argmax(0)
+
+
+def compose_by_route(ticket_logits: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W]: every pixel takes the logits of its routed ticket (``ticket_logits`` [K, N, C, H, W],
+    ``routes`` [N, H, W])."""
+    C = ticket_logits.shape[2]
+    return ticket_logits.gather(0, routes[None, :, None].expand(1, -1, C, -1, -1))[0]
+
+
 def iou_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
     """Per-class IoU of label maps ``pred`` / ``target`` (same shape, ints in [0, K)); NaN for a class absent
     from both. Uses torchmetrics ``MulticlassJaccardIndex`` when installed."""
@@ -395,7 +413,8 @@ def _predict(fn, images: torch.Tensor, bs: int) -> torch.Tensor:
 def run_segmentation(config: SegConfig | None = None) -> dict:
     """Train and compare RTL (per-class tickets, pixel routing), single IMP and multi-model IMP.
 
-    Returns a dict with ``miou`` ({method: {routing: {sparsity: mIoU}}}, routing "oracle" / "label_free";
+    Returns a dict with ``miou`` ({method: {routing: {sparsity: mIoU}}}, routing "oracle" / "label_free" (the
+    single-IMP router) / "self" (label-free, the tickets' own one-vs-rest scores, :func:`self_routes`);
     single IMP has "direct"), ``rows`` (method, sparsity, routing, mIoU, per-class IoU, pixel accuracy,
     kept prunable weights), ``router`` ({sparsity: router pixel accuracy}), ``similarity``, ``wall_time_s``,
     dataset info, the config and the machine.
@@ -504,6 +523,10 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
             for routing, rmap in (("oracle", y_test), ("label_free", router[s])):
                 pred = _predict(lambda xb, sl: routed(xb, route=rmap[sl]), x_test, bs)
                 row("rtl", s, routing, pred, tickets.union_count(), per_ticket_params=[int(v) for v in tickets.kept()])
+            with torch.no_grad():
+                stack = torch.stack([torch.cat([routed(x_test[i:i + bs], route=k) for i in range(0, x_test.shape[0], bs)])
+                                     for k in range(K)])
+            row("rtl", s, "self", compose_by_route(stack, self_routes(stack)).argmax(1), tickets.union_count())
             routed.train()
             similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
                                "union": tickets.union_count(), "intersection": tickets.intersection_count()})
@@ -523,9 +546,8 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
                     routed.train()
                 wall["multi_imp"] = wall.get("multi_imp", 0.0) + time.perf_counter() - t
                 stack = torch.stack(logits_k)  # [K, N, K, H, W]
-                for routing, rmap in (("oracle", y_test), ("label_free", router[s])):
-                    comp = stack.gather(0, rmap[None, :, None].expand(1, -1, K, -1, -1))[0]
-                    row("multi_imp", s, routing, comp.argmax(1), int(tickets.kept().sum()))
+                for routing, rmap in (("oracle", y_test), ("label_free", router[s]), ("self", self_routes(stack))):
+                    row("multi_imp", s, routing, compose_by_route(stack, rmap).argmax(1), int(tickets.kept().sum()))
         n_rtl = routed.space.num_weights
 
     table: dict = {}
@@ -601,4 +623,4 @@ def _dispatch(steps):
 
 
 __all__ = ["SEG_CLASSES", "ENCODERS", "make_seg_mosaic", "SegMosaicDataset", "MosaicBatches", "ce_step",
-           "class_step", "routed_pixels_step", "iou_per_class", "build_unet", "recalibrate_bn", "SegConfig", "run_segmentation"]
+           "class_step", "routed_pixels_step", "self_routes", "compose_by_route", "iou_per_class", "build_unet", "recalibrate_bn", "SegConfig", "run_segmentation"]

@@ -12,8 +12,8 @@ pytest.importorskip("skimage")
 import rtl_plugin as rtl  # noqa: E402
 from rtl_plugin.errors import DataError, RouteError, SparsityError  # noqa: E402
 from rtl_plugin.segmentation import (SEG_CLASSES, MosaicBatches, SegConfig, SegMosaicDataset, build_unet,  # noqa: E402
-                                     class_step, iou_per_class, make_seg_mosaic, routed_pixels_step,
-                                     run_segmentation)
+                                     class_step, compose_by_route, iou_per_class, make_seg_mosaic,
+                                     routed_pixels_step, run_segmentation, self_routes)
 
 
 # --------------------------------------------------------------------------- data
@@ -99,6 +99,23 @@ def test_routed_pixels_step_counts_only_routed_pixels():
     assert all(len(b) == 3 and torch.equal(b[2], r[0:1]) for b in got)
 
 
+def test_self_routes_pick_the_most_confident_own_class_ticket():
+    torch.manual_seed(0)
+    K, N, H, W = 3, 2, 4, 5
+    logits = torch.randn(K, N, K, H, W)
+    routes = self_routes(logits)
+    own = torch.log_softmax(logits, dim=2)
+    for n, h, w in [(0, 0, 0), (1, 3, 4), (0, 2, 1), (1, 1, 3)]:
+        assert int(routes[n, h, w]) == max(range(K), key=lambda k: float(own[k, n, k, h, w]))
+    # a ticket that is certain of its own class everywhere takes every pixel
+    logits[1, :, 1] = 50.0
+    assert bool((self_routes(logits) == 1).all())
+    comp = compose_by_route(logits, routes)
+    assert torch.equal(comp[1, :, 3, 4], logits[int(routes[1, 3, 4]), 1, :, 3, 4])
+    with pytest.raises(DataError, match="one class per ticket"):
+        self_routes(torch.randn(3, 2, 4, 4, 4))
+
+
 def test_router_ticket_loss_pipeline():
     """ticket_loss='router': tickets retrained on the router's routes on the training mosaics; the router's
     train accuracy is reported and every RTL row stays a valid mIoU."""
@@ -155,7 +172,7 @@ def quick_result():
 def test_pipeline_quick_finite_miou_every_method_and_routing(quick_result):
     m = quick_result["miou"]
     assert set(m) == {"rtl", "single_imp", "multi_imp"}
-    assert set(m["rtl"]) == {"oracle", "label_free"} and set(m["multi_imp"]) == {"oracle", "label_free"}
+    assert set(m["rtl"]) == {"oracle", "label_free", "self"} and set(m["multi_imp"]) == {"oracle", "label_free", "self"}
     for meth, routes in m.items():
         for routing, by_s in routes.items():
             assert sorted(by_s) == [0.5, 0.75], (meth, routing)
