@@ -370,7 +370,7 @@ def real_speech_files(min_seconds: float = 0.6) -> dict[str, list[tuple[Path, in
     return out
 
 
-def real_noise_available() -> list[str]:
+def missing_real_noise_clips() -> list[str]:
     """Names of the :data:`REAL_NOISE_CLIPS` missing on disk (empty list: all present)."""
     names = [n for e in REAL_NOISE_CLIPS.values() for p in e.values() for n in p]
     return [n for n in names if not (Path(SONIC_PI_DIR) / f"{n}.flac").is_file()]
@@ -601,7 +601,7 @@ def _resolve_real(cfg: SpeechDataConfig, require_real: bool) -> SpeechDataConfig
     missing_pkgs, notes = [], []
     real_noise = cfg.real_noise
     if real_noise:
-        gone = real_noise_available()
+        gone = missing_real_noise_clips()
         if gone:
             missing_pkgs.append(REAL_PACKAGES["sonic-pi"])
             notes.append(f"real noise clips ({len(gone)} sonic-pi-samples clips missing under {SONIC_PI_DIR})")

@@ -33,7 +33,7 @@ def _need_real():
     except in CI (env CI set), where their absence fails the test."""
     _need_tools()
     missing = []
-    if speech.real_noise_available():
+    if speech.missing_real_noise_clips():
         missing.append("sonic-pi-samples")
     files = speech.real_speech_files()
     missing += [speech.REAL_PACKAGES[c] for c in speech.REAL_CORPORA if not files[c]]
