@@ -41,6 +41,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--ticket-loss", choices=("balanced", "plain", "router"), default="balanced",
                     help="RTL / multi-IMP ticket loss (see rtl_plugin.segmentation)")
+    ap.add_argument("--shared-state", action="store_true",
+                    help="RTL joint retraining with one Adam state shared by the tickets (default: one per ticket)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None,
@@ -53,7 +55,8 @@ def main(argv=None) -> dict:
           if v is not None}
     if args.sparsities:
         kw["sparsities"] = tuple(float(s) for s in args.sparsities.split(","))
-    kw.update(seed=args.seed, imagenet=not args.no_imagenet, ticket_loss=args.ticket_loss)
+    kw.update(seed=args.seed, imagenet=not args.no_imagenet, ticket_loss=args.ticket_loss,
+              per_ticket_state=not args.shared_state)
     t0 = time.perf_counter()
     runs = {}
     for enc in encoders:

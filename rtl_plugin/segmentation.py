@@ -349,6 +349,7 @@ class SegConfig:
     retrain_epochs: int = 4
     lr: float = 1e-3
     methods: tuple[str, ...] = ("rtl", "single_imp", "multi_imp")
+    per_ticket_state: bool = True        # joint retraining: one Adam state per ticket (True) or one shared (False)
     ticket_loss: str = "balanced"        # "balanced": 0.5 CE(class k) + 0.5 CE(rest); "plain": CE on all pixels;
     #                                      "router": retrain on the router's pixel routes (search: balanced)
     device: str = "cpu"
@@ -391,6 +392,8 @@ def _validate(cfg: SegConfig) -> None:
     unknown = [m for m in cfg.methods if m not in _METHODS]
     if unknown or not cfg.methods:
         raise DataError(f"methods must be a non-empty subset of {_METHODS}, got {tuple(cfg.methods)}.")
+    if not isinstance(cfg.per_ticket_state, bool):
+        raise DataError(f"per_ticket_state must be True or False, got {cfg.per_ticket_state!r}.")
     if cfg.ticket_loss not in ("balanced", "plain", "router"):
         raise DataError(f"ticket_loss must be 'balanced' (0.5 CE on class-k pixels + 0.5 CE on the rest), 'plain' "
                         f"(CE on every pixel of the ticket's mosaics) or 'router' (retrain on the label-free "
@@ -596,7 +599,8 @@ def _router_subsets(images: torch.Tensor, labels: torch.Tensor, routes: torch.Te
 def _joint(routed, subsets, steps, cfg, dev, joint_retrain):
     tagged = {k: _Tagged(v, k) for k, v in subsets.items()}
     joint_retrain(routed, tagged, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
-                  epochs=cfg.retrain_epochs, train_step=_dispatch(steps), device=dev, progress=cfg.progress)
+                  epochs=cfg.retrain_epochs, train_step=_dispatch(steps), device=dev, progress=cfg.progress,
+                  per_ticket_state=cfg.per_ticket_state)
 
 
 class _Tagged:

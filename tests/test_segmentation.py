@@ -209,6 +209,7 @@ def test_pipeline_label_free_route_is_router_prediction(quick_result):
     (dict(test_first_seed=3), DataError, "disjoint"),
     (dict(n_train=0), DataError, "n_train"),
     (dict(ticket_loss="focal"), DataError, "ticket_loss"),
+    (dict(per_ticket_state=1), DataError, "per_ticket_state"),
 ])
 def test_bad_config_raises(kw, err, text):
     with pytest.raises(err, match=text):
