@@ -130,8 +130,8 @@ def main(argv=None) -> dict:
     stats = {g: _stats(rs) for g, rs in groups.items() if rs}
     main_group = "mosaics" if "mosaics" in stats else "all"
     mean, gain = stats[main_group]["mean_psnr"], stats[main_group]["rtl_minus_single_imp"]
-    sps = sorted(gain) if gain else []
     methods = [m for m in ("rtl", "single_imp", "multi_imp") if m in mean]
+    sps = sorted(mean[methods[0]]) if methods else []
     # the target is on the mosaic task; a run without mosaics reports the gains but no verdict
     target = {s: gain[s] >= 1.5 for s in gain if s in (0.5, 0.75)} if main_group == "mosaics" else {}
     summary = {
