@@ -41,6 +41,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--real-test-per-env", type=int, default=None, help="recorded-speech test clips per environment")
     ap.add_argument("--no-real-noise", action="store_true", help="synthetic noise sources only")
     ap.add_argument("--require-real", action="store_true", help="fail when the real recordings are not installed")
+    ap.add_argument("--shared-state", action="store_true",
+                    help="RTL joint retraining with one Adam state shared by the tickets (default: one per ticket)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true", help="progress bars")
@@ -55,6 +57,8 @@ def main(argv=None) -> dict:
                                 real_test_per_env=args.real_test_per_env).items() if v is not None}
     if args.no_real_noise:
         kw["real_noise"] = False
+    if args.shared_state:
+        kw["per_ticket_state"] = False
     kw.update(seed=args.seed, progress=args.progress, verbose=True)
     cfg = SpeechConfig.quick(**kw) if args.quick else SpeechConfig(**kw)
     if args.require_real:

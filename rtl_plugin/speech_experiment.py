@@ -49,6 +49,7 @@ class SpeechConfig:
     warmup_steps: int = 200              # dense steps on all environments before θ0 is taken (late rewinding)
     search_epochs: int = 1               # passes over an environment's clips per pruning round
     retrain_epochs: int = 2
+    per_ticket_state: bool = True        # RTL joint retraining: one Adam state per ticket, or one shared (False)
     batch_size: int = 8
     lr: float = 3e-3
     baselines: tuple[str, ...] = ("dense", "single_imp", "multi_imp")
@@ -80,6 +81,8 @@ class SpeechConfig:
         if not isinstance(self.real_test_per_env, int) or isinstance(self.real_test_per_env, bool) \
                 or self.real_test_per_env < 0:
             raise DataError(f"real_test_per_env must be an int >= 0, got {self.real_test_per_env!r}")
+        if not isinstance(self.per_ticket_state, bool):
+            raise DataError(f"per_ticket_state must be True or False, got {self.per_ticket_state!r}")
         if not isinstance(self.retrain_epochs, int) or self.retrain_epochs < 0:
             raise DataError(f"retrain_epochs must be an int >= 0, got {self.retrain_epochs!r}")
         if not self.sparsities or any(not (0 <= float(s) < 1) for s in self.sparsities) \
@@ -295,7 +298,7 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
         tickets = search.tickets_at[s]
         wall["joint_retrain"] += retrain_tickets(routed, theta0, tickets, loaders, lr=cfg.lr,
                                                  epochs=cfg.retrain_epochs, train_step=step, device=dev,
-                                                 progress=cfg.progress)
+                                                 progress=cfg.progress, per_ticket_state=cfg.per_ticket_state)
         from .diagnostics import mean_offdiagonal
         sim.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
                     "union": int(tickets.union_count())})

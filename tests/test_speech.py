@@ -194,6 +194,8 @@ def test_quick_pipeline_gives_finite_si_snri_for_every_method(tmp_path):
         router_features(torch.zeros(2, 100))
     with pytest.raises(rtl.SparsityError, match="sparsities"):
         run_speech(SpeechConfig.quick(sparsities=(0.5, 0.25)), tmp_path / "x")
+    with pytest.raises(rtl.DataError, match="per_ticket_state"):
+        run_speech(SpeechConfig.quick(per_ticket_state="no"), tmp_path / "x")
 
 
 def test_without_flite_builds_espeak_only_under_its_own_cache_key(tiny, monkeypatch):
