@@ -12,11 +12,12 @@ mechanisms make this hold:
 
 The write-back costs two passes over all prunable weights per step (~45 ms for resnet18's 11M weights on
 one CPU thread). ``joint_retrain`` skips it when it is provably a no-op (see
-:func:`write_back_needed`): weight granularity (the masked forward ``W * m_k`` gives exactly zero
-gradient outside m_k), per-ticket state that starts empty, and an optimizer whose update of an entry
-with an all-zero gradient history is exactly zero (SGD, Adam, AdamW, Adamax, RMSprop, Adagrad without
-weight decay). A custom ``train_step`` that writes weights outside ``optimizer.step()`` must pass
-``write_back=True``.
+:func:`write_back_needed`): the default train step (a custom step could add a loss on raw weights, e.g.
+an L2 term, or write weights itself), weight granularity (the masked forward ``W * m_k`` gives exactly
+zero gradient outside m_k), per-ticket state that starts empty and is not resumed from a checkpoint,
+frozen masks, and an optimizer whose update of an entry with an all-zero gradient history is exactly
+zero (SGD, Adam, AdamW, Adamax, RMSprop without weight decay). Pass ``write_back=False`` to skip it for a
+custom step you know is safe.
 
 Weights shared by several tickets are updated by every ticket that owns them (K sequential steps per
 batch index, as in the paper). Parameters outside the ticket space (classifier, norm affine in weight
@@ -136,15 +137,16 @@ def clone_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 # created (zero moments / accumulators give a zero update) and no weight decay is configured. Exact classes
 # only: a subclass may change the update rule.
 _ZERO_GRAD_FROZEN = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
-                     torch.optim.RMSprop, torch.optim.Adagrad)
+                     torch.optim.RMSprop)
 
 
 def write_back_needed(routed, optimizers: Sequence[torch.optim.Optimizer], per_ticket_state: bool) -> bool:
     """Whether ``joint_retrain`` must snapshot and write back the entries a ticket does not own.
 
-    False only when the step alone already leaves them bit-identical: weight granularity, one optimizer
-    per ticket with empty state, every optimizer one of ``SGD, Adam, AdamW, Adamax, RMSprop, Adagrad``
-    (exact class) with ``weight_decay == 0`` in every param group.
+    False only when the optimizer step alone already leaves them bit-identical: weight granularity, one
+    optimizer per ticket with empty state, every optimizer one of ``SGD, Adam, AdamW, Adamax, RMSprop``
+    (exact class) with ``weight_decay == 0`` in every param group. (``joint_retrain`` also requires the
+    default train step, no resumed checkpoint and frozen masks before it skips the write-back.)
     """
     if routed.granularity != "weight" or not per_ticket_state:
         return True
@@ -233,9 +235,11 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
             optimizer class) training resumes after the last completed epoch (bit-identical to an
             uninterrupted run on a deterministic device). ``epochs`` may grow between runs.
         write_back: snapshot the entries outside ticket k before its step and restore them after.
-            None (default): only when needed (:func:`write_back_needed`; skipped for e.g. per-ticket Adam
-            without weight decay in weight mode, where it is a no-op costing two passes over the weights).
-            Pass True if ``train_step`` changes weights other than through ``optimizer.step()``.
+            None (default): only when needed: skipped when ``train_step`` and ``loss_fn`` are the defaults
+            and :func:`write_back_needed` is False (e.g. per-ticket Adam without weight decay in weight
+            mode, where it is a no-op costing two passes over the weights); done again after a resumed
+            checkpoint or a mask change. False skips it for any step (a warning says when the optimizer
+            setup could move entries outside the ticket).
 
     Under ``torchrun`` (an initialised process group with several ranks) the training is
     ticket-synchronous data-parallel (see :mod:`rtl_plugin.distributed`): every rank trains the same
@@ -257,10 +261,17 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
     loaders = dist_.prepare(routed, loaders)  # torchrun: rank 0's state everywhere, this rank's data shards
     step = train_step or default_train_step(loss_fn)
     opts = {k: clone_optimizer(optimizer) for k in loaders} if per_ticket_state else {k: optimizer for k in loaders}
-    if write_back is None:  # decided before a checkpoint fills the optimizer states
-        write_back = write_back_needed(routed, list(opts.values()), per_ticket_state)
+    auto_write_back = write_back is None
+    if auto_write_back:  # decided before a checkpoint fills the optimizer states
+        write_back = train_step is not None or loss_fn is not None or \
+            write_back_needed(routed, list(opts.values()), per_ticket_state)
     elif not isinstance(write_back, bool):
         raise TypeError(f"write_back must be True, False or None (auto), got {write_back!r}.")
+    elif not write_back and write_back_needed(routed, list(opts.values()), per_ticket_state):
+        import warnings
+        warnings.warn("joint_retrain(write_back=False) with an optimizer setup that can move weights outside the "
+                      "stepping ticket (shared state, weight decay, channel mode or a non-listed optimizer): the "
+                      "masked-update guarantee does not hold; use write_back=None.", UserWarning, stacklevel=2)
     views = dist_.ticket_views(routed, loaders)  # torchrun: DDP (gradients averaged over ranks, synced norms)
     history: dict = {"loss": [], "steps": 0}
     first, finished = 0, False
@@ -269,6 +280,8 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
         ck = (checkpoint_dir, _retrain_config(routed, loaders, optimizer, per_ticket_state))
         got = _load_retrain(ck, routed, loaders, opts)
         if got is not None:
+            if auto_write_back:  # restored optimizer state/settings are not known to be safe: keep the guarantee
+                write_back = True
             first, finished, history = got
     M = max(len(dl) for dl in loaders.values())
     bar = _progress(total=max(epochs - first, 0) * M * len(loaders), desc="joint retrain", enabled=progress)
@@ -285,6 +298,8 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
                 batch = _to_device(batch, device)
                 if (id(routed.tickets), routed.tickets.version) != updates_version:  # masks changed: rebuild
                     updates, updates_version = {}, (id(routed.tickets), routed.tickets.version)
+                    if auto_write_back:  # states hold moments on entries the tickets no longer own
+                        write_back = True
                 if k not in updates:
                     updates[k] = MaskedUpdate(routed, k, buffers=snap_buffers, write_back=write_back)
                 with updates[k]:

@@ -525,3 +525,46 @@ def test_write_back_rejects_non_bool(make_tiny, make_loader):
     with pytest.raises(TypeError, match="write_back"):
         joint_retrain(routed, {0: make_loader(1)}, optimizer=torch.optim.Adam(routed.parameters()),
                       progress=False, write_back="yes")
+
+
+def _flags_of(monkeypatch):
+    flags = []
+
+    class Flagged(training.MaskedUpdate):
+        def __enter__(self):
+            flags.append(self.write_back)
+            return super().__enter__()
+
+    monkeypatch.setattr(training, "MaskedUpdate", Flagged)
+    return flags
+
+
+def test_auto_write_back_kept_for_custom_steps_resume_and_mask_changes(make_tiny, make_loader, monkeypatch, tmp_path):
+    routed = wrap(make_tiny(), "weight")
+    subsets = {k: make_loader(1, seed=k) for k in range(3)}
+    adam = lambda: torch.optim.Adam(routed.parameters(), lr=1e-2)  # noqa: E731
+    flags = _flags_of(monkeypatch)
+    # a custom step may add a loss on raw weights (e.g. L2 over parameters()): not provably safe
+    joint_retrain(routed, subsets, optimizer=adam(), train_step=default_train_step(), progress=False)
+    assert flags and all(flags)
+    # resumed from a checkpoint: the restored optimizer settings/state are not checked, so write back
+    flags.clear()
+    joint_retrain(routed, subsets, optimizer=adam(), epochs=1, progress=False, checkpoint_dir=tmp_path)
+    assert flags and not any(flags)
+    flags.clear()
+    joint_retrain(routed, subsets, optimizer=adam(), epochs=2, progress=False, checkpoint_dir=tmp_path)
+    assert flags and all(flags)
+    # masks changed mid-training (a callback sets new tickets): write back from then on
+    flags.clear()
+    new = rtl.TicketSet.random(routed.space, 3, keep=0.5, seed=9)
+    joint_retrain(routed, subsets, optimizer=adam(), epochs=2, progress=False,
+                  callbacks=[lambda info: routed.set_tickets(new)])
+    per_epoch = len(flags) // 2
+    assert not any(flags[:per_epoch]) and all(flags[per_epoch:])
+
+
+def test_explicit_no_write_back_warns_when_unsafe(make_tiny, make_loader):
+    routed = wrap(make_tiny(), "weight")
+    with pytest.warns(UserWarning, match="masked-update guarantee"):
+        joint_retrain(routed, {0: make_loader(1)}, optimizer=torch.optim.AdamW(routed.parameters(), weight_decay=0.1),
+                      progress=False, write_back=False)
