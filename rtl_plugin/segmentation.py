@@ -236,8 +236,15 @@ def self_routes(ticket_logits: torch.Tensor) -> torch.Tensor:
 def compose_by_route(ticket_logits: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W]: every pixel takes the logits of its routed ticket (``ticket_logits`` [K, N, C, H, W],
     ``routes`` [N, H, W])."""
-    C = ticket_logits.shape[2]
-    return ticket_logits.gather(0, routes[None, :, None].expand(1, -1, C, -1, -1))[0]
+    if ticket_logits.dim() != 5:
+        raise DataError(f"ticket_logits must be [K, N, C, H, W], got {tuple(ticket_logits.shape)}.")
+    K, N, C, H, W = ticket_logits.shape
+    if not isinstance(routes, torch.Tensor) or routes.is_floating_point() or tuple(routes.shape) != (N, H, W):
+        raise DataError(f"routes must be an integer tensor [N, H, W] = {(N, H, W)}, got "
+                        f"{tuple(routes.shape) if isinstance(routes, torch.Tensor) else type(routes).__name__}.")
+    if routes.numel() and (int(routes.min()) < 0 or int(routes.max()) >= K):
+        raise DataError(f"routes must be ticket ids in [0, {K}), got values in [{int(routes.min())}, {int(routes.max())}].")
+    return ticket_logits.gather(0, routes.long()[None, :, None].expand(1, -1, C, -1, -1))[0]
 
 
 def iou_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
@@ -492,12 +499,12 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
         wall["single_imp_retrain"] += time.perf_counter() - t
         single.eval()
         pred = _predict(lambda xb, sl: single(xb, route=0), x_test, bs)
+        if cfg.ticket_loss == "router":  # in eval mode, as at inference
+            router_train[s] = _predict(lambda xb, sl: single(xb, route=0), train_x.to(dev), bs).cpu()
+            router_train_acc[s] = round(float((router_train[s] == train.labels).float().mean()), 4)
         single.train()
         router[s] = pred
         router_acc[s] = round(float((pred == y_test).float().mean()), 4)
-        if cfg.ticket_loss == "router":
-            router_train[s] = _predict(lambda xb, sl: single(xb, route=0), train_x.to(dev), bs).cpu()
-            router_train_acc[s] = round(float((router_train[s] == train.labels).float().mean()), 4)
         row("single_imp", s, "direct", pred, int(res1.tickets_at[s].kept()[0]))
     n_single = single.space.num_weights
 

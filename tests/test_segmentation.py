@@ -114,6 +114,10 @@ def test_self_routes_pick_the_most_confident_own_class_ticket():
     assert torch.equal(comp[1, :, 3, 4], logits[int(routes[1, 3, 4]), 1, :, 3, 4])
     with pytest.raises(DataError, match="one class per ticket"):
         self_routes(torch.randn(3, 2, 4, 4, 4))
+    with pytest.raises(DataError, match="ticket ids in"):
+        compose_by_route(logits, routes + 3)
+    with pytest.raises(DataError, match="routes must be an integer tensor"):
+        compose_by_route(logits, routes[:, :2])
 
 
 def test_router_ticket_loss_pipeline():
