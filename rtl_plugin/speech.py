@@ -645,6 +645,23 @@ def _load_real_speech(cfg: SpeechDataConfig, rng: np.random.Generator, per_corpu
     return waves, names
 
 
+def _sources_fingerprint(cfg: SpeechDataConfig) -> str:
+    """Hash of the installed real files the dataset reads (folders, names, sizes): another folder or an
+    upgraded package gives another cache file instead of a stale one."""
+    items: list = []
+    if cfg.real_noise:
+        for env in cfg.environments:
+            for split in ("train", "test"):
+                for name in REAL_NOISE_CLIPS[env][split]:
+                    p = Path(SONIC_PI_DIR) / f"{name}.flac"
+                    items.append([str(p), p.stat().st_size if p.is_file() else -1])
+    if cfg.real_corpora:
+        files = real_speech_files(min_seconds=0.6 * float(cfg.clip_seconds))
+        for c in cfg.real_corpora:
+            items += [[str(p), p.stat().st_size, rate] for p, rate in files[c]]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:8]
+
+
 def build_noisy_speech(config: SpeechDataConfig | None = None, *, cache: str | os.PathLike | None = None,
                        use_cache: bool = True, require_real: bool = False, **overrides) -> SpeechData:
     """Build (or load from the cache) the noisy-speech dataset.
@@ -679,7 +696,7 @@ def build_noisy_speech(config: SpeechDataConfig | None = None, *, cache: str | o
     if cfg.use_flite and shutil.which("flite") is None:
         # the data depend on whether flite voices are available: the config (and the cache key) records it
         cfg = SpeechDataConfig(**{**asdict(cfg), "use_flite": False})
-    path = default_cache_dir(cache) / "speech" / f"noisy_speech_{cfg.key()}.npz"
+    path = default_cache_dir(cache) / "speech" / f"noisy_speech_{cfg.key()}_{_sources_fingerprint(cfg)}.npz"
     if use_cache and path.exists():
         return _load(path, cfg)
     tools = check_tools()

@@ -494,6 +494,8 @@ def plot_speech(results, out_dir, x_te, c_te, e_te, enhanced, envs, cfg, name: s
 def format_speech_table(results: dict, test_set: str = "synthetic") -> str:
     """Methods x sparsities: mean SI-SNRi (dB) / #params, like the paper's table (``test_set``: ``synthetic``
     or ``real``, the recorded-speech mixtures)."""
+    if test_set not in ("synthetic", "real"):
+        raise DataError(f"test_set must be 'synthetic' or 'real', got {test_set!r}.")
     rows = results["rows"] if test_set == "synthetic" else results.get("rows_real") or []
     sps = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
     keys = []

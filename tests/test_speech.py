@@ -317,3 +317,13 @@ def test_real_speech_test_split(tiny):
     loaded = build_noisy_speech(tiny.config, cache=tiny.path.parent.parent)
     np.testing.assert_array_equal(loaded.real.noisy, real.noisy)
     assert loaded.real.speech.tolist() == real.speech.tolist()
+
+
+def test_cache_file_depends_on_the_real_source_folders(monkeypatch, tmp_path):
+    """Pointing the real recordings elsewhere (or a package upgrade) must not reuse a stale cache file."""
+    from rtl_plugin import speech
+    cfg = SpeechDataConfig(**TINY)
+    before = speech._sources_fingerprint(cfg)
+    assert before == speech._sources_fingerprint(cfg)  # deterministic
+    monkeypatch.setattr(speech, "SONIC_PI_DIR", tmp_path / "elsewhere")
+    assert speech._sources_fingerprint(cfg) != before
