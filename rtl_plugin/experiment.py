@@ -40,6 +40,7 @@ class ClassificationConfig:
     scope: str = "global"                # global magnitude ranking (paper) | layer
     search_epochs: int = 1               # epochs per pruning round (T)
     retrain_epochs: int = 2
+    per_ticket_state: bool = True        # RTL joint retraining: one Adam state per ticket, or one shared (False)
     batch_size: int = 64
     lr: float = 2e-3
     image_size: int = 32
@@ -123,6 +124,8 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
     from .baselines import BalancedLoader, ContextInputModel, CyclicLoader, context_train_step
     from .diagnostics import chance_matrix, mean_offdiagonal
 
+    if not isinstance(cfg.per_ticket_state, bool):
+        raise DataError(f"per_ticket_state must be True or False, got {cfg.per_ticket_state!r}.")
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +242,8 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
     for s in cfg.sparsities:
         tickets = search.tickets_at[s]
         wall["joint_retrain"] += retrain_tickets(routed, theta0, tickets, loaders, lr=cfg.lr, epochs=cfg.retrain_epochs,
-                                                 device=dev, progress=cfg.progress)
+                                                 device=dev, progress=cfg.progress,
+                                                 per_ticket_state=cfg.per_ticket_state)
         union = tickets.union_count()
         per_ticket = [int(v) for v in tickets.kept()]
         j = tickets.jaccard()

@@ -204,3 +204,10 @@ def test_empty_batch_tensor_route(ctx, gran):
         ref = routed(x, route=0)
         out = routed(x, route=torch.zeros(0, dtype=torch.long))
     assert out.shape == ref.shape == (0, 5)
+
+
+def test_classification_config_per_ticket_state_must_be_bool(tmp_path):
+    from rtl_plugin.experiment import ClassificationConfig, run_classification
+    with pytest.raises(rtl.DataError, match="per_ticket_state"):
+        run_classification(ClassificationConfig(per_ticket_state="shared"), tmp_path)
+    assert not any(tmp_path.iterdir())  # rejected before anything is written
