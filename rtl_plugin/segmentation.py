@@ -433,7 +433,6 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
     from .baselines import CyclicLoader
     from .diagnostics import mean_offdiagonal
     from .pruner import RTLPruner
-    from .training import joint_retrain
 
     cfg = SegConfig() if config is None else config
     _validate(cfg)
@@ -490,14 +489,8 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
     router_train: dict[float, torch.Tensor] = {}
     router_train_acc: dict[float, float] = {}
     for s in sps:
-        single.model.load_state_dict(theta_single)
-        single.set_tickets(res1.tickets_at[s])
-        t = time.perf_counter()
-        joint_retrain(single, {0: single_loader}, optimizer=torch.optim.Adam(single.parameters(), lr=cfg.lr),
-                      epochs=cfg.retrain_epochs, train_step=ce_step, device=dev, progress=cfg.progress)
-        recalibrate_bn(single, {0: single_loader.loader})
-        wall["single_imp_retrain"] += time.perf_counter() - t
-        single.eval()
+        wall["single_imp_retrain"] += _retrain(single, theta_single, res1.tickets_at[s], {0: single_loader},
+                                               {0: ce_step}, cfg, dev, calibration={0: single_loader.loader})
         pred = _predict(lambda xb, sl: single(xb, route=0), x_test, bs)
         if cfg.ticket_loss == "router":  # in eval mode, as at inference
             router_train[s] = _predict(lambda xb, sl: single(xb, route=0), train_x.to(dev), bs).cpu()
@@ -519,24 +512,18 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
         wall["rtl_retrain"] = 0.0
         for s in sps:
             tickets = search.tickets_at[s]
-            routed.model.load_state_dict(theta0)
-            routed.set_tickets(tickets)
             r_subsets, r_steps = subsets, steps
             if cfg.ticket_loss == "router":  # retrain on the routes the tickets get at inference
                 r_subsets, r_steps = _router_subsets(train_x, train.labels, router_train[s], K, cfg), \
                     {k: routed_pixels_step(k) for k in range(K)}
-            t = time.perf_counter()
-            _joint(routed, r_subsets, r_steps, cfg, dev, joint_retrain)
-            recalibrate_bn(routed, r_subsets)
-            wall["rtl_retrain"] += time.perf_counter() - t
-            routed.eval()
-            for routing, rmap in (("oracle", y_test), ("label_free", router[s])):
-                pred = _predict(lambda xb, sl: routed(xb, route=rmap[sl]), x_test, bs)
-                row("rtl", s, routing, pred, tickets.union_count(), per_ticket_params=[int(v) for v in tickets.kept()])
-            with torch.no_grad():
-                stack = torch.stack([torch.cat([routed(x_test[i:i + bs], route=k) for i in range(0, x_test.shape[0], bs)])
-                                     for k in range(K)])
-            row("rtl", s, "self", compose_by_route(stack, self_routes(stack)).argmax(1), tickets.union_count())
+            wall["rtl_retrain"] += _retrain(routed, theta0, tickets, r_subsets, r_steps, cfg, dev,
+                                            per_ticket_state=cfg.per_ticket_state)
+            # every ticket once over the test set; each routing composes these logits per pixel, which equals
+            # routed(x, route=map) (tests/test_segmentation.py) without a second pass per routing
+            stack = _ticket_logits(routed, x_test, K, bs)
+            for routing, rmap in (("oracle", y_test), ("label_free", router[s]), ("self", self_routes(stack))):
+                row("rtl", s, routing, compose_by_route(stack, rmap).argmax(1), tickets.union_count(),
+                    per_ticket_params=[int(v) for v in tickets.kept()])
             routed.train()
             similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
                                "union": tickets.union_count(), "intersection": tickets.intersection_count()})
@@ -545,14 +532,8 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
                 t = time.perf_counter()
                 logits_k = []
                 for k in range(K):
-                    routed.model.load_state_dict(theta0)
-                    joint_retrain(routed, {k: r_subsets[k]}, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
-                                  epochs=cfg.retrain_epochs, train_step=r_steps[k], device=dev, progress=cfg.progress)
-                    recalibrate_bn(routed, {k: r_subsets[k]})
-                    routed.eval()
-                    with torch.no_grad():
-                        logits_k.append(torch.cat([routed(x_test[i:i + bs], route=k)
-                                                   for i in range(0, x_test.shape[0], bs)]))
+                    _retrain(routed, theta0, tickets, {k: r_subsets[k]}, r_steps, cfg, dev)
+                    logits_k.append(_ticket_logits(routed, x_test, K, bs, tickets=[k])[0])
                     routed.train()
                 wall["multi_imp"] = wall.get("multi_imp", 0.0) + time.perf_counter() - t
                 stack = torch.stack(logits_k)  # [K, N, K, H, W]
@@ -603,11 +584,24 @@ def _router_subsets(images: torch.Tensor, labels: torch.Tensor, routes: torch.Te
     return subsets
 
 
-def _joint(routed, subsets, steps, cfg, dev, joint_retrain):
-    tagged = {k: _Tagged(v, k) for k, v in subsets.items()}
-    joint_retrain(routed, tagged, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
-                  epochs=cfg.retrain_epochs, train_step=_dispatch(steps), device=dev, progress=cfg.progress,
-                  per_ticket_state=cfg.per_ticket_state)
+def _retrain(routed, theta: dict, tickets, loaders: dict, steps: dict, cfg, dev, *, per_ticket_state: bool = True,
+             calibration: dict | None = None) -> float:
+    """``retrain_tickets`` from ``theta`` with ticket k's own step on ``loaders[k]``, then exact batch-norm
+    statistics over ``calibration`` (default: the loaders); leaves the model in eval mode, returns seconds."""
+    from .training import retrain_tickets
+    t = time.perf_counter()
+    tagged = {k: _Tagged(v, k) for k, v in loaders.items()}
+    retrain_tickets(routed, theta, tickets, tagged, lr=cfg.lr, epochs=cfg.retrain_epochs, train_step=_dispatch(steps),
+                    device=dev, progress=cfg.progress, per_ticket_state=per_ticket_state)
+    recalibrate_bn(routed, loaders if calibration is None else calibration)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def _ticket_logits(routed, x: torch.Tensor, K: int, bs: int, tickets=None) -> torch.Tensor:
+    """[len(tickets), N, K, H, W]: every listed ticket (default all K) over all of ``x``, in batches of ``bs``."""
+    ids = range(K) if tickets is None else tickets
+    return torch.stack([torch.cat([routed(x[i:i + bs], route=k) for i in range(0, x.shape[0], bs)]) for k in ids])
 
 
 class _Tagged:
