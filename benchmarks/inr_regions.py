@@ -92,6 +92,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tasks", default="all", help="comma-separated: all | mosaics | real | mosaic<seed> | "
                                                    "quokka | nuclei | fashion<seed>")
     ap.add_argument("--methods", default="rtl,single_imp,dense", help="comma-separated subset of rtl,single_imp,dense,multi_imp")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "results" / "inr_regions.json"))
     args = ap.parse_args(argv)
@@ -101,6 +102,7 @@ def main(argv=None) -> dict:
     kw = {k: v for k, v in dict(search_steps=args.search_steps, retrain_steps=args.retrain_steps, lr=args.lr,
                                 single_batches=args.single_batches, retrain_mode=args.retrain_mode).items()
           if v is not None}
+    kw["device"] = args.device
     kw["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     tasks = ["mosaic0"] if args.quick else _task_names(args.tasks, args.images)
     skipped = {}
@@ -140,7 +142,7 @@ def main(argv=None) -> dict:
         "mean_psnr": mean, "rtl_minus_single_imp": gain, "groups": stats,
         "target": {"rule": f"RTL >= single IMP + 1.5 dB at 50% and 75% (mean over the {main_group})", "met": target},
         "images": per_image, "total_time_s": round(time.perf_counter() - t0, 1),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads, "device": args.device,
                     "cpus": os.cpu_count(), "platform": platform.platform()},
     }
     out.parent.mkdir(parents=True, exist_ok=True)

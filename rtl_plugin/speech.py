@@ -525,20 +525,62 @@ def snr_db(clean: np.ndarray, noisy: np.ndarray) -> np.ndarray:
 
 
 
-def _split_arrays(prefix: str, s: SpeechSplit) -> dict:
-    out = {f"{prefix}_noisy": s.noisy, f"{prefix}_clean": s.clean, f"{prefix}_env": s.env,
+def _split_arrays(prefix: str, s: SpeechSplit, dtype=np.float32) -> dict:
+    out = {f"{prefix}_noisy": s.noisy.astype(dtype), f"{prefix}_clean": s.clean.astype(dtype), f"{prefix}_env": s.env,
            f"{prefix}_snr_db": s.snr_db, f"{prefix}_source": s.source.astype("U32")}
     if s.speech is not None:
         out[f"{prefix}_speech"] = s.speech.astype("U64")
     return out
 
 
-def _save(path: Path, data: SpeechData) -> None:
-    arrays = {**_split_arrays("train", data.train), **_split_arrays("test", data.test),
-              **(_split_arrays("real", data.real) if data.real is not None else {}),
+def _save(path: Path, data: SpeechData, dtype=np.float32) -> None:
+    arrays = {**_split_arrays("train", data.train, dtype), **_split_arrays("test", data.test, dtype),
+              **(_split_arrays("real", data.real, dtype) if data.real is not None else {}),
               "environments": np.array(data.environments, dtype="U32"),
-              "meta": np.array(json.dumps({"version": FORMAT_VERSION, "key": data.config.key()}))}
+              "meta": np.array(json.dumps({"version": FORMAT_VERSION, "key": data.config.key(),
+                                           "config": _config_json(data.config)}))}
     atomic_write_npz(path, arrays)
+
+
+def _config_json(cfg: SpeechDataConfig) -> dict:
+    d = asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def save_noisy_speech(data: SpeechData, path: str | os.PathLike, *, half: bool = False) -> Path:
+    """Write ``data`` to ``path`` (``.npz``, no pickle, atomic) with its configuration, so that
+    :func:`load_noisy_speech` can read it on a machine without espeak-ng, sox or the real recordings
+    (e.g. a GPU machine). ``half``: store the waveforms as float16 (half the size; rounding error about
+    -66 dB relative to full scale; read back as float32). Returns the path."""
+    if not isinstance(half, bool):
+        raise DataError(f"half must be True or False, got {half!r}")
+    if not isinstance(data, SpeechData):
+        raise DataError(f"data must be a SpeechData (from build_noisy_speech), got {type(data).__name__}")
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise DataError(f"the dataset file must end in .npz, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, data, np.float16 if half else np.float32)
+    return path
+
+
+def load_noisy_speech(path: str | os.PathLike) -> SpeechData:
+    """Read a dataset written by :func:`save_noisy_speech` (or a ``build_noisy_speech`` cache file of format
+    2 or later that records its configuration) without rebuilding or checking the installed sources."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no dataset file at {str(path)!r}; write one with save_noisy_speech(build_noisy_speech(...), path)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+    except Exception as e:  # noqa: BLE001 - any unreadable file
+        raise CorruptFileError(f"the dataset file {path} is unreadable ({type(e).__name__}: {e})") from e
+    if meta.get("version") != FORMAT_VERSION or "config" not in meta:
+        raise CorruptFileError(f"{path} is a dataset file of format {meta.get('version')!r} without its configuration "
+                               f"(this version reads format {FORMAT_VERSION}); re-save it with save_noisy_speech")
+    c = meta["config"]
+    cfg = SpeechDataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+    return _load(path, cfg)
 
 
 def _load(path: Path, cfg: SpeechDataConfig) -> SpeechData:
@@ -547,7 +589,8 @@ def _load(path: Path, cfg: SpeechDataConfig) -> SpeechData:
             meta = json.loads(str(z["meta"]))
             if meta.get("key") != cfg.key():
                 raise CorruptFileError(f"{path} holds another dataset configuration; delete it to rebuild")
-            splits = {p: SpeechSplit(z[f"{p}_noisy"], z[f"{p}_clean"], z[f"{p}_env"], z[f"{p}_snr_db"],
+            splits = {p: SpeechSplit(z[f"{p}_noisy"].astype(np.float32, copy=False),
+                                     z[f"{p}_clean"].astype(np.float32, copy=False), z[f"{p}_env"], z[f"{p}_snr_db"],
                                      z[f"{p}_source"], z[f"{p}_speech"] if f"{p}_speech" in z.files else None)
                       for p in ("train", "test", "real") if f"{p}_noisy" in z.files}
             envs = tuple(str(e) for e in z["environments"])

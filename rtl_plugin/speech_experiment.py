@@ -61,6 +61,7 @@ class SpeechConfig:
     progress: bool = True                # progress bars
     verbose: bool = True                 # one line per result
     cache: str | None = None             # dataset cache folder (default $RTL_CACHE or ~/.cache/rtl-plugin)
+    data_file: str | None = None         # a dataset saved by speech.save_noisy_speech (machines without espeak-ng)
 
     @classmethod
     def quick(cls, **kw) -> "SpeechConfig":
@@ -90,6 +91,8 @@ class SpeechConfig:
             raise SparsityError(f"sparsities must be increasing values in [0, 1), got {self.sparsities!r}")
         if not (0 < float(self.lr) < 1):
             raise DataError(f"lr must be in (0, 1), got {self.lr!r}")
+        if self.data_file is not None and not isinstance(self.data_file, (str, Path)):
+            raise DataError(f"data_file must be a path to a saved dataset (.npz) or None, got {self.data_file!r}")
         unknown = sorted(set(self.baselines) - {"dense", "single_imp", "multi_imp"})
         if unknown:
             raise DataError(f"unknown baselines {unknown}; choose from 'dense', 'single_imp', 'multi_imp'")
@@ -103,6 +106,25 @@ class SpeechConfig:
                                 babble_utterances=self.babble_utterances, seed=self.seed,
                                 real_noise=bool(self.real_noise), real_test_per_env=max(1, self.real_test_per_env),
                                 real_corpora=REAL_CORPORA if self.real_test_per_env > 0 else ())
+
+
+_DATA_FIELDS = ("train_per_env", "test_per_env", "clip_seconds", "snr_db", "train_utterances", "test_utterances",
+                "babble_utterances", "seed")
+
+
+def _load_or_build(cfg: SpeechConfig):
+    """The dataset of ``cfg``: read from ``cfg.data_file`` (its settings must match ``cfg``'s) or built/cached."""
+    from .speech import build_noisy_speech, load_noisy_speech
+    if cfg.data_file is None:
+        return build_noisy_speech(cfg.data_config(), cache=cfg.cache)
+    data = load_noisy_speech(cfg.data_file)
+    want = cfg.data_config()
+    diff = [f"{f}: file {getattr(data.config, f)!r} vs config {getattr(want, f)!r}" for f in _DATA_FIELDS
+            if tuple(np.atleast_1d(getattr(data.config, f))) != tuple(np.atleast_1d(getattr(want, f)))]
+    if diff:
+        raise DataError(f"data_file {cfg.data_file!r} was built with other settings ({'; '.join(diff)}); "
+                        "use the same SpeechConfig settings or save a matching dataset")
+    return data
 
 
 def router_features(noisy: torch.Tensor) -> torch.Tensor:
@@ -155,7 +177,6 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     from .baselines import CyclicLoader
     from .integrations.audio import AudioUNet, si_snr_improvement
     from .pruner import RTLPruner
-    from .speech import build_noisy_speech
     from .training import joint_retrain, retrain_tickets
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -170,7 +191,7 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     log = (lambda m: print(m, flush=True)) if cfg.verbose else (lambda m: None)
 
     t = time.perf_counter()
-    data = build_noisy_speech(cfg.data_config(), cache=cfg.cache)
+    data = _load_or_build(cfg)
     t_data = time.perf_counter() - t
     envs = list(data.environments)
     K = len(envs)

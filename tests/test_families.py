@@ -23,6 +23,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 class FamilyBase(abc.ABC):
     """Subclasses implement ``make_model`` / ``make_input`` (dense predictors subclass DenseFamilyBase)."""
     tol = 1e-5
+    device = "cpu"  # tests/test_cuda.py reruns some families on "cuda"
 
     @abc.abstractmethod
     def make_model(self) -> torch.nn.Module:
@@ -33,22 +34,25 @@ class FamilyBase(abc.ABC):
         """A batch of ``b`` inputs."""
 
     # ---------------------------------------------------------------- helpers
+    def inp(self, b: int) -> torch.Tensor:
+        return self.make_input(b).to(self.device)
+
     def routed(self, granularity: str, seed: int = 0) -> rtl.RoutedModel:
         torch.manual_seed(seed)
-        r = rtl.wrap(self.make_model(), K, granularity=granularity)
+        r = rtl.wrap(self.make_model().to(self.device), K, granularity=granularity)
         r.set_tickets(rtl.TicketSet.random(r.space, K, keep=0.6, seed=seed + 1))
         # give every ticket its own norm statistics so ticket-specific stats matter
         r.train()
         with torch.no_grad():
-            x = self.make_input(len(ROUTE))
-            r(x, route=torch.tensor(ROUTE))
+            x = self.inp(len(ROUTE))
+            r(x, route=torch.tensor(ROUTE, device=self.device))
         return r
 
     # ---------------------------------------------------------------- tests
     @pytest.mark.parametrize("granularity", ["weight", "channel"])
     def test_export_equals_routed(self, granularity):
         r = self.routed(granularity).eval()
-        x = self.make_input(2)
+        x = self.inp(2)
         with torch.no_grad():
             for k in range(K):
                 slim = rtl.export_ticket(r, k).eval()
@@ -65,13 +69,13 @@ class FamilyBase(abc.ABC):
     def test_mixed_batch_equals_each_route_alone(self, granularity, train):
         r = self.routed(granularity)
         r.train(train)
-        x = self.make_input(len(ROUTE))
+        x = self.inp(len(ROUTE))
         if train:
             # train-mode BN over 2 samples at 1x1 or 2x2 resolution amplifies float32 summation-order noise
             # (a 6-sample conv vs a 2-sample conv); float64 keeps the check sharp.
             r.double()
             x = x.double()
-        route = torch.tensor(ROUTE)
+        route = torch.tensor(ROUTE, device=self.device)
         with torch.no_grad():
             y = r(x, route=route)
             for k in range(K):
@@ -83,9 +87,9 @@ class FamilyBase(abc.ABC):
     def test_gradients_stay_in_ticket(self, granularity):
         r = self.routed(granularity).eval()
         k = 1
-        x = self.make_input(2)
+        x = self.inp(2)
         r.zero_grad()
-        y = r(x, route=torch.full((2,), k))
+        y = r(x, route=torch.full((2,), k, device=self.device))
         y.float().pow(2).mean().backward()
         masks = r.tickets.element_masks()
         some_grad = False
@@ -106,11 +110,11 @@ class DenseFamilyBase(FamilyBase):
     def test_pixel_routes(self):
         for gran in ("weight", "channel"):
             r = self.routed(gran).eval()
-            x = self.make_input(2)
+            x = self.inp(2)
             with torch.no_grad():
                 full = [r(x, route=k) for k in range(K)]
                 H, W = full[0].shape[-2:]
-                route = torch.zeros(2, H, W, dtype=torch.long)
+                route = torch.zeros(2, H, W, dtype=torch.long, device=self.device)
                 route[:, : H // 2] = 1
                 route[1, :, : W // 3] = 2
                 y = r(x, route=route)

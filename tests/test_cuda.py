@@ -1,0 +1,101 @@
+"""The core guarantees again on a CUDA device (skipped without one; CI has none, the GPU machine runs them).
+
+- routed soft masks == exported subnet, mixed-route batch == each route alone, gradients stay in the ticket
+  and per-pixel routes compose (the per-family checks of test_families.py, device="cuda");
+- during ticket k's update nothing outside ticket k changes (Adam, momentum + weight decay, per-ticket and
+  shared optimizer state);
+- the same seed gives the same masks; CUDA and CPU give the same tickets' outputs.
+"""
+import pytest
+import torch
+
+import rtl_plugin as rtl
+import test_families as fam
+from test_training import OPTIMIZERS, StepLog, check_masked_steps, wrap
+from rtl_plugin import training
+from rtl_plugin.pruner import RTLPruner
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _exact_float32():
+    """TF32 convolutions / matmuls (on by default for cuDNN) round to 10 mantissa bits: off, so routed and
+    exported models are compared in true float32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+class TestCudaTimmResnet18(fam.TestTimmResnet18):
+    device = "cuda"
+    tol = 1e-4
+
+
+class TestCudaTimmEfficientNetB0(fam.TestTimmEfficientNetB0):
+    device = "cuda"
+    tol = 1e-4
+
+
+class TestCudaSmpUnetResnet18(fam.TestSmpUnetResnet18):
+    device = "cuda"
+    tol = 1e-4
+
+
+class TestCudaAudioUNet(fam.TestAudioUNet):
+    device = "cuda"
+    tol = 1e-4
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd_momentum_wd"])
+@pytest.mark.parametrize("per_ticket_state", [True, False])
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_cuda_joint_retrain_keeps_non_owned_entries(granularity, per_ticket_state, opt_name, make_tiny, make_grouped,
+                                                     make_loader, monkeypatch):
+    model = make_tiny() if granularity == "weight" else make_grouped()
+    routed = wrap(model, granularity).cuda()
+    log = StepLog()
+    monkeypatch.setattr(training, "MaskedUpdate", log.cls)
+    opt = OPTIMIZERS[opt_name](routed.parameters())
+    hist = training.joint_retrain(routed, {k: make_loader(2, seed=k) for k in range(3)}, optimizer=opt, epochs=2,
+                                  per_ticket_state=per_ticket_state, device="cuda", progress=False)
+    assert hist["steps"] == 12 == len(log.records)
+    assert all(v.is_cuda for _, _, after in log.records for v in after.values())
+    check_masked_steps(routed, log.records, min_steps=12)
+
+
+def test_cuda_same_seed_same_masks(make_tiny, make_loader):
+    def run():
+        torch.manual_seed(123)
+        routed = wrap(make_tiny(), "weight").cuda()
+        p = RTLPruner(routed, target_sparsity=[0.25, 0.5], prune_fraction=0.2, progress=False)
+        return p.find_tickets({k: make_loader(2, seed=k, shuffle=True) for k in range(3)},
+                              optimizer_factory=lambda ps: torch.optim.Adam(ps, lr=1e-2), device="cuda")
+
+    old = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        a, b = run(), run()
+    finally:
+        torch.backends.cudnn.deterministic = old
+    for t in a.tickets_at:
+        for n in a.tickets_at[t].masks:
+            assert torch.equal(a.tickets_at[t].masks[n].cpu(), b.tickets_at[t].masks[n].cpu()), (t, n)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+def test_cuda_matches_cpu(granularity):
+    import timm
+    torch.manual_seed(0)
+    r = rtl.wrap(timm.create_model("resnet18", num_classes=5), 3, granularity=granularity)
+    r.set_tickets(rtl.TicketSet.random(r.space, 3, keep=0.6, seed=1))
+    r.eval()
+    x = torch.randn(6, 3, 32, 32)
+    route = torch.tensor(fam.ROUTE)
+    with torch.no_grad():
+        y_cpu = r(x, route=route)
+        r.cuda()
+        y_gpu = r(x.cuda(), route=route.cuda())
+    assert y_gpu.is_cuda
+    assert fam._rel(y_gpu.cpu(), y_cpu) < 1e-4
