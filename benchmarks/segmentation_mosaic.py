@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
               f"{res['total_time_s']:.0f}s)")
         print("mIoU                       " + "  ".join(f"{int(s * 100)}%".rjust(7) for s in sps))
         for meth in ("rtl", "multi_imp", "single_imp"):
-            for routing in ("oracle", "label_free", "self", "direct"):
+            for routing in ("oracle", "label_free", "self", "soft", "direct"):
                 if routing in m.get(meth, {}):
                     print(f"{meth + ' ' + routing:<27s}" + "  ".join(f"{m[meth][routing][s]:7.4f}" for s in sps))
         print("router pixel acc           " + "  ".join(f"{res['router_pixel_acc'][s]:7.4f}" for s in sps), flush=True)
@@ -90,8 +90,10 @@ def main(argv=None) -> dict:
             single = m["single_imp"]["direct"][0.75]
             target[enc] = {"rtl_label_free": m["rtl"]["label_free"][0.75], "single_imp": single,
                            "met_router": m["rtl"]["label_free"][0.75] >= single}
-            if "self" in m["rtl"]:
-                target[enc].update(rtl_self=m["rtl"]["self"][0.75], met_self=m["rtl"]["self"][0.75] >= single)
+            for routing in ("self", "soft"):
+                if routing in m["rtl"]:
+                    target[enc].update({f"rtl_{routing}": m["rtl"][routing][0.75],
+                                        f"met_{routing}": m["rtl"][routing][0.75] >= single})
     summary = {
         "benchmark": "segmentation_mosaic",
         "command": "python benchmarks/segmentation_mosaic.py " + " ".join(argv if argv is not None else sys.argv[1:]),

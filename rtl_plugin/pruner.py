@@ -64,6 +64,23 @@ def magnitude_scores(routed) -> dict[str, torch.Tensor]:
     return {n: w.detach().abs() for n, w in routed._weight_params.items()}
 
 
+def kth_smallest(values: torch.Tensor, n: int, *, method: str = "auto") -> torch.Tensor:
+    """The n-th smallest (1-based) entry of a 1-D tensor, as a 0-d tensor on its device.
+
+    ``method``: "kthvalue" (selection on the CPU; what CPU tensors use), "sort" (a full sort on the tensor's
+    device: CUDA's kthvalue is slow and the copy to the CPU costs more than the sort there) or "auto"
+    (sort on CUDA, kthvalue otherwise). Both give the same value, ties included."""
+    if not isinstance(values, torch.Tensor) or values.dim() != 1:
+        raise RTLError(f"values must be a 1-D tensor, got {getattr(values, 'shape', type(values).__name__)}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= values.numel():
+        raise RTLError(f"n must be an int in [1, {values.numel()}], got {n!r}")
+    if method not in ("auto", "sort", "kthvalue"):
+        raise RTLError(f"method must be 'auto', 'sort' or 'kthvalue', got {method!r}")
+    if method == "sort" or (method == "auto" and values.is_cuda):
+        return torch.sort(values).values[n - 1]
+    return torch.kthvalue(values.cpu(), n).values.to(values.device)
+
+
 class RTLPruner:
     """Adaptive ticket search.
 
@@ -494,7 +511,7 @@ class RTLPruner:
         inf = torch.tensor(float("inf"))
         flat = torch.cat([torch.where(masks[nm], scores[nm].float(), inf.to(scores[nm].device)).flatten()
                           for nm in names])
-        thr = torch.kthvalue(flat.cpu(), n).values.to(flat.device)
+        thr = kth_smallest(flat, n)
         drop = flat < thr
         need = n - int(drop.sum())
         if need > 0:

@@ -371,6 +371,9 @@ class LearnedRouter(_PooledRouter):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Ticket logits [B, K]."""
+        if self.net is not None and isinstance(x, torch.Tensor) and x.device != self.net[0].weight.device:
+            raise RouteError(f"the input is on {x.device} but the router is on {self.net[0].weight.device}; "
+                             "call router.to(device)")
         return self.net(self._standardised(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

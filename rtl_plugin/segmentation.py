@@ -151,8 +151,8 @@ class SegMosaicDataset(torch.utils.data.Dataset):
 
 
 class MosaicBatches:
-    """Shuffled mini-batches ``(images [b, 3, H, W], labels [b, H, W])`` of the given rows, reproducible;
-    with ``routes`` [n, H, W] (ticket id per pixel) the batches are ``(images, labels, routes)``."""
+    """Shuffled mini-batches ``(images [b, 3, H, W], labels [b, H, W])`` of the given rows, reproducible (a
+    one-image remainder joins the last full batch: train-mode batch norm needs two); with ``routes`` [n, H, W] (ticket id per pixel) the batches are ``(images, labels, routes)``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int = 0,
                  routes: torch.Tensor | None = None):
@@ -168,14 +168,15 @@ class MosaicBatches:
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __len__(self) -> int:
-        return math.ceil(self.images.shape[0] / self.batch_size)
+        n, b = self.images.shape[0], self.batch_size
+        return math.ceil(n / b) - (1 if b > 1 and n > b and n % b == 1 else 0)
 
     def __iter__(self):
         perm = torch.randperm(self.images.shape[0], generator=self.generator)
         parts = list(perm.split(self.batch_size))
-        if len(parts) > 1 and parts[-1].numel() == 1:
-            # a one-image batch breaks train-mode batch norm at the U-Net's 1x1 bottleneck: borrow one image
-            parts[-2:] = [parts[-2][:-1], torch.cat([parts[-2][-1:], parts[-1]])]
+        if self.batch_size > 1 and len(parts) > 1 and parts[-1].numel() == 1:
+            # a one-image batch breaks train-mode batch norm at the U-Net's 1x1 bottleneck: merge it
+            parts[-2:] = [torch.cat(parts[-2:])]
         for idx in parts:
             if self.routes is None:
                 yield self.images[idx], self.labels[idx]
@@ -294,6 +295,28 @@ class CompositionClusters:
     def describe(self) -> dict:
         return {"sizes": [int(v.numel()) for v in self.subsets()],
                 "centers": [[round(float(v), 4) for v in c] for c in self.centers]}
+
+
+def soft_compose(ticket_logits: torch.Tensor, route_probs: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] class probabilities ``sum_k route_probs[:, k] * softmax(ticket k's logits)``: every pixel
+    mixes the tickets by the router's probabilities instead of taking only its argmax ticket
+    (``ticket_logits`` [K, N, C, H, W], ``route_probs`` [N, K, H, W], each pixel's K values summing to 1).
+    Label-free like the hard route; costs a pass per ticket present with nonzero weight."""
+    if not isinstance(ticket_logits, torch.Tensor) or ticket_logits.dim() != 5:
+        raise DataError(f"ticket_logits must be [K, N, C, H, W], got "
+                        f"{tuple(ticket_logits.shape) if isinstance(ticket_logits, torch.Tensor) else type(ticket_logits).__name__}.")
+    K, N, C, H, W = ticket_logits.shape
+    if not isinstance(route_probs, torch.Tensor) or tuple(route_probs.shape) != (N, K, H, W) \
+            or not route_probs.is_floating_point():
+        raise DataError(f"route_probs must be a float tensor [N, K, H, W] = {(N, K, H, W)}, got "
+                        f"{tuple(route_probs.shape) if isinstance(route_probs, torch.Tensor) else type(route_probs).__name__}.")
+    if route_probs.numel() and (float(route_probs.min()) < 0
+                                or not torch.allclose(route_probs.sum(1), torch.ones((), device=route_probs.device),
+                                                      atol=1e-4)):
+        raise DataError("route_probs must be probabilities over the K tickets (>= 0, summing to 1 per pixel), "
+                        "e.g. router_logits.softmax(1).")
+    p = ticket_logits.float().softmax(2)  # [K, N, C, H, W]
+    return torch.einsum("nkhw,knchw->nchw", route_probs.float(), p)
 
 
 def compose_by_route(ticket_logits: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
@@ -569,12 +592,15 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
     wall["single_imp_search"] = time.perf_counter() - t
     wall["single_imp_retrain"] = 0.0
     router: dict[float, torch.Tensor] = {}
+    router_probs: dict[float, torch.Tensor] = {}
     router_train: dict[float, torch.Tensor] = {}
     router_train_acc: dict[float, float] = {}
     for s in sps:
         wall["single_imp_retrain"] += _retrain(single, theta_single, res1.tickets_at[s], {0: single_loader},
                                                {0: ce_step}, cfg, dev, calibration={0: single_loader.loader})
-        pred = _predict(lambda xb, sl: single(xb, route=0), x_test, bs)
+        probs = _ticket_logits(single, x_test, 1, bs)[0].softmax(1)  # [N, K, H, W]
+        pred = probs.argmax(1)
+        router_probs[s] = probs
         if cfg.ticket_loss == "router":  # in eval mode, as at inference
             router_train[s] = _predict(lambda xb, sl: single(xb, route=0), train_x.to(dev), bs).cpu()
             router_train_acc[s] = round(float((router_train[s] == train.labels).float().mean()), 4)
@@ -607,6 +633,9 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
             for routing, rmap in _routings(stack, y_test, router[s], clusters):
                 row("rtl", s, routing, compose_by_route(stack, rmap).argmax(1), tickets.union_count(),
                     per_ticket_params=[int(v) for v in tickets.kept()])
+            if clusters is None:
+                row("rtl", s, "soft", soft_compose(stack, router_probs[s]).argmax(1), tickets.union_count(),
+                    per_ticket_params=[int(v) for v in tickets.kept()])
             routed.train()
             similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
                                "union": tickets.union_count(), "intersection": tickets.intersection_count()})
@@ -622,6 +651,9 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
                 stack = torch.stack(logits_k)  # [KT, N, K, H, W]
                 for routing, rmap in _routings(stack, y_test, router[s], clusters):
                     row("multi_imp", s, routing, compose_by_route(stack, rmap).argmax(1), int(tickets.kept().sum()))
+                if clusters is None:
+                    row("multi_imp", s, "soft", soft_compose(stack, router_probs[s]).argmax(1),
+                        int(tickets.kept().sum()))
         n_rtl = routed.space.num_weights
 
     table: dict = {}
@@ -724,5 +756,5 @@ def _dispatch(steps):
 
 
 __all__ = ["SEG_CLASSES", "ENCODERS", "make_seg_mosaic", "SegMosaicDataset", "MosaicBatches", "ce_step",
-           "CompositionClusters",
+           "CompositionClusters", "soft_compose",
            "class_step", "routed_pixels_step", "self_routes", "compose_by_route", "iou_per_class", "build_unet", "recalibrate_bn", "SegConfig", "run_segmentation"]

@@ -301,6 +301,7 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
                             "per_env_routing_accuracy": dict(zip(envs, [round(float((pred[e == k] == k).float().mean()), 4)
                                                                         for k in range(K)]))}
         F = {n: f.to(dev) for n, f in F.items()}
+        router.to(dev)
         wall["router"] = time.perf_counter() - t
         acc = route_acc["synthetic"]["routing_accuracy"]
         router_info = {"name": "learned", "accuracy": acc,

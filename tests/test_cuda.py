@@ -99,3 +99,28 @@ def test_cuda_matches_cpu(granularity):
         y_gpu = r(x.cuda(), route=route.cuda())
     assert y_gpu.is_cuda
     assert fam._rel(y_gpu.cpu(), y_cpu) < 1e-4
+
+
+def test_cuda_learned_router_moved_after_fit():
+    from rtl_plugin.routers import create_router
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 2, 16, generator=g)
+    ids = torch.arange(60) % 3
+    x[ids == 1] += 2.0
+    router = create_router("learned", num_tickets=3, epochs=20).fit(x, ids)
+    on_cpu = router(x)
+    router.cuda()
+    assert torch.equal(router(x.cuda()).cpu(), on_cpu)
+
+
+def test_cuda_search_gives_the_cpu_masks_of_the_same_weights(make_tiny, make_loader):
+    """Pruning only (no training): the CUDA threshold (a sort on the device) picks the CPU's weights."""
+    def search(device):
+        routed = wrap(make_tiny(), "weight").to(device)
+        p = RTLPruner(routed, target_sparsity=[0.3, 0.6, 0.9], prune_fraction=0.3, progress=False)
+        return p.find_tickets({k: make_loader(1, seed=k) for k in range(3)}, train_step=lambda *a: 0.0,
+                              device=device)
+    a, b = search("cpu"), search("cuda")
+    for t in a.tickets_at:
+        for n in a.tickets_at[t].masks:
+            assert torch.equal(a.tickets_at[t].masks[n], b.tickets_at[t].masks[n].cpu()), (t, n)

@@ -746,3 +746,19 @@ def test_round_end_bad_action_and_bad_order(make_tiny, make_loader):
     with pytest.raises(rtl.RTLError, match="on_round_end"):
         RTLPruner(wrap(make_tiny()), target_sparsity=[0.5], order="round", callbacks=[spy], progress=False).find_tickets(
             {k: make_loader(1) for k in range(3)}, train_step=Guard(500))
+
+
+def test_kth_smallest_sort_and_selection_agree_with_ties():
+    from rtl_plugin.pruner import kth_smallest
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (10_000,), generator=g).float()  # many ties
+    x[::7] = float("inf")  # pruned entries score +inf
+    for n in (1, 17, 5_000, 8_571, 10_000):
+        want = torch.sort(x).values[n - 1]
+        assert kth_smallest(x, n, method="sort") == want == kth_smallest(x, n, method="kthvalue") == kth_smallest(x, n)
+    with pytest.raises(rtl.RTLError, match="n must be"):
+        kth_smallest(x, 0)
+    with pytest.raises(rtl.RTLError, match="1-D"):
+        kth_smallest(x.view(100, 100), 3)
+    with pytest.raises(rtl.RTLError, match="method"):
+        kth_smallest(x, 3, method="median")

@@ -265,3 +265,11 @@ def test_route_accuracy_and_report(data):
     d_ = rep.to_dict()
     assert set(d_) == {"name", "accuracy", "flops_share"} and d_["flops_share"] != d_["flops_share"]  # NaN
     assert RouterReport("x", 0.5, 0.01).to_dict() == {"name": "x", "accuracy": 0.5, "flops_share": 0.01}
+
+
+def test_learned_router_on_another_device_than_input_raises(data):
+    (x, ids), _ = data
+    router = LearnedRouter(int(ids.max()) + 1, epochs=2).fit(x, ids)
+    router.to("meta")
+    with pytest.raises(RouteError, match="router.to"):
+        router(x)

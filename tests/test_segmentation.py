@@ -11,9 +11,10 @@ pytest.importorskip("skimage")
 
 import rtl_plugin as rtl  # noqa: E402
 from rtl_plugin.errors import DataError, RouteError, SparsityError  # noqa: E402
-from rtl_plugin.segmentation import (SEG_CLASSES, MosaicBatches, SegConfig, SegMosaicDataset, build_unet,  # noqa: E402
-                                     class_step, compose_by_route, iou_per_class, make_seg_mosaic,
-                                     routed_pixels_step, run_segmentation, self_routes)
+from rtl_plugin.segmentation import (SEG_CLASSES, CompositionClusters, MosaicBatches, SegConfig,  # noqa: E402
+                                     SegMosaicDataset, build_unet, class_step, compose_by_route, iou_per_class,
+                                     make_seg_mosaic, routed_pixels_step, run_segmentation, self_routes,
+                                     soft_compose)
 
 
 # --------------------------------------------------------------------------- data
@@ -176,7 +177,8 @@ def quick_result():
 def test_pipeline_quick_finite_miou_every_method_and_routing(quick_result):
     m = quick_result["miou"]
     assert set(m) == {"rtl", "single_imp", "multi_imp"}
-    assert set(m["rtl"]) == {"oracle", "label_free", "self"} and set(m["multi_imp"]) == {"oracle", "label_free", "self"}
+    routings = {"oracle", "label_free", "self", "soft"}
+    assert set(m["rtl"]) == routings and set(m["multi_imp"]) == routings
     for meth, routes in m.items():
         for routing, by_s in routes.items():
             assert sorted(by_s) == [0.5, 0.75], (meth, routing)
@@ -214,6 +216,9 @@ def test_pipeline_label_free_route_is_router_prediction(quick_result):
     (dict(n_train=0), DataError, "n_train"),
     (dict(ticket_loss="focal"), DataError, "ticket_loss"),
     (dict(per_ticket_state=1), DataError, "per_ticket_state"),
+    (dict(partition="pixels"), DataError, "partition must be"),
+    (dict(partition="composition", ticket_loss="router"), DataError, "per-pixel routes"),
+    (dict(n_clusters=1), DataError, "n_clusters"),
 ])
 def test_bad_config_raises(kw, err, text):
     with pytest.raises(err, match=text):
@@ -233,3 +238,67 @@ def test_bad_inputs_raise():
     r = rtl.wrap(model, 3)
     with pytest.raises(RouteError):
         r(torch.zeros(1, 3, 32, 32), route=torch.zeros(1, 32, 32))  # float route
+
+
+# --------------------------------------------------------------------------- composition tickets, soft routing
+def test_composition_clusters_group_mosaics_by_their_classes():
+    ds = SegMosaicDataset(40, 0, SEG_CLASSES, n_regions=3, size=32)
+    cc = CompositionClusters(4, 4, seed=0).fit(ds.labels)
+    assert sum(cc.describe()["sizes"]) == 40 and min(cc.describe()["sizes"]) >= 1
+    f = cc.fractions(ds.labels)
+    assert f.shape == (40, 4) and abs(f.sum(1) - 1).max() < 1e-6
+    # k-means centres are the mean class fractions of their members
+    for k, idx in enumerate(cc.subsets()):
+        assert abs(f[idx.numpy()].mean(0) - cc.centers[k]).max() < 1e-6
+    assert torch.equal(cc.route(ds.labels), cc.assignment)  # the training maps route to their own cluster
+    assert torch.equal(CompositionClusters(4, 4, seed=0).fit(ds.labels).assignment, cc.assignment)  # deterministic
+    with pytest.raises(DataError, match="not fitted"):
+        CompositionClusters(4, 4).route(ds.labels)
+    with pytest.raises(DataError, match=r"\[N, H, W\]"):
+        cc.route(ds.labels[0])
+    with pytest.raises(DataError, match="class ids"):
+        cc.route(ds.labels + 4)
+    with pytest.raises(DataError, match="lower n_clusters"):
+        CompositionClusters(8, 4).fit(ds.labels[:5])
+
+
+def test_composition_partition_pipeline_routes_whole_images():
+    res = run_segmentation(SegConfig.quick(partition="composition", n_clusters=3, sparsities=(0.5,),
+                                           methods=("rtl", "single_imp")))
+    assert res["data"]["partition"] == "composition" and res["data"]["tickets"] == 3
+    assert set(res["miou"]["rtl"]) == {"oracle", "label_free"}  # no one-vs-rest "self" / per-class "soft"
+    assert sum(res["data"]["clusters"]["sizes"]) == SegConfig.quick().n_train
+    assert all(math.isfinite(v) for r in res["miou"].values() for by in r.values() for v in by.values())
+
+
+def test_soft_compose_mixes_tickets_by_router_probabilities():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 4, 5, 5, generator=g)
+    onehot = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 5, 5), generator=g), 3).permute(0, 3, 1, 2).float()
+    # a one-hot router gives exactly the hard route's class probabilities
+    hard = compose_by_route(logits, onehot.argmax(1)).softmax(1)
+    assert torch.allclose(soft_compose(logits, onehot), hard, atol=1e-6)
+    probs = torch.rand(2, 3, 5, 5, generator=g)
+    probs = probs / probs.sum(1, keepdim=True)
+    out = soft_compose(logits, probs)
+    assert torch.allclose(out.sum(1), torch.ones(2, 5, 5), atol=1e-5)
+    want = sum(probs[:, k, None] * logits[k].softmax(1) for k in range(3))
+    assert torch.allclose(out, want, atol=1e-6)
+    with pytest.raises(DataError, match="route_probs must be probabilities"):
+        soft_compose(logits, probs * 2)
+    with pytest.raises(DataError, match=r"\[N, K, H, W\]"):
+        soft_compose(logits, probs[:, :2])
+    with pytest.raises(DataError, match="ticket_logits"):
+        soft_compose(logits[0], probs)
+
+
+def test_mosaic_batches_never_yield_a_single_image():
+    x, y = torch.zeros(17, 3, 32, 32), torch.zeros(17, 32, 32, dtype=torch.long)
+    batches = MosaicBatches(x, y, 8, seed=0)
+    sizes = [b[0].shape[0] for b in batches]
+    assert sizes == [8, 9] and len(batches) == 2
+    assert [b[0].shape[0] for b in MosaicBatches(x[:16], y[:16], 8)] == [8, 8]
+    assert [b[0].shape[0] for b in MosaicBatches(x[:3], y[:3], 1)] == [1, 1, 1]  # asked for single images
+    seen = torch.cat([b[0][:, 0, 0, 0] for b in MosaicBatches(torch.arange(17.).view(17, 1, 1, 1).expand(17, 3, 32, 32),
+                                                              y, 8, seed=0)])
+    assert sorted(seen.tolist()) == list(map(float, range(17)))

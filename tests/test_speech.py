@@ -327,3 +327,45 @@ def test_cache_file_depends_on_the_real_source_folders(monkeypatch, tmp_path):
     assert before == speech._sources_fingerprint(cfg)  # deterministic
     monkeypatch.setattr(speech, "SONIC_PI_DIR", tmp_path / "elsewhere")
     assert speech._sources_fingerprint(cfg) != before
+
+
+def test_save_and_load_dataset_file_without_the_builder(tiny, tmp_path, monkeypatch):
+    """A saved dataset reads back on a machine without espeak-ng / the real recordings (the GPU machine)."""
+    from rtl_plugin.speech import load_noisy_speech, save_noisy_speech
+    p = save_noisy_speech(tiny, tmp_path / "d" / "speech.npz")
+    half = save_noisy_speech(tiny, tmp_path / "half.npz", half=True)
+    assert half.stat().st_size < 0.7 * p.stat().st_size
+    monkeypatch.setattr(speech.shutil, "which", lambda *a, **k: None)  # no tools at all
+    got = load_noisy_speech(p)
+    assert got.config == tiny.config and got.environments == tiny.environments
+    np.testing.assert_array_equal(got.train.noisy, tiny.train.noisy)
+    np.testing.assert_array_equal(got.test.clean, tiny.test.clean)
+    assert (got.real is None) == (tiny.real is None)
+    h = load_noisy_speech(half)
+    assert h.train.noisy.dtype == np.float32
+    assert np.abs(h.train.noisy - tiny.train.noisy).max() < 1e-3 * max(1.0, np.abs(tiny.train.noisy).max())
+    with pytest.raises(rtl.DataError, match="no dataset file"):
+        load_noisy_speech(tmp_path / "none.npz")
+    with pytest.raises(rtl.DataError, match="must end in .npz"):
+        save_noisy_speech(tiny, tmp_path / "x.bin")
+    with pytest.raises(rtl.DataError, match="SpeechData"):
+        save_noisy_speech({"train": 1}, tmp_path / "x.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(rtl.CorruptFileError, match="unreadable"):
+        load_noisy_speech(tmp_path / "bad.npz")
+
+
+def test_run_speech_reads_a_data_file_and_checks_its_settings(tiny, tmp_path):
+    from rtl_plugin.speech import save_noisy_speech
+    from rtl_plugin.speech_experiment import SpeechConfig, _load_or_build
+    p = str(save_noisy_speech(tiny, tmp_path / "speech.npz"))
+    c = tiny.config
+    cfg = SpeechConfig.quick(train_per_env=c.train_per_env, test_per_env=c.test_per_env,
+                             train_utterances=c.train_utterances, test_utterances=c.test_utterances,
+                             babble_utterances=c.babble_utterances, clip_seconds=c.clip_seconds,
+                             seed=c.seed, data_file=p)
+    np.testing.assert_array_equal(_load_or_build(cfg).train.clean, tiny.train.clean)
+    with pytest.raises(rtl.DataError, match="seed: file 3 vs config 4"):
+        _load_or_build(SpeechConfig.quick(**{**cfg.__dict__, "seed": 4}))
+    with pytest.raises(rtl.DataError, match="data_file must be"):
+        SpeechConfig.quick(data_file=3).validate()
