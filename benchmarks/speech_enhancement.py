@@ -46,6 +46,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="a dataset file written by speech.save_noisy_speech (for machines "
                                                  "without espeak-ng / sox, e.g. the GPU machine)")
+    ap.add_argument("--noise-split", choices=("types", "instances"), default="types",
+                    help="test noise: source types never heard in training (types) or unseen recordings / renders "
+                         "of the environment's types (instances)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--progress", action="store_true", help="progress bars")
@@ -62,6 +65,7 @@ def main(argv=None) -> dict:
         kw["real_noise"] = False
     if args.shared_state:
         kw["per_ticket_state"] = False
+    kw["noise_split"] = args.noise_split
     if args.data:
         kw["data_file"] = args.data
     kw.update(seed=args.seed, device=args.device, progress=args.progress, verbose=True)

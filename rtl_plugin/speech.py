@@ -218,7 +218,8 @@ def _clicks(n, rng, period_s, jitter, band, exe):
 def _noise_source(name: str, n: int, rng: np.random.Generator, tools: dict, babble: list[np.ndarray]) -> np.ndarray:
     """One noise source ``name`` (see :data:`NOISE_SOURCES`) as float32 [n]."""
     if name.startswith("sp:"):
-        y = _real_noise(name[3:], n, rng)
+        clip, _, part = name[3:].partition("@")
+        y = _real_noise(clip, n, rng, part or None)
         y = np.asarray(y, dtype=np.float64) - float(np.mean(y))
         return (y / (np.sqrt(np.mean(y ** 2)) + 1e-12)).astype(np.float32)
     sx = tools["sox"]
@@ -274,6 +275,8 @@ NOISE_SOURCES = {
     "outdoor": {"train": ["wind_low", "birds", "rain"], "test": ["wind_high", "crickets", "stream"]},
     "transport": {"train": ["rumble", "engine_low", "clatter"], "test": ["engine_high", "machine_whine"]},
 }
+
+NOISE_SPLITS = ("types", "instances")
 
 # ---------------------------------------------------------------------------- real recordings (Debian packages)
 #: folders of the real recordings; module-level so tests (and users) can point them elsewhere
@@ -379,8 +382,13 @@ def missing_real_noise_clips() -> list[str]:
 _CLIP_CACHE: dict[str, np.ndarray] = {}
 
 
-def _real_noise(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` samples of sonic-pi clip ``name`` (looped from a random start, random polarity)."""
+#: "instances" noise split: the share of every real clip (its start) that train mixtures use; test: the rest
+TRAIN_PART = 0.7
+
+
+def _real_noise(name: str, n: int, rng: np.random.Generator, part: str | None = None) -> np.ndarray:
+    """``n`` samples of sonic-pi clip ``name`` (looped from a random start, random polarity); ``part``
+    "train" / "test": only the first :data:`TRAIN_PART` of the clip / the rest."""
     path = Path(SONIC_PI_DIR) / f"{name}.flac"
     key = str(path)
     if key not in _CLIP_CACHE:
@@ -390,18 +398,39 @@ def _real_noise(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
             raise DataError(f"the noise clip {path} is empty")
         _CLIP_CACHE[key] = x
     x = _CLIP_CACHE[key]
+    if part is not None:
+        cut = int(round(TRAIN_PART * len(x)))
+        x = x[:cut] if part == "train" else x[cut:]
     reps = int(np.ceil((n + len(x)) / len(x)))
     # a window with sound in it (energy >= 30% of the loudest window), from a random phase of the loop
     s = int(rng.integers(len(x)))
     return _speech_crop(np.tile(x, reps + 1)[s:], n, rng) * float(rng.choice([-1.0, 1.0]))
 
 
-def noise_sources(env: str, which: str, real_noise: bool = True) -> list[str]:
+def noise_sources(env: str, which: str, real_noise: bool = True, split: str = "types") -> list[str]:
     """Noise source names of ``env`` for split ``which`` (``train``/``test``): the synthetic ones, plus the
-    real clips ``"sp:<name>"`` when ``real_noise``. Train and test lists are disjoint."""
-    out = list(NOISE_SOURCES[env][which])
+    real clips ``"sp:<name>"`` when ``real_noise``.
+
+    ``split="types"`` (default): train and test use disjoint source types (test noise is of a kind never
+    heard in training). ``split="instances"``: both splits use every source type of the environment, as
+    unseen instances: synthetic sources are fresh renders (babble from the disjoint test speakers), real
+    clips are cut in time (``"sp:<name>@train"``: the first :data:`TRAIN_PART` of the recording, ``@test``:
+    the rest), as in speech-enhancement corpora whose test noise is unseen recordings of the same categories.
+    """
+    if split not in NOISE_SPLITS:
+        raise DataError(f"split must be one of {NOISE_SPLITS}, got {split!r}")
+    if which not in ("train", "test"):
+        raise DataError(f"which must be 'train' or 'test', got {which!r}")
+    if split == "types":
+        out = list(NOISE_SOURCES[env][which])
+        if real_noise:
+            out += [f"sp:{n}" for n in REAL_NOISE_CLIPS[env][which]]
+        return out
+    synth = NOISE_SOURCES[env]["train"] + NOISE_SOURCES[env]["test"]
+    out = [("babble_" + which) if src.startswith("babble_") else src for src in dict.fromkeys(synth)]
+    out = list(dict.fromkeys(out))
     if real_noise:
-        out += [f"sp:{n}" for n in REAL_NOISE_CLIPS[env][which]]
+        out += [f"sp:{n}@{which}" for n in REAL_NOISE_CLIPS[env]["train"] + REAL_NOISE_CLIPS[env]["test"]]
     return out
 
 
@@ -429,6 +458,7 @@ class SpeechDataConfig:
     real_test_per_env: int = 32
     real_corpora: tuple[str, ...] = REAL_CORPORA
     seed: int = 0
+    noise_split: str = "types"          # "types": disjoint source types; "instances": unseen renders / clip parts
 
     def validate(self) -> "SpeechDataConfig":
         for name in ("train_per_env", "test_per_env", "train_utterances", "test_utterances", "babble_utterances",
@@ -447,6 +477,8 @@ class SpeechDataConfig:
         unknown = [e for e in envs if e not in NOISE_SOURCES]
         if not envs or unknown or len(set(envs)) != len(envs):
             raise DataError(f"environments must be distinct names from {list(NOISE_SOURCES)}, got {envs!r}")
+        if self.noise_split not in NOISE_SPLITS:
+            raise DataError(f"noise_split must be one of {NOISE_SPLITS}, got {self.noise_split!r}")
         bad = [c for c in self.real_corpora if c not in REAL_CORPORA]
         if bad or len(set(self.real_corpora)) != len(tuple(self.real_corpora)):
             raise DataError(f"real_corpora must be distinct names from {list(REAL_CORPORA)}, got {self.real_corpora!r}")
@@ -462,6 +494,8 @@ class SpeechDataConfig:
         d["environments"] = list(self.environments)
         d["real_corpora"] = list(self.real_corpora)
         d["version"] = FORMAT_VERSION
+        if d["noise_split"] == "types":
+            del d["noise_split"]  # the default keeps the keys (and cache files) of datasets built before it
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -613,7 +647,7 @@ def _build_split(cfg, which, per_env, utterances, babble, tools, rng, names=None
         corpora = sorted({m.split(":")[0] for m in names})
         groups = [[j for j, m in enumerate(names) if m.split(":")[0] == c] for c in corpora]
     for k, e in enumerate(cfg.environments):
-        sources = noise_sources(e, which, cfg.real_noise)
+        sources = noise_sources(e, which, cfg.real_noise, cfg.noise_split)
         for i in range(per_env):
             if groups is None:
                 u = int(rng.integers(len(utterances)))

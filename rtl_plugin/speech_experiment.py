@@ -40,6 +40,7 @@ class SpeechConfig:
     babble_utterances: int = 16
     real_test_per_env: int = 32          # held-out real-speech test clips per environment (0: none)
     real_noise: bool = True              # add the real sonic-pi noise clips to every environment
+    noise_split: str = "types"           # train/test noise: disjoint types, or unseen instances of all types
     clip_seconds: float = 1.0
     snr_db: tuple[float, float] = (-5.0, 10.0)
     n_fft: int = 512                     # the paper: 1024 (10 s clips); 512 keeps CPU runs short
@@ -91,6 +92,8 @@ class SpeechConfig:
             raise SparsityError(f"sparsities must be increasing values in [0, 1), got {self.sparsities!r}")
         if not (0 < float(self.lr) < 1):
             raise DataError(f"lr must be in (0, 1), got {self.lr!r}")
+        if self.noise_split not in ("types", "instances"):
+            raise DataError(f"noise_split must be 'types' or 'instances', got {self.noise_split!r}")
         if self.data_file is not None and not isinstance(self.data_file, (str, Path)):
             raise DataError(f"data_file must be a path to a saved dataset (.npz) or None, got {self.data_file!r}")
         unknown = sorted(set(self.baselines) - {"dense", "single_imp", "multi_imp"})
@@ -105,11 +108,12 @@ class SpeechConfig:
                                 train_utterances=self.train_utterances, test_utterances=self.test_utterances,
                                 babble_utterances=self.babble_utterances, seed=self.seed,
                                 real_noise=bool(self.real_noise), real_test_per_env=max(1, self.real_test_per_env),
-                                real_corpora=REAL_CORPORA if self.real_test_per_env > 0 else ())
+                                real_corpora=REAL_CORPORA if self.real_test_per_env > 0 else (),
+                                noise_split=self.noise_split)
 
 
 _DATA_FIELDS = ("train_per_env", "test_per_env", "clip_seconds", "snr_db", "train_utterances", "test_utterances",
-                "babble_utterances", "seed")
+                "babble_utterances", "seed", "noise_split")
 
 
 def _load_or_build(cfg: SpeechConfig):

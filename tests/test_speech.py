@@ -369,3 +369,41 @@ def test_run_speech_reads_a_data_file_and_checks_its_settings(tiny, tmp_path):
         _load_or_build(SpeechConfig.quick(**{**cfg.__dict__, "seed": 4}))
     with pytest.raises(rtl.DataError, match="data_file must be"):
         SpeechConfig.quick(data_file=3).validate()
+
+
+def test_instance_noise_split_uses_every_type_with_unseen_instances():
+    import hashlib
+    import json
+    from dataclasses import asdict
+    for env in NOISE_SOURCES:
+        tr, te = noise_sources(env, "train", split="instances"), noise_sources(env, "test", split="instances")
+        real_tr, real_te = {x for x in tr if x.startswith("sp:")}, {x for x in te if x.startswith("sp:")}
+        clips = REAL_NOISE_CLIPS[env]["train"] + REAL_NOISE_CLIPS[env]["test"]
+        assert real_tr == {f"sp:{c}@train" for c in clips} and real_te == {f"sp:{c}@test" for c in clips}
+        if any(t.startswith("babble") for t in NOISE_SOURCES[env]["train"]):  # babble: disjoint speaker pools
+            assert "babble_train" in tr and "babble_test" in te and "babble_test" not in tr
+        synth = [t for t in dict.fromkeys(NOISE_SOURCES[env]["train"] + NOISE_SOURCES[env]["test"])
+                 if not t.startswith("babble")]
+        assert [x for x in tr if x in synth] == [x for x in te if x in synth] == synth  # every type, both splits
+    with pytest.raises(rtl.DataError, match="split must be"):
+        noise_sources("indoor", "train", split="clips")
+    with pytest.raises(rtl.DataError, match="noise_split"):
+        SpeechDataConfig(noise_split="clips").validate()
+    # the default leaves the key (and the cache files) of datasets built before the option existed unchanged
+    cfg = SpeechDataConfig()
+    d = {**asdict(cfg), "snr_db": list(cfg.snr_db), "environments": list(cfg.environments),
+         "real_corpora": list(cfg.real_corpora), "version": speech.FORMAT_VERSION}
+    del d["noise_split"]
+    assert cfg.key() == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.key() != SpeechDataConfig(noise_split="instances").key()
+
+
+def test_instance_split_real_clip_parts_do_not_overlap(monkeypatch):
+    clip = np.arange(1000, dtype=np.float32)
+    monkeypatch.setitem(speech._CLIP_CACHE, str(speech.Path(speech.SONIC_PI_DIR) / "fake.flac"), clip)
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(speech, "_speech_crop", lambda x, n, rng: x[:n])
+    tr = speech._real_noise("fake", 5000, rng, "train")
+    te = speech._real_noise("fake", 5000, rng, "test")
+    cut = int(round(speech.TRAIN_PART * 1000))
+    assert set(np.abs(tr).astype(int)) <= set(range(cut)) and set(np.abs(te).astype(int)) <= set(range(cut, 1000))
