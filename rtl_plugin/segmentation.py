@@ -21,6 +21,12 @@ Methods (all from the same θ0, ``run_segmentation(config)``):
   Per-pixel routing: ``routed(x, route=class_map [B, H, W])`` runs every ticket present in a sample once and
   each pixel takes its ticket's logits. Oracle routing = ground-truth class map; label-free routing = the
   argmax map of the router (the single-IMP model at the same sparsity; its pixel accuracy is reported).
+  Label-free alternatives: ``self`` (every one-vs-rest ticket scores its own class, :func:`self_routes`)
+  and ``soft`` (every pixel mixes the tickets' class probabilities by the router's class probabilities,
+  :func:`soft_compose`); both cost K passes.
+  ``partition="composition"`` instead makes one ticket per cluster of mosaics by class composition
+  (:class:`CompositionClusters`, k-means on class-pixel fractions), trained with plain CE and routed per
+  image (training: its cluster; inference: the cluster of the router's predicted fractions).
 * ``single_imp``: one mask (IMP, same θ0), plain CE on all training mosaics, as many optimizer steps per
   epoch as all RTL tickets together (``CyclicLoader``).
 * ``multi_imp``: K independent models: each ticket's search mask retrained ALONE from θ0 on its subset with
@@ -522,7 +528,9 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
     """Train and compare RTL (per-class tickets, pixel routing), single IMP and multi-model IMP.
 
     Returns a dict with ``miou`` ({method: {routing: {sparsity: mIoU}}}, routing "oracle" / "label_free" (the
-    single-IMP router) / "self" (label-free, the tickets' own one-vs-rest scores, :func:`self_routes`);
+    single-IMP router) / "self" (label-free, the tickets' own one-vs-rest scores, :func:`self_routes`) /
+    "soft" (label-free, router-probability mixture, :func:`soft_compose`; "self" and "soft" only with
+    ``partition="class"``);
     single IMP has "direct"), ``rows`` (method, sparsity, routing, mIoU, per-class IoU, pixel accuracy,
     kept prunable weights), ``router`` ({sparsity: router pixel accuracy}), ``similarity``, ``wall_time_s``,
     dataset info, the config and the machine.
