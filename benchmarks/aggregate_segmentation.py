@@ -38,6 +38,13 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
         seeds = [r["config"]["seed"] for r in rs]
         if len(set(seeds)) != len(seeds):
             raise SystemExit(f"{enc}: the same seed appears twice ({seeds}); pass one file per seed")
+        ref = {k: v for k, v in rs[0]["config"].items() if k != "seed"}
+        for r in rs[1:]:
+            other = {k: v for k, v in r["config"].items() if k != "seed"}
+            if other != ref:
+                diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
+                raise SystemExit(f"{enc}: {r['_file']} differs from {rs[0]['_file']} in {diff}; aggregate runs of "
+                                 "one setting (they may differ only in the seed)")
         sps = sorted(rs[0]["miou"]["single_imp"]["direct"], key=float)
         table: dict = {}
         for meth, routings in rs[0]["miou"].items():

@@ -70,7 +70,13 @@ def main(argv=None) -> dict:
         kw["data_file"] = args.data
     kw.update(seed=args.seed, device=args.device, progress=args.progress, verbose=True)
     cfg = SpeechConfig.quick(**kw) if args.quick else SpeechConfig(**kw)
-    if args.require_real:
+    if args.require_real and args.data:
+        from rtl_plugin.speech import load_noisy_speech
+        d = load_noisy_speech(args.data)
+        if not d.config.real_noise or d.real is None:
+            raise SystemExit(f"--require-real: {args.data} was built without the real noise clips or the real-speech "
+                             "test set; rebuild it where they are installed")
+    elif args.require_real:
         from rtl_plugin.speech import build_noisy_speech
         build_noisy_speech(cfg.data_config(), cache=cfg.cache, require_real=True)  # raises with the apt line
     t0 = time.perf_counter()
@@ -87,7 +93,7 @@ def main(argv=None) -> dict:
         print("real-speech test mixtures (recorded speech, unseen noise):")
         print(format_speech_table(res, "real"))
     if res.get("router"):
-        print(f"router accuracy (unseen noise sources): {json.dumps(res['router']['accuracy_by_test_set'])}")
+        print(f"router accuracy (unseen noise): {json.dumps(res['router']['accuracy_by_test_set'])}")
     print("targets (synthetic):", json.dumps(res["targets"]))
     print("targets (real speech):", json.dumps(res["targets_real"]))
     print(f"wall {res['benchmark_wall_s']} s -> {out}")

@@ -254,6 +254,8 @@ class CompositionClusters:
             raise DataError(f"n_clusters must be an int >= 2, got {n_clusters!r}.")
         if not _is_int(num_classes) or num_classes < 2:
             raise DataError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+        if not _is_int(seed) or seed < 0:
+            raise DataError(f"seed must be an int >= 0, got {seed!r}.")
         self.n_clusters, self.num_classes, self.seed = int(n_clusters), int(num_classes), int(seed)
         self.centers: np.ndarray | None = None
         self.assignment: torch.Tensor | None = None
@@ -278,14 +280,21 @@ class CompositionClusters:
         self.centers = km.cluster_centers_.astype(np.float64)
         self.assignment = torch.from_numpy(self.route_fractions(f))
         sizes = torch.bincount(self.assignment, minlength=self.n_clusters)
-        if int(sizes.min()) == 0:
-            raise DataError(f"a composition cluster is empty (sizes {sizes.tolist()}); lower n_clusters.")
+        if int(sizes.min()) < 2:  # a one-mosaic ticket cannot train (train-mode batch norm needs two samples)
+            raise DataError(f"a composition cluster holds fewer than 2 label maps (sizes {sizes.tolist()}); "
+                            "lower n_clusters or raise n_train.")
         return self
 
-    def route_fractions(self, f: np.ndarray) -> np.ndarray:
+    def route_fractions(self, f) -> np.ndarray:
+        """[N] nearest-centre ids of class-fraction rows ``f`` [N, num_classes] (numpy or CPU tensor)."""
         if self.centers is None:
             raise DataError("CompositionClusters is not fitted; call fit(train_labels) first.")
-        d = ((np.asarray(f, dtype=np.float64)[:, None, :] - self.centers[None]) ** 2).sum(-1)
+        if isinstance(f, torch.Tensor):
+            f = f.detach().cpu().numpy()
+        f = np.asarray(f, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.num_classes:
+            raise DataError(f"fractions must be [N, {self.num_classes}], got {tuple(f.shape)}.")
+        d = ((f[:, None, :] - self.centers[None]) ** 2).sum(-1)
         return d.argmin(1).astype(np.int64)
 
     def route(self, labels: torch.Tensor) -> torch.Tensor:
@@ -307,7 +316,7 @@ def soft_compose(ticket_logits: torch.Tensor, route_probs: torch.Tensor) -> torc
     """[N, C, H, W] class probabilities ``sum_k route_probs[:, k] * softmax(ticket k's logits)``: every pixel
     mixes the tickets by the router's probabilities instead of taking only its argmax ticket
     (``ticket_logits`` [K, N, C, H, W], ``route_probs`` [N, K, H, W], each pixel's K values summing to 1).
-    Label-free like the hard route; costs a pass per ticket present with nonzero weight."""
+    Label-free like the hard route; needs every ticket's logits (K passes)."""
     if not isinstance(ticket_logits, torch.Tensor) or ticket_logits.dim() != 5:
         raise DataError(f"ticket_logits must be [K, N, C, H, W], got "
                         f"{tuple(ticket_logits.shape) if isinstance(ticket_logits, torch.Tensor) else type(ticket_logits).__name__}.")
@@ -316,6 +325,9 @@ def soft_compose(ticket_logits: torch.Tensor, route_probs: torch.Tensor) -> torc
             or not route_probs.is_floating_point():
         raise DataError(f"route_probs must be a float tensor [N, K, H, W] = {(N, K, H, W)}, got "
                         f"{tuple(route_probs.shape) if isinstance(route_probs, torch.Tensor) else type(route_probs).__name__}.")
+    if route_probs.device != ticket_logits.device:
+        raise DataError(f"route_probs is on {route_probs.device} but ticket_logits on {ticket_logits.device}; "
+                        "move one of them.")
     if route_probs.numel() and (float(route_probs.min()) < 0
                                 or not torch.allclose(route_probs.sum(1), torch.ones((), device=route_probs.device),
                                                       atol=1e-4)):
@@ -507,8 +519,12 @@ def _validate(cfg: SegConfig) -> None:
     if cfg.partition == "composition" and cfg.ticket_loss == "router":
         raise DataError("ticket_loss='router' retrains on per-pixel routes; with partition='composition' every "
                         "ticket trains with plain CE on its mosaics: leave ticket_loss at its default.")
-    if cfg.n_clusters is not None and (not _is_int(cfg.n_clusters) or not 2 <= cfg.n_clusters <= cfg.n_train):
-        raise DataError(f"n_clusters must be None or an int in [2, n_train], got {cfg.n_clusters!r}.")
+    if cfg.n_clusters is not None and (not _is_int(cfg.n_clusters) or not 2 <= cfg.n_clusters <= cfg.n_train // 2):
+        raise DataError(f"n_clusters must be None or an int in [2, n_train // 2] (two mosaics per ticket at "
+                        f"least), got {cfg.n_clusters!r}.")
+    if cfg.n_clusters is not None and cfg.partition != "composition":
+        raise DataError("n_clusters sets the number of composition tickets; use it with partition='composition' "
+                        "(class tickets are one per class).")
     if "single_imp" not in cfg.methods:
         raise DataError("the label-free router is the single-IMP model; keep 'single_imp' in methods.")
     if "multi_imp" in cfg.methods and "rtl" not in cfg.methods:
@@ -525,7 +541,8 @@ def _predict(fn, images: torch.Tensor, bs: int) -> torch.Tensor:
 
 
 def run_segmentation(config: SegConfig | None = None) -> dict:
-    """Train and compare RTL (per-class tickets, pixel routing), single IMP and multi-model IMP.
+    """Train and compare RTL (per-class tickets with pixel routing, or composition tickets with image
+    routing: ``config.partition``), single IMP and multi-model IMP.
 
     Returns a dict with ``miou`` ({method: {routing: {sparsity: mIoU}}}, routing "oracle" / "label_free" (the
     single-IMP router) / "self" (label-free, the tickets' own one-vs-rest scores, :func:`self_routes`) /
@@ -608,7 +625,8 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
                                                {0: ce_step}, cfg, dev, calibration={0: single_loader.loader})
         probs = _ticket_logits(single, x_test, 1, bs)[0].softmax(1)  # [N, K, H, W]
         pred = probs.argmax(1)
-        router_probs[s] = probs
+        if clusters is None:  # "soft" routing rows (class tickets only)
+            router_probs[s] = probs
         if cfg.ticket_loss == "router":  # in eval mode, as at inference
             router_train[s] = _predict(lambda xb, sl: single(xb, route=0), train_x.to(dev), bs).cpu()
             router_train_acc[s] = round(float((router_train[s] == train.labels).float().mean()), 4)

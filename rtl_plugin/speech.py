@@ -398,6 +398,8 @@ def _real_noise(name: str, n: int, rng: np.random.Generator, part: str | None = 
             raise DataError(f"the noise clip {path} is empty")
         _CLIP_CACHE[key] = x
     x = _CLIP_CACHE[key]
+    if part not in (None, "train", "test"):
+        raise DataError(f"noise clip part must be 'train' or 'test', got {part!r} (source 'sp:{name}@{part}')")
     if part is not None:
         cut = int(round(TRAIN_PART * len(x)))
         x = x[:cut] if part == "train" else x[cut:]
@@ -496,6 +498,8 @@ class SpeechDataConfig:
         d["version"] = FORMAT_VERSION
         if d["noise_split"] == "types":
             del d["noise_split"]  # the default keeps the keys (and cache files) of datasets built before it
+        else:
+            d["train_part"] = TRAIN_PART
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -613,7 +617,10 @@ def load_noisy_speech(path: str | os.PathLike) -> SpeechData:
         raise CorruptFileError(f"{path} is a dataset file of format {meta.get('version')!r} without its configuration "
                                f"(this version reads format {FORMAT_VERSION}); re-save it with save_noisy_speech")
     c = meta["config"]
-    cfg = SpeechDataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()})
+    try:
+        cfg = SpeechDataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}).validate()
+    except (TypeError, DataError) as e:
+        raise CorruptFileError(f"{path} records a configuration this version cannot read ({e}); rebuild it") from e
     return _load(path, cfg)
 
 

@@ -17,6 +17,7 @@ noisy / enhanced / clean per environment, SI-SNRi vs sparsity).
 from __future__ import annotations
 
 import copy
+import warnings
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -125,6 +126,16 @@ def _load_or_build(cfg: SpeechConfig):
     want = cfg.data_config()
     diff = [f"{f}: file {getattr(data.config, f)!r} vs config {getattr(want, f)!r}" for f in _DATA_FIELDS
             if tuple(np.atleast_1d(getattr(data.config, f))) != tuple(np.atleast_1d(getattr(want, f)))]
+    have = data.config
+    if have.real_noise and not want.real_noise:
+        diff.append("real_noise: file True vs config False")
+    if want.real_noise and not have.real_noise:
+        warnings.warn(f"data_file {cfg.data_file!r} has no real noise clips (they were not installed where it was "
+                      "built); the results use synthetic noise only", stacklevel=3)
+    if cfg.real_test_per_env > 0 and have.real_corpora and have.real_test_per_env != want.real_test_per_env:
+        diff.append(f"real_test_per_env: file {have.real_test_per_env} vs config {want.real_test_per_env}")
+    if not set(have.real_corpora) <= set(want.real_corpora):
+        diff.append(f"real_corpora: file {list(have.real_corpora)} vs config {list(want.real_corpora)}")
     if diff:
         raise DataError(f"data_file {cfg.data_file!r} was built with other settings ({'; '.join(diff)}); "
                         "use the same SpeechConfig settings or save a matching dataset")
@@ -314,7 +325,7 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
                        "per_env_accuracy_by_test_set": {n: v["per_env_routing_accuracy"] for n, v in route_acc.items()},
                        "flops_per_clip": int(router.flops_per_sample(tuple(F["synthetic"].shape[1:]))),
                        "features": "mean and std over time of the log power spectrum (n_fft 512), [2, 257]"}
-        log(f"router learned: accuracy {acc:.3f} on test clips with unseen noise sources"
+        log(f"router learned: accuracy {acc:.3f} on test clips with unseen noise"
             + (f", {route_acc['real']['routing_accuracy']:.3f} on real-speech clips" if "real" in route_acc else ""))
 
     # ---- RTL joint retraining per target sparsity
@@ -485,7 +496,7 @@ def plot_speech(results, out_dir, x_te, c_te, e_te, enhanced, envs, cfg, name: s
             ax.set_ylabel("kHz", fontsize=7)
             ax.tick_params(labelsize=6)
     what = "recorded speech" if "real" in name else "synthetic speech"
-    fig.suptitle(f"test clips ({what}, unseen noise sources), sparsity {cfg.sparsities[len(cfg.sparsities) // 2]}",
+    fig.suptitle(f"test clips ({what}, unseen noise), sparsity {cfg.sparsities[len(cfg.sparsities) // 2]}",
                  fontsize=9)
     fig.tight_layout()
     p = out_dir / name

@@ -218,7 +218,9 @@ def test_pipeline_label_free_route_is_router_prediction(quick_result):
     (dict(per_ticket_state=1), DataError, "per_ticket_state"),
     (dict(partition="pixels"), DataError, "partition must be"),
     (dict(partition="composition", ticket_loss="router"), DataError, "per-pixel routes"),
-    (dict(n_clusters=1), DataError, "n_clusters"),
+    (dict(n_clusters=1, partition="composition"), DataError, "n_clusters"),
+    (dict(n_clusters=7, partition="composition"), DataError, r"n_train // 2"),
+    (dict(n_clusters=3), DataError, "partition='composition'"),
 ])
 def test_bad_config_raises(kw, err, text):
     with pytest.raises(err, match=text):
@@ -260,6 +262,13 @@ def test_composition_clusters_group_mosaics_by_their_classes():
         cc.route(ds.labels + 4)
     with pytest.raises(DataError, match="lower n_clusters"):
         CompositionClusters(8, 4).fit(ds.labels[:5])
+    with pytest.raises(DataError, match="fewer than 2"):  # 12 maps in 11 clusters: at least one singleton
+        CompositionClusters(11, 4).fit(ds.labels[:12])
+    with pytest.raises(DataError, match=r"fractions must be \[N, 4\]"):
+        cc.route_fractions(f[:, :3])
+    assert (cc.route_fractions(torch.from_numpy(f)) == cc.assignment.numpy()).all()
+    with pytest.raises(DataError, match="seed"):
+        CompositionClusters(4, 4, seed=-1)
 
 
 def test_composition_partition_pipeline_routes_whole_images():
@@ -290,6 +299,8 @@ def test_soft_compose_mixes_tickets_by_router_probabilities():
         soft_compose(logits, probs[:, :2])
     with pytest.raises(DataError, match="ticket_logits"):
         soft_compose(logits[0], probs)
+    with pytest.raises(DataError, match="move one of them"):
+        soft_compose(logits, probs.to("meta"))
 
 
 def test_mosaic_batches_never_yield_a_single_image():

@@ -353,6 +353,15 @@ def test_save_and_load_dataset_file_without_the_builder(tiny, tmp_path, monkeypa
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(rtl.CorruptFileError, match="unreadable"):
         load_noisy_speech(tmp_path / "bad.npz")
+    import json
+    with np.load(p, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["config"]["from_the_future"] = 1
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "future.npz", **arrays)
+    with pytest.raises(rtl.CorruptFileError, match="cannot read"):
+        load_noisy_speech(tmp_path / "future.npz")
 
 
 def test_run_speech_reads_a_data_file_and_checks_its_settings(tiny, tmp_path):
@@ -363,12 +372,18 @@ def test_run_speech_reads_a_data_file_and_checks_its_settings(tiny, tmp_path):
     cfg = SpeechConfig.quick(train_per_env=c.train_per_env, test_per_env=c.test_per_env,
                              train_utterances=c.train_utterances, test_utterances=c.test_utterances,
                              babble_utterances=c.babble_utterances, clip_seconds=c.clip_seconds,
-                             seed=c.seed, data_file=p)
+                             real_test_per_env=c.real_test_per_env, seed=c.seed, data_file=p)
     np.testing.assert_array_equal(_load_or_build(cfg).train.clean, tiny.train.clean)
+    if c.real_corpora:  # a file with a real-speech split of another size
+        with pytest.raises(rtl.DataError, match="real_test_per_env: file"):
+            _load_or_build(SpeechConfig.quick(**{**cfg.__dict__, "real_test_per_env": c.real_test_per_env + 1}))
     with pytest.raises(rtl.DataError, match="seed: file 3 vs config 4"):
         _load_or_build(SpeechConfig.quick(**{**cfg.__dict__, "seed": 4}))
     with pytest.raises(rtl.DataError, match="data_file must be"):
         SpeechConfig.quick(data_file=3).validate()
+    if tiny.config.real_noise:  # a file with real noise is not a synthetic-only dataset
+        with pytest.raises(rtl.DataError, match="real_noise: file True vs config False"):
+            _load_or_build(SpeechConfig.quick(**{**cfg.__dict__, "real_noise": False}))
 
 
 def test_instance_noise_split_uses_every_type_with_unseen_instances():
@@ -399,6 +414,7 @@ def test_instance_noise_split_uses_every_type_with_unseen_instances():
 
 
 def test_instance_split_real_clip_parts_do_not_overlap(monkeypatch):
+    """The train and test parts of a real clip are disjoint sample ranges; an unknown part is an error."""
     clip = np.arange(1000, dtype=np.float32)
     monkeypatch.setitem(speech._CLIP_CACHE, str(speech.Path(speech.SONIC_PI_DIR) / "fake.flac"), clip)
     rng = np.random.default_rng(0)
@@ -407,3 +423,5 @@ def test_instance_split_real_clip_parts_do_not_overlap(monkeypatch):
     te = speech._real_noise("fake", 5000, rng, "test")
     cut = int(round(speech.TRAIN_PART * 1000))
     assert set(np.abs(tr).astype(int)) <= set(range(cut)) and set(np.abs(te).astype(int)) <= set(range(cut, 1000))
+    with pytest.raises(rtl.DataError, match="part must be"):
+        speech._real_noise("fake", 10, rng, "tain")
