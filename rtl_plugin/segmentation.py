@@ -173,17 +173,20 @@ class MosaicBatches:
         self.images, self.labels, self.batch_size = images, labels, int(batch_size)
         self.generator = torch.Generator().manual_seed(int(seed))
 
-    def __len__(self) -> int:
+    def _sizes(self) -> list[int]:
         n, b = self.images.shape[0], self.batch_size
-        return math.ceil(n / b) - (1 if b > 1 and n > b and n % b == 1 else 0)
+        sizes = [b] * (n // b) + ([n % b] if n % b else [])
+        if b > 1 and len(sizes) > 1 and sizes[-1] == 1:
+            # a one-image batch breaks train-mode batch norm at the U-Net's 1x1 bottleneck: merge it
+            sizes[-2:] = [b + 1]
+        return sizes
+
+    def __len__(self) -> int:
+        return len(self._sizes())
 
     def __iter__(self):
         perm = torch.randperm(self.images.shape[0], generator=self.generator)
-        parts = list(perm.split(self.batch_size))
-        if self.batch_size > 1 and len(parts) > 1 and parts[-1].numel() == 1:
-            # a one-image batch breaks train-mode batch norm at the U-Net's 1x1 bottleneck: merge it
-            parts[-2:] = [torch.cat(parts[-2:])]
-        for idx in parts:
+        for idx in perm.split(self._sizes()):
             if self.routes is None:
                 yield self.images[idx], self.labels[idx]
             else:
@@ -656,12 +659,9 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
             # every ticket once over the test set; each routing composes these logits per pixel, which equals
             # routed(x, route=map) (tests/test_segmentation.py) without a second pass per routing
             stack = _ticket_logits(routed, x_test, KT, bs)
-            for routing, rmap in _routings(stack, y_test, router[s], clusters):
-                row("rtl", s, routing, compose_by_route(stack, rmap).argmax(1), tickets.union_count(),
-                    per_ticket_params=[int(v) for v in tickets.kept()])
-            if clusters is None:
-                row("rtl", s, "soft", soft_compose(stack, router_probs[s]).argmax(1), tickets.union_count(),
-                    per_ticket_params=[int(v) for v in tickets.kept()])
+            fixed = _fixed_routes(y_test, router[s], clusters)  # oracle / label-free, shared with multi-IMP
+            for routing, pred in _predictions(stack, fixed, router_probs.get(s)):
+                row("rtl", s, routing, pred, tickets.union_count(), per_ticket_params=[int(v) for v in tickets.kept()])
             routed.train()
             similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
                                "union": tickets.union_count(), "intersection": tickets.intersection_count()})
@@ -675,11 +675,8 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
                     routed.train()
                 wall["multi_imp"] = wall.get("multi_imp", 0.0) + time.perf_counter() - t
                 stack = torch.stack(logits_k)  # [KT, N, K, H, W]
-                for routing, rmap in _routings(stack, y_test, router[s], clusters):
-                    row("multi_imp", s, routing, compose_by_route(stack, rmap).argmax(1), int(tickets.kept().sum()))
-                if clusters is None:
-                    row("multi_imp", s, "soft", soft_compose(stack, router_probs[s]).argmax(1),
-                        int(tickets.kept().sum()))
+                for routing, pred in _predictions(stack, fixed, router_probs.get(s)):
+                    row("multi_imp", s, routing, pred, int(tickets.kept().sum()))
         n_rtl = routed.space.num_weights
 
     table: dict = {}
@@ -708,15 +705,26 @@ def run_segmentation(config: SegConfig | None = None) -> dict:
     }
 
 
-def _routings(stack: torch.Tensor, y_test: torch.Tensor, router_pred: torch.Tensor, clusters):
-    """``[(routing name, per-pixel ticket map [N, H, W])]`` for the RTL / multi-IMP rows: class tickets route
-    pixels by the true class (oracle), the router's class (label_free) or their own scores (self);
-    composition tickets route whole images by the cluster of their true or router-predicted composition."""
+def _fixed_routes(y_test: torch.Tensor, router_pred: torch.Tensor, clusters) -> list:
+    """``[("oracle" | "label_free", per-pixel ticket map [N, H, W])]``: class tickets route pixels by the true
+    or the router's class; composition tickets route whole images by the cluster of their true or
+    router-predicted composition."""
     if clusters is None:
-        return [("oracle", y_test), ("label_free", router_pred), ("self", self_routes(stack))]
+        return [("oracle", y_test), ("label_free", router_pred)]
     N, H, W = y_test.shape
     return [(name, clusters.route(labels).to(y_test.device)[:, None, None].expand(N, H, W))
             for name, labels in (("oracle", y_test), ("label_free", router_pred))]
+
+
+def _predictions(stack: torch.Tensor, fixed: list, router_probs: torch.Tensor | None) -> list:
+    """``[(routing name, predicted label map [N, H, W])]`` from every ticket's logits ``stack``: the
+    ``fixed`` routes, and for class tickets (``router_probs`` given) "self" (:func:`self_routes`) and "soft"
+    (:func:`soft_compose`)."""
+    out = [(name, compose_by_route(stack, rmap).argmax(1)) for name, rmap in fixed]
+    if router_probs is not None:
+        out.append(("self", compose_by_route(stack, self_routes(stack)).argmax(1)))
+        out.append(("soft", soft_compose(stack, router_probs).argmax(1)))
+    return out
 
 
 def _search(pruner, subsets, steps, cfg, opt_factory, dev):

@@ -429,8 +429,7 @@ def noise_sources(env: str, which: str, real_noise: bool = True, split: str = "t
             out += [f"sp:{n}" for n in REAL_NOISE_CLIPS[env][which]]
         return out
     synth = NOISE_SOURCES[env]["train"] + NOISE_SOURCES[env]["test"]
-    out = [("babble_" + which) if src.startswith("babble_") else src for src in dict.fromkeys(synth)]
-    out = list(dict.fromkeys(out))
+    out = list(dict.fromkeys(("babble_" + which) if src.startswith("babble_") else src for src in synth))
     if real_noise:
         out += [f"sp:{n}@{which}" for n in REAL_NOISE_CLIPS[env]["train"] + REAL_NOISE_CLIPS[env]["test"]]
     return out

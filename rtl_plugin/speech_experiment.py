@@ -17,9 +17,9 @@ noisy / enhanced / clean per environment, SI-SNRi vs sparsity).
 from __future__ import annotations
 
 import copy
-import warnings
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

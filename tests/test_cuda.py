@@ -28,24 +28,26 @@ def _exact_float32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-class TestCudaTimmResnet18(fam.TestTimmResnet18):
+class OnCuda:
+    """Mixin: a test_families family run on the GPU (float32 summation order differs from the CPU's)."""
     device = "cuda"
     tol = 1e-4
 
 
-class TestCudaTimmEfficientNetB0(fam.TestTimmEfficientNetB0):
-    device = "cuda"
-    tol = 1e-4
+class TestCudaTimmResnet18(OnCuda, fam.TestTimmResnet18):
+    pass
 
 
-class TestCudaSmpUnetResnet18(fam.TestSmpUnetResnet18):
-    device = "cuda"
-    tol = 1e-4
+class TestCudaTimmEfficientNetB0(OnCuda, fam.TestTimmEfficientNetB0):
+    pass
 
 
-class TestCudaAudioUNet(fam.TestAudioUNet):
-    device = "cuda"
-    tol = 1e-4
+class TestCudaSmpUnetResnet18(OnCuda, fam.TestSmpUnetResnet18):
+    pass
+
+
+class TestCudaAudioUNet(OnCuda, fam.TestAudioUNet):
+    pass
 
 
 @pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd_momentum_wd"])
