@@ -23,6 +23,12 @@ from pathlib import Path
 
 # config fields that do not change the numbers (where the run happened, how it printed)
 _RUN_ONLY = ("seed", "device", "progress", "verbose", "cache", "data_file", "figures")
+# fields added after some result files were written, with the value those files ran with
+_DEFAULTS = {"rtl_retrain": "sequential"}
+
+
+def _setting(config: dict) -> dict:
+    return {**_DEFAULTS, **{k: v for k, v in config.items() if k not in _RUN_ONLY}}
 
 
 def load_runs(pattern: str) -> list[dict]:
@@ -39,9 +45,9 @@ def load_runs(pattern: str) -> list[dict]:
     seeds = [r["config"]["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"the same seed appears twice ({seeds}); pass one file per seed")
-    ref = {k: v for k, v in runs[0]["config"].items() if k not in _RUN_ONLY}
+    ref = _setting(runs[0]["config"])
     for r in runs[1:]:
-        other = {k: v for k, v in r["config"].items() if k not in _RUN_ONLY}
+        other = _setting(r["config"])
         if other != ref:
             diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
             raise SystemExit(f"{r['_file']} differs from {runs[0]['_file']} in {diff}; aggregate runs of one "
@@ -78,7 +84,7 @@ def _value(run: dict, key: str, method: str, routing: str, sparsity: float) -> f
 
 def aggregate(runs: list[dict]) -> dict:
     out: dict = {"seeds": [r["config"]["seed"] for r in runs], "files": [r["_file"] for r in runs],
-                 "config": {k: v for k, v in runs[0]["config"].items() if k not in _RUN_ONLY}, "test_sets": {}}
+                 "config": _setting(runs[0]["config"]), "test_sets": {}}
     sps = [float(s) for s in runs[0]["config"]["sparsities"]]
     for key, name in (("rows", "synthetic"), ("rows_real", "real")):
         if not all(r.get(key) for r in runs):
@@ -109,7 +115,7 @@ def aggregate(runs: list[dict]) -> dict:
 
 def format_aggregate(agg: dict) -> str:
     lines = [f"seeds {agg['seeds']}  noise_split={agg['config'].get('noise_split')}  "
-             f"per_ticket_state={agg['config'].get('per_ticket_state')}  train_per_env={agg['config'].get('train_per_env')}"]
+             f"rtl_retrain={agg['config'].get('rtl_retrain')}  per_ticket_state={agg['config'].get('per_ticket_state')}  train_per_env={agg['config'].get('train_per_env')}"]
     for name, ts in agg["test_sets"].items():
         sps = list(next(v for k, v in ts["si_snri"].items() if not k.startswith("dense")))
         lines.append(f"== {name} speech: SI-SNRi dB, mean ± std over seeds")

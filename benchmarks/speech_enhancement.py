@@ -43,6 +43,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--require-real", action="store_true", help="fail when the real recordings are not installed")
     ap.add_argument("--shared-state", action="store_true",
                     help="RTL joint retraining with one Adam state shared by the tickets (default: one per ticket)")
+    ap.add_argument("--rtl-retrain", choices=("sequential", "mixed"), default="sequential",
+                    help="RTL retraining: the paper's K sequential single-ticket steps per batch index (sequential) "
+                         "or single IMP's shuffled all-environment batches with each clip routed to its ticket (mixed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="a dataset file written by speech.save_noisy_speech (for machines "
                                                  "without espeak-ng / sox, e.g. the GPU machine)")
@@ -63,6 +66,7 @@ def main(argv=None) -> dict:
                                 real_test_per_env=args.real_test_per_env).items() if v is not None}
     if args.no_real_noise:
         kw["real_noise"] = False
+    kw["rtl_retrain"] = args.rtl_retrain
     if args.shared_state:
         kw["per_ticket_state"] = False
     kw["noise_split"] = args.noise_split

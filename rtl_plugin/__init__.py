@@ -16,7 +16,7 @@ from .semantic import semantic_alignment, wordnet_similarity
 from .export import export_ticket, pruning_history
 from .deploy import SlimRoutedModel, export_onnx, export_package, load_package
 from .pruner import RTLPruner, SearchResult, TicketImportance
-from .training import joint_retrain
+from .training import joint_retrain, mixed_route_retrain
 from .norms import MaskedLayerNorm, RoutedBatchNorm
 from .routed import RoutedModel
 from .space import TicketSpace, build_space
@@ -37,7 +37,7 @@ def load(path, model, **kw):
 
 __all__ = [
     "Adapter", "CollapseMonitor", "CollapseWarning", "Sweep", "SweepPoint", "SweepRecorder", "semantic_alignment",
-    "wordnet_similarity", "diagnose_run", "Diagnosis", "RTLPruner", "SearchResult", "TicketImportance", "diagnose", "joint_retrain",
+    "wordnet_similarity", "diagnose_run", "Diagnosis", "RTLPruner", "SearchResult", "TicketImportance", "diagnose", "joint_retrain", "mixed_route_retrain",
     "ArchitectureMismatchError", "CorruptFileError", "DataError", "DistributedError", "FormatVersionError",
     "MaskedLayerNorm", "MissingDependencyError", "RTLError", "RouteError", "RoutedBatchNorm", "RoutedModel",
     "SpaceError", "SparsityError", "TicketError", "TicketSet", "TicketSpace", "UnsupportedLayerError",

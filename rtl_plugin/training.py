@@ -323,6 +323,82 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
     return history
 
 
+def mixed_route_retrain(routed, loader, *, optimizer: torch.optim.Optimizer, epochs: int = 1,
+                        train_step: TrainStep | None = None, loss_fn: Callable | None = None, device=None,
+                        progress: bool = True) -> dict:
+    """Stage 2 on mixed-route batches: every sample trains its own ticket, one optimizer step per batch.
+
+    ``loader`` yields ``(x, y, route)`` with ``route`` a LongTensor ``[B]`` of ticket ids in [0, K) (e.g. a
+    shuffled loader over the union of the tickets' data with each sample's context label). Per batch:
+    ``train_step(view, (x, y), optimizer)`` where ``view(x)`` is ``routed(x, route=route)`` (each ticket runs
+    once on its own samples), one backward, one ``optimizer.step()``: a weight shared by several tickets gets
+    the sum of its owners' gradients and ONE optimizer state (there is no per-ticket state here). So the
+    tickets see exactly the batches, order and step count of a single model trained on the shuffled union,
+    which makes the comparison with single-mask IMP differ only in the masks. ``joint_retrain`` is the
+    paper's schedule instead (K sequential single-ticket steps per batch index).
+
+    Guarantee: entries that no ticket owns (pruned everywhere, and in channel mode the biases / norm affine
+    of channels every ticket drops) are restored after every step, so they never change with any optimizer.
+    Returns ``{"loss": [mean loss per epoch], "steps": int}``.
+    """
+    from .routed import RoutedModel
+    if not isinstance(routed, RoutedModel):
+        raise TypeError(f"mixed_route_retrain() needs a RoutedModel, got {type(routed).__name__}.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer over routed.parameters(), got {type(optimizer).__name__}.")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise DataError(f"epochs must be an int >= 0, got {epochs!r}.")
+    if len(loader) == 0:
+        raise DataError("mixed_route_retrain got an empty loader; it needs at least one (x, y, route) batch.")
+    step = train_step or default_train_step(loss_fn)
+    K = routed.num_tickets
+    owned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for k in range(K):
+        for p, m in ticket_param_masks(routed, k):
+            prev = owned.get(id(p))
+            owned[id(p)] = (p, m if prev is None else prev[1] | m)
+    frozen = [(p, m) for p, m in owned.values() if not bool(m.all())]
+    buffers = [torch.empty_like(p.detach()) for p, _ in frozen]
+    history: dict = {"loss": [], "steps": 0}
+    bar = _progress(total=epochs * len(loader), desc="mixed-route retrain", enabled=progress)
+    was = routed.training
+    routed.train()
+    try:
+        for _ in range(epochs):
+            total, n = 0.0, 0
+            for batch in loader:
+                if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+                    raise DataError("mixed_route_retrain needs (x, y, route) batches; add each sample's ticket id "
+                                    "as a third tensor (e.g. TensorDataset(x, y, context)).")
+                x, y, route = _to_device(tuple(batch), device)
+                if not isinstance(route, torch.Tensor) or route.dim() != 1 or route.shape[0] != x.shape[0] \
+                        or route.dtype not in (torch.int64, torch.int32):
+                    raise DataError(f"route must be an integer tensor [B] with one ticket id per sample, got "
+                                    f"{getattr(route, 'shape', type(route))} for a batch of {x.shape[0]}.")
+                if bool((route < 0).any()) or bool((route >= K).any()):
+                    raise DataError(f"route holds ticket ids outside [0, {K}); the model has {K} tickets.")
+                route = route.long()
+                with torch.no_grad():
+                    for (p, _), buf in zip(frozen, buffers):
+                        buf.copy_(p.detach())
+                loss = step(lambda inp, route=route: routed(inp, route=route), (x, y), optimizer)
+                with torch.no_grad():
+                    for (p, m), before in zip(frozen, buffers):
+                        w = p.detach()
+                        torch.where(m, w, before, out=w)
+                if loss is not None and not math.isfinite(float(loss)):
+                    raise RTLError("non-finite loss in mixed-route retraining; lower the learning rate or check the data.")
+                total += float(loss or 0.0)
+                n += 1
+                history["steps"] += 1
+                bar.update(1)
+            history["loss"].append(total / max(n, 1))
+    finally:
+        bar.close()
+        routed.train(was)
+    return history
+
+
 def _retrain_config(routed, loaders, optimizer, per_ticket_state) -> dict:
     from .checkpoint import loaders_config, masks_sha256
     return {"kind": "joint_retrain", "fingerprint": routed.space.fingerprint, "granularity": routed.granularity,

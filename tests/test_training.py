@@ -568,3 +568,110 @@ def test_explicit_no_write_back_warns_when_unsafe(make_tiny, make_loader):
     with pytest.warns(UserWarning, match="masked-update guarantee"):
         joint_retrain(routed, {0: make_loader(1)}, optimizer=torch.optim.AdamW(routed.parameters(), weight_decay=0.1),
                       progress=False, write_back=False)
+
+
+# ----------------------------------------------------------------------------- mixed-route retraining
+
+
+def routed_loader(n_batches, K, batch_size=6, seed=0, route=None):
+    """``(x, y, route)`` batches; ``route`` fixed to one ticket id, or random ids in [0, K)."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_batches * batch_size
+    r = torch.full((n,), route) if route is not None else torch.randint(0, K, (n,), generator=g)
+    return DataLoader(TensorDataset(torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g), r),
+                      batch_size=batch_size)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "channel"])
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd_momentum_wd"])
+def test_mixed_route_retrain_never_moves_entries_no_ticket_owns(granularity, opt_name, make_tiny, make_grouped):
+    K = 2
+    routed = wrap(model_for(granularity, make_tiny, make_grouped), granularity, K=K)
+    before = snapshot(routed)
+    hist = training.mixed_route_retrain(routed, routed_loader(4, K), optimizer=OPTIMIZERS[opt_name](routed.parameters()),
+                                        epochs=2, progress=False)
+    assert hist["steps"] == 8 and len(hist["loss"]) == 2 and all(math.isfinite(v) for v in hist["loss"])
+    after = snapshot(routed)
+    owned = [owned_entries(routed, k) for k in range(K)]
+    n_unowned = moved_owned = n_owned = 0
+    for name in owned[0]:
+        m = (owned[0][name] | owned[1][name]).expand_as(before[name])
+        n_unowned += int((~m).sum())
+        assert torch.equal(before[name][~m], after[name][~m]), f"{name}: entries no ticket owns moved"
+        if before[name].dim() > 1:
+            moved_owned += int((before[name][m] != after[name][m]).sum())
+            n_owned += int(m.sum())
+    assert n_unowned > 0  # the check is not vacuous
+    assert moved_owned > 0.5 * n_owned
+
+
+def test_mixed_route_retrain_batch_of_one_route_trains_only_that_ticket(make_tiny):
+    routed = wrap(make_tiny(), "weight", K=3)
+    before = snapshot(routed)
+    training.mixed_route_retrain(routed, routed_loader(1, 3, route=1), epochs=1, progress=False,
+                                 optimizer=torch.optim.SGD(routed.parameters(), lr=0.1))
+    after = snapshot(routed)
+    own = owned_entries(routed, 1)
+    for name, m in own.items():
+        assert torch.equal(before[name][~m], after[name][~m]), f"{name}: a ticket-1 batch moved entries ticket 1 does not own"
+        assert int((before[name][m] != after[name][m]).sum()) > 0.5 * int(m.sum())
+
+
+class NoNormCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_mixed_route_retrain_with_identical_tickets_equals_single_model_training():
+    """Same masks for every ticket: the mixed-route steps are exactly a single masked model's steps on the same
+    batches (no normalisation layer, whose per-route statistics would legitimately differ)."""
+    def make():
+        torch.manual_seed(0)
+        return NoNormCNN()
+    K = 3
+    routed = rtl.wrap(make(), K, example_inputs=EX, adapter="generic", output_layers=["head"])
+    one = rtl.TicketSet.random(routed.space, 1, keep=0.5, seed=3)
+    routed.set_tickets(rtl.TicketSet(routed.space, {n: m.expand(K, *m.shape[1:]).clone() for n, m in one.masks.items()}))
+    single = rtl.wrap(make(), 1, example_inputs=EX, adapter="generic", output_layers=["head"])
+    single.set_tickets(one)
+    loader = routed_loader(5, K, seed=4)
+    training.mixed_route_retrain(routed, loader, epochs=1, progress=False,
+                                 optimizer=torch.optim.SGD(routed.parameters(), lr=0.05, momentum=0.9))
+    opt = torch.optim.SGD(single.parameters(), lr=0.05, momentum=0.9)
+    step = default_train_step()
+    for x, y, _ in loader:
+        step(lambda inp: single(inp, route=0), (x, y), opt)
+    a, b = snapshot(routed), snapshot(single)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(a["conv1.weight"], make().conv1.weight.detach())  # it trained
+
+
+def test_mixed_route_retrain_rejects_bad_batches(make_tiny, make_loader):
+    routed = wrap(make_tiny(), "weight", K=3)
+    opt = torch.optim.SGD(routed.parameters(), lr=0.1)
+    with pytest.raises(rtl.DataError, match="third tensor"):
+        training.mixed_route_retrain(routed, make_loader(2), optimizer=opt, progress=False)
+    bad_ids = routed_loader(1, 3, route=3)
+    with pytest.raises(rtl.DataError, match="outside"):
+        training.mixed_route_retrain(routed, bad_ids, optimizer=opt, progress=False)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    with pytest.raises(rtl.DataError, match="one ticket id per sample"):
+        training.mixed_route_retrain(routed, [(x, y, torch.zeros(3, dtype=torch.long))], optimizer=opt, progress=False)
+    with pytest.raises(rtl.DataError, match="one ticket id per sample"):
+        training.mixed_route_retrain(routed, [(x, y, torch.zeros(4))], optimizer=opt, progress=False)
+    with pytest.raises(rtl.DataError, match="epochs"):
+        training.mixed_route_retrain(routed, routed_loader(1, 3), optimizer=opt, epochs=-1, progress=False)
+    with pytest.raises(rtl.DataError, match="empty"):
+        training.mixed_route_retrain(routed, [], optimizer=opt, progress=False)
+    with pytest.raises(TypeError, match="RoutedModel"):
+        training.mixed_route_retrain(make_tiny(), routed_loader(1, 3), optimizer=opt, progress=False)
+    with pytest.raises(TypeError, match="optimizer"):
+        training.mixed_route_retrain(routed, routed_loader(1, 3), optimizer=None, progress=False)
