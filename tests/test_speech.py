@@ -364,6 +364,23 @@ def test_save_and_load_dataset_file_without_the_builder(tiny, tmp_path, monkeypa
         load_noisy_speech(tmp_path / "future.npz")
 
 
+def test_mixed_route_retraining_runs_and_differs_from_the_sequential_schedule(tmp_path):
+    _need_tools()
+    from rtl_plugin.speech_experiment import SpeechConfig, run_speech
+    kw = dict(sparsities=(0.5,), cache=str(tmp_path / "cache"), **TINY, batch_size=6, baselines=(), router=False,
+              figures=False)
+    got = {}
+    for mode in ("sequential", "mixed"):
+        res = run_speech(SpeechConfig.quick(rtl_retrain=mode, **kw), tmp_path / mode)
+        assert res["config"]["rtl_retrain"] == mode
+        (row,) = res["rows"]
+        assert (row["method"], row["routing"]) == ("rtl", "context") and math.isfinite(row["metrics"]["si_snri"])
+        got[mode] = row["metrics"]["si_snri"]
+    assert got["mixed"] != got["sequential"]  # same data, θ0 and masks: only the schedule differs
+    with pytest.raises(rtl.DataError, match="rtl_retrain"):
+        run_speech(SpeechConfig.quick(rtl_retrain="summed"), tmp_path / "x")
+
+
 def test_run_speech_reads_a_data_file_and_checks_its_settings(tiny, tmp_path):
     from rtl_plugin.speech import save_noisy_speech
     from rtl_plugin.speech_experiment import SpeechConfig, _load_or_build
