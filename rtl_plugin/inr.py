@@ -342,38 +342,17 @@ def summed_retrain(routed, feats: torch.Tensor, rgb: torch.Tensor, regions: torc
     all pixels, one backward, one ``optimizer.step()``: a shared weight gets the sum of its owners' gradients
     (pixel-weighted), a weight outside every ticket gets zero gradient. Returns the loss per epoch.
 
-    Guarantee (as ``joint_retrain``'s masked updates): entries that no ticket owns never change; with a
-    plain Adam / SGD without weight decay that follows from their zero gradient and zero optimizer state;
-    they are also restored explicitly after every step, so any optimizer is safe.
+    This is :func:`training.mixed_route_retrain` with the whole image as one batch. Guarantee: entries that
+    no ticket owns never change (restored after every step, so any optimizer is safe).
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise DataError(f"epochs must be an int >= 0, got {epochs!r}.")
     if regions.dim() != 1 or regions.shape[0] != feats.shape[0] or rgb.shape[0] != feats.shape[0]:
         raise DataError(f"features {tuple(feats.shape)}, rgb {tuple(rgb.shape)} and regions {tuple(regions.shape)} "
                         "must have one row per pixel.")
-    masks = routed.tickets.element_masks()
-    union = [(routed._weight_params[n], masks[n].any(0)) for n in routed.space.layers]
-    frozen = [(p, m, p.detach().clone()) for p, m in union if not bool(m.all())]
-    was = routed.training
-    routed.train()
-    losses = []
-    try:
-        for _ in range(epochs):
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.mse_loss(routed(feats, route=regions), rgb)
-            value = float(loss.detach())
-            if not math.isfinite(value):  # before the step: the weights stay as they were
-                raise DataError("non-finite loss in summed retraining; lower the learning rate.")
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for p, m, before in frozen:
-                    w = p.detach()
-                    torch.where(m, w, before, out=w)
-            losses.append(value)
-    finally:
-        routed.train(was)
-    return losses
+    from .training import mixed_route_retrain
+    return mixed_route_retrain(routed, [(feats, rgb, regions)], optimizer=optimizer, epochs=epochs,
+                               loss_fn=F.mse_loss, progress=False)["loss"]
 
 
 def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = None,
