@@ -54,7 +54,8 @@ class SpeechConfig:
     per_ticket_state: bool = True        # RTL joint retraining: one Adam state per ticket, or one shared (False)
     # RTL retraining schedule: "sequential" (the paper: per batch index K single-ticket steps, joint_retrain)
     # or "mixed" (shuffled batches over all environments as single IMP's, each clip routed to its environment's
-    # ticket, one step per batch, one Adam state: mixed_route_retrain; RTL and single IMP then differ in the masks)
+    # ticket, one step per batch, one Adam state: mixed_route_retrain; RTL and single IMP then differ in the masks;
+    # per_ticket_state does not apply)
     rtl_retrain: str = "sequential"
     batch_size: int = 8
     lr: float = 3e-3
@@ -235,7 +236,7 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     all_loader = loader(torch.arange(len(x_tr)), 999)
 
     def mixed_loader():
-        """All training clips with their environment as the route, in all_loader's shuffled order."""
+        """All training clips with their environment as the route, shuffled (a fresh generator per sparsity)."""
         g = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
         return DataLoader(TensorDataset(x_tr, c_tr, e_tr), batch_size=cfg.batch_size, shuffle=True, generator=g)
     M = max(len(dl) for dl in loaders.values())
