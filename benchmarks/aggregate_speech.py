@@ -7,9 +7,8 @@ of every method / routing, and the issue's three comparisons as **paired** diffe
 methods of one seed share the data, θ0 and the ticket search): RTL (context routing) − single IMP, RTL −
 multi-model IMP (targets: >= 0) and learned router − oracle routing (target: >= -0.2 dB), each with its
 mean, a two-sided 95% confidence interval of the mean (Student t over seeds) and in how many seeds the
-target holds. Files must be one
-setting (they may differ only in the seed and in where / how verbosely they ran). ``--json OUT`` also
-writes the aggregate.
+target holds. Files must be one setting (they may differ only in the seed and in where / how verbosely
+they ran). ``--json OUT`` also writes the aggregate.
 """
 from __future__ import annotations
 

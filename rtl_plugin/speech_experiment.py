@@ -199,7 +199,7 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     from .baselines import CyclicLoader
     from .integrations.audio import AudioUNet, si_snr_improvement
     from .pruner import RTLPruner
-    from .training import joint_retrain, mixed_route_retrain, retrain_tickets
+    from .training import joint_retrain, retrain_tickets
     from torch.utils.data import DataLoader, TensorDataset
 
     cfg = (config if config is not None else SpeechConfig())
@@ -346,18 +346,12 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     for s in cfg.sparsities:
         tickets = search.tickets_at[s]
         if cfg.rtl_retrain == "mixed":
-            routed.model.load_state_dict(theta0)
-            routed.set_tickets(tickets)
-            t = time.perf_counter()
-            mixed_route_retrain(routed, CyclicLoader(mixed_loader(), budget),
-                                optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr), epochs=cfg.retrain_epochs,
-                                train_step=step, device=dev, progress=cfg.progress)
-            wall["joint_retrain"] += time.perf_counter() - t
-            routed.eval()
+            retrain_data, extra = CyclicLoader(mixed_loader(), budget), {}
         else:
-            wall["joint_retrain"] += retrain_tickets(routed, theta0, tickets, loaders, lr=cfg.lr,
-                                                     epochs=cfg.retrain_epochs, train_step=step, device=dev,
-                                                     progress=cfg.progress, per_ticket_state=cfg.per_ticket_state)
+            retrain_data, extra = loaders, {"per_ticket_state": cfg.per_ticket_state}
+        wall["joint_retrain"] += retrain_tickets(routed, theta0, tickets, retrain_data, lr=cfg.lr, epochs=cfg.retrain_epochs,
+                                                 schedule=cfg.rtl_retrain, train_step=step, device=dev,
+                                                 progress=cfg.progress, **extra)
         from .diagnostics import mean_offdiagonal
         sim.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
                     "union": int(tickets.union_count())})

@@ -161,14 +161,19 @@ def write_back_needed(routed, optimizers: Sequence[torch.optim.Optimizer], per_t
 class MaskedUpdate:
     """Context for one ticket's step: snapshots what ticket k does not own and writes it back after the step."""
 
-    def __init__(self, routed, ticket: int, buffers: dict | None = None, *, write_back: bool = True):
+    def __init__(self, routed, ticket: int | None, buffers: dict | None = None, *, write_back: bool = True,
+                 owned: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
         """``buffers``: a dict shared by several MaskedUpdates (one per ticket) to reuse one snapshot buffer per
         parameter instead of allocating a copy of every weight at every step. ``write_back=False`` makes the
-        context a no-op, for steps :func:`write_back_needed` proved cannot touch entries outside the ticket."""
+        context a no-op, for steps :func:`write_back_needed` proved cannot touch entries outside the ticket.
+        ``owned``: the ``[(parameter, mask)]`` entries the step may change, instead of ticket ``ticket``'s
+        (e.g. :func:`union_param_masks` for a step that trains every ticket)."""
         self.routed = routed
         self.ticket = ticket
         self.write_back = bool(write_back)
-        self._pairs = ticket_param_masks(routed, ticket) if self.write_back else []
+        if owned is None and ticket is None:
+            raise TicketError("MaskedUpdate needs a ticket id or the owned=[(parameter, mask)] entries.")
+        self._pairs = (owned if owned is not None else ticket_param_masks(routed, ticket)) if self.write_back else []
         self._buffers = {} if buffers is None else buffers
         self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -211,6 +216,17 @@ def ticket_param_masks(routed, ticket: int) -> list[tuple[torch.Tensor, torch.Te
                     pairs.append((p, out[ticket]))
                     seen.add(id(p))
     return pairs
+
+
+def union_param_masks(routed) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(parameter, bool mask)]``: the entries at least one ticket owns, for parameters some entries of
+    which no ticket owns (the OR over tickets of :func:`ticket_param_masks`)."""
+    owned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for k in range(routed.num_tickets):
+        for p, m in ticket_param_masks(routed, k):
+            prev = owned.get(id(p))
+            owned[id(p)] = (p, m if prev is None else prev[1] | m)
+    return [(p, m) for p, m in owned.values() if not bool(m.all())]
 
 
 def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: int = 1,
@@ -352,13 +368,7 @@ def mixed_route_retrain(routed, loader, *, optimizer: torch.optim.Optimizer, epo
         raise DataError("mixed_route_retrain got an empty loader; it needs at least one (x, y, route) batch.")
     step = train_step or default_train_step(loss_fn)
     K = routed.num_tickets
-    owned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for k in range(K):
-        for p, m in ticket_param_masks(routed, k):
-            prev = owned.get(id(p))
-            owned[id(p)] = (p, m if prev is None else prev[1] | m)
-    frozen = [(p, m) for p, m in owned.values() if not bool(m.all())]
-    buffers = [torch.empty_like(p.detach()) for p, _ in frozen]
+    guard = MaskedUpdate(routed, None, owned=union_param_masks(routed))
     history: dict = {"loss": [], "steps": 0}
     bar = _progress(total=epochs * len(loader), desc="mixed-route retrain", enabled=progress)
     was = routed.training
@@ -378,14 +388,8 @@ def mixed_route_retrain(routed, loader, *, optimizer: torch.optim.Optimizer, epo
                 if bool((route < 0).any()) or bool((route >= K).any()):
                     raise DataError(f"route holds ticket ids outside [0, {K}); the model has {K} tickets.")
                 route = route.long()
-                with torch.no_grad():
-                    for (p, _), buf in zip(frozen, buffers):
-                        buf.copy_(p.detach())
-                loss = step(lambda inp, route=route: routed(inp, route=route), (x, y), optimizer)
-                with torch.no_grad():
-                    for (p, m), before in zip(frozen, buffers):
-                        w = p.detach()
-                        torch.where(m, w, before, out=w)
+                with guard:
+                    loss = step(lambda inp, route=route: routed(inp, route=route), (x, y), optimizer)
                 if loss is not None and not math.isfinite(float(loss)):
                     raise RTLError("non-finite loss in mixed-route retraining; lower the learning rate or check the data.")
                 total += float(loss or 0.0)
@@ -462,15 +466,21 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled or not is_main_process(), leave=False, dynamic_ncols=True)
 
 
-def retrain_tickets(routed, theta: dict, tickets, subsets, *, lr: float, epochs: int, **kw) -> float:
+def retrain_tickets(routed, theta: dict, tickets, data, *, lr: float, epochs: int, schedule: str = "sequential",
+                    **kw) -> float:
     """Rewind ``routed`` to the weights ``theta``, set ``tickets``, jointly retrain them with a fresh Adam(``lr``)
     for ``epochs`` and leave the model in eval mode; returns the retraining wall time in seconds.
-    ``kw`` goes to :func:`joint_retrain` (train_step, device, progress, ...)."""
+    ``schedule="sequential"``: :func:`joint_retrain` on ``data`` = ``{ticket: DataLoader}``; ``"mixed"``:
+    :func:`mixed_route_retrain` on ``data`` = a loader of ``(x, y, route)``. ``kw`` goes to that function
+    (train_step, device, progress, ...)."""
     import time
+    retrain = {"sequential": joint_retrain, "mixed": mixed_route_retrain}.get(schedule)
+    if retrain is None:
+        raise DataError(f"schedule must be 'sequential' or 'mixed', got {schedule!r}.")
     routed.model.load_state_dict(theta)
     routed.set_tickets(tickets)
     t = time.perf_counter()
-    joint_retrain(routed, subsets, optimizer=torch.optim.Adam(routed.parameters(), lr=lr), epochs=epochs, **kw)
+    retrain(routed, data, optimizer=torch.optim.Adam(routed.parameters(), lr=lr), epochs=epochs, **kw)
     seconds = time.perf_counter() - t
     routed.eval()
     return seconds

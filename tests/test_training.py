@@ -675,3 +675,18 @@ def test_mixed_route_retrain_rejects_bad_batches(make_tiny, make_loader):
         training.mixed_route_retrain(make_tiny(), routed_loader(1, 3), optimizer=opt, progress=False)
     with pytest.raises(TypeError, match="optimizer"):
         training.mixed_route_retrain(routed, routed_loader(1, 3), optimizer=None, progress=False)
+
+
+def test_retrain_tickets_mixed_schedule_and_bad_names(make_tiny):
+    routed = wrap(make_tiny(), "weight", K=3)
+    theta = {k: v.clone() for k, v in routed.model.state_dict().items()}
+    tickets = routed.tickets
+    training.retrain_tickets(routed, theta, tickets, routed_loader(2, 3), lr=1e-2, epochs=1, schedule="mixed",
+                             progress=False)
+    assert not routed.training  # left in eval mode
+    moved = routed.model.state_dict()["conv1.weight"]
+    assert not torch.equal(moved, theta["conv1.weight"])
+    with pytest.raises(rtl.DataError, match="schedule"):
+        training.retrain_tickets(routed, theta, tickets, routed_loader(1, 3), lr=1e-2, epochs=1, schedule="summed")
+    with pytest.raises(rtl.TicketError, match="ticket id or the owned"):
+        MaskedUpdate(routed, None)
