@@ -1,7 +1,7 @@
 """Collapse sweep: which label-free signals warn ahead of RTL's quality drop, and does CollapseMonitor fire in time?
 
 For each seed, on the Fashion-MNIST one-vs-rest class-ticket task of ``fashion_detectors.py`` (same model,
-data, θ0, schedule), the ticket search runs with ``order="round"`` and a :class:`rtl_plugin.sweep.SweepRecorder`
+data, θ0, schedule), the ticket search runs with ``order="round"`` and a :class:`rtl_plugin.diagnostics.sweep.SweepRecorder`
 (probe: unlabeled test images; metric: each trained ticket's detector balanced accuracy, labels used for the
 evaluation only). Then the tickets at every target sparsity are jointly retrained and scored (the paper's
 macro detector balanced accuracy, run-all): that is the ground truth "metric vs sparsity".
@@ -32,13 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rtl_plugin as rtl  # noqa: E402
 from fashion_detectors import K, load_data, log, machine_info, model_factory  # noqa: E402
-from rtl_plugin.collapse import CollapseMonitor  # noqa: E402
-from rtl_plugin.detectors import detector_scores, detector_train_step, one_vs_rest_loaders  # noqa: E402
-from rtl_plugin.io import atomic_write_json  # noqa: E402
-from rtl_plugin.metrics import detector_metrics  # noqa: E402
-from rtl_plugin.pruner import RTLPruner  # noqa: E402
-from rtl_plugin.sweep import Sweep, SweepRecorder  # noqa: E402
-from rtl_plugin.training import joint_retrain  # noqa: E402
+from rtl_plugin.diagnostics.collapse import CollapseMonitor  # noqa: E402
+from rtl_plugin.tasks.classification.detectors import detector_scores, detector_train_step, one_vs_rest_loaders  # noqa: E402
+from rtl_plugin.persist.io import atomic_write_json  # noqa: E402
+from rtl_plugin.tasks.metrics import detector_metrics  # noqa: E402
+from rtl_plugin.pruning.pruner import RTLPruner  # noqa: E402
+from rtl_plugin.diagnostics.sweep import Sweep, SweepRecorder  # noqa: E402
+from rtl_plugin.training.retrain import joint_retrain  # noqa: E402
 
 SIGNALS = ("mean_jaccard", "band_jaccard.deep", "band_jaccard.middle", "band_density.deep", "min_layer_density",
            "pruned_output_similarity",

@@ -14,7 +14,7 @@ number of sample presentations:
   is exactly RTL's per-ticket search from the same θ0, so its masks are reused), each retrained alone;
 * ``dense`` (reference): the unpruned multilabel model with the same retraining budget.
 
-Metrics (``rtl_plugin.metrics.detector_metrics`` on the whole test set): the paper's macro detector
+Metrics (``rtl_plugin.tasks.metrics.detector_metrics`` on the whole test set): the paper's macro detector
 balanced accuracy / precision / recall at threshold 0 on logits, threshold-free macro ROC AUC, and the
 label-free 10-way accuracy of the argmax over the 10 detector scores (run-all routing for RTL and
 multi; the argmax of the single model's outputs). Parameters: prunable weights kept (RTL = union of
@@ -45,14 +45,14 @@ import torch
 import torch.nn as nn
 
 import rtl_plugin as rtl
-from rtl_plugin.baselines import CyclicLoader
-from rtl_plugin.datasets import load_fashion_mnist
-from rtl_plugin.detectors import detector_scores, detector_train_step, multilabel_train_step, one_vs_rest_loaders
-from rtl_plugin.io import atomic_write_json
-from rtl_plugin.metrics import detector_metrics
-from rtl_plugin.pruner import RTLPruner
+from rtl_plugin.comparison.baselines import CyclicLoader
+from rtl_plugin.tasks.classification.data import load_fashion_mnist
+from rtl_plugin.tasks.classification.detectors import detector_scores, detector_train_step, multilabel_train_step, one_vs_rest_loaders
+from rtl_plugin.persist.io import atomic_write_json
+from rtl_plugin.tasks.metrics import detector_metrics
+from rtl_plugin.pruning.pruner import RTLPruner
 from rtl_plugin.tickets import TicketSet
-from rtl_plugin.training import joint_retrain
+from rtl_plugin.training.retrain import joint_retrain
 
 K = 10
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530

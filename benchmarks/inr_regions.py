@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch initialises 
 import torch  # noqa: E402
 
 from rtl_plugin.errors import MissingDependencyError  # noqa: E402
-from rtl_plugin.inr import INRConfig, run_inr  # noqa: E402
+from rtl_plugin.tasks.inr import INRConfig, run_inr  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,7 +52,7 @@ def _task_names(spec: str, n_mosaics: int) -> list[str]:
 
 def _task(name: str, args, fig_dir: Path, kw: dict):
     """``(config, image or None, regions or None)`` for one task name."""
-    from rtl_plugin.images import load_nuclei, load_quokka, make_fashion_canvas
+    from rtl_plugin.tasks.images import load_nuclei, load_quokka, make_fashion_canvas
     base = dict(size=args.size, figures_dir=str(fig_dir), **kw)
     if name.startswith("mosaic") and name[6:].isdigit():
         return INRConfig(n_regions=args.regions, image_seed=int(name[6:]), **base), None, None

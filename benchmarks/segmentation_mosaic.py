@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch initialises 
 
 import torch  # noqa: E402
 
-from rtl_plugin.segmentation import ENCODERS, SegConfig, run_segmentation  # noqa: E402
+from rtl_plugin.tasks.segmentation import ENCODERS, SegConfig, run_segmentation  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--retrain-epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--ticket-loss", choices=("balanced", "plain", "router"), default="balanced",
-                    help="RTL / multi-IMP ticket loss (see rtl_plugin.segmentation)")
+                    help="RTL / multi-IMP ticket loss (see rtl_plugin.tasks.segmentation)")
     ap.add_argument("--shared-state", action="store_true",
                     help="RTL joint retraining with one Adam state shared by the tickets (default: one per ticket)")
     ap.add_argument("--seed", type=int, default=0)

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rtl_plugin as rtl  # noqa: E402
 from fashion_detectors import K, load_data, log, machine_info, model_factory  # noqa: E402
-from rtl_plugin.detectors import detector_train_step, one_vs_rest_loaders  # noqa: E402
-from rtl_plugin.io import atomic_write_json  # noqa: E402
-from rtl_plugin.semantic import FASHION_MNIST_NOUNS, semantic_alignment, wordnet_similarity  # noqa: E402
+from rtl_plugin.tasks.classification.detectors import detector_train_step, one_vs_rest_loaders  # noqa: E402
+from rtl_plugin.persist.io import atomic_write_json  # noqa: E402
+from rtl_plugin.diagnostics.semantic import FASHION_MNIST_NOUNS, semantic_alignment, wordnet_similarity  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch initialises 
 
 import torch  # noqa: E402
 
-from rtl_plugin.speech_experiment import SpeechConfig, format_speech_table, run_speech  # noqa: E402
+from rtl_plugin.tasks.speech.runner import SpeechConfig, format_speech_table, run_speech  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,13 +75,13 @@ def main(argv=None) -> dict:
     kw.update(seed=args.seed, device=args.device, progress=args.progress, verbose=True)
     cfg = SpeechConfig.quick(**kw) if args.quick else SpeechConfig(**kw)
     if args.require_real and args.data:
-        from rtl_plugin.speech import load_noisy_speech
+        from rtl_plugin.tasks.speech.data import load_noisy_speech
         d = load_noisy_speech(args.data)
         if not d.config.real_noise or d.real is None:
             raise SystemExit(f"--require-real: {args.data} was built without the real noise clips or the real-speech "
                              "test set; rebuild it where they are installed")
     elif args.require_real:
-        from rtl_plugin.speech import build_noisy_speech
+        from rtl_plugin.tasks.speech.data import build_noisy_speech
         build_noisy_speech(cfg.data_config(), cache=cfg.cache, require_real=True)  # raises with the apt line
     t0 = time.perf_counter()
     res = run_speech(cfg, out.parent / out.stem)
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     res["benchmark_wall_s"] = round(time.perf_counter() - t0, 1)
     res["threads"] = args.threads
     out.parent.mkdir(parents=True, exist_ok=True)
-    from rtl_plugin.io import atomic_write_json
+    from rtl_plugin.persist.io import atomic_write_json
     atomic_write_json(out, res)
     print("synthetic-speech test mixtures (mean SI-SNRi dB / params):")
     print(format_speech_table(res))

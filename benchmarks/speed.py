@@ -49,11 +49,11 @@ import torch.nn as nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import rtl_plugin as rtl  # noqa: E402
-from rtl_plugin.deploy import export_package, load_package, package_size  # noqa: E402
-from rtl_plugin.io import atomic_write_json  # noqa: E402
+from rtl_plugin.persist.package import export_package, load_package, package_size  # noqa: E402
+from rtl_plugin.persist.io import atomic_write_json  # noqa: E402
 from rtl_plugin.routed import run_bucketed  # noqa: E402
-from rtl_plugin.pruner import RTLPruner  # noqa: E402
-from rtl_plugin.training import default_train_step, joint_retrain  # noqa: E402
+from rtl_plugin.pruning.pruner import RTLPruner  # noqa: E402
+from rtl_plugin.training.retrain import default_train_step, joint_retrain  # noqa: E402
 
 REQUIRED = ("routed_weight_vs_dense", "routed_channel50_vs_dense", "routed_channel75_vs_dense",
             "joint_retrain_vs_dense", "ticket_search_vs_single_imp", "storage_vs_k_dense", "peak_memory_vs_dense")

@@ -1,47 +1,37 @@
 """rtl-plugin: Routing the Lottery for Torch-Pruning.
 
-K sparse tickets over one shared set of weights, each input (or pixel) routed to its ticket.
+K sparse tickets over one shared set of weights, each input (or pixel) routed to its ticket. The top level holds
+what a plugin user imports; subpackages hold one concept each (pruning, training, routing, diagnostics, persist,
+comparison); task pipelines live in ``rtl_plugin.tasks`` and are never imported from here.
 """
-__version__ = "0.1.0"
+from rtl_plugin._version import __version__
+from rtl_plugin import _deprecated
+from rtl_plugin.adapters import Adapter, create_adapter, detect_adapter, list_adapters, register_adapter
+from rtl_plugin.diagnostics import (CollapseMonitor, CollapseWarning, Diagnosis, Sweep, SweepPoint, SweepRecorder,
+                                    diagnose, semantic_alignment, wordnet_similarity)
+from rtl_plugin.diagnostics.report import diagnose_run
+from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, DataError, DistributedError,
+                               FormatVersionError, MissingDependencyError, RouteError, RTLError, SpaceError,
+                               SparsityError, TicketError, UnsupportedLayerError)
+from rtl_plugin.norms import MaskedLayerNorm, RoutedBatchNorm
+from rtl_plugin.persist import (SlimRoutedModel, export_onnx, export_package, export_ticket, load, load_package,
+                                pruning_history)
+from rtl_plugin.pruning import RTLPruner, SearchResult, TicketImportance
+from rtl_plugin.routed import RoutedModel
+from rtl_plugin.space import TicketSpace, build_space
+from rtl_plugin.tickets import TicketSet
+from rtl_plugin.training import joint_retrain, mixed_route_retrain
+from rtl_plugin.wrapping import wrap
 
-from .adapters import Adapter, create_adapter, detect_adapter, list_adapters, register_adapter
-from .api import wrap
-from .errors import (ArchitectureMismatchError, CorruptFileError, DataError, DistributedError, FormatVersionError,
-                     MissingDependencyError, RouteError, RTLError, SpaceError, SparsityError, TicketError,
-                     UnsupportedLayerError)
-from .diagnostics import Diagnosis, diagnose
-from .collapse import CollapseMonitor, CollapseWarning
-from .sweep import Sweep, SweepPoint, SweepRecorder
-from .semantic import semantic_alignment, wordnet_similarity
-from .export import export_ticket, pruning_history
-from .deploy import SlimRoutedModel, export_onnx, export_package, load_package
-from .pruner import RTLPruner, SearchResult, TicketImportance
-from .training import joint_retrain, mixed_route_retrain
-from .norms import MaskedLayerNorm, RoutedBatchNorm
-from .routed import RoutedModel
-from .space import TicketSpace, build_space
-from .tickets import TicketSet
-
-
-def diagnose_run(run_dir, **kw):
-    """Collapse diagnostics of a run folder: figures, report.md / report.html (see ``rtl_plugin.report``)."""
-    from .report import diagnose_run as _diagnose_run
-    return _diagnose_run(run_dir, **kw)
-
-
-def load(path, model, **kw):
-    """Load a saved RoutedModel into a fresh ``model`` of the same architecture (see ``rtl_plugin.io``)."""
-    from .io import load as _load
-    return _load(path, model, **kw)
-
+_deprecated.install()
 
 __all__ = [
-    "Adapter", "CollapseMonitor", "CollapseWarning", "Sweep", "SweepPoint", "SweepRecorder", "semantic_alignment",
-    "wordnet_similarity", "diagnose_run", "Diagnosis", "RTLPruner", "SearchResult", "TicketImportance", "diagnose", "joint_retrain", "mixed_route_retrain",
-    "ArchitectureMismatchError", "CorruptFileError", "DataError", "DistributedError", "FormatVersionError",
-    "MaskedLayerNorm", "MissingDependencyError", "RTLError", "RouteError", "RoutedBatchNorm", "RoutedModel",
-    "SpaceError", "SparsityError", "TicketError", "TicketSet", "TicketSpace", "UnsupportedLayerError",
-    "build_space", "create_adapter", "detect_adapter", "export_ticket", "list_adapters", "load",
-    "pruning_history", "register_adapter", "wrap", "SlimRoutedModel", "export_onnx", "export_package",
-    "load_package",
+    "Adapter", "ArchitectureMismatchError", "CollapseMonitor", "CollapseWarning", "CorruptFileError", "DataError",
+    "Diagnosis", "DistributedError", "FormatVersionError", "MaskedLayerNorm", "MissingDependencyError", "RTLError",
+    "RTLPruner", "RouteError", "RoutedBatchNorm", "RoutedModel", "SearchResult", "SlimRoutedModel", "SpaceError",
+    "SparsityError", "Sweep", "SweepPoint", "SweepRecorder", "TicketError", "TicketImportance", "TicketSet",
+    "TicketSpace", "UnsupportedLayerError", "build_space", "create_adapter", "detect_adapter", "diagnose",
+    "diagnose_run", "export_onnx", "export_package", "export_ticket", "joint_retrain", "list_adapters", "load",
+    "load_package", "mixed_route_retrain", "pruning_history", "register_adapter", "semantic_alignment", "wrap",
+    "wordnet_similarity",
 ]

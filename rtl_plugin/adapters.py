@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import _tp
-from .errors import SpaceError
-from .registry import Registry
+from rtl_plugin import _tp
+from rtl_plugin.errors import SpaceError
+from rtl_plugin.registry import Registry
 
 _FAMILY_MODULES = ("timm", "smp", "audio")
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import RTLError
+from rtl_plugin.errors import RTLError
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -55,8 +55,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
 
 
 def _run(args, *, demo: bool, _replica: bool = False) -> int:
-    from .distributed import is_main_process, local_device
-    from .experiment import ClassificationConfig, format_table, run_classification
+    from rtl_plugin.training.distributed import is_main_process, local_device
+    from rtl_plugin.tasks.classification.runner import ClassificationConfig, format_table, run_classification
     args.device = local_device(args.device)  # torchrun: --device cuda means this rank's GPU
     if not is_main_process() and not _replica:
         return _run_replica(args, demo=demo)
@@ -137,7 +137,7 @@ def _model_from_spec(spec: str, num_classes: int):
 
 
 def _info(args) -> int:
-    from .api import resolve_adapter, wrap
+    from rtl_plugin.wrapping import resolve_adapter, wrap
     model = _model_from_spec(args.model, args.num_classes)
     routed = wrap(model, 1, granularity=args.granularity)
     ad = resolve_adapter(model)
@@ -150,7 +150,7 @@ def _info(args) -> int:
 
 
 def _diagnose(args) -> int:
-    from .report import diagnose_run
+    from rtl_plugin.diagnostics.report import diagnose_run
     S = None
     if args.class_similarity:
         f = Path(args.class_similarity)
@@ -168,10 +168,10 @@ def _diagnose(args) -> int:
 
 def _export(args) -> int:
     """Package one sparsity of a run folder: slim tickets (channel mode) or shared weights + masks, a router."""
-    from . import load
-    from .datasets import load_domains
-    from .deploy import export_package
-    from .experiment import make_model_factory
+    from rtl_plugin import load
+    from rtl_plugin.tasks.classification.data import load_domains
+    from rtl_plugin.persist.package import export_package
+    from rtl_plugin.tasks.classification.runner import make_model_factory
     run = Path(args.run)
     res_file = run / "results.json"
     if not res_file.is_file():
@@ -197,7 +197,7 @@ def _export(args) -> int:
     routed.eval()
     router = None
     if args.router != "none":
-        from .routers import create_router
+        from rtl_plugin.routing.routers import create_router
         part = cfg.get("partition", "domain")
         if part not in ("domain", "class"):
             raise RTLError(f"--router needs the run's ticket ids; this run's partition is {part!r} (only 'domain' "
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .distributed import init_from_env, shutdown
+    from rtl_plugin.training.distributed import init_from_env, shutdown
     owns_group = False
     try:
         if args.cmd in ("demo", "prune"):  # under torchrun: join the process group (nccl on CUDA, else gloo)

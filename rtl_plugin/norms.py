@@ -12,7 +12,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .errors import RouteError
+from rtl_plugin.errors import RouteError
 
 
 class RouteState:

@@ -21,12 +21,12 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from . import _tp
-from .errors import ArchitectureMismatchError, RouteError, TicketError
-from .norms import (MaskedLayerNorm, RoutedBatchNorm, RouteState, require_route, layer_norm_channel_dim,
+from rtl_plugin import _tp
+from rtl_plugin.errors import ArchitectureMismatchError, RouteError, TicketError
+from rtl_plugin.norms import (MaskedLayerNorm, RoutedBatchNorm, RouteState, require_route, layer_norm_channel_dim,
                     split_by_route)
-from .space import TicketSpace, architecture_fingerprint
-from .tickets import TicketSet
+from rtl_plugin.space import TicketSpace, architecture_fingerprint
+from rtl_plugin.tickets import TicketSet
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -400,7 +400,7 @@ class RoutedModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence (see io.py)
     def save(self, path, **kw):
-        from .io import save
+        from rtl_plugin.persist.io import save
         return save(self, path, **kw)
 
 

@@ -20,8 +20,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from . import _tp
-from .errors import SpaceError, UnsupportedLayerError
+from rtl_plugin import _tp
+from rtl_plugin.errors import SpaceError, UnsupportedLayerError
 
 GRANULARITIES = ("weight", "channel")
 

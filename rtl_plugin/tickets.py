@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import TicketError
-from .space import TicketSpace
+from rtl_plugin.errors import TicketError
+from rtl_plugin.space import TicketSpace
 
 
 def pair_counts(masks: list[torch.Tensor], K: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rtl_plugin as rtl  # noqa: E402
-from rtl_plugin.pruner import RTLPruner  # noqa: E402
-from rtl_plugin.training import default_train_step, joint_retrain, ticket_param_masks  # noqa: E402
+from rtl_plugin.pruning.pruner import RTLPruner  # noqa: E402
+from rtl_plugin.training.retrain import default_train_step, joint_retrain, ticket_param_masks  # noqa: E402
 from _helpers import TinyCNN  # noqa: E402
 
 EX = torch.zeros(1, 3, 8, 8, dtype=torch.float64)
@@ -143,8 +143,8 @@ def nan_shard_check() -> str:
 
 def shard_check() -> dict:
     """Indices each rank gets from a sharded shuffling DataLoader (2 epochs) and from a sliced wrapper."""
-    from rtl_plugin.baselines import CyclicLoader
-    from rtl_plugin.distributed import shard_loader
+    from rtl_plugin.comparison.baselines import CyclicLoader
+    from rtl_plugin.training.distributed import shard_loader
     dl = DataLoader(TensorDataset(torch.arange(10)), batch_size=4, shuffle=True,
                     generator=torch.Generator().manual_seed(5))
     sharded = shard_loader(dl)
@@ -187,7 +187,7 @@ def cli_check(rank: int, out: Path) -> None:
     import io
     import json
     import torch.distributed as dist
-    import rtl_plugin.experiment as ex
+    import rtl_plugin.tasks.classification.runner as ex
     from rtl_plugin import cli
 
     def fake_run(cfg, run_out):

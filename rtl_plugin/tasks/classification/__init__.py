@@ -1,0 +1,1 @@
+"""Image classification: offline domains (digits, MNIST, LFW, Fashion-MNIST), the runner and one-vs-rest detectors."""

@@ -1,0 +1,605 @@
+"""Region-routed implicit neural representation (the paper's §4 image-fitting experiment).
+
+An INR maps Fourier features of a pixel's (x, y) position to its RGB colour: ``INRMLP`` 34→128→128→128→128→3
+(ReLU, 53,888 weights, all prunable). RTL finds one ticket per image region (pixels of region k are ticket
+k's subset) and routes every pixel to its region's ticket; the single-mask IMP baseline gets the region as
+an extra input through a learned embedding (as in the paper). ``run_inr(config)`` compares RTL, single IMP
+and the dense model (optionally K independent models, "multi_imp") from the same θ0 with the same number of
+pixel presentations and returns PSNRs. Measured results: ``benchmarks/RESULTS.md`` §5.
+
+Per-pixel routing cost: pixels are batch items, so ``routed(features [N, 34], route=region_ids [N])``
+buckets the batch by ticket (one argsort + index_select) and runs each ticket present in the batch once
+with its masked weights: R forward passes of the MLP over disjoint pixel subsets (R = distinct regions in
+the batch), i.e. the same multiply-adds as one dense pass over N pixels, plus the gather/scatter.
+``run_inr`` measures it (``results["routing_cost"]``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from rtl_plugin.errors import DataError, RouteError, SparsityError
+from rtl_plugin.training.retrain import apply_loss
+
+# --------------------------------------------------------------------------- encoding and model
+
+
+def pixel_coords(height: int, width: int) -> torch.Tensor:
+    """Pixel centres in row-major order: [H*W, 2] float32, columns (x, y) in [0, 1]."""
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+            raise DataError(f"{name} must be an int >= 2 (pixels), got {v!r}.")
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    return torch.stack([xs.reshape(-1), ys.reshape(-1)], 1)
+
+
+class FourierFeatures(nn.Module):
+    """Gaussian random Fourier features of 2-D positions (Tancik et al. 2020), raw coordinates kept.
+
+    ``gamma(v) = [v, sin(2π B v), cos(2π B v)]`` with ``B`` [F, 2] drawn once from N(0, scale²) (a fixed
+    buffer, reproducible from ``seed``). With F = 16 frequencies the encoding is 2 + 2·16 = 34-d, the
+    paper's input size.
+
+    Args:
+        num_frequencies: F >= 1.
+        scale: standard deviation of the frequencies in cycles per unit of v (v in [0, 1]).
+        seed: draws ``B``.
+    Shapes: input [N, 2] (x, y in [0, 1]); output [N, 2 + 2F].
+    """
+
+    def __init__(self, num_frequencies: int = 16, scale: float = 6.0, seed: int = 0):
+        super().__init__()
+        if not isinstance(num_frequencies, int) or isinstance(num_frequencies, bool) or num_frequencies < 1:
+            raise DataError(f"num_frequencies must be an int >= 1, got {num_frequencies!r}.")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+            raise DataError(f"scale must be a positive number (cycles per unit), got {scale!r}.")
+        g = torch.Generator().manual_seed(int(seed))
+        self.register_buffer("B", torch.randn(num_frequencies, 2, generator=g) * float(scale))
+        self.num_frequencies = num_frequencies
+        self.scale = float(scale)
+
+    @property
+    def out_features(self) -> int:
+        return 2 + 2 * self.num_frequencies
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        if not isinstance(coords, torch.Tensor) or coords.dim() != 2 or coords.shape[1] != 2:
+            shape = tuple(coords.shape) if isinstance(coords, torch.Tensor) else type(coords).__name__
+            raise DataError(f"coords must be a tensor [N, 2] of (x, y) positions, got {shape}; "
+                            "build them with pixel_coords(H, W).")
+        if not coords.is_floating_point():
+            raise DataError(f"coords must be floating point, got {coords.dtype}.")
+        proj = 2 * math.pi * coords @ self.B.to(coords.dtype).t()
+        return torch.cat([coords, torch.sin(proj), torch.cos(proj)], 1)
+
+    def extra_repr(self) -> str:
+        return f"num_frequencies={self.num_frequencies}, scale={self.scale}, out_features={self.out_features}"
+
+
+class INRMLP(nn.Sequential):
+    """MLP ``in_features → hidden x depth → out_features`` with ReLU (default 34→128→128→128→128→3).
+
+    Shapes: input [N, in_features] (encoded positions), output [N, out_features] (RGB, unbounded; clamp to
+    [0, 1] for display and PSNR).
+    """
+
+    def __init__(self, in_features: int = 34, hidden: int = 128, depth: int = 4, out_features: int = 3):
+        for name, v, lo in (("in_features", in_features, 1), ("hidden", hidden, 1), ("depth", depth, 1),
+                            ("out_features", out_features, 1)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise DataError(f"{name} must be an int >= {lo}, got {v!r}.")
+        layers: list[nn.Module] = []
+        d = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(d, hidden), nn.ReLU()]
+            d = hidden
+        layers.append(nn.Linear(d, out_features))
+        super().__init__(*layers)
+        self.in_features, self.out_features = in_features, out_features
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """PSNR in dB of ``pred`` (clamped to [0, 1]) against ``target`` in [0, 1], same shape: 10·log10(1 / MSE)."""
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor) or pred.shape != target.shape:
+        raise DataError(f"pred and target must be tensors of the same shape, got "
+                        f"{getattr(pred, 'shape', type(pred).__name__)} and {getattr(target, 'shape', type(target).__name__)}.")
+    if pred.numel() == 0:
+        raise DataError("psnr of an empty tensor is undefined; pass at least one pixel.")
+    mse = float(F.mse_loss(pred.detach().float().clamp(0, 1), target.detach().float()))
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+# --------------------------------------------------------------------------- loaders and steps
+
+
+class PixelBatches:
+    """Full-batch loader: yields ``(features, rgb)`` (and the region ids with ``with_region``) once per epoch.
+
+    An INR sees every pixel of its subset at every step (``len() == 1``), so one epoch = one optimizer step.
+    """
+
+    def __init__(self, *tensors: torch.Tensor):
+        if not tensors or any(t.shape[0] != tensors[0].shape[0] for t in tensors) or tensors[0].shape[0] == 0:
+            raise DataError("PixelBatches needs non-empty tensors with the same first dimension.")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        yield self.tensors
+
+
+class MixedPixelBatches:
+    """Single-model batches with RTL's budget: per epoch, all N pixels shuffled and split into ``n_batches``
+    batches of ``(features, rgb, region)`` (RTL's joint retraining makes K steps over K regions per epoch)."""
+
+    def __init__(self, feats: torch.Tensor, rgb: torch.Tensor, region: torch.Tensor, n_batches: int, seed: int = 0):
+        if n_batches < 1 or n_batches > feats.shape[0]:
+            raise DataError(f"n_batches must be in [1, {feats.shape[0]}], got {n_batches}.")
+        self.feats, self.rgb, self.region = feats, rgb, region
+        self.n_batches = int(n_batches)
+        self._gen = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        perm = torch.randperm(self.feats.shape[0], generator=self._gen).to(self.feats.device)
+        for idx in perm.chunk(self.n_batches):
+            yield self.feats[idx], self.rgb[idx], self.region[idx]
+
+
+def mse_step(model: nn.Module, batch, optimizer) -> float:
+    """Train step for ``(features [N, D], rgb [N, 3])`` batches: MSE, backward, optimizer step."""
+    x, y = batch[0], batch[1]
+    optimizer.zero_grad(set_to_none=True)
+    return apply_loss(F.mse_loss(model(x), y), optimizer)
+
+
+def context_mse_step(model: nn.Module, batch, optimizer) -> float:
+    """Train step for ``(features, rgb, region)`` batches and a model called as ``model(features, region)``."""
+    x, y, ctx = batch[0], batch[1], batch[2]
+    optimizer.zero_grad(set_to_none=True)
+    return apply_loss(F.mse_loss(model(x, ctx), y), optimizer)
+
+
+def region_subsets(feats: torch.Tensor, rgb: torch.Tensor, regions: torch.Tensor) -> dict[int, PixelBatches]:
+    """``{k: PixelBatches(features of region k, rgb of region k)}`` for k = 0..K-1 (ids must be 0..K-1)."""
+    if regions.dim() != 1 or regions.shape[0] != feats.shape[0] or rgb.shape[0] != feats.shape[0]:
+        raise DataError(f"features {tuple(feats.shape)}, rgb {tuple(rgb.shape)} and regions {tuple(regions.shape)} "
+                        "must have one row per pixel.")
+    K = int(regions.max()) + 1
+    out = {}
+    for k in range(K):
+        idx = (regions == k).nonzero().flatten()
+        if idx.numel() == 0:
+            raise DataError(f"region {k} has no pixel; region ids must be 0..K-1 with every id present.")
+        out[k] = PixelBatches(feats[idx], rgb[idx])
+    return out
+
+
+# --------------------------------------------------------------------------- the experiment
+
+
+@dataclass
+class INRConfig:
+    """Settings of one region-routed INR run (defaults: the benchmark's 64x64, 4-region mosaic).
+
+    Budget (pixel presentations are equal for every method): ticket search trains each ticket
+    ``search_steps`` full-batch steps on its region per pruning round (rewinding to θ0 every round); joint
+    retraining runs ``retrain_steps`` epochs (K steps, one per region). The single-mask models (single IMP
+    and the dense model, which gets one retraining's budget) see all N pixels ``search_steps`` /
+    ``retrain_steps`` times, split per epoch into ``single_batches``: "full" (one full-batch step per epoch:
+    as many steps as each RTL ticket gets, the paper-style INR setting) or "per_region" (K batches of N/K
+    shuffled pixels: as many optimizer steps as all RTL tickets together).
+    """
+    size: int = 64
+    n_regions: int = 4
+    image_seed: int = 0
+    seed: int = 0                        # θ0 and Fourier frequencies
+    num_frequencies: int = 16            # 2 + 2·16 = 34 input features
+    fourier_scale: float = 6.0
+    hidden: int = 128
+    depth: int = 4
+    embed_dim: int = 8                   # single IMP / dense: learned region embedding size
+    single_batches: str = "full"         # "full" | "per_region" (see the class docstring)
+    retrain_mode: str = "sequential_shared"  # RTL joint retraining: "sequential_shared" | "sequential" |
+                                             # "summed" (see RETRAIN_MODES)
+    sparsities: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+    prune_fraction: float = 0.5
+    search_steps: int = 150
+    retrain_steps: int = 300
+    lr: float = 1e-3                     # Adam (the paper: 1e-2 over 10,000 steps; at our 150/300-step budget
+                                         # 1e-2 made RTL's PSNR jump non-monotonically across sparsities)
+    methods: tuple[str, ...] = ("rtl", "single_imp", "dense")  # + "multi_imp": K independent models
+    figures_dir: str | None = None
+    image_name: str | None = None        # label of a user image (results and figure file name)
+    figure_sparsities: tuple[float, ...] = (0.5, 0.75, 0.9)
+    cache_dir: str | None = None
+    device: str = "cpu"
+    progress: bool = False
+
+    @classmethod
+    def quick(cls, **kw) -> "INRConfig":
+        """A seconds-long setting for tests and notebooks (24x24 mosaic, 3 regions, narrow MLP)."""
+        base = dict(size=24, n_regions=3, hidden=32, sparsities=(0.5, 0.75), search_steps=8, retrain_steps=15,
+                    lr=1e-2, figure_sparsities=(0.5, 0.75))
+        base.update(kw)
+        return cls(**base)
+
+
+_METHODS = ("rtl", "single_imp", "dense", "multi_imp")
+
+#: How RTL's tickets are retrained jointly (stage 2), all with the same pixel presentations per epoch:
+#:
+#: * ``"sequential_shared"`` (default): the paper's stage 2: per epoch K sequential optimizer steps, step k
+#:   on region k's pixels with the update restricted to ticket k (``joint_retrain(per_ticket_state=False)``:
+#:   weights ticket k does not own are restored after its step), ONE Adam optimizer for all tickets (the
+#:   paper runs one Adam; it never mentions per-ticket state).
+#: * ``"sequential"``: the same K sequential masked steps with one Adam state PER TICKET (``joint_retrain``'s
+#:   default; what this module used before).
+#: * ``"summed"``: per epoch ONE optimizer step on all pixels, each routed to its ticket
+#:   (``routed(features, route=region)``, one MSE over the image, one backward): a weight's gradient is the
+#:   sum of the gradients of the tickets that own it (a ticket that does not own a weight multiplies it by
+#:   0 in its forward, so it contributes no gradient); weights no ticket owns get zero gradient and, with
+#:   Adam without weight decay, never move. As many optimizer steps as single IMP's full-batch steps.
+#:
+#: Why not ``"sequential"`` (measured, RESULTS.md §5): with per-ticket Adam state each ticket's update of a
+#: shared weight is normalised by that ticket's own gradient history, so every ticket moves the shared
+#: weights (86-91% of a ticket at 25% sparsity) by about ``lr`` per step in its own direction: K
+#: uncoordinated full-size steps per epoch that fight, and denser tickets (more sharing) fit worse. One
+#: shared Adam state normalises a shared weight by the gradients of all its owners and its momentum
+#: averages them. ``"summed"`` removes the fight too, with K times fewer optimizer steps (as many as
+#: single IMP's full-batch steps); on this step-limited budget it fits less than ``"sequential_shared"``.
+RETRAIN_MODES = ("summed", "sequential", "sequential_shared")
+
+
+def _validate_config(cfg: INRConfig) -> None:
+    from rtl_plugin.pruning.pruner import validate_sparsities
+    if not isinstance(cfg, INRConfig):
+        raise DataError(f"run_inr needs an INRConfig, got {type(cfg).__name__}; e.g. run_inr(INRConfig.quick()).")
+    for name in ("search_steps", "retrain_steps", "embed_dim"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise DataError(f"{name} must be an int >= 1, got {v!r}.")
+    if not isinstance(cfg.lr, (int, float)) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise DataError(f"lr must be a positive number, got {cfg.lr!r}.")
+    sps = validate_sparsities(cfg.sparsities)
+    if sps[0] <= 0:
+        raise SparsityError(f"sparsities must be > 0 (the dense model is reported separately), got {sps}.")
+    bad = [f for f in cfg.figure_sparsities if f not in sps]
+    if bad:
+        raise SparsityError(f"figure_sparsities {bad} are not in sparsities {sps}; pick from those.")
+    if cfg.retrain_mode not in RETRAIN_MODES:
+        raise DataError(f"retrain_mode must be one of {RETRAIN_MODES} (see inr.RETRAIN_MODES), got {cfg.retrain_mode!r}.")
+    if cfg.single_batches not in ("full", "per_region"):
+        raise DataError(f"single_batches must be 'full' (one full-batch step per epoch) or 'per_region' (K steps "
+                        f"of N/K pixels per epoch), got {cfg.single_batches!r}.")
+    unknown = [m for m in cfg.methods if m not in _METHODS]
+    if unknown or not cfg.methods:
+        raise DataError(f"methods must be a non-empty subset of {_METHODS}, got {tuple(cfg.methods)}.")
+    if "multi_imp" in cfg.methods and "rtl" not in cfg.methods:
+        raise DataError("multi_imp reuses RTL's ticket search (per-subset IMP masks); add 'rtl' to methods.")
+
+
+def _context_model(cfg: INRConfig, base_state: dict, K: int) -> nn.Module:
+    """Single-model INR with a learned region embedding; θ0 copied from the RTL model where shapes overlap
+    (every hidden layer, and the first layer's columns for the 34 position features)."""
+    from rtl_plugin.comparison.baselines import ContextInputModel
+    torch.manual_seed(cfg.seed + 1)
+    base = INRMLP(2 + 2 * cfg.num_frequencies + cfg.embed_dim, cfg.hidden, cfg.depth)
+    sd = base.state_dict()
+    with torch.no_grad():
+        for k, v in base_state.items():
+            if sd[k].shape == v.shape:
+                sd[k].copy_(v)
+            else:  # first layer: position columns from θ0, embedding columns freshly initialised
+                sd[k][:, :v.shape[1]].copy_(v)
+    base.load_state_dict(sd)
+    return ContextInputModel(base, K, embed_dim=cfg.embed_dim)
+
+
+@torch.no_grad()
+def _routing_cost(routed, plain: nn.Module, feats: torch.Tensor, regions: torch.Tensor, reps: int = 5) -> dict:
+    """Forward passes and wall time of one routed evaluation over all pixels vs one dense pass."""
+    calls = []
+    first = routed.model[0]
+    h = first.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        routed(feats, route=regions)
+    finally:
+        h.remove()
+
+    def timeit(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2] * 1e3
+
+    routed_ms = timeit(lambda: routed(feats, route=regions))
+    dense_ms = timeit(lambda: plain(feats))
+    return {"pixels": int(feats.shape[0]), "regions_present": int(regions.unique().numel()),
+            "forward_passes": len(calls), "pixels_per_pass": calls, "routed_forward_ms": round(routed_ms, 3),
+            "dense_forward_ms": round(dense_ms, 3), "ratio": round(routed_ms / max(dense_ms, 1e-9), 3)}
+
+
+def summed_retrain(routed, feats: torch.Tensor, rgb: torch.Tensor, regions: torch.Tensor, *,
+                   optimizer: torch.optim.Optimizer, epochs: int) -> list[float]:
+    """Joint retraining of all tickets, one optimizer step per epoch on every pixel routed to its ticket.
+
+    ``routed(feats, route=regions)`` runs each ticket once over its own pixels (masked weights), one MSE over
+    all pixels, one backward, one ``optimizer.step()``: a shared weight gets the sum of its owners' gradients
+    (pixel-weighted), a weight outside every ticket gets zero gradient. Returns the loss per epoch.
+
+    This is :func:`training.mixed_route_retrain` with the whole image as one batch. Guarantee: entries that
+    no ticket owns never change (restored after every step, so any optimizer is safe).
+    """
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise DataError(f"epochs must be an int >= 0, got {epochs!r}.")
+    if regions.dim() != 1 or regions.shape[0] != feats.shape[0] or rgb.shape[0] != feats.shape[0]:
+        raise DataError(f"features {tuple(feats.shape)}, rgb {tuple(rgb.shape)} and regions {tuple(regions.shape)} "
+                        "must have one row per pixel.")
+    from rtl_plugin.training.retrain import mixed_route_retrain
+    return mixed_route_retrain(routed, [(feats, rgb, regions)], optimizer=optimizer, epochs=epochs,
+                               loss_fn=F.mse_loss, progress=False)["loss"]
+
+
+def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = None,
+            regions: torch.Tensor | None = None) -> dict:
+    """Fit one image with RTL (one ticket per region), single IMP (region embedding input) and a dense model.
+
+    Args:
+        config: an :class:`INRConfig` (default: the benchmark setting).
+        image: optional RGB image [3, H, W] in [0, 1]; default ``make_mosaic(image_seed, n_regions, size)``.
+        regions: its region map [H, W] (int, ids 0..K-1, every id present); required with ``image``.
+    Returns:
+        dict with ``psnr`` ({"rtl": {sparsity: dB}, "single_imp": {...}, "dense": dB, "multi_imp": {...} when
+        asked}), ``rows`` (method,
+        sparsity, psnr, per-region psnr, kept weights), ``similarity`` (mean ticket Jaccard), ``routing_cost``,
+        ``wall_time_s``, ``figures`` (paths, when ``figures_dir`` is set), image info, the config, and
+        ``reconstructions`` ({(method, sparsity): image [3, H, W] in [0, 1]}; tuple keys: drop it before
+        ``json.dump``).
+    """
+    from rtl_plugin import wrap
+    from rtl_plugin.comparison.baselines import CyclicLoader
+    from rtl_plugin.diagnostics.similarity import mean_offdiagonal
+    from rtl_plugin.pruning.pruner import RTLPruner
+    from rtl_plugin.training.retrain import joint_retrain, retrain_tickets
+
+    cfg = INRConfig() if config is None else config
+    _validate_config(cfg)
+    t_start = time.perf_counter()
+    dev = torch.device(cfg.device)
+    sources = None
+    if image is None:
+        if regions is not None:
+            raise DataError("regions= was given without image=; pass both or neither.")
+        from rtl_plugin.tasks.images import make_mosaic
+        image, regions, sources = make_mosaic(cfg.image_seed, cfg.n_regions, cfg.size, cache_dir=cfg.cache_dir,
+                                              return_sources=True)
+    else:
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise DataError(f"image must be a float tensor [3, H, W] in [0, 1], got "
+                            f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}.")
+        if not bool(torch.isfinite(image).all()) or float(image.min()) < 0 or float(image.max()) > 1:
+            raise DataError("image values must be finite and in [0, 1]; scale it (e.g. uint8 / 255).")
+        if not isinstance(regions, torch.Tensor) or regions.shape != image.shape[1:]:
+            raise RouteError(f"regions must be an integer tensor [H, W] matching the image {tuple(image.shape[1:])}, "
+                             f"got {tuple(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__}.")
+        if regions.is_floating_point() or regions.dtype == torch.bool:
+            raise RouteError(f"regions must have an integer dtype, got {regions.dtype}; use regions.long().")
+        ids = regions.unique()
+        if int(ids.min()) < 0 or ids.tolist() != list(range(int(ids.max()) + 1)):
+            raise RouteError(f"region ids must be 0..K-1 with every id present, got {ids.tolist()}.")
+    regions = regions.long()
+    H, W = image.shape[1:]
+    K = int(regions.max()) + 1
+    torch.manual_seed(cfg.seed)
+    enc = FourierFeatures(cfg.num_frequencies, cfg.fourier_scale, seed=cfg.seed)
+    feats = enc(pixel_coords(H, W)).to(dev)
+    rgb = image.permute(1, 2, 0).reshape(-1, 3).to(dev)
+    reg = regions.reshape(-1).to(dev)
+    subsets = region_subsets(feats, rgb, reg)
+    sps = sorted(float(s) for s in cfg.sparsities)
+    opt_factory = lambda params: torch.optim.Adam(params, lr=cfg.lr)  # noqa: E731
+    rows: list[dict] = []
+    recon: dict[tuple[str, float], torch.Tensor] = {}
+    similarity: list[dict] = []
+    wall: dict[str, float] = {}
+
+    torch.manual_seed(cfg.seed)
+    mlp = INRMLP(feats.shape[1], cfg.hidden, cfg.depth).to(dev)
+    theta0_mlp = copy.deepcopy(mlp.state_dict())
+
+    def evaluate(fn) -> tuple[float, list[float], torch.Tensor]:
+        with torch.no_grad():
+            out = fn().float().clamp(0, 1)
+        per = [psnr(out[reg == k], rgb[reg == k]) for k in range(K)]
+        return psnr(out, rgb), [round(p, 4) for p in per], out.reshape(H, W, 3).permute(2, 0, 1).cpu()
+
+    def row(method, s, value, per, kept, **extra):
+        r = {"method": method, "sparsity": s, "psnr": round(value, 4), "psnr_per_region": per, "params": int(kept)}
+        r.update(extra)
+        rows.append(r)
+
+    routing_cost = None
+    if "rtl" in cfg.methods:
+        routed = wrap(mlp, K, example_inputs=feats[:2], output_layers=[])
+        pruner = RTLPruner(routed, target_sparsity=sps, prune_fraction=cfg.prune_fraction, progress=cfg.progress)
+        t = time.perf_counter()
+        search = pruner.find_tickets(subsets, train_step=mse_step, epochs_per_round=cfg.search_steps,
+                                     optimizer_factory=opt_factory, device=dev)
+        wall["rtl_search"] = time.perf_counter() - t
+        wall["rtl_retrain"] = 0.0
+        for s in sps:
+            tickets = search.tickets_at[s]
+            if cfg.retrain_mode == "summed":
+                t = time.perf_counter()
+                routed.model.load_state_dict(theta0_mlp)
+                routed.set_tickets(tickets)
+                summed_retrain(routed, feats, rgb, reg, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
+                               epochs=cfg.retrain_steps)
+                routed.eval()
+                wall["rtl_retrain"] += time.perf_counter() - t
+            else:
+                wall["rtl_retrain"] += retrain_tickets(routed, theta0_mlp, tickets, subsets, lr=cfg.lr,
+                                                       epochs=cfg.retrain_steps, train_step=mse_step, device=dev,
+                                                       per_ticket_state=cfg.retrain_mode == "sequential",
+                                                       progress=cfg.progress)
+            value, per, img = evaluate(lambda: routed(feats, route=reg))
+            recon[("rtl", s)] = img
+            row("rtl", s, value, per, tickets.union_count(), per_ticket_params=[int(v) for v in tickets.kept()])
+            similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
+                               "union": tickets.union_count(), "intersection": tickets.intersection_count()})
+            if s == sps[-1]:
+                plain = INRMLP(feats.shape[1], cfg.hidden, cfg.depth).to(dev).eval()
+                routing_cost = _routing_cost(routed, plain, feats, reg)
+            routed.train()
+            if "multi_imp" in cfg.methods:
+                # K independent models (the paper's "IMP multiple"): per-subset IMP from θ0 gives exactly RTL's
+                # search masks, so each ticket is retrained ALONE from θ0 on its region (no shared updates)
+                t = time.perf_counter()
+                out = torch.zeros_like(rgb)
+                for k in range(K):
+                    routed.model.load_state_dict(theta0_mlp)
+                    joint_retrain(routed, {k: subsets[k]}, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
+                                  epochs=cfg.retrain_steps, train_step=mse_step, device=dev, progress=cfg.progress)
+                    routed.eval()
+                    with torch.no_grad():
+                        out[reg == k] = routed(feats[reg == k], route=k)
+                    routed.train()
+                wall["multi_imp"] = wall.get("multi_imp", 0.0) + time.perf_counter() - t
+                value, per, img = evaluate(lambda: out)
+                recon[("multi_imp", s)] = img
+                row("multi_imp", s, value, per, int(tickets.kept().sum()))
+        n_rtl = routed.space.num_weights
+    else:
+        n_rtl = None
+
+    mixed = MixedPixelBatches(feats, rgb, reg, 1 if cfg.single_batches == "full" else K, seed=cfg.seed)
+    n_single = None
+    if "single_imp" in cfg.methods:
+        model1 = _context_model(cfg, theta0_mlp, K).to(dev)
+        ex = (feats[:2], torch.zeros(2, dtype=torch.long, device=dev))
+        r1 = wrap(model1, 1, example_inputs=ex, adapter="generic", output_layers=[], ignored_layers=["embed"])
+        theta1 = copy.deepcopy(r1.model.state_dict())
+        p1 = RTLPruner(r1, target_sparsity=sps, prune_fraction=cfg.prune_fraction, progress=cfg.progress)
+        t = time.perf_counter()
+        # per round: search_steps epochs of K mixed batches = the K per-region searches' presentations
+        res1 = p1.find_tickets({0: mixed}, train_step=context_mse_step, epochs_per_round=cfg.search_steps,
+                               optimizer_factory=opt_factory, device=dev)
+        wall["single_imp_search"] = time.perf_counter() - t
+        wall["single_imp_retrain"] = 0.0
+        for s in sps:
+            wall["single_imp_retrain"] += retrain_tickets(r1, theta1, res1.tickets_at[s], {0: mixed}, lr=cfg.lr,
+                                                          epochs=cfg.retrain_steps, train_step=context_mse_step,
+                                                          device=dev, progress=cfg.progress)
+            value, per, img = evaluate(lambda: r1(feats, reg, route=0))
+            recon[("single_imp", s)] = img
+            row("single_imp", s, value, per, int(res1.tickets_at[s].kept()[0]))
+            r1.train()
+        n_single = r1.space.num_weights
+
+    if "dense" in cfg.methods:
+        dense = _context_model(cfg, theta0_mlp, K).to(dev)
+        opt = torch.optim.Adam(dense.parameters(), lr=cfg.lr)
+        t = time.perf_counter()
+        dense.train()
+        for _ in range(cfg.retrain_steps):
+            for batch in mixed:
+                context_mse_step(dense, batch, opt)
+        wall["dense"] = time.perf_counter() - t
+        dense.eval()
+        value, per, img = evaluate(lambda: dense(feats, reg))
+        recon[("dense", 0.0)] = img
+        row("dense", 0.0, value, per, sum(m.weight.numel() for m in dense.base if isinstance(m, nn.Linear)))
+
+    table: dict = {}
+    for r in rows:
+        if r["method"] == "dense":
+            table["dense"] = r["psnr"]
+        else:
+            table.setdefault(r["method"], {})[r["sparsity"]] = r["psnr"]
+    results = {
+        "task": "inr_regions",
+        "image": {"source": "mosaic" if sources is not None else "user", "name": cfg.image_name,
+                  "seed": cfg.image_seed, "size": [H, W],
+                  "n_regions": K, "sources": sources,
+                  "region_pixels": [int(v) for v in torch.bincount(reg.cpu(), minlength=K)]},
+        "encoding": {"kind": "gaussian_fourier", "num_frequencies": cfg.num_frequencies, "scale": cfg.fourier_scale,
+                     "features": int(feats.shape[1])},
+        "prunable_weights": {"rtl": n_rtl, "single_imp": n_single},
+        "psnr": table, "rows": rows, "similarity": similarity, "routing_cost": routing_cost,
+        "budget": {"pixel_presentations_search_per_round": cfg.search_steps * H * W,
+                   "pixel_presentations_retrain": cfg.retrain_steps * H * W,
+                   "optimizer_steps_retrain": {"rtl_mode": cfg.retrain_mode,
+                                               "rtl_total": cfg.retrain_steps * (1 if cfg.retrain_mode == "summed" else K),
+                                               "single": cfg.retrain_steps * len(mixed)}},
+        "wall_time_s": {k: round(v, 3) for k, v in wall.items()},
+        "total_time_s": round(time.perf_counter() - t_start, 3),
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "cpu_threads": torch.get_num_threads(), "device": str(dev)},
+    }
+    results["figures"] = (plot_reconstructions(image, regions, recon, table, cfg) if cfg.figures_dir else [])
+    results["reconstructions"] = recon
+    return results
+
+
+def plot_reconstructions(image: torch.Tensor, regions: torch.Tensor, recon: dict, table: dict,
+                         cfg: INRConfig) -> list[str]:
+    """Target, region map and RTL / single-IMP reconstructions at ``cfg.figure_sparsities``; returns the PNG path."""
+    from pathlib import Path
+    try:
+        import matplotlib
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        from rtl_plugin.errors import MissingDependencyError
+        raise MissingDependencyError('figures need matplotlib: pip install "rtl-plugin[plots]"') from e
+    methods = [m for m in ("rtl", "single_imp") if any(k[0] == m for k in recon)]
+    fs = [float(s) for s in cfg.figure_sparsities]
+    ncol = 1 + len(fs)
+    nrow = max(len(methods), 1) + ("dense" in table)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.2 * ncol, 2.3 * nrow), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(image.permute(1, 2, 0).cpu().numpy())
+    axes[0, 0].set_title("target", fontsize=9)
+    if nrow > 1:
+        axes[1, 0].imshow(regions.cpu().numpy(), cmap="tab10", interpolation="nearest")
+        axes[1, 0].set_title(f"{int(regions.max()) + 1} regions", fontsize=9)
+    label = {"rtl": "RTL", "single_imp": "single IMP"}
+    for i, m in enumerate(methods):
+        for j, s in enumerate(fs):
+            if (m, s) in recon:
+                axes[i, j + 1].imshow(recon[(m, s)].permute(1, 2, 0).numpy())
+                axes[i, j + 1].set_title(f"{label[m]} {int(round(s * 100))}%: {table[m][s]:.1f} dB", fontsize=9)
+    if "dense" in table:
+        axes[-1, 1].imshow(recon[("dense", 0.0)].permute(1, 2, 0).numpy())
+        axes[-1, 1].set_title(f"dense: {table['dense']:.1f} dB", fontsize=9)
+    fig.tight_layout()
+    out = Path(cfg.figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = (f"inr_{cfg.image_name}" if cfg.image_name else f"inr_mosaic_s{cfg.image_seed}") + \
+        f"_n{int(regions.max()) + 1}_{image.shape[1]}px"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)
+    path = out / f"{safe}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [str(path)]
+
+
+__all__ = ["FourierFeatures", "INRMLP", "INRConfig", "RETRAIN_MODES", "run_inr", "summed_retrain", "pixel_coords", "psnr", "region_subsets",
+           "mse_step", "context_mse_step", "plot_reconstructions"]

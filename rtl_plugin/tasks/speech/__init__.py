@@ -1,0 +1,1 @@
+"""Speech enhancement: the offline noisy-speech builder and the runner."""
