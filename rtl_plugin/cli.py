@@ -187,9 +187,7 @@ def _export(args) -> int:
         sp = min(by_sp, key=lambda s: abs(s - args.sparsity))
         if abs(sp - args.sparsity) > 1e-6:
             raise RTLError(f"the run has tickets at sparsities {sorted(by_sp)}, not {args.sparsity}; pick one of them.")
-    folder = Path(by_sp[sp])
-    if not folder.is_absolute() and not folder.exists():
-        folder = run / "tickets" / folder.name
+    folder = run / "tickets" / Path(by_sp[sp]).name  # inside this run folder, wherever it was moved to
     train, _ = load_domains(image_size=cfg.get("image_size", 32), channels=3, domains=tuple(cfg.get("domains", ())),
                             seed=cfg.get("seed", 0), max_per_domain=cfg.get("max_per_domain"))
     model = make_model_factory(cfg.get("model", res.get("model")), train.num_classes, 3)(cfg.get("seed", 0))

@@ -296,9 +296,23 @@ class RoutedModel(nn.Module):
         object.__setattr__(self, "tickets", tickets)
         self._cache.clear()
 
+    def set_ticket(self, k: int, masks: dict[str, torch.Tensor]) -> None:
+        """Replace ticket ``k``'s masks (``{name: BoolTensor}`` of one ticket) and drop its cached weights."""
+        self.tickets.set_ticket(k, masks)
+        self._cache.clear()
+
+    def masks_changed(self) -> None:
+        """Tell the model that its ticket masks were edited in place (drops cached masked weights)."""
+        self.tickets.mark_modified()
+        self._cache.clear()
+
+    def prunable_weights(self) -> dict[str, nn.Parameter]:
+        """The shared prunable weights by module name, in ticket-space order (the real parameters, not copies)."""
+        return dict(self._weight_params)
+
     def ticket_module(self, k: int) -> nn.Module:
         """An ``nn.Module`` view whose forward runs ticket ``k`` (shares everything with this model)."""
-        self.tickets._check_index(k)
+        self.tickets.check_index(k)
         return _TicketView(self, int(k))
 
     # ------------------------------------------------------------------ forward
@@ -374,7 +388,7 @@ class RoutedModel(nn.Module):
     # ------------------------------------------------------------------ plain copies
     def plain_copy(self, ticket: int) -> nn.Module:
         """Deep copy of the wrapped model without routing hooks, norms holding ticket ``ticket``'s statistics."""
-        self.tickets._check_index(ticket)
+        self.tickets.check_index(ticket)
         # deepcopy without our hooks: detach them temporarily
         saved = []
         for m in self.model.modules():

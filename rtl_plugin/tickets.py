@@ -89,17 +89,17 @@ class TicketSet:
     def to(self, device) -> "TicketSet":
         if self.device != torch.device(device):
             self.masks = {k: v.to(device) for k, v in self.masks.items()}
-            self._touch()
+            self.mark_modified()
         return self
 
     def ticket(self, k: int) -> dict[str, torch.Tensor]:
         """Masks of ticket ``k`` (views)."""
-        self._check_index(k)
+        self.check_index(k)
         return {n: m[k] for n, m in self.masks.items()}
 
     def set_ticket(self, k: int, masks: dict[str, torch.Tensor]) -> None:
         """Replace ticket ``k``'s masks (keys and shapes must match the space)."""
-        self._check_index(k)
+        self.check_index(k)
         if self.space.granularity == "weight":  # validate everything first, then write row k in place
             checked = {}
             for n, m in masks.items():
@@ -115,7 +115,7 @@ class TicketSet:
                 checked[n] = m
             for n, m in checked.items():
                 self.masks[n][k] = m
-            self._touch()
+            self.mark_modified()
             return
         new = {n: m.clone() for n, m in self.masks.items()}
         for n, m in masks.items():
@@ -130,7 +130,8 @@ class TicketSet:
             new[n][k] = m
         self._set_all(new)
 
-    def _check_index(self, k) -> None:
+    def check_index(self, k) -> None:
+        """Raise TicketError unless ``k`` is a valid ticket index."""
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= int(k) < self.num_tickets:
             raise TicketError(f"ticket index must be an int in [0, {self.num_tickets}), got {k!r}.")
 
@@ -167,9 +168,10 @@ class TicketSet:
                         raise TicketError(f"group {g.root!r} feeds a grouped layer ({g.ch_groups} channel groups): a "
                                           "ticket must keep the same positions in every channel group.")
         self.masks = checked
-        self._touch()
+        self.mark_modified()
 
-    def _touch(self) -> None:
+    def mark_modified(self) -> None:
+        """Masks were edited in place: bump the version and drop derived masks."""
         self.version += 1
         self._layer_cache = None
         self._elem_cache = None

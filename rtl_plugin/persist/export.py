@@ -17,7 +17,7 @@ def pruning_history(routed: RoutedModel, ticket: int) -> list:
     """``[[root_name, True, dropped_channel_idxs], ...]`` for ticket ``ticket`` (names relative to the traced root)."""
     if routed.granularity != "channel":
         raise SpaceError("pruning_history() needs a channel-granularity model; weight tickets are unstructured.")
-    routed.tickets._check_index(ticket)
+    routed.tickets.check_index(ticket)
     prefix = routed.space.trace_root + "." if routed.space.trace_root else ""
     hist = []
     for g in routed.space.groups:
@@ -41,7 +41,7 @@ def export_ticket(routed: RoutedModel, ticket: int, *, example_inputs=None) -> n
     """
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"export_ticket() needs a RoutedModel, got {type(routed).__name__}.")
-    routed.tickets._check_index(ticket)
+    routed.tickets.check_index(ticket)
     base = routed.plain_copy(ticket)
     if routed.granularity == "weight":
         masks = routed.tickets.masks

@@ -61,7 +61,7 @@ class SearchResult:
 
 def magnitude_scores(routed) -> dict[str, torch.Tensor]:
     """|W| per prunable layer (the paper's criterion)."""
-    return {n: w.detach().abs() for n, w in routed._weight_params.items()}
+    return {n: w.detach().abs() for n, w in routed.prunable_weights().items()}
 
 
 def kth_smallest(values: torch.Tensor, n: int, *, method: str = "auto") -> torch.Tensor:
@@ -433,8 +433,7 @@ class RTLPruner:
         return 1.0 - kept / self.routed.space.num_weights
 
     def _set_ticket(self, k: int, masks: dict[str, torch.Tensor]) -> None:
-        self.routed.tickets.set_ticket(k, masks)
-        self.routed._cache.clear()
+        self.routed.set_ticket(k, masks)
 
     def _train_ticket(self, k, loader, step, factory, epochs, device) -> float:
         from rtl_plugin.training.distributed import all_mean, ticket_view
@@ -659,7 +658,7 @@ class TicketImportance:
 
     def __init__(self, routed, k: int, base=None):
         import torch_pruning as tp
-        routed.tickets._check_index(k)
+        routed.tickets.check_index(k)
         self.routed = routed
         self.k = int(k)
         self.base = base or tp.importance.GroupMagnitudeImportance(p=1)
@@ -697,7 +696,7 @@ class TicketImportance:
             mfull = prefix + mname
             if mfull not in masks or not group._DG.is_out_channel_pruning_fn(dep.handler):
                 continue
-            w = self.routed._weight_params[mfull]
+            w = self.routed.prunable_weights()[mfull]
             m = masks[mfull][self.k]
             kind = self.routed.space.layer_kinds[mfull]
             wm = (w * m).abs()

@@ -230,8 +230,7 @@ def _broadcast_tickets(routed) -> None:
     with torch.no_grad():
         for n, m in routed.tickets.masks.items():
             m.copy_(masks[n])
-    routed.tickets._touch()
-    routed._cache.clear()
+    routed.masks_changed()
 
 
 def all_mean(value):
@@ -674,7 +673,7 @@ def ticket_views(routed, tickets) -> dict[int, nn.Module]:
     except TypeError:
         raise DistributedError(f"tickets must be an iterable of ticket ids, got {type(tickets).__name__}.") from None
     for k in ks:
-        routed.tickets._check_index(k)  # TicketError naming the valid range
+        routed.tickets.check_index(k)  # TicketError naming the valid range
     ks = [int(k) for k in ks]
     if not is_distributed():
         return {k: routed.ticket_module(k) for k in ks}

@@ -199,8 +199,8 @@ class MaskedUpdate:
 
 def ticket_param_masks(routed, ticket: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[(parameter, bool mask broadcastable to it)]``: which entries ticket ``ticket`` owns."""
-    masks = routed.tickets.element_masks()
-    pairs = [(routed._weight_params[n], masks[n][ticket]) for n in routed.space.layers]
+    masks, weights = routed.tickets.element_masks(), routed.prunable_weights()
+    pairs = [(weights[n], masks[n][ticket]) for n in routed.space.layers]
     if routed.granularity == "channel":
         lm = routed.tickets.layer_channel_masks()
         mods = dict(routed.model.named_modules())

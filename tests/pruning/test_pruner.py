@@ -593,7 +593,7 @@ def test_ticket_importance_rejects_bad_ticket(make_tiny):
 def test_layer_scope_prunes_every_layer_equally_and_by_magnitude(make_tiny, make_loader):
     routed = wrap(make_tiny())
     N = routed.space.num_weights
-    before = {n: w.detach().abs().clone() for n, w in routed._weight_params.items()}
+    before = {n: w.detach().abs().clone() for n, w in routed.prunable_weights().items()}
     p = RTLPruner(routed, target_sparsity=[0.5, 0.9], prune_fraction=0.5, scope="layer", progress=False)
     res = p.find_tickets({0: make_loader(1)}, train_step=Guard(100), tickets=[0])
     for t in (0.5, 0.9):
@@ -612,7 +612,7 @@ def test_layer_scope_prunes_every_layer_equally_and_by_magnitude(make_tiny, make
 def test_global_scope_can_empty_layers_that_layer_scope_keeps(make_tiny, make_loader):
     routed = wrap(make_tiny())
     with torch.no_grad():
-        routed._weight_params["conv1"].mul_(1e-3)  # a (small) layer with much smaller weights
+        routed.prunable_weights()["conv1"].mul_(1e-3)  # a (small) layer with much smaller weights
     for scope, expect_empty in (("global", True), ("layer", False)):
         r = RTLPruner(routed, target_sparsity=[0.6], prune_fraction=0.5, scope=scope, progress=False)
         res = r.find_tickets({0: make_loader(1)}, train_step=Guard(100), tickets=[0])
@@ -639,7 +639,7 @@ def test_nan_weights_during_search_raise(make_tiny, make_loader):
 
     def poison(view, batch, opt):
         with torch.no_grad():
-            routed._weight_params["conv2"][0, 0, 0, 0] = float("nan")
+            routed.prunable_weights()["conv2"][0, 0, 0, 0] = float("nan")
         return 0.0
 
     with pytest.raises(rtl.RTLError, match="NaN/inf weights"):

@@ -232,7 +232,7 @@ def test_detector_scores_shape_and_equal_to_each_ticket_alone(make_tiny):
     with torch.no_grad():
         for k in range(K):
             plain = routed.plain_copy(k).eval()
-            masked = {n: w * routed.tickets.masks[n][k] for n, w in routed._weight_params.items()}
+            masked = {n: w * routed.tickets.masks[n][k] for n, w in routed.prunable_weights().items()}
             with torch.no_grad():
                 for n, w in masked.items():
                     plain.get_submodule(n).weight.copy_(w)

@@ -246,7 +246,7 @@ def test_summed_retrain_sums_owner_gradients_and_freezes_unowned():
     regions = torch.arange(36) % K
     regions[:6] = 0
     names = list(routed.space.layers)
-    w0 = {n: routed._weight_params[n].detach().clone() for n in names}
+    w0 = {n: routed.prunable_weights()[n].detach().clone() for n in names}
     # expected gradient, ticket by ticket
     expected = {n: torch.zeros_like(w0[n]) for n in names}
     for k in range(K):
@@ -254,7 +254,7 @@ def test_summed_retrain_sums_owner_gradients_and_freezes_unowned():
         sel = regions == k
         (torch.nn.functional.mse_loss(routed(x[sel], route=k), y[sel]) * float(sel.float().mean())).backward()
         for n in names:
-            g = routed._weight_params[n].grad
+            g = routed.prunable_weights()[n].grad
             assert bool((g[~routed.tickets.masks[n][k].expand_as(g)] == 0).all())  # a non-owner adds nothing
             expected[n] += g
     routed.zero_grad(set_to_none=True)
@@ -262,13 +262,13 @@ def test_summed_retrain_sums_owner_gradients_and_freezes_unowned():
     losses = summed_retrain(routed, x, y, regions, optimizer=torch.optim.SGD(routed.parameters(), lr=0.1), epochs=1)
     assert len(losses) == 1 and math.isfinite(losses[0])
     for n in names:
-        assert torch.allclose(routed._weight_params[n].detach(), w0[n] - 0.1 * expected[n], atol=1e-6), n
+        assert torch.allclose(routed.prunable_weights()[n].detach(), w0[n] - 0.1 * expected[n], atol=1e-6), n
     # Adam, several epochs: entries outside the union of the masks are bit-identical, owned ones moved
     routed.model.load_state_dict(full)
     summed_retrain(routed, x, y, regions, optimizer=torch.optim.Adam(routed.parameters(), lr=1e-2), epochs=5)
     moved = 0
     for n in names:
-        w = routed._weight_params[n].detach()
+        w = routed.prunable_weights()[n].detach()
         union = routed.tickets.masks[n].any(0).expand_as(w)
         assert torch.equal(w[~union], w0[n][~union])
         moved += int((w[union] != w0[n][union]).sum())

@@ -260,7 +260,7 @@ def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
                 router_flops_share=info["flops_share"])
         folder = out_dir / "tickets" / f"sparsity_{int(round(s * 100)):02d}"
         routed.save(folder, extra={"sparsity": s, "ticket_names": names, "config": _jsonable(asdict(cfg))})
-        saved[s] = str(folder)
+        saved[s] = folder.relative_to(out_dir).as_posix()  # relative: the run folder can be moved
         routed.train()
 
     budget_batches = M * K  # presentations per retraining epoch, equal for every method

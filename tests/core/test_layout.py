@@ -1,0 +1,39 @@
+"""The package layout contract: the core never loads task pipelines, and 0.1 module paths still resolve."""
+import importlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from rtl_plugin._deprecated import MOVED_MODULES
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print('\\n'.join(sys.modules))"],
+                         check=True, capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def test_import_rtl_plugin_loads_no_task_module():
+    loaded = _modules_after("import rtl_plugin")
+    assert "rtl_plugin.routed" in loaded  # the probe works
+    tasks = sorted(m for m in loaded if m.startswith("rtl_plugin.tasks") or m == "rtl_plugin.cli")
+    assert tasks == [], f"`import rtl_plugin` loaded task code: {tasks}"
+
+
+def test_core_subpackages_load_no_task_module():
+    code = "\n".join(f"import rtl_plugin.{p}" for p in
+                     ("pruning", "training", "routing", "diagnostics", "persist", "comparison"))
+    loaded = _modules_after(code)
+    assert not [m for m in loaded if m.startswith("rtl_plugin.tasks")]
+
+
+@pytest.mark.parametrize("old,new", sorted(MOVED_MODULES.items()))
+def test_old_module_path_warns_and_is_the_new_module(old, new):
+    sys.modules.pop(old, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new)
+    assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
