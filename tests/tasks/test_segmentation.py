@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("segmentation_models_pytorch")
-pytest.importorskip("skimage")
+import segmentation_models_pytorch  # noqa: F401  ([test] extra: a missing one fails)
+import skimage  # noqa: F401  ([test] extra: a missing one fails)
 
 import rtl_plugin as rtl  # noqa: E402
 from rtl_plugin.errors import DataError, RouteError, SparsityError  # noqa: E402
