@@ -85,8 +85,13 @@ def write_manifest(path, kind: ManifestKind, body: Mapping) -> dict:
     """
     clash = {"format", "format_version", "rtl_plugin_version"} & set(body)
     if clash:
-        raise ValueError(f"manifest body must not set {sorted(clash)}; write_manifest() stamps them.")
+        raise CorruptFileError(f"refusing to write {path}: the body sets {sorted(clash)}, which write_manifest() "
+                               "stamps itself; leave them out of the body.")
     manifest = {"format": kind.format, "format_version": kind.version, "rtl_plugin_version": __version__, **body}
+    problem = _schema_problem(manifest, kind)
+    if problem is not None:
+        raise CorruptFileError(f"refusing to write {path}: it {problem}, so no reader would accept it; pass every "
+                               f"key the {kind.format} schema requires ({', '.join(kind.required)}).")
     atomic_write_json(path, manifest)
     return manifest
 
@@ -120,15 +125,16 @@ def _check_version(path: Path, manifest: dict, kind: ManifestKind) -> None:
                                  "rtl-plugin).")
 
 
-def _check_keys(path: Path, manifest: dict, kind: ManifestKind) -> None:
+def _schema_problem(manifest: Mapping, kind: ManifestKind) -> str | None:
+    """What in ``manifest`` breaks ``kind``'s declared keys and types, or None."""
     for key, typ in kind.required.items():
         value = manifest.get(key)
         if not isinstance(value, typ) or isinstance(value, bool):
-            raise CorruptFileError(f"{path} lacks a valid {key!r} entry ({typ.__name__}); the manifest is damaged "
-                                   f"or hand-edited: {kind.fix}.")
+            return f"lacks a valid {key!r} entry ({typ.__name__}, got {type(value).__name__})"
     for key in kind.positive:
         if manifest[key] < 1:
-            raise CorruptFileError(f"{path} has {key}={manifest[key]}; the manifest is damaged: {kind.fix}.")
+            return f"has {key}={manifest[key]} (at least 1 needed)"
+    return None
 
 
 def read_manifest(path, kind: ManifestKind, *, expect: Mapping | None = None) -> dict:
@@ -147,7 +153,9 @@ def read_manifest(path, kind: ManifestKind, *, expect: Mapping | None = None) ->
     manifest = _parse(path, kind)
     _check_format(path, manifest, kind, expect or {})
     _check_version(path, manifest, kind)
-    _check_keys(path, manifest, kind)
+    problem = _schema_problem(manifest, kind)
+    if problem is not None:
+        raise CorruptFileError(f"{path} {problem}; the manifest is damaged or hand-edited: {kind.fix}.")
     return manifest
 
 
