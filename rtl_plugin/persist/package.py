@@ -188,6 +188,34 @@ def onnx_run(path, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.from_numpy(o) for o in sess.run(None, feeds)]
 
 
+def _compare_with_onnx(module: nn.Module, path: Path, inputs: tuple, *, rtol: float, atol: float) -> dict:
+    """Max absolute / relative error of the ONNX file against ``module`` on ``inputs``; RTLError beyond tolerance."""
+    with torch.no_grad():
+        want = _flat_tensors(module(*inputs))
+    got = onnx_run(path, inputs)
+    if len(got) != len(want):
+        raise RTLError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}; report the model.")
+    err = {"max_abs_err": 0.0, "max_rel_err": 0.0}
+    for g, w in zip(got, want):
+        w = w.detach().cpu()
+        if g.shape != w.shape:
+            raise RTLError(f"ONNX output shape {tuple(g.shape)} differs from PyTorch {tuple(w.shape)}; "
+                           "the graph was traced with a batch-dependent shape.")
+        if not w.is_floating_point():
+            if not torch.equal(g.to(w.dtype), w):
+                raise RTLError(f"ONNX integer output differs from PyTorch ({path}); check the opset or report "
+                               "the layer.")
+            continue
+        a = float((g.float() - w.float()).abs().max()) if w.numel() else 0.0
+        scale = float(w.float().abs().max()) if w.numel() else 0.0
+        if a > atol + rtol * scale:
+            raise RTLError(f"ONNX output differs from PyTorch by {a:.3g} (max |y| {scale:.3g}) in {path}; "
+                           "an operator is exported differently: check the opset or report the layer.")
+        err["max_abs_err"] = max(err["max_abs_err"], a)
+        err["max_rel_err"] = max(err["max_rel_err"], a / max(scale, 1e-12))
+    return err
+
+
 def export_onnx(module: nn.Module, path, example_inputs, *, opset: int = 17, dynamic_batch: bool = True,
                 check: bool = True, check_inputs=None, rtol: float = 1e-4, atol: float = 1e-5) -> dict:
     """Export ``module`` (a slim ticket, a router, any plain model) to ONNX and check it with onnxruntime.
@@ -242,27 +270,7 @@ def export_onnx(module: nn.Module, path, example_inputs, *, opset: int = 17, dyn
         if check:
             cin = inputs if check_inputs is None else (
                 (check_inputs,) if isinstance(check_inputs, torch.Tensor) else tuple(check_inputs))
-            with torch.no_grad():
-                want = _flat_tensors(module(*cin))
-            got = onnx_run(path, cin)
-            if len(got) != len(want):
-                raise RTLError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}.")
-            for g, w in zip(got, want):
-                w = w.detach().cpu()
-                if g.shape != w.shape:
-                    raise RTLError(f"ONNX output shape {tuple(g.shape)} differs from PyTorch {tuple(w.shape)}; "
-                                   "the graph was traced with a batch-dependent shape.")
-                if not w.is_floating_point():
-                    if not torch.equal(g.to(w.dtype), w):
-                        raise RTLError(f"ONNX integer output differs from PyTorch ({path}).")
-                    continue
-                a = float((g.float() - w.float()).abs().max()) if w.numel() else 0.0
-                scale = float(w.float().abs().max()) if w.numel() else 0.0
-                if a > atol + rtol * scale:
-                    raise RTLError(f"ONNX output differs from PyTorch by {a:.3g} (max |y| {scale:.3g}) in {path}; "
-                                   "an operator is exported differently: check the opset or report the layer.")
-                err["max_abs_err"] = max(err["max_abs_err"], a)
-                err["max_rel_err"] = max(err["max_rel_err"], a / max(scale, 1e-12))
+            err.update(_compare_with_onnx(module, path, cin, rtol=rtol, atol=atol))
         return err
     finally:
         module.train(was)
