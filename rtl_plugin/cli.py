@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from rtl_plugin.diagnostics.report import diagnose_run
 from rtl_plugin.errors import RTLError
+from rtl_plugin.persist.io import load
+from rtl_plugin.persist.package import export_package
+from rtl_plugin.persist.run_folder import read_results, saved_tickets
+from rtl_plugin.routing.routers import create_router
+from rtl_plugin.training.distributed import init_from_env, is_main_process, local_device, shutdown
+from rtl_plugin.wrapping import resolve_adapter, wrap
 
 
 def _floats(s: str) -> tuple[float, ...]:
@@ -55,7 +66,6 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
 
 
 def _run(args, *, demo: bool, _replica: bool = False) -> int:
-    from rtl_plugin.training.distributed import is_main_process, local_device
     from rtl_plugin.tasks.classification.runner import ClassificationConfig, format_table, run_classification
     args.device = local_device(args.device)  # torchrun: --device cuda means this rank's GPU
     if not is_main_process() and not _replica:
@@ -104,10 +114,6 @@ def _run(args, *, demo: bool, _replica: bool = False) -> int:
 def _run_replica(args, *, demo: bool) -> int:
     """A rank > 0 under torchrun: the same pipeline (its collectives need every rank), silent, its output
     in a temporary folder that is deleted; rank 0 prints the tables and writes the run folder."""
-    import contextlib
-    import io
-    import shutil
-    import tempfile
     tmp = tempfile.mkdtemp(prefix="rtl-replica-")
     args.out, args.no_progress = tmp, True
     try:
@@ -137,7 +143,6 @@ def _model_from_spec(spec: str, num_classes: int):
 
 
 def _info(args) -> int:
-    from rtl_plugin.wrapping import resolve_adapter, wrap
     model = _model_from_spec(args.model, args.num_classes)
     routed = wrap(model, 1, granularity=args.granularity)
     ad = resolve_adapter(model)
@@ -150,7 +155,6 @@ def _info(args) -> int:
 
 
 def _diagnose(args) -> int:
-    from rtl_plugin.diagnostics.report import diagnose_run
     S = None
     if args.class_similarity:
         f = Path(args.class_similarity)
@@ -166,46 +170,50 @@ def _diagnose(args) -> int:
     return 0
 
 
+def _pick_sparsity(saved: dict, wanted: float | None) -> float:
+    """The saved sparsity ``wanted`` (default: the sparsest saved one)."""
+    if wanted is None:
+        return max(saved)
+    sp = min(saved, key=lambda s: abs(s - wanted))
+    if abs(sp - wanted) > 1e-6:
+        raise RTLError(f"the run has tickets at sparsities {sorted(saved)}, not {wanted}; pick one of them.")
+    return sp
+
+
+def _refit_router(name: str, cfg: dict, train, num_tickets: int):
+    """A router of kind ``name`` fitted on the run's training data and ticket ids (None for ``none``)."""
+    if name == "none":
+        return None
+    part = cfg.get("partition", "domain")
+    if part not in ("domain", "class"):
+        raise RTLError(f"--router needs the run's ticket ids; this run's partition is {part!r} (only 'domain' "
+                       "and 'class' runs can refit a router here). Use --router none and route yourself.")
+    router = create_router(name, num_tickets=num_tickets)
+    router.fit(train.x, train.domain if part == "domain" else train.y, seed=cfg.get("seed", 0))
+    return router
+
+
 def _export(args) -> int:
     """Package one sparsity of a run folder: slim tickets (channel mode) or shared weights + masks, a router."""
-    from rtl_plugin import load
     from rtl_plugin.tasks.classification.data import load_domains
-    from rtl_plugin.persist.package import export_package
     from rtl_plugin.tasks.classification.runner import make_model_factory
     run = Path(args.run)
-    res_file = run / "results.json"
-    if not res_file.is_file():
-        raise RTLError(f"{run} has no results.json; pass a run folder written by `rtl demo` / `rtl prune`.")
-    res = json.loads(res_file.read_text())
-    cfg, saved = res.get("config") or {}, res.get("tickets") or {}
-    if not saved:
-        raise RTLError(f"{res_file} lists no saved tickets; rerun `rtl prune` (it saves tickets per sparsity).")
-    by_sp = {float(k): v for k, v in saved.items()}
-    if args.sparsity is None:
-        sp = max(by_sp)
-    else:
-        sp = min(by_sp, key=lambda s: abs(s - args.sparsity))
-        if abs(sp - args.sparsity) > 1e-6:
-            raise RTLError(f"the run has tickets at sparsities {sorted(by_sp)}, not {args.sparsity}; pick one of them.")
-    folder = run / "tickets" / Path(by_sp[sp]).name  # inside this run folder, wherever it was moved to
+    res = read_results(run)
+    cfg = res.get("config") or {}
+    if not res.get("tickets"):
+        raise RTLError(f"{run / 'results.json'} lists no saved tickets; rerun `rtl prune` (it saves tickets per "
+                       "sparsity).")
+    saved = saved_tickets(run, res)  # folders inside this run folder, wherever it was moved or copied to
+    sp = _pick_sparsity(saved, args.sparsity)
     train, _ = load_domains(image_size=cfg.get("image_size", 32), channels=3, domains=tuple(cfg.get("domains", ())),
                             seed=cfg.get("seed", 0), max_per_domain=cfg.get("max_per_domain"))
     model = make_model_factory(cfg.get("model", res.get("model")), train.num_classes, 3)(cfg.get("seed", 0))
-    routed = load(folder, model)
+    routed = load(saved[sp], model)
     routed.eval()
-    router = None
-    if args.router != "none":
-        from rtl_plugin.routing.routers import create_router
-        part = cfg.get("partition", "domain")
-        if part not in ("domain", "class"):
-            raise RTLError(f"--router needs the run's ticket ids; this run's partition is {part!r} (only 'domain' "
-                           "and 'class' runs can refit a router here). Use --router none and route yourself.")
-        ids = train.domain if part == "domain" else train.y
-        router = create_router(args.router, num_tickets=routed.num_tickets)
-        router.fit(train.x, ids, seed=cfg.get("seed", 0))
+    router = _refit_router(args.router, cfg, train, routed.num_tickets)
     ex = train.x[:4].to(next(routed.parameters()).device)
     out = export_package(routed, args.out, router=router, example_inputs=ex, onnx=args.onnx)
-    print(f"exported {folder.name} ({100 * sp:.0f}% sparsity, {routed.granularity} mode, K={routed.num_tickets}"
+    print(f"exported {saved[sp].name} ({100 * sp:.0f}% sparsity, {routed.granularity} mode, K={routed.num_tickets}"
           f"{', router ' + args.router if router is not None else ''}{', ONNX' if args.onnx else ''}) -> {out}")
     print("load it with: rtl_plugin.load_package(PKG, fresh_model)  (the run's model, e.g. "
           f"{cfg.get('model', res.get('model'))})")
@@ -245,7 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from rtl_plugin.training.distributed import init_from_env, shutdown
     owns_group = False
     try:
         if args.cmd in ("demo", "prune"):  # under torchrun: join the process group (nccl on CUDA, else gloo)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -27,11 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtl_plugin.errors import ArchitectureMismatchError, CorruptFileError, FormatVersionError
-from rtl_plugin.persist.io import _sha256, _st_bytes, _st_load, atomic_write_bytes, atomic_write_json
+from rtl_plugin.errors import ArchitectureMismatchError, CorruptFileError
+from rtl_plugin.persist.atomic import atomic_write_bytes, fsync_dir
+from rtl_plugin.persist.manifest import (CHECKPOINT, read_manifest, read_verified, sha256, tensors_from_bytes,
+                                         tensors_to_bytes, write_manifest)
 
-FORMAT = "rtl-plugin-checkpoint"
-FORMAT_VERSION = 1
+FORMAT = CHECKPOINT.format
+FORMAT_VERSION = CHECKPOINT.version
 
 
 class CheckpointMismatchError(ArchitectureMismatchError):
@@ -43,47 +44,51 @@ def _canon(obj) -> str:
 
 
 def config_sha256(config: dict) -> str:
+    """sha256 of the canonical JSON of a run configuration (or of a bundle's meta)."""
     return hashlib.sha256(_canon(config).encode()).hexdigest()
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_bundle(directory, name: str, tensors: dict[str, torch.Tensor], meta: dict, *, config: dict) -> Path:
-    """Atomically write bundle ``name`` (tensors + JSON ``meta``) for run ``config``; returns the manifest path."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    data = _st_bytes(tensors)
-    digest = _sha256(data)
-    fname = f"{name}.{digest[:16]}.safetensors"
-    atomic_write_bytes(d / fname, data)
-    _fsync_dir(d)
-    from rtl_plugin._version import __version__
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": name, "rtl_plugin_version": __version__,
-                "config": config, "config_sha256": config_sha256(config),
-                "meta": meta, "meta_sha256": hashlib.sha256(_canon(meta).encode()).hexdigest(),
-                "tensors": {"file": fname, "sha256": digest}}
-    atomic_write_json(d / f"{name}.json", manifest)  # last: the manifest commits the checkpoint
-    _fsync_dir(d)
-    for f in d.iterdir():  # older tensor files and temp files of killed writes
-        stale = (f.name.startswith(f"{name}.") and f.name.endswith(".safetensors") and f.name != fname) or \
+def _remove_stale(d: Path, name: str, keep: str) -> None:
+    """Delete bundle ``name``'s older tensor files and the temp files of killed writes."""
+    for f in d.iterdir():
+        stale = (f.name.startswith(f"{name}.") and f.name.endswith(".safetensors") and f.name != keep) or \
                 (f.name.startswith(f".{name}.") and f.name.endswith(".tmp"))
         if stale and f.is_file():
             try:
                 f.unlink()
             except OSError:
                 pass
+
+
+def save_bundle(directory, name: str, tensors: dict[str, torch.Tensor], meta: dict, *, config: dict) -> Path:
+    """Atomically write bundle ``name`` (tensors + JSON ``meta``) for run ``config``; returns the manifest path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    data = tensors_to_bytes(tensors)
+    digest = sha256(data)
+    fname = f"{name}.{digest[:16]}.safetensors"
+    atomic_write_bytes(d / fname, data)
+    fsync_dir(d)
+    body = {"kind": name, "config": config, "config_sha256": config_sha256(config),
+            "meta": meta, "meta_sha256": config_sha256(meta), "tensors": {"file": fname, "sha256": digest}}
+    write_manifest(d / f"{name}.json", CHECKPOINT, body)  # last: the manifest commits the checkpoint
+    fsync_dir(d)
+    _remove_stale(d, name, fname)
     return d / f"{name}.json"
+
+
+def _check_config(d: Path, name: str, manifest: dict, config: dict) -> None:
+    mf = d / f"{name}.json"
+    cfg, meta = manifest["config"], manifest["meta"]
+    if manifest["config_sha256"] != config_sha256(cfg) or manifest["meta_sha256"] != config_sha256(meta):
+        raise CorruptFileError(f"{mf} does not match its own checksums (modified or damaged); delete the folder "
+                               f"{d} to start over.")
+    want = json.loads(_canon(config))
+    if cfg != want:
+        diff = sorted(k for k in set(cfg) | set(want) if cfg.get(k) != want.get(k))
+        raise CheckpointMismatchError(
+            f"{d} holds a {name!r} checkpoint of another run configuration (differs in: {', '.join(diff)}); "
+            "pass the same model, targets, schedule and data to resume, or use another checkpoint_dir.")
 
 
 def load_bundle(directory, name: str, *, config: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -98,40 +103,14 @@ def load_bundle(directory, name: str, *, config: dict) -> tuple[dict[str, torch.
     mf = d / f"{name}.json"
     if not mf.exists():
         return None
-    try:
-        manifest = json.loads(mf.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, OSError) as e:
-        raise CorruptFileError(f"checkpoint manifest {mf} is unreadable ({e}); delete the folder {d} to start over.") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("kind") != name:
-        raise CorruptFileError(f"{mf} is not an rtl-plugin {name!r} checkpoint manifest; delete it to start over.")
-    ver = manifest.get("format_version")
-    if not isinstance(ver, int) or isinstance(ver, bool) or ver < 1:
-        raise CorruptFileError(f"{mf} has no valid format_version; the checkpoint is damaged.")
-    if ver > FORMAT_VERSION:
-        raise FormatVersionError(f"{mf} was written with checkpoint format {ver}, this rtl-plugin reads up to "
-                                 f"{FORMAT_VERSION}; upgrade rtl-plugin or delete the checkpoint.")
-    cfg, meta, tf = manifest.get("config"), manifest.get("meta"), manifest.get("tensors")
-    if not isinstance(cfg, dict) or manifest.get("config_sha256") != config_sha256(cfg) or not isinstance(meta, dict) \
-            or manifest.get("meta_sha256") != hashlib.sha256(_canon(meta).encode()).hexdigest() \
-            or not isinstance(tf, dict):
-        raise CorruptFileError(f"{mf} does not match its own checksums (modified or damaged); delete the folder "
-                               f"{d} to start over.")
-    if cfg != json.loads(_canon(config)):
-        diff = sorted(k for k in set(cfg) | set(config) if cfg.get(k) != json.loads(_canon(config)).get(k))
-        raise CheckpointMismatchError(
-            f"{d} holds a {name!r} checkpoint of another run configuration (differs in: {', '.join(diff)}); "
-            "pass the same model, targets, schedule and data to resume, or use another checkpoint_dir.")
-    fname = tf.get("file")
+    manifest = read_manifest(mf, CHECKPOINT, expect={"kind": name})
+    _check_config(d, name, manifest, config)
+    fname = manifest["tensors"].get("file")
     if not isinstance(fname, str) or not re.fullmatch(re.escape(name) + r"\.[0-9a-f]{16}\.safetensors", fname):
-        raise CorruptFileError(f"{mf} names an invalid tensor file {fname!r}; the checkpoint is damaged.")
-    f = d / fname
-    if not f.is_file():
-        raise CorruptFileError(f"{f} (named by {mf}) is missing; the checkpoint is incomplete.")
-    data = f.read_bytes()
-    if _sha256(data) != tf.get("sha256"):
-        raise CorruptFileError(f"{f} does not match its checksum in {mf} (truncated or modified); delete the "
-                               f"folder {d} to start over.")
-    return _st_load(data, str(f)), meta
+        raise CorruptFileError(f"{mf} names an invalid tensor file {fname!r}; the checkpoint is damaged: "
+                               f"{CHECKPOINT.fix}.")
+    data = read_verified(d / fname, manifest["tensors"].get("sha256"), CHECKPOINT)
+    return tensors_from_bytes(data, d / fname, CHECKPOINT), manifest["meta"]
 
 
 # ----------------------------------------------------------------------------- JSON <-> tensors, no pickle

@@ -17,8 +17,6 @@ loop) and runs each bucket through its slim model; ``slim(x)`` routes with the p
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import tempfile
 import warnings
@@ -29,14 +27,20 @@ import torch
 import torch.nn as nn
 
 from rtl_plugin import _tp
-from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, FormatVersionError, MissingDependencyError,
-                     RouteError, RTLError, SpaceError, TicketError)
-from rtl_plugin.persist.io import _st_bytes, _st_load, atomic_write_bytes, atomic_write_json
+from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, MissingDependencyError, RouteError,
+                               RTLError, SpaceError, TicketError)
+from rtl_plugin.norms import RoutedBatchNorm
+from rtl_plugin.persist.atomic import atomic_write_bytes
+from rtl_plugin.persist.export import export_ticket, pruning_history
+from rtl_plugin.persist.io import load, save
+from rtl_plugin.persist.manifest import (PACKAGE, check_fingerprint, read_manifest, read_verified, sha256,
+                                         tensors_from_bytes, tensors_to_bytes, write_manifest)
 from rtl_plugin.routed import RoutedModel, check_route, run_bucketed, run_per_pixel
-from rtl_plugin.space import TicketSpace, architecture_fingerprint
+from rtl_plugin.routing.routers import Router, RunAllRouter, create_router, positive_score
+from rtl_plugin.space import TicketSpace
 
-PACKAGE_FORMAT = "rtl-plugin-package"
-PACKAGE_VERSION = 1
+PACKAGE_FORMAT = PACKAGE.format
+PACKAGE_VERSION = PACKAGE.version
 MANIFEST = "manifest.json"
 ROUTER_FILE = "router.safetensors"
 ROUTED_DIR = "routed"
@@ -50,10 +54,6 @@ _ROUTER_CONFIG = {  # registered router name -> constructor arguments stored in 
 
 def _ticket_file(k: int, ext: str = "safetensors") -> str:
     return f"ticket_{k}.{ext}"
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # --------------------------------------------------------------------------- the deployed model
@@ -88,6 +88,14 @@ class SlimRoutedModel(nn.Module):
             self.tickets = None
             self.routed = routed
             self.granularity = routed.granularity
+        self.attach_router(router)
+        self.eval()
+
+    def attach_router(self, router: nn.Module | None) -> None:
+        """Route calls without ``route=`` through ``router`` (None: such calls raise RouteError).
+
+        A run-all router holds this model by reference, so it is kept as a plain attribute, not a submodule.
+        """
         K = self.num_tickets
         if router is not None:
             if not isinstance(router, nn.Module) or not callable(router):
@@ -95,11 +103,12 @@ class SlimRoutedModel(nn.Module):
             if getattr(router, "num_tickets", K) != K:
                 raise RouteError(f"the router routes {router.num_tickets} tickets, the package holds {K}; "
                                  "fit a router with num_tickets equal to K.")
+        if "router" in self._modules:
+            del self._modules["router"]
         if router is not None and getattr(router, "name", None) == "all":
-            object.__setattr__(self, "router", router)  # holds this model by reference: not a submodule
+            object.__setattr__(self, "router", router)
         else:
-            self.router = router
-        self.eval()
+            self.router = router  # a module becomes a submodule, None a plain attribute
 
     @property
     def num_tickets(self) -> int:
@@ -179,6 +188,34 @@ def onnx_run(path, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.from_numpy(o) for o in sess.run(None, feeds)]
 
 
+def _compare_with_onnx(module: nn.Module, path: Path, inputs: tuple, *, rtol: float, atol: float) -> dict:
+    """Max absolute / relative error of the ONNX file against ``module`` on ``inputs``; RTLError beyond tolerance."""
+    with torch.no_grad():
+        want = _flat_tensors(module(*inputs))
+    got = onnx_run(path, inputs)
+    if len(got) != len(want):
+        raise RTLError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}; report the model.")
+    err = {"max_abs_err": 0.0, "max_rel_err": 0.0}
+    for g, w in zip(got, want):
+        w = w.detach().cpu()
+        if g.shape != w.shape:
+            raise RTLError(f"ONNX output shape {tuple(g.shape)} differs from PyTorch {tuple(w.shape)}; "
+                           "the graph was traced with a batch-dependent shape.")
+        if not w.is_floating_point():
+            if not torch.equal(g.to(w.dtype), w):
+                raise RTLError(f"ONNX integer output differs from PyTorch ({path}); check the opset or report "
+                               "the layer.")
+            continue
+        a = float((g.float() - w.float()).abs().max()) if w.numel() else 0.0
+        scale = float(w.float().abs().max()) if w.numel() else 0.0
+        if a > atol + rtol * scale:
+            raise RTLError(f"ONNX output differs from PyTorch by {a:.3g} (max |y| {scale:.3g}) in {path}; "
+                           "an operator is exported differently: check the opset or report the layer.")
+        err["max_abs_err"] = max(err["max_abs_err"], a)
+        err["max_rel_err"] = max(err["max_rel_err"], a / max(scale, 1e-12))
+    return err
+
+
 def export_onnx(module: nn.Module, path, example_inputs, *, opset: int = 17, dynamic_batch: bool = True,
                 check: bool = True, check_inputs=None, rtol: float = 1e-4, atol: float = 1e-5) -> dict:
     """Export ``module`` (a slim ticket, a router, any plain model) to ONNX and check it with onnxruntime.
@@ -233,27 +270,7 @@ def export_onnx(module: nn.Module, path, example_inputs, *, opset: int = 17, dyn
         if check:
             cin = inputs if check_inputs is None else (
                 (check_inputs,) if isinstance(check_inputs, torch.Tensor) else tuple(check_inputs))
-            with torch.no_grad():
-                want = _flat_tensors(module(*cin))
-            got = onnx_run(path, cin)
-            if len(got) != len(want):
-                raise RTLError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(want)}.")
-            for g, w in zip(got, want):
-                w = w.detach().cpu()
-                if g.shape != w.shape:
-                    raise RTLError(f"ONNX output shape {tuple(g.shape)} differs from PyTorch {tuple(w.shape)}; "
-                                   "the graph was traced with a batch-dependent shape.")
-                if not w.is_floating_point():
-                    if not torch.equal(g.to(w.dtype), w):
-                        raise RTLError(f"ONNX integer output differs from PyTorch ({path}).")
-                    continue
-                a = float((g.float() - w.float()).abs().max()) if w.numel() else 0.0
-                scale = float(w.float().abs().max()) if w.numel() else 0.0
-                if a > atol + rtol * scale:
-                    raise RTLError(f"ONNX output differs from PyTorch by {a:.3g} (max |y| {scale:.3g}) in {path}; "
-                                   "an operator is exported differently: check the opset or report the layer.")
-                err["max_abs_err"] = max(err["max_abs_err"], a)
-                err["max_rel_err"] = max(err["max_rel_err"], a / max(scale, 1e-12))
+            err.update(_compare_with_onnx(module, path, cin, rtol=rtol, atol=atol))
         return err
     finally:
         module.train(was)
@@ -261,9 +278,9 @@ def export_onnx(module: nn.Module, path, example_inputs, *, opset: int = 17, dyn
 
 # --------------------------------------------------------------------------- routers
 def _router_entry(router, K: int) -> tuple[dict, bytes | None]:
-    from rtl_plugin.routing.routers import Router
     if not isinstance(router, Router):
-        raise RouteError(f"router must be an rtl_plugin.routing.routers.Router (create_router(...)), got {type(router).__name__}.")
+        raise RouteError(f"router must be an rtl_plugin.routing.routers.Router (create_router(...)), got "
+                         f"{type(router).__name__}.")
     name = getattr(router, "name", None)
     if name not in _ROUTER_CONFIG:
         raise RouteError(f"router {name!r} cannot be packaged; packaged routers: {sorted(_ROUTER_CONFIG)}.")
@@ -271,25 +288,22 @@ def _router_entry(router, K: int) -> tuple[dict, bytes | None]:
         raise RouteError(f"the router routes {router.num_tickets} tickets, the model {K}; fit it with num_tickets={K}.")
     if name in ("learned", "centroid") and not bool(router.fitted):
         raise RouteError(f"the {name} router is not fitted; call router.fit(x, ticket_ids) before packaging.")
-    if name == "all":
-        from rtl_plugin.routing.routers import positive_score
-        if router.score_fn is not positive_score:
-            raise RouteError("a run-all router with a custom score_fn cannot be serialised; package it without "
-                             "router= and build RunAllRouter(K, model=slim, score_fn=...) after load_package().")
+    if name == "all" and router.score_fn is not positive_score:
+        raise RouteError("a run-all router with a custom score_fn cannot be serialised; package it without "
+                         "router= and build RunAllRouter(K, model=slim, score_fn=...) after load_package().")
     cfg = {}
     for k in _ROUTER_CONFIG[name]:
         v = getattr(router, k)
         cfg[k] = list(v) if isinstance(v, tuple) else v
     state = {k: v for k, v in router.state_dict().items() if v is not None}
-    data = _st_bytes(state) if state else None
+    data = tensors_to_bytes(state) if state else None
     return {"name": name, "config": cfg, "file": ROUTER_FILE if data else None}, data
 
 
-def _rebuild_router(entry: dict, K: int, data: bytes | None, model: nn.Module):
-    from rtl_plugin.routing.routers import RunAllRouter, create_router
+def _rebuild_router(entry: dict, K: int, data: bytes | None, model: nn.Module, where: Path):
     name = entry.get("name")
     if name not in _ROUTER_CONFIG:
-        raise CorruptFileError(f"the package names an unknown router {name!r}; re-export the package.")
+        raise CorruptFileError(f"the package names an unknown router {name!r}; {PACKAGE.fix}.")
     if name == "all":
         return RunAllRouter(K, model=model)
     cfg = dict(entry.get("config") or {})
@@ -297,17 +311,82 @@ def _rebuild_router(entry: dict, K: int, data: bytes | None, model: nn.Module):
         cfg["input_shape"] = tuple(cfg["input_shape"])
     router = create_router(name, num_tickets=K, **cfg)
     if data is not None:
-        state = _st_load(data, ROUTER_FILE)
+        state = tensors_from_bytes(data, where, PACKAGE)
         try:
             router.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise CorruptFileError(f"{ROUTER_FILE} does not fit the {name} router described in the manifest ({e}).") from e
+            raise CorruptFileError(f"{where} does not fit the {name} router described in the manifest ({e}); "
+                                   f"{PACKAGE.fix}.") from e
     return router.eval()
 
 
-# --------------------------------------------------------------------------- package export / load
+# --------------------------------------------------------------------------- package export
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
+
+
+def _example_inputs(routed: RoutedModel, example_inputs) -> torch.Tensor:
+    if example_inputs is None:
+        if routed.space.example_input_shape is None or routed.space.trace_root:
+            raise SpaceError("the ticket space has no model-level example input shape; pass example_inputs= "
+                             "(a tensor the model accepts, e.g. torch.randn(2, 3, 32, 32)).")
+        p = next(routed.model.parameters())
+        g = torch.Generator().manual_seed(0)
+        example_inputs = torch.randn(routed.space.example_input_shape, generator=g).to(p.device, p.dtype)
+    if not isinstance(example_inputs, torch.Tensor):
+        raise RTLError("example_inputs must be one input tensor [B, ...] (the model's first positional argument).")
+    return example_inputs
+
+
+def _write_file(path: Path, name: str, data: bytes, files: dict) -> None:
+    atomic_write_bytes(path / name, data)
+    files[name] = sha256(data)
+
+
+def _write_slim_tickets(routed: RoutedModel, path: Path, example_inputs: torch.Tensor, *, onnx: bool,
+                        verify: bool, tol: float, files: dict, onnx_meta: dict) -> list[dict]:
+    """Channel mode: one physically smaller model per ticket (checked against the routed ticket)."""
+    trace_ex = None
+    if routed.space.example_input_shape is not None:
+        p = next(routed.model.parameters())
+        trace_ex = torch.zeros(routed.space.example_input_shape, device=p.device, dtype=p.dtype)
+    tickets_meta = []
+    for k in range(routed.num_tickets):
+        slim = export_ticket(routed, k, example_inputs=trace_ex).eval()
+        if verify:
+            with torch.no_grad():
+                err = _rel_err(slim(example_inputs), routed(example_inputs, route=k))
+            if err > tol:
+                raise RTLError(f"ticket {k}'s slim model differs from the routed ticket by {err:.3g} "
+                               f"(relative); the pruning history does not reproduce the ticket: report it.")
+        name = _ticket_file(k)
+        _write_file(path, name, tensors_to_bytes(slim.state_dict()), files)
+        tickets_meta.append({"ticket": k, "file": name, "history": pruning_history(routed, k),
+                             "params": int(sum(p.numel() for p in slim.parameters())),
+                             "sparsity": round(float(routed.tickets.sparsity()[k]), 6)})
+        if onnx:
+            oname = _ticket_file(k, "onnx")
+            onnx_meta[oname] = export_onnx(slim, path / oname, example_inputs)["max_rel_err"]
+            files[oname] = sha256((path / oname).read_bytes())
+    return tickets_meta
+
+
+def _write_routed(routed: RoutedModel, path: Path, *, onnx: bool) -> list[dict]:
+    """Weight mode: the routed run itself (shared weights + bit-packed masks) in ``routed/``."""
+    if onnx:
+        raise SpaceError("onnx=True needs channel granularity (weight tickets are dense tensors with "
+                         "zeros: export one with export_onnx(export_ticket(routed, k), ...)).")
+    save(routed, path / ROUTED_DIR)
+    return [{"ticket": k, "sparsity": round(float(s), 6)} for k, s in enumerate(routed.tickets.sparsity().tolist())]
+
+
+def _write_router(router, router_entry: dict | None, router_bytes: bytes | None, path: Path,
+                  example_inputs: torch.Tensor, *, onnx: bool, files: dict, onnx_meta: dict) -> None:
+    if router_bytes is not None:
+        _write_file(path, ROUTER_FILE, router_bytes, files)
+    if onnx and router_entry is not None and router_entry["name"] in ("learned", "centroid"):
+        onnx_meta["router.onnx"] = export_onnx(router, path / "router.onnx", example_inputs)["max_rel_err"]
+        files["router.onnx"] = sha256((path / "router.onnx").read_bytes())
 
 
 def export_package(routed: RoutedModel, path, *, router=None, example_inputs=None, onnx: bool = False,
@@ -326,129 +405,79 @@ def export_package(routed: RoutedModel, path, *, router=None, example_inputs=Non
         verify: check every slim ticket against ``routed(x, route=k)`` (eval mode) on ``example_inputs``;
             a relative difference above ``tol`` raises RTLError.
     """
-    from rtl_plugin._version import __version__
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"export_package() needs a RoutedModel, got {type(routed).__name__}.")
-    K = routed.num_tickets
-    router_entry, router_bytes = (None, None) if router is None else _router_entry(router, K)
-    if example_inputs is None:
-        if routed.space.example_input_shape is None or routed.space.trace_root:
-            raise SpaceError("the ticket space has no model-level example input shape; pass example_inputs= "
-                             "(a tensor the model accepts, e.g. torch.randn(2, 3, 32, 32)).")
-        p = next(routed.model.parameters())
-        g = torch.Generator().manual_seed(0)
-        example_inputs = torch.randn(routed.space.example_input_shape, generator=g).to(p.device, p.dtype)
-    if not isinstance(example_inputs, torch.Tensor):
-        raise RTLError("example_inputs must be one input tensor [B, ...] (the model's first positional argument).")
+    router_entry, router_bytes = (None, None) if router is None else _router_entry(router, routed.num_tickets)
+    example_inputs = _example_inputs(routed, example_inputs)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    tickets_meta = []
     onnx_meta: dict = {}
     was = routed.training
     routed.eval()
     try:
         if routed.granularity == "channel":
-            from rtl_plugin.persist.export import export_ticket, pruning_history
-            trace_ex = None
-            if routed.space.example_input_shape is not None:
-                p = next(routed.model.parameters())
-                trace_ex = torch.zeros(routed.space.example_input_shape, device=p.device, dtype=p.dtype)
-            for k in range(K):
-                slim = export_ticket(routed, k, example_inputs=trace_ex).eval()
-                if verify:
-                    with torch.no_grad():
-                        err = _rel_err(slim(example_inputs), routed(example_inputs, route=k))
-                    if err > tol:
-                        raise RTLError(f"ticket {k}'s slim model differs from the routed ticket by {err:.3g} "
-                                       f"(relative); the pruning history does not reproduce the ticket: report it.")
-                data = _st_bytes(slim.state_dict())
-                name = _ticket_file(k)
-                atomic_write_bytes(path / name, data)
-                files[name] = _sha256(data)
-                tickets_meta.append({"ticket": k, "file": name, "history": pruning_history(routed, k),
-                                     "params": int(sum(p.numel() for p in slim.parameters())),
-                                     "sparsity": round(float(routed.tickets.sparsity()[k]), 6)})
-                if onnx:
-                    oname = _ticket_file(k, "onnx")
-                    onnx_meta[oname] = export_onnx(slim, path / oname, example_inputs)["max_rel_err"]
-                    files[oname] = _sha256((path / oname).read_bytes())
+            tickets_meta = _write_slim_tickets(routed, path, example_inputs, onnx=onnx, verify=verify, tol=tol,
+                                               files=files, onnx_meta=onnx_meta)
         else:
-            from rtl_plugin.persist.io import save
-            save(routed, path / ROUTED_DIR)
-            tickets_meta = [{"ticket": k, "sparsity": round(float(s), 6)} for k, s in
-                            enumerate(routed.tickets.sparsity().tolist())]
-            if onnx:
-                raise SpaceError("onnx=True needs channel granularity (weight tickets are dense tensors with "
-                                 "zeros: export one with export_onnx(export_ticket(routed, k), ...)).")
-        if router_bytes is not None:
-            atomic_write_bytes(path / ROUTER_FILE, router_bytes)
-            files[ROUTER_FILE] = _sha256(router_bytes)
-        if onnx and router_entry is not None and router_entry["name"] in ("learned", "centroid"):
-            onnx_meta["router.onnx"] = export_onnx(router, path / "router.onnx", example_inputs)["max_rel_err"]
-            files["router.onnx"] = _sha256((path / "router.onnx").read_bytes())
+            tickets_meta = _write_routed(routed, path, onnx=onnx)
+        _write_router(router, router_entry, router_bytes, path, example_inputs, onnx=onnx, files=files,
+                      onnx_meta=onnx_meta)
     finally:
         routed.train(was)
-    manifest = {
-        "format": PACKAGE_FORMAT, "format_version": PACKAGE_VERSION, "rtl_plugin_version": __version__,
-        "granularity": routed.granularity, "num_tickets": K, "fingerprint": routed.space.fingerprint,
+    body = {
+        "granularity": routed.granularity, "num_tickets": routed.num_tickets, "fingerprint": routed.space.fingerprint,
         "space": routed.space.to_dict(), "tickets": tickets_meta, "router": router_entry,
         "example_input_shape": list(example_inputs.shape), "onnx_max_rel_err": onnx_meta, "files": files,
     }
-    atomic_write_json(path / MANIFEST, manifest)  # last: a folder with a manifest is complete
+    write_manifest(path / MANIFEST, PACKAGE, body)  # last: a folder with a manifest is complete
     return path
 
 
+# --------------------------------------------------------------------------- package load
 def read_package_manifest(path) -> dict:
-    """Read and validate a package's manifest (format, version, required keys)."""
-    path = Path(path)
-    mf = path / MANIFEST
-    if not mf.is_file():
-        raise CorruptFileError(f"{mf} does not exist; {path} is not an rtl-plugin package (write one with "
-                               "rtl_plugin.persist.package.export_package).")
-    try:
-        m = json.loads(mf.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{mf} is not valid JSON ({e}); the package is damaged: re-export it.") from e
-    if not isinstance(m, dict) or m.get("format") != PACKAGE_FORMAT:
-        fmt = m.get("format") if isinstance(m, dict) else None
-        hint = " (a run folder: load it with rtl.load)" if fmt == "rtl-plugin" else ""
-        raise CorruptFileError(f"{mf} is not an rtl-plugin package manifest (format={fmt!r}){hint}.")
-    ver = m.get("format_version")
-    if not isinstance(ver, int) or isinstance(ver, bool) or ver < 1:
-        raise CorruptFileError(f"{mf} has no valid format_version; re-export the package.")
-    if ver > PACKAGE_VERSION:
-        raise FormatVersionError(f"{path} was written with package format {ver}, this rtl-plugin reads up to "
-                                 f"{PACKAGE_VERSION}; upgrade rtl-plugin (pip install -U rtl-plugin).")
-    need = {"granularity": str, "num_tickets": int, "fingerprint": str, "space": dict, "tickets": list,
-            "files": dict}
-    for key, typ in need.items():
-        if not isinstance(m.get(key), typ) or isinstance(m.get(key), bool):
-            raise CorruptFileError(f"{mf} lacks a valid {key!r} entry; the manifest is damaged: re-export the package.")
-    if m["num_tickets"] < 1 or (m["granularity"] == "channel" and len(m["tickets"]) != m["num_tickets"]):
-        raise CorruptFileError(f"{mf} lists {len(m['tickets'])} tickets for num_tickets={m['num_tickets']}.")
+    """Read and validate a package's manifest (format, version, required keys, one entry per channel ticket)."""
+    mf = Path(path) / MANIFEST
+    m = read_manifest(mf, PACKAGE)
+    if m["granularity"] == "channel" and len(m["tickets"]) != m["num_tickets"]:
+        raise CorruptFileError(f"{mf} lists {len(m['tickets'])} tickets for num_tickets={m['num_tickets']}; "
+                               f"{PACKAGE.fix}.")
     return m
 
 
 def _read_checked(path: Path, name: str, manifest: dict) -> bytes:
-    f = path / name
-    if not f.is_file():
-        raise CorruptFileError(f"{f} is missing; the package is incomplete: re-export it.")
-    data = f.read_bytes()
-    if manifest["files"].get(name) != _sha256(data):
-        raise CorruptFileError(f"{f} does not match its checksum in the manifest (truncated or modified); "
-                               "re-export the package.")
-    return data
+    return read_verified(path / name, manifest["files"].get(name), PACKAGE)
 
 
 def _fresh_model_check(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_package() needs a fresh base model (nn.Module) of the packaged architecture, "
                         f"got {type(model).__name__}.")
-    from rtl_plugin.norms import RoutedBatchNorm
     if isinstance(model, (RoutedModel, SlimRoutedModel)) or any(isinstance(m, RoutedBatchNorm) for m in model.modules()):
         raise ArchitectureMismatchError("load_package() needs a fresh, unwrapped model (e.g. timm.create_model(...)), "
                                         "not a RoutedModel or a model already wrapped by rtl.wrap.")
+
+
+def _load_slim_ticket(path: Path, m: dict, space: TicketSpace, k: int, model: nn.Module) -> nn.Module:
+    """Ticket ``k``: a copy of ``model`` pruned by replaying its torch-pruning history, then its weights."""
+    entry = m["tickets"][k]
+    if not isinstance(entry, dict) or entry.get("ticket") != k or not isinstance(entry.get("history"), list):
+        raise CorruptFileError(f"ticket entry {k} of {path / MANIFEST} is damaged; {PACKAGE.fix}.")
+    state = tensors_from_bytes(_read_checked(path, entry["file"], m), path / entry["file"], PACKAGE)
+    base = copy.deepcopy(model)
+    root = base.get_submodule(space.trace_root) if space.trace_root else base
+    p = next(root.parameters())
+    if space.example_input_shape is None:
+        raise CorruptFileError(f"the packaged ticket space has no example input shape; {PACKAGE.fix}.")
+    ex = torch.zeros(space.example_input_shape, device=p.device, dtype=p.dtype)
+    try:
+        _tp.replay_history(_tp.build_graph(root, ex), entry["history"])
+        base.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, IndexError, ValueError) as e:
+        raise ArchitectureMismatchError(f"ticket {k} of {path} does not fit this model after replaying its "
+                                        f"pruning history ({type(e).__name__}: {e}); create the same model "
+                                        "(name, num_classes, encoder) before loading.") from e
+    return base.eval()
 
 
 def load_package(path, model: nn.Module, *, map_location=None) -> SlimRoutedModel:
@@ -466,47 +495,19 @@ def load_package(path, model: nn.Module, *, map_location=None) -> SlimRoutedMode
     path = Path(path)
     m = read_package_manifest(path)
     _fresh_model_check(model)
-    fp = architecture_fingerprint(model)
-    if fp != m["fingerprint"]:
-        raise ArchitectureMismatchError(f"{path} was packaged from another architecture (fingerprint "
-                                        f"{m['fingerprint']} vs this model's {fp}); create the same model "
-                                        "(name, num_classes, encoder) before loading.")
+    check_fingerprint(model, m, path, PACKAGE)
     K = m["num_tickets"]
     if m["granularity"] == "channel":
         space = TicketSpace.from_dict(m["space"])
-        slims = []
-        for k, entry in enumerate(m["tickets"]):
-            if not isinstance(entry, dict) or entry.get("ticket") != k or not isinstance(entry.get("history"), list):
-                raise CorruptFileError(f"ticket entry {k} of {path / MANIFEST} is damaged; re-export the package.")
-            state = _st_load(_read_checked(path, entry["file"], m), str(path / entry["file"]))
-            base = copy.deepcopy(model)
-            root = base.get_submodule(space.trace_root) if space.trace_root else base
-            p = next(root.parameters())
-            if space.example_input_shape is None:
-                raise CorruptFileError("the packaged ticket space has no example input shape; re-export the package.")
-            ex = torch.zeros(space.example_input_shape, device=p.device, dtype=p.dtype)
-            try:
-                _tp.replay_history(_tp.build_graph(root, ex), entry["history"])
-                base.load_state_dict(state, strict=True)
-            except (RuntimeError, KeyError, IndexError, ValueError) as e:
-                raise ArchitectureMismatchError(f"ticket {k} of {path} does not fit this model after replaying its "
-                                                f"pruning history ({type(e).__name__}: {e}).") from e
-            slims.append(base.eval())
-        slim = SlimRoutedModel(slims)
+        slim = SlimRoutedModel([_load_slim_ticket(path, m, space, k, model) for k in range(K)])
     else:
-        from rtl_plugin.persist.io import load
-        routed = load(path / ROUTED_DIR, model)
-        slim = SlimRoutedModel(routed=routed.eval())
-    if m.get("router") is not None:
-        entry = m["router"]
+        slim = SlimRoutedModel(routed=load(path / ROUTED_DIR, model).eval())
+    entry = m.get("router")
+    if entry is not None:
         if not isinstance(entry, dict):
-            raise CorruptFileError(f"the router entry of {path / MANIFEST} is damaged; re-export the package.")
+            raise CorruptFileError(f"the router entry of {path / MANIFEST} is damaged; {PACKAGE.fix}.")
         data = _read_checked(path, entry["file"], m) if entry.get("file") else None
-        router = _rebuild_router(entry, K, data, slim)
-        if entry.get("name") == "all":
-            object.__setattr__(slim, "router", router)
-        else:
-            slim.router = router
+        slim.attach_router(_rebuild_router(entry, K, data, slim, path / ROUTER_FILE))
     if map_location is not None:
         slim.to(map_location)
     return slim.eval()
@@ -516,7 +517,7 @@ def package_size(path) -> int:
     """Bytes on disk of a package folder (all files, recursively)."""
     path = Path(path)
     if not path.is_dir():
-        raise CorruptFileError(f"{path} is not a folder.")
+        raise CorruptFileError(f"{path} is not a folder; pass a package folder written by export_package.")
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 

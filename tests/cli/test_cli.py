@@ -142,3 +142,76 @@ def test_export_channel_run_to_package_with_onnx(tmp_path):
         assert slim(x).shape == b.shape  # the packaged learned router picks the tickets
     assert main(["export", str(run), "--out", str(tmp_path / "p2"), "--sparsity", "0.8"]) == 2
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "p3")]) == 2
+
+
+# ----------------------------------------------------------------------------- self-contained run folders
+def _strings(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def _demo_model():
+    import timm
+    return timm.create_model("test_resnet", num_classes=22, in_chans=3)
+
+
+def test_results_json_holds_no_absolute_path(demo_run):
+    res = json.loads((demo_run / "results.json").read_text())
+    strings = list(_strings(res))
+    assert "tickets/sparsity_50" in strings  # the walk sees the ticket entries
+    bad = [s for s in strings if s.startswith("/") or str(demo_run) in s or demo_run.name in s]
+    assert bad == []
+
+
+def test_moved_run_folder_loads_diagnoses_and_exports(demo_run, tmp_path):
+    """The demo run folder moved elsewhere (the original gone): tickets load, diagnose and export work."""
+    import shutil
+
+    from rtl_plugin.persist.run_folder import saved_tickets
+    moved = tmp_path / "elsewhere" / "moved_run"
+    moved.parent.mkdir()
+    shutil.move(str(demo_run), str(moved))
+    try:
+        assert not demo_run.exists()
+        saved = saved_tickets(moved)
+        assert set(saved) == {0.5, 0.75} and all(moved in f.parents for f in saved.values())
+        for s, folder in saved.items():
+            routed = rtl.load(folder, _demo_model())
+            assert abs(float(routed.tickets.sparsity().mean()) - s) < 1e-3
+        diag = rtl.diagnose_run(moved)
+        assert Path(diag["out_dir"]) == moved / "diagnostics"
+        assert diag["figures"] and all((moved / "diagnostics" / f).read_bytes()[:4] == b"\x89PNG"
+                                       for f in diag["figures"])
+        assert "sparsity_75" in Path(diag["report_md"]).read_text() and Path(diag["report_html"]).is_file()
+        pkg = tmp_path / "pkg"
+        assert main(["export", str(moved), "--out", str(pkg), "--sparsity", "0.75", "--router", "none"]) == 0
+        slim = rtl.load_package(pkg, _demo_model())
+        routed = rtl.load(saved[0.75], _demo_model()).eval()
+        x, ids = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2] * 2)
+        with torch.no_grad():
+            assert torch.equal(slim(x, route=ids), routed(x, route=ids))
+    finally:
+        shutil.move(str(moved), str(demo_run))  # the fixture serves the other tests of this module
+
+
+def test_old_results_with_absolute_ticket_paths(demo_run, tmp_path, capsys):
+    """results.json of the previous version (absolute paths to a deleted place): resolved inside the copy."""
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(demo_run, run, ignore=shutil.ignore_patterns("diagnostics"))
+    res = json.loads((run / "results.json").read_text())
+    res["tickets"] = {s: f"/gone/original/run/tickets/{Path(e).name}" for s, e in res["tickets"].items()}
+    (run / "results.json").write_text(json.dumps(res))
+    assert main(["export", str(run), "--out", str(tmp_path / "pkg"), "--router", "none"]) == 0
+    assert "sparsity_75" in capsys.readouterr().out  # the sparsest saved one, found in this copy
+    assert rtl.load_package(tmp_path / "pkg", _demo_model()).num_tickets == 3
+    shutil.rmtree(run / "tickets" / "sparsity_75")
+    assert main(["export", str(run), "--out", str(tmp_path / "pkg2"), "--router", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "sparsity_75" in err and "does not exist" in err and "/gone/original" in err

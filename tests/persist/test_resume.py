@@ -319,12 +319,12 @@ def test_retrain_checkpoint_other_masks_raises(tmp_path, make_routed, make_loade
 
 
 def test_kill_between_tensor_and_manifest_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    from rtl_plugin import checkpoint as C
+    from rtl_plugin.persist import checkpoint as C
     C.save_bundle(tmp_path, "x", {"a": torch.arange(3)}, {"epoch": 1}, config={"c": 1})
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # the process dies after the new tensor file, before the new manifest
-    monkeypatch.setattr(C, "atomic_write_json", killed)
+    monkeypatch.setattr(C, "write_manifest", killed)
     with pytest.raises(KeyboardInterrupt):
         C.save_bundle(tmp_path, "x", {"a": torch.arange(5)}, {"epoch": 2}, config={"c": 1})
     monkeypatch.undo()
