@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from rtl_plugin.diagnostics.similarity import jaccard_per_band
+from rtl_plugin.errors import MissingDependencyError
+
 
 def _plt():
     try:
@@ -10,7 +15,6 @@ def _plt():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        from rtl_plugin.errors import MissingDependencyError
         raise MissingDependencyError('matplotlib is required for figures: pip install "rtl-plugin[plots]"') from e
     return plt
 
@@ -69,7 +73,6 @@ def plot_params(results: dict, path) -> str:
 def plot_jaccard(jaccard, names, path, title: str = "") -> str:
     """Heatmap of pairwise ticket Jaccard similarity."""
     plt = _plt()
-    import numpy as np
     j = np.asarray(jaccard, dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(names), 1.0 + 0.5 * len(names)))
     im = ax.imshow(j, vmin=0, vmax=1, cmap="viridis")
@@ -149,8 +152,6 @@ def plot_sweep(sweep, path, *, warning=None, truth: list[dict] | None = None, ti
 def plot_band_heatmaps(tickets, names, path, *, n_bands: int = 3, title: str = "") -> str:
     """One Jaccard heatmap per depth band (shallow / middle / deep)."""
     plt = _plt()
-    import numpy as np
-    from rtl_plugin.diagnostics.similarity import jaccard_per_band
     bands = jaccard_per_band(tickets, n_bands)
     K = tickets.num_tickets
     fig, axes = plt.subplots(1, len(bands), figsize=(1.0 + (1.2 + 0.4 * K) * len(bands), 1.4 + 0.4 * K))
@@ -176,12 +177,10 @@ def plot_band_heatmaps(tickets, names, path, *, n_bands: int = 3, title: str = "
 def plot_dendrogram(jaccard, names, path, *, title: str = "") -> str:
     """Average-linkage dendrogram of the tickets with distance 1 - Jaccard."""
     plt = _plt()
-    import numpy as np
     try:
         from scipy.cluster.hierarchy import dendrogram, linkage
         from scipy.spatial.distance import squareform
     except ImportError as e:
-        from rtl_plugin.errors import MissingDependencyError
         raise MissingDependencyError('scipy is required for the dendrogram: pip install "rtl-plugin[plots]"') from e
     d = 1 - np.asarray(jaccard, dtype=float)
     d = (d + d.T) / 2
@@ -200,7 +199,6 @@ def plot_dendrogram(jaccard, names, path, *, title: str = "") -> str:
 def plot_layer_sparsity(tickets, names, path, *, title: str = "") -> str:
     """Heatmap: kept fraction of each prunable layer (x, forward order) for each ticket (y)."""
     plt = _plt()
-    import numpy as np
     em = tickets.element_masks()
     layers = list(em)
     dens = np.array([[float(em[n][k].float().mean()) for n in layers] for k in range(tickets.num_tickets)])
