@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rtl_plugin import _tp
 from rtl_plugin.errors import DataError, RouteError
 from rtl_plugin.registry import Registry
 
@@ -466,14 +467,12 @@ def model_flops(model: nn.Module, example_input) -> int:
     ``torch_pruning.utils.count_ops_and_params`` returns (MACs, params) for the batch it is given, with
     bias adds and element-wise ops counted like MACs; only the first sample of ``example_input`` is used.
     """
-    import torch_pruning as tp
     if isinstance(example_input, torch.Tensor):
         example_input = example_input[:1]
     elif isinstance(example_input, (tuple, list)):
         example_input = type(example_input)(a[:1] if isinstance(a, torch.Tensor) and a.dim() else a
                                             for a in example_input)
-    macs, _ = tp.utils.count_ops_and_params(_plain(model), example_input)
-    return int(2 * macs)
+    return int(2 * _tp.count_macs(_plain(model), example_input))
 
 
 @register_router("all")
