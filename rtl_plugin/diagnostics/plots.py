@@ -19,6 +19,15 @@ def _plt():
     return plt
 
 
+
+def _save(fig, path) -> str:
+    """Lay out, write (120 dpi) and close ``fig``; returns the path as a string."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return str(path)
+
+
 def plot_metric_vs_sparsity(results: dict, path, metric: str = "balanced_accuracy") -> str:
     """One line per (method, routing, matching); dense as a horizontal line."""
     plt = _plt()
@@ -41,10 +50,7 @@ def plot_metric_vs_sparsity(results: dict, path, metric: str = "balanced_accurac
     ax.set_title(f"{results.get('dataset', '')}: {results.get('model', '')}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_params(results: dict, path) -> str:
@@ -64,10 +70,7 @@ def plot_params(results: dict, path) -> str:
     ax.set_ylabel("stored prunable weights")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_jaccard(jaccard, names, path, title: str = "") -> str:
@@ -84,10 +87,7 @@ def plot_jaccard(jaccard, names, path, title: str = "") -> str:
                     color="white" if j[a, b] < 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_classification_results(results: dict, out_dir) -> list[str]:
@@ -143,10 +143,7 @@ def plot_sweep(sweep, path, *, warning=None, truth: list[dict] | None = None, ti
     a2.set_ylabel("metric")
     a2.set_xlabel("sparsity of each ticket (%)")
     a1.set_title(title or "ticket similarity along the sparsity sweep", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_band_heatmaps(tickets, names, path, *, n_bands: int = 3, title: str = "") -> str:
@@ -190,10 +187,7 @@ def plot_dendrogram(jaccard, names, path, *, title: str = "") -> str:
                leaf_rotation=60, leaf_font_size=7)
     ax.set_ylabel("1 - Jaccard")
     ax.set_title(title or "ticket dendrogram", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_layer_sparsity(tickets, names, path, *, title: str = "") -> str:
@@ -211,7 +205,4 @@ def plot_layer_sparsity(tickets, names, path, *, title: str = "") -> str:
                   fontsize=5)
     fig.colorbar(im, ax=ax, fraction=0.03, label="kept (log)")
     ax.set_title(title or "per-layer density per ticket", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
