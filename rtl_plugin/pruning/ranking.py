@@ -31,11 +31,17 @@ def kth_smallest(values: torch.Tensor, n: int, *, method: str = "auto") -> torch
     return torch.kthvalue(values.cpu(), n).values.to(values.device)
 
 
+def _check_count(n, kept: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= kept:
+        raise RTLError(f"the number of weights to prune must be an int in [1, {kept}] (the surviving weights), got {n!r}.")
+
+
 def prune_weights_global(masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """Drop the n lowest-scoring surviving entries over all layers (in place on ``masks``).
 
     The threshold is the n-th smallest surviving score (pruned entries score +inf); ties are broken by position
     for exact counts: the same set as the first n of a stable argsort of the survivors, in O(N)."""
+    _check_count(n, int(sum(int(m.sum()) for m in masks.values())))
     names = list(masks)
     inf = torch.tensor(float("inf"))
     flat = torch.cat([torch.where(masks[nm], scores[nm].float(), inf.to(scores[nm].device)).flatten()
@@ -57,6 +63,7 @@ def prune_weights_layerwise(masks, scores, kept: int, n: int) -> dict[str, torch
     """Every layer loses the same fraction n / kept of its surviving weights (largest remainders get the
     leftover counts, never the last weight of a layer): avoids the layer collapse a global ranking causes
     when deep layers start with smaller weights."""
+    _check_count(n, kept)
     names = list(masks)
     alive = {nm: int(masks[nm].sum()) for nm in names}
     exact = {nm: n * alive[nm] / kept for nm in names}

@@ -18,6 +18,8 @@ def clone_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     Hyper-parameters travel in the param groups; only constructor arguments the class accepts are passed
     (e.g. AdamW's ``defaults`` hold keys its constructor rejects).
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise OptimizerError(f"clone_optimizer needs a torch.optim.Optimizer instance, got {type(optimizer).__name__}.")
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
               for g in optimizer.param_groups]
     try:

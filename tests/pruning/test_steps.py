@@ -158,3 +158,15 @@ def test_train_ticket_changes_only_what_ticket_k_owns(make_tiny, make_loader):
     pruner.abandon_search()
     for n, w in routed.prunable_weights().items():  # back to θ and the masks from before the search
         assert bool(routed.tickets.masks[n].all())
+
+
+def test_ranking_refuses_bad_counts(make_tiny):
+    from rtl_plugin.pruning.ranking import prune_weights_global, prune_weights_layerwise
+    masks = {"a": torch.ones(4, dtype=torch.bool)}
+    scores = {"a": torch.tensor([3.0, 1.0, 2.0, 0.5])}
+    with pytest.raises(rtl.RTLError, match=r"int in \[1, 4\]"):
+        prune_weights_global({"a": masks["a"].clone()}, scores, 0)
+    with pytest.raises(rtl.RTLError, match=r"int in \[1, 4\]"):
+        prune_weights_layerwise({"a": masks["a"].clone()}, scores, 4, 5)
+    kept = prune_weights_global({"a": masks["a"].clone()}, scores, 2)["a"]
+    assert kept.tolist() == [True, False, True, False]  # the two smallest magnitudes go
