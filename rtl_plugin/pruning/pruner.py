@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -82,6 +83,16 @@ def _check_schedule(routed, schedule, prune_fraction, prune_count, rewind, scope
                             f"such as CollapseMonitor), got {order!r}.")
     if not _is_int(max_relaxations) or max_relaxations < 0:
         raise SparsityError(f"max_relaxations must be an int >= 0, got {max_relaxations!r}.")
+
+
+@dataclass(frozen=True)
+class _RoundTraining:
+    """How find_tickets trains a ticket in every round: the step, passes per round, device and a maker of fresh
+    optimizers."""
+    train_step: TrainStep
+    epochs: int
+    device: object
+    make_optimizer: Callable[[], torch.optim.Optimizer]
 
 
 def _sparsities_argument(sparsities, target_sparsity):
@@ -336,13 +347,12 @@ class RTLPruner:
             warn_factory_deprecated(stacklevel=3)
         loaders, which = self._search_loaders(subsets, tickets, epochs_per_round, checkpoint_every)
         make_optimizer = fresh_optimizers(self.routed, optimizer, optimizer_factory)
-        train = {"train_step": train_step or default_train_step(loss_fn), "epochs": epochs_per_round,
-                 "device": device, "make_optimizer": make_optimizer}
+        train = _RoundTraining(train_step or default_train_step(loss_fn), epochs_per_round, device, make_optimizer)
         ck = None if checkpoint_dir is None else (checkpoint_dir, self._checkpoint_config(loaders, which, epochs_per_round))
         state = load_search(ck, self.routed, loaders, self.sparsities) if ck else None
         if state is None:
             if self.rewind_to != "init" and self.rewind_to > 0:
-                self._dense_warmup(loaders, train["train_step"], make_optimizer(), device, int(self.rewind_to))
+                self._dense_warmup(loaders, train.train_step, make_optimizer(), device, int(self.rewind_to))
             state = self.begin_search(which)
             if ck:
                 save_search(ck, loaders, state, self.routed.tickets, self.sparsities)  # start (and warm-up) state
@@ -391,7 +401,7 @@ class RTLPruner:
             raise DataError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
         return loaders, which
 
-    def _search_round(self, k: int, loader, train: dict, bar) -> bool:
+    def _search_round(self, k: int, loader, train: _RoundTraining, bar) -> bool:
         """Ticket k's next round with the callbacks (after recording every target it has reached); False when
         its search is done."""
         target = self.record_targets(k)
@@ -400,8 +410,8 @@ class RTLPruner:
         prog = self.state.progress[k]
         before = self.ticket_sparsity(k)
         self.rewind(k)
-        loss = self.train_ticket(k, loader, train_step=train["train_step"], optimizer=train["make_optimizer"](),
-                                 epochs=train["epochs"], device=train["device"])
+        loss = self.train_ticket(k, loader, train_step=train.train_step, optimizer=train.make_optimizer(),
+                                 epochs=train.epochs, device=train.device)
         trained = {"ticket": k, "round": prog.rounds + 1, "sparsity": before, "target": target, "model": self.routed}
         for cb in self.callbacks:
             if hasattr(cb, "on_trained"):
