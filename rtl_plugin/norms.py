@@ -104,9 +104,10 @@ class RoutedBatchNorm(nn.Module):
             routed_cls = type(f"Routed{base.__name__}", (cls, base), {"_rtl_base_class": base})
             _ROUTED_CLASSES[base] = routed_cls
         if bn.track_running_stats:
-            bn._buffers["running_mean"] = bn.running_mean.detach().clone().unsqueeze(0).repeat(num_tickets, 1)
-            bn._buffers["running_var"] = bn.running_var.detach().clone().unsqueeze(0).repeat(num_tickets, 1)
-            bn._buffers["num_batches_tracked"] = bn.num_batches_tracked.detach().clone().reshape(1).repeat(num_tickets)
+            bn.register_buffer("running_mean", bn.running_mean.detach().clone().unsqueeze(0).repeat(num_tickets, 1))
+            bn.register_buffer("running_var", bn.running_var.detach().clone().unsqueeze(0).repeat(num_tickets, 1))
+            bn.register_buffer("num_batches_tracked",
+                               bn.num_batches_tracked.detach().clone().reshape(1).repeat(num_tickets))
         bn.__class__ = routed_cls
         object.__setattr__(bn, "_state", state)
         object.__setattr__(bn, "_rtl_name", name)
@@ -150,7 +151,7 @@ class RoutedBatchNorm(nn.Module):
             bn.__dict__.pop(k, None)
         if bn.track_running_stats:
             for b in ("running_mean", "running_var", "num_batches_tracked"):
-                bn._buffers[b] = bn._buffers[b][ticket].clone()
+                bn.register_buffer(b, getattr(bn, b)[ticket].clone())
         return bn
 
     def extra_repr(self) -> str:

@@ -414,6 +414,9 @@ class RoutedModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence (see io.py)
     def save(self, path, **kw):
+        """``rtl.save(self, path, **kw)``: the tickets as safetensors + a JSON manifest (see persist.io)."""
+        # persist's package __init__ imports persist.export, which imports this module: a top-level import here
+        # would close the cycle routed -> persist -> export -> routed (see the architecture note).
         from rtl_plugin.persist.io import save
         return save(self, path, **kw)
 

@@ -232,6 +232,105 @@ def _layer_kind(m: nn.Module) -> str:
     return "convT" if getattr(m, "transposed", False) else "conv"
 
 
+def _trace(root: nn.Module, example_inputs, customized_pruners):
+    try:
+        return _tp.build_graph(root, example_inputs, customized_pruners=customized_pruners)
+    except Exception as e:  # tp raises many exception types while tracing
+        raise SpaceError(f"torch-pruning could not trace the model ({type(e).__name__}: {e}). Check that "
+                         f"example_inputs match the model's forward() (got "
+                         f"{getattr(example_inputs, 'shape', type(example_inputs))}).") from e
+
+
+def _weight_layers(dg, name_of: dict, excluded: set) -> tuple[dict[str, list[int]], dict[str, str], dict[str, int]]:
+    """``(layers, kinds, conv_groups)`` of the prunable conv/linear layers in the graph, in module order."""
+    graph_mods = [m for m in _tp.graph_modules(dg) if m in name_of]
+    layers: dict[str, list[int]] = {}
+    kinds: dict[str, str] = {}
+    conv_groups: dict[str, int] = {}
+    order = {m: i for i, m in enumerate(name_of)}
+    for m in sorted(graph_mods, key=order.__getitem__):
+        n = name_of[m]
+        if not _tp.is_prunable_weight_layer(m) or n in excluded:
+            continue
+        layers[n] = list(m.weight.shape)
+        kinds[n] = _layer_kind(m)
+        if _tp.is_conv(m) and m.groups > 1:
+            conv_groups[n] = int(m.groups)
+    if not layers:
+        raise SpaceError("the model has no prunable conv/linear weights outside the output/ignored layers; "
+                         "check output_layers/ignored_layers or that example_inputs reach the layers.")
+    return layers, kinds, conv_groups
+
+
+def _check_channel_target(target: nn.Module, tname: str, root_name: str, custom: tuple) -> bool:
+    """True when ``target`` needs a channel mask; raises for layers channel mode cannot mask."""
+    is_custom = any((target is c) or (isinstance(c, type) and isinstance(target, c)) for c in custom)
+    if not (_tp.is_conv(target) or _tp.is_linear(target) or isinstance(target, _NORM_TYPES + _ELEMENTWISE_OK)
+            or is_custom):
+        if not list(target.parameters(recurse=False)):
+            return False  # parameter-free modules (activations, pooling) need no mask
+        raise UnsupportedLayerError(
+            f"channel mode cannot mask layer {tname!r} ({type(target).__name__}) coupled to group {root_name!r}. "
+            "Use granularity='weight', add it to ignored_layers, or pass a customized pruner for it.")
+    if isinstance(target, nn.LayerNorm) and len(target.normalized_shape) != 1:
+        raise UnsupportedLayerError(
+            f"channel mode supports LayerNorm over one (channel) dimension only; {tname!r} normalises "
+            f"over {tuple(target.normalized_shape)}. Use granularity='weight' or ignore it.")
+    if isinstance(target, nn.GroupNorm):
+        raise UnsupportedLayerError(
+            f"channel mode does not support GroupNorm yet ({tname!r}). Use granularity='weight'.")
+    return True
+
+
+def _channel_group(dg, grp, name_of: dict, custom: tuple) -> ChannelGroup | None:
+    """One tp group as a ChannelGroup (None when its root is outside the traced names)."""
+    root_module, size = _tp.group_root(grp)
+    root_name = name_of.get(root_module)
+    if root_name is None:
+        return None
+    chg = 1
+    items: list[ChannelItem] = []
+    for target, is_out, idxs, root_idxs in _tp.group_items(dg, grp):
+        if not isinstance(target, nn.Module) or target not in name_of:
+            continue  # tp virtual ops (concat, split, add) and unwrapped nn.Parameters
+        tname = name_of[target]
+        if not _check_channel_target(target, tname, root_name, custom):
+            continue
+        n_ch = _tp.out_channels(dg, target) if is_out else _tp.in_channels(dg, target)
+        if n_ch is None:
+            continue
+        if idxs and (max(idxs) >= n_ch or min(idxs) < 0):
+            raise UnsupportedLayerError(
+                f"channel group {root_name!r} maps to channel {max(idxs)} of layer {tname!r} which has only "
+                f"{n_ch} channels: a broadcast multiply (attention gate such as SCSE) falsely couples "
+                "channels. Use granularity='weight', put that attention module in ignored_layers, or "
+                "register a customized pruner.")
+        if root_idxs and max(root_idxs) >= size:
+            raise UnsupportedLayerError(f"inconsistent root indices in group {root_name!r} at {tname!r}.")
+        chg = max(chg, _channel_groups_of(target))
+        full = idxs == list(range(n_ch))
+        items.append(ChannelItem(module=tname, out=is_out, size=int(n_ch), idxs=None if full else idxs,
+                                 root_idxs=None if root_idxs == idxs else root_idxs))
+    if size % chg:
+        raise UnsupportedLayerError(f"group {root_name!r} has {size} channels, not divisible by its {chg} channel groups.")
+    return ChannelGroup(root=root_name, size=size, ch_groups=chg, items=items)
+
+
+def _channel_groups(dg, name_of: dict, ignored_mods: list, customized_pruners) -> list[ChannelGroup]:
+    try:
+        tp_groups = _tp.all_groups(dg, ignored_mods)
+    except (IndexError, RuntimeError, ValueError) as e:
+        raise UnsupportedLayerError(
+            f"torch-pruning failed to build channel groups ({type(e).__name__}: {e}). This usually comes from a "
+            "broadcast multiply (e.g. smp's SCSE attention) coupling a 1-channel tensor to C channels. Use "
+            "granularity='weight', put the attention module in ignored_layers, or register a customized pruner.") from e
+    custom = tuple(customized_pruners or ())
+    groups = [g for g in (_channel_group(dg, grp, name_of, custom) for grp in tp_groups) if g is not None]
+    if not groups:
+        raise SpaceError("no prunable channel groups found (every group touches an output or ignored layer).")
+    return groups
+
+
 def build_space(model: nn.Module, example_inputs, *, granularity: str = "weight",
                 output_layers: Sequence[str | nn.Module] = (), ignored_layers: Sequence[str | nn.Module] = (),
                 customized_pruners: dict | None = None, trace_root: str = "") -> TicketSpace:
@@ -267,94 +366,12 @@ def build_space(model: nn.Module, example_inputs, *, granularity: str = "weight"
     excluded = set(out_names) | set(ign_names)
     name_of = {m: prefix + n if n else trace_root for n, m in root.named_modules()}
     by_name = dict(model.named_modules())
-
-    try:
-        dg = _tp.build_graph(root, example_inputs, customized_pruners=customized_pruners)
-    except Exception as e:  # tp raises many exception types while tracing
-        raise SpaceError(f"torch-pruning could not trace the model ({type(e).__name__}: {e}). Check that "
-                         f"example_inputs match the model's forward() (got "
-                         f"{getattr(example_inputs, 'shape', type(example_inputs))}).") from e
-
-    graph_mods = [m for m in _tp.graph_modules(dg) if m in name_of]
-    layers: dict[str, list[int]] = {}
-    kinds: dict[str, str] = {}
-    conv_groups: dict[str, int] = {}
-    order = {m: i for i, m in enumerate(name_of)}
-    for m in sorted(graph_mods, key=order.__getitem__):
-        n = name_of[m]
-        if not _tp.is_prunable_weight_layer(m) or n in excluded:
-            continue
-        layers[n] = list(m.weight.shape)
-        kinds[n] = _layer_kind(m)
-        if _tp.is_conv(m) and m.groups > 1:
-            conv_groups[n] = int(m.groups)
-    if not layers:
-        raise SpaceError("the model has no prunable conv/linear weights outside the output/ignored layers; "
-                         "check output_layers/ignored_layers or that example_inputs reach the layers.")
-
+    dg = _trace(root, example_inputs, customized_pruners)
+    layers, kinds, conv_groups = _weight_layers(dg, name_of, excluded)
     groups: list[ChannelGroup] = []
     if granularity == "channel":
-        custom = tuple(customized_pruners or ())
-        ignored_mods = [by_name[n] for n in excluded if n in by_name]
-        try:
-            tp_groups = _tp.all_groups(dg, ignored_mods)
-        except (IndexError, RuntimeError, ValueError) as e:
-            raise UnsupportedLayerError(
-                f"torch-pruning failed to build channel groups ({type(e).__name__}: {e}). This usually comes from a "
-                "broadcast multiply (e.g. smp's SCSE attention) coupling a 1-channel tensor to C channels. Use "
-                "granularity='weight', put the attention module in ignored_layers, or register a customized pruner.") from e
-        for grp in tp_groups:
-            items: list[ChannelItem] = []
-            root_mod = grp.items[0].dep.target.module
-            root_name = name_of.get(root_mod)
-            if root_name is None:
-                continue
-            size = len(grp.items[0].idxs)
-            chg = 1
-            for target, is_out, idxs, root_idxs in _tp.group_items(dg, grp):
-                if not isinstance(target, nn.Module) or target not in name_of:
-                    continue  # tp virtual ops (concat, split, add) and unwrapped nn.Parameters
-                tname = name_of[target]
-                is_custom = any((target is c) or (isinstance(c, type) and isinstance(target, c)) for c in custom)
-                if not (_tp.is_conv(target) or _tp.is_linear(target) or isinstance(target, _NORM_TYPES + _ELEMENTWISE_OK)
-                        or is_custom):
-                    if not list(target.parameters(recurse=False)):
-                        continue  # parameter-free modules (activations, pooling) need no mask
-                    raise UnsupportedLayerError(
-                        f"channel mode cannot mask layer {tname!r} ({type(target).__name__}) coupled to group {root_name!r}. "
-                        "Use granularity='weight', add it to ignored_layers, or pass a customized pruner for it.")
-                if isinstance(target, nn.LayerNorm) and len(target.normalized_shape) != 1:
-                    raise UnsupportedLayerError(
-                        f"channel mode supports LayerNorm over one (channel) dimension only; {tname!r} normalises "
-                        f"over {tuple(target.normalized_shape)}. Use granularity='weight' or ignore it.")
-                if isinstance(target, nn.GroupNorm):
-                    raise UnsupportedLayerError(
-                        f"channel mode does not support GroupNorm yet ({tname!r}). Use granularity='weight'.")
-                n_ch = _tp.out_channels(dg, target) if is_out else _tp.in_channels(dg, target)
-                if n_ch is None:
-                    continue
-                if idxs and (max(idxs) >= n_ch or min(idxs) < 0):
-                    raise UnsupportedLayerError(
-                        f"channel group {root_name!r} maps to channel {max(idxs)} of layer {tname!r} which has only "
-                        f"{n_ch} channels: a broadcast multiply (attention gate such as SCSE) falsely couples "
-                        "channels. Use granularity='weight', put that attention module in ignored_layers, or "
-                        "register a customized pruner.")
-                if root_idxs and max(root_idxs) >= size:
-                    raise UnsupportedLayerError(f"inconsistent root indices in group {root_name!r} at {tname!r}.")
-                chg = max(chg, _channel_groups_of(target))
-                full = idxs == list(range(n_ch))
-                items.append(ChannelItem(module=tname, out=is_out, size=int(n_ch),
-                                         idxs=None if full else idxs,
-                                         root_idxs=None if root_idxs == idxs else root_idxs))
-            if size % chg:
-                raise UnsupportedLayerError(f"group {root_name!r} has {size} channels, not divisible by its {chg} channel groups.")
-            groups.append(ChannelGroup(root=root_name, size=size, ch_groups=chg, items=items))
-        if not groups:
-            raise SpaceError("no prunable channel groups found (every group touches an output or ignored layer).")
-
-    shape = None
-    if isinstance(example_inputs, torch.Tensor):
-        shape = list(example_inputs.shape)
+        groups = _channel_groups(dg, name_of, [by_name[n] for n in excluded if n in by_name], customized_pruners)
+    shape = list(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else None
     return TicketSpace(granularity=granularity, layers=layers, output_layers=out_names, ignored_layers=ign_names,
                        groups=groups, layer_kinds=kinds, conv_groups=conv_groups, example_input_shape=shape,
                        trace_root=trace_root, fingerprint=architecture_fingerprint(model))

@@ -9,6 +9,7 @@ from rtl_plugin.adapters import Adapter, GenericAdapter, create_adapter, detect_
 from rtl_plugin.errors import TicketError
 from rtl_plugin.routed import RoutedModel
 from rtl_plugin.space import build_space
+from rtl_plugin.training.distributed import check_not_sharded
 
 
 def resolve_adapter(model: nn.Module, adapter: str | Adapter = "auto") -> Adapter:
@@ -40,7 +41,6 @@ def wrap(model: nn.Module, num_tickets: int, *, example_inputs=None, granularity
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-    from rtl_plugin.training.distributed import check_not_sharded
     check_not_sharded(model)  # DDP/FSDP-wrapped models: DistributedError naming the fix
     if not isinstance(num_tickets, int) or isinstance(num_tickets, bool) or num_tickets < 1:
         raise TicketError(f"num_tickets must be a positive int, got {num_tickets!r}.")

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from rtl_plugin.diagnostics.similarity import jaccard_per_band
+from rtl_plugin.errors import MissingDependencyError
+
 
 def _plt():
     try:
@@ -10,9 +15,17 @@ def _plt():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        from rtl_plugin.errors import MissingDependencyError
         raise MissingDependencyError('matplotlib is required for figures: pip install "rtl-plugin[plots]"') from e
     return plt
+
+
+
+def _save(fig, path) -> str:
+    """Lay out, write (120 dpi) and close ``fig``; returns the path as a string."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return str(path)
 
 
 def plot_metric_vs_sparsity(results: dict, path, metric: str = "balanced_accuracy") -> str:
@@ -37,10 +50,7 @@ def plot_metric_vs_sparsity(results: dict, path, metric: str = "balanced_accurac
     ax.set_title(f"{results.get('dataset', '')}: {results.get('model', '')}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_params(results: dict, path) -> str:
@@ -60,16 +70,12 @@ def plot_params(results: dict, path) -> str:
     ax.set_ylabel("stored prunable weights")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_jaccard(jaccard, names, path, title: str = "") -> str:
     """Heatmap of pairwise ticket Jaccard similarity."""
     plt = _plt()
-    import numpy as np
     j = np.asarray(jaccard, dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(names), 1.0 + 0.5 * len(names)))
     im = ax.imshow(j, vmin=0, vmax=1, cmap="viridis")
@@ -81,10 +87,7 @@ def plot_jaccard(jaccard, names, path, title: str = "") -> str:
                     color="white" if j[a, b] < 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_classification_results(results: dict, out_dir) -> list[str]:
@@ -140,17 +143,12 @@ def plot_sweep(sweep, path, *, warning=None, truth: list[dict] | None = None, ti
     a2.set_ylabel("metric")
     a2.set_xlabel("sparsity of each ticket (%)")
     a1.set_title(title or "ticket similarity along the sparsity sweep", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_band_heatmaps(tickets, names, path, *, n_bands: int = 3, title: str = "") -> str:
     """One Jaccard heatmap per depth band (shallow / middle / deep)."""
     plt = _plt()
-    import numpy as np
-    from rtl_plugin.diagnostics.similarity import jaccard_per_band
     bands = jaccard_per_band(tickets, n_bands)
     K = tickets.num_tickets
     fig, axes = plt.subplots(1, len(bands), figsize=(1.0 + (1.2 + 0.4 * K) * len(bands), 1.4 + 0.4 * K))
@@ -176,12 +174,10 @@ def plot_band_heatmaps(tickets, names, path, *, n_bands: int = 3, title: str = "
 def plot_dendrogram(jaccard, names, path, *, title: str = "") -> str:
     """Average-linkage dendrogram of the tickets with distance 1 - Jaccard."""
     plt = _plt()
-    import numpy as np
     try:
         from scipy.cluster.hierarchy import dendrogram, linkage
         from scipy.spatial.distance import squareform
     except ImportError as e:
-        from rtl_plugin.errors import MissingDependencyError
         raise MissingDependencyError('scipy is required for the dendrogram: pip install "rtl-plugin[plots]"') from e
     d = 1 - np.asarray(jaccard, dtype=float)
     d = (d + d.T) / 2
@@ -191,16 +187,12 @@ def plot_dendrogram(jaccard, names, path, *, title: str = "") -> str:
                leaf_rotation=60, leaf_font_size=7)
     ax.set_ylabel("1 - Jaccard")
     ax.set_title(title or "ticket dendrogram", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)
 
 
 def plot_layer_sparsity(tickets, names, path, *, title: str = "") -> str:
     """Heatmap: kept fraction of each prunable layer (x, forward order) for each ticket (y)."""
     plt = _plt()
-    import numpy as np
     em = tickets.element_masks()
     layers = list(em)
     dens = np.array([[float(em[n][k].float().mean()) for n in layers] for k in range(tickets.num_tickets)])
@@ -213,7 +205,4 @@ def plot_layer_sparsity(tickets, names, path, *, title: str = "") -> str:
                   fontsize=5)
     fig.colorbar(im, ax=ax, fraction=0.03, label="kept (log)")
     ax.set_title(title or "per-layer density per ticket", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path)

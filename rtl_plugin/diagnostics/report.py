@@ -14,7 +14,13 @@ import html
 import json
 from pathlib import Path
 
+from rtl_plugin.diagnostics import plots
+from rtl_plugin.diagnostics.collapse import CollapseMonitor
+from rtl_plugin.diagnostics.semantic import semantic_alignment, wordnet_similarity
+from rtl_plugin.diagnostics.similarity import diagnose
+from rtl_plugin.diagnostics.sweep import Sweep
 from rtl_plugin.errors import RTLError
+from rtl_plugin.persist.io import atomic_write_json, load_tickets
 
 
 def _ticket_folders(run: Path) -> list[tuple[float | None, Path]]:
@@ -49,10 +55,6 @@ def diagnose_run(run_dir, *, out_dir=None, class_similarity=None, wordnet: bool 
         wordnet: build the class similarity from WordNet with the ticket names (``apt-get install wordnet-base``).
         monitor: a CollapseMonitor (default settings when None) applied to the run's sweep.
     """
-    from rtl_plugin.diagnostics.collapse import CollapseMonitor
-    from rtl_plugin.diagnostics.similarity import diagnose
-    from rtl_plugin.persist.io import atomic_write_json, load_tickets
-    from rtl_plugin.diagnostics.sweep import Sweep
 
     run = Path(run_dir)
     if not run.is_dir():
@@ -74,7 +76,6 @@ def diagnose_run(run_dir, *, out_dir=None, class_similarity=None, wordnet: bool 
         names = names or [str(k) for k in range(ts.num_tickets)]
         entry = {"folder": str(f), "sparsity": s if s is not None else float(ts.sparsity().mean()), "diagnosis": d.to_dict()}
         if class_similarity is not None or wordnet:
-            from rtl_plugin.diagnostics.semantic import semantic_alignment, wordnet_similarity
             S = wordnet_similarity(names) if class_similarity is None else class_similarity
             entry["semantic_alignment"] = semantic_alignment(ts, S)
         per_sparsity.append((entry, ts, d))
@@ -89,7 +90,6 @@ def diagnose_run(run_dir, *, out_dir=None, class_similarity=None, wordnet: bool 
 
     figs: list[str] = []
     if figures:
-        from rtl_plugin.diagnostics import plots
         if sweep is not None:
             figs.append(plots.plot_sweep(sweep, out / "sweep.png", warning=None if warning is None else warning.to_dict(),
                                          truth=truth or None))

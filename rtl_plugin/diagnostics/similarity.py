@@ -5,11 +5,12 @@ All functions are label-free: they need only the masks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from rtl_plugin.errors import TicketError
+from rtl_plugin.routed import RoutedModel
 from rtl_plugin.tickets import TicketSet, jaccard_from_counts, pair_counts
 
 
@@ -96,7 +97,6 @@ class Diagnosis:
     flags: list[str] = field(default_factory=list)   # collapse flags read from one TicketSet (no sweep needed)
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
         return asdict(self)
 
     def summary(self, names: list[str] | None = None) -> str:
@@ -118,7 +118,6 @@ class Diagnosis:
 def diagnose(obj, n_bands: int = 3, bottleneck_density: float = 0.01) -> Diagnosis:
     """Diagnose a RoutedModel or a TicketSet (label-free); ``flags`` name bottleneck layers (a ticket keeps less
     than ``bottleneck_density`` of a layer's weights) and near-identical tickets."""
-    from rtl_plugin.routed import RoutedModel
     tickets = obj.tickets if isinstance(obj, RoutedModel) else obj
     if not isinstance(tickets, TicketSet):
         raise TicketError(f"diagnose() needs a RoutedModel or a TicketSet, got {type(obj).__name__}.")

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from rtl_plugin.diagnostics.similarity import chance_jaccard, depth_bands
 from rtl_plugin.errors import RTLError, TicketError
+from rtl_plugin.persist.io import atomic_write_json
 from rtl_plugin.tickets import TicketSet, jaccard_from_counts, pair_counts
 
 MASK_SIGNALS = ("mean_jaccard", "min_layer_density", "allocation_churn", "mask_churn")
@@ -77,7 +79,6 @@ class Sweep:
         return [getattr(p, name) for p in self.points]
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
         return {"format": "rtl-sweep", "format_version": 1, "tickets": self.tickets, "bands": self.bands,
                 "points": [asdict(p) for p in self.points], "events": self.events}
 
@@ -92,13 +93,11 @@ class Sweep:
                    tickets=list(d.get("tickets", [])), events=list(d.get("events", [])))
 
     def save(self, path) -> str:
-        from rtl_plugin.persist.io import atomic_write_json
         atomic_write_json(path, self.to_dict())
         return str(path)
 
     @classmethod
     def load(cls, path) -> "Sweep":
-        from pathlib import Path
         p = Path(path)
         if not p.is_file():
             raise RTLError(f"no sweep file at {p}; run the search with a SweepRecorder and save its sweep.")

@@ -14,6 +14,7 @@ Only torch, numpy and the standard library are imported here; scikit-learn is im
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from rtl_plugin.errors import DataError, MissingDependencyError
 from rtl_plugin.registry import Registry
+from rtl_plugin.routed import RoutedModel
 
 __all__ = [
     "Partition", "by_class", "by_groups", "by_condition", "by_kmeans", "embed",
@@ -355,19 +357,35 @@ def _as_embeddings(emb) -> np.ndarray:
     return emb
 
 
+def _num_clusters_argument(num_clusters, k):
+    if k is None:
+        if num_clusters is None:
+            raise DataError("by_kmeans needs num_clusters, the number of clusters (tickets), e.g. by_kmeans(emb, 4).")
+        return num_clusters
+    warnings.warn("by_kmeans(k=...) is deprecated; use num_clusters=... (or pass it positionally).",
+                  DeprecationWarning, stacklevel=3)
+    if num_clusters is not None:
+        raise DataError("pass num_clusters only (k= is its deprecated name), not both.")
+    return k
+
+
 @register_partitioner("kmeans")
-def by_kmeans(embeddings, k: int, *, seed: int = 0, y=None, class_names: Sequence[str] | None = None) -> Partition:
-    """K-means (scikit-learn, ``n_init=10``) on embeddings [N, D] -> K tickets.
+def by_kmeans(embeddings, num_clusters: int | None = None, *, seed: int = 0, y=None,
+              class_names: Sequence[str] | None = None, k: int | None = None) -> Partition:
+    """K-means (scikit-learn, ``n_init=10``) on embeddings [N, D] -> ``num_clusters`` tickets.
 
     Clusters are numbered by their first sample, so the result depends only on the data and ``seed``.
-    With class labels ``y`` [N] the composition ``{ticket: {class: count}}`` is recorded.
+    With class labels ``y`` [N] the composition ``{ticket: {class: count}}`` is recorded. ``k=`` is the
+    deprecated name of ``num_clusters``.
     """
+    k = _num_clusters_argument(num_clusters, k)
     emb = _as_embeddings(embeddings)
     n = emb.shape[0]
     if not _is_int(k) or k < 1:
-        raise DataError(f"k must be an integer >= 1, got {k!r}")
+        raise DataError(f"num_clusters must be an integer >= 1, got {k!r}")
     if k > n:
-        raise DataError(f"k={k} clusters need at least {k} samples, got {n}; lower k or pass more samples")
+        raise DataError(f"num_clusters={k} clusters need at least {k} samples, got {n}; lower num_clusters or "
+                        "pass more samples")
     if not _is_int(seed) or seed < 0:
         raise DataError(f"seed must be a non-negative integer, got {seed!r}")
     if y is not None:
@@ -376,8 +394,8 @@ def by_kmeans(embeddings, k: int, *, seed: int = 0, y=None, class_names: Sequenc
             raise DataError(f"y has {y.numel()} labels but embeddings have {n} rows; give one label per sample")
     distinct = np.unique(emb, axis=0).shape[0]
     if distinct < k:
-        raise DataError(f"k={k} exceeds the {distinct} distinct embeddings, so some clusters would be empty; "
-                        f"lower k to <= {distinct}")
+        raise DataError(f"num_clusters={k} exceeds the {distinct} distinct embeddings, so some clusters would be "
+                        f"empty; lower num_clusters to <= {distinct}")
     try:
         from sklearn.cluster import KMeans
     except ImportError as exc:
@@ -387,7 +405,7 @@ def by_kmeans(embeddings, k: int, *, seed: int = 0, y=None, class_names: Sequenc
     _, first = np.unique(labels, return_index=True)
     present = labels[np.sort(first)]  # cluster ids in order of first appearance
     if present.size < k:
-        raise DataError(f"k-means left {k - present.size} of {k} clusters empty; lower k")
+        raise DataError(f"k-means left {k - present.size} of {k} clusters empty; lower num_clusters")
     remap = np.empty(int(labels.max()) + 1, dtype=np.int64)
     remap[present] = np.arange(present.size)
     assignment = torch.from_numpy(remap[labels])
@@ -415,7 +433,6 @@ def embed(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> torch.
     average pool when available, else the model's output flattened. Runs in eval mode without grad and
     restores the training flag.
     """
-    from rtl_plugin.routed import RoutedModel
     if isinstance(model, RoutedModel):
         raise DataError("embed needs a dense model; pass the original model or routed.plain_copy(k)")
     if not isinstance(model, nn.Module):

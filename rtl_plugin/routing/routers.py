@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rtl_plugin import _tp
 from rtl_plugin.errors import DataError, RouteError
 from rtl_plugin.registry import Registry
 
@@ -460,20 +462,33 @@ def _plain(model: nn.Module) -> nn.Module:
     return model.plain_copy(0) if hasattr(model, "plain_copy") else model
 
 
-def model_flops(model: nn.Module, example_input) -> int:
+def _example_inputs_argument(example_inputs, example_input, fn: str):
+    """``example_inputs``, or the deprecated ``example_input=`` (with a DeprecationWarning)."""
+    if example_input is None:
+        if example_inputs is None:
+            raise RouteError(f"{fn} needs example_inputs, a batch [B, ...] the model accepts.")
+        return example_inputs
+    warnings.warn(f"{fn}(example_input=...) is deprecated; use example_inputs=... (the name rtl.wrap and "
+                  "torch-pruning use).", DeprecationWarning, stacklevel=3)
+    if example_inputs is not None:
+        raise RouteError(f"pass example_inputs only (example_input= is its deprecated name), not both, to {fn}.")
+    return example_input
+
+
+def model_flops(model: nn.Module, example_inputs=None, *, example_input=None) -> int:
     """FLOPs of one sample through ``model`` (2 x torch-pruning's MAC count; a RoutedModel counts ticket 0 dense).
 
     ``torch_pruning.utils.count_ops_and_params`` returns (MACs, params) for the batch it is given, with
-    bias adds and element-wise ops counted like MACs; only the first sample of ``example_input`` is used.
+    bias adds and element-wise ops counted like MACs; only the first sample of ``example_inputs`` is used
+    (``example_input=`` is its deprecated name).
     """
-    import torch_pruning as tp
+    example_input = _example_inputs_argument(example_inputs, example_input, "model_flops")
     if isinstance(example_input, torch.Tensor):
         example_input = example_input[:1]
     elif isinstance(example_input, (tuple, list)):
         example_input = type(example_input)(a[:1] if isinstance(a, torch.Tensor) and a.dim() else a
                                             for a in example_input)
-    macs, _ = tp.utils.count_ops_and_params(_plain(model), example_input)
-    return int(2 * macs)
+    return int(2 * _tp.count_macs(_plain(model), example_input))
 
 
 @register_router("all")
@@ -536,14 +551,17 @@ class RunAllRouter(Router):
 # --------------------------------------------------------------------------- reports
 
 
-def flops_share(router: Router, model: nn.Module, example_input: torch.Tensor) -> float:
+def flops_share(router: Router, model: nn.Module, example_inputs: torch.Tensor | None = None, *,
+                example_input: torch.Tensor | None = None) -> float:
     """Router FLOPs / model FLOPs per sample; model FLOPs = 2 x ``tp.utils.count_ops_and_params`` MACs.
 
-    ``example_input`` is a batch [B, ...] (its first sample is counted); a RoutedModel counts as dense.
+    ``example_inputs`` is a batch [B, ...] (its first sample is counted); a RoutedModel counts as dense.
+    ``example_input=`` is its deprecated name.
     """
+    example_input = _example_inputs_argument(example_inputs, example_input, "flops_share")
     if not isinstance(router, Router):
         raise RouteError(f"router must be a Router, got {type(router).__name__}")
-    x = _check_x(example_input, "example_input")
+    x = _check_x(example_input, "example_inputs")
     return router.flops_per_sample(tuple(x.shape[1:])) / model_flops(model, x)
 
 

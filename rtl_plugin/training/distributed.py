@@ -40,12 +40,16 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, IterableDataset
 
-from rtl_plugin.errors import DataError, DistributedError
+from rtl_plugin.errors import DataError, DistributedError, RTLError
+from rtl_plugin.persist.checkpoint import loader_generators
+from rtl_plugin.routed import RoutedModel
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "barrier", "init_from_env", "shutdown",
            "launched_by_torchrun", "check_not_sharded", "shard_loader", "prepare", "ticket_view", "ticket_views",
@@ -56,19 +60,16 @@ __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "barrier",
 # ----------------------------------------------------------------------------- process group helpers
 def is_distributed() -> bool:
     """True inside an initialised process group with more than one rank."""
-    import torch.distributed as dist
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
     """This process's rank (0 outside torch.distributed)."""
-    import torch.distributed as dist
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
     """Number of processes (1 outside torch.distributed)."""
-    import torch.distributed as dist
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -80,12 +81,10 @@ def is_main_process() -> bool:
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     if is_distributed():
-        import torch.distributed as dist
         dist.barrier()
 
 
 def _comm_device() -> torch.device:
-    import torch.distributed as dist
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -102,7 +101,6 @@ def init_from_env(device: str = "cpu") -> bool:
     Backend: ``nccl`` when ``device`` is a CUDA device (each rank then uses ``cuda:LOCAL_RANK``), else
     ``gloo``. Returns False (and does nothing) without torchrun's variables or when a group already exists.
     """
-    import torch.distributed as dist
     if not isinstance(device, str):
         raise DistributedError(f"device must be a string like 'cpu' or 'cuda', got {type(device).__name__}.")
     if not launched_by_torchrun() or not dist.is_available() or dist.is_initialized():
@@ -135,14 +133,12 @@ def local_device(device: str) -> str:
 
 def shutdown() -> None:
     """Destroy the default process group if one exists."""
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- wrapper checks
 def _unsupported_wrapper(model: nn.Module) -> str | None:
-    from torch.nn.parallel import DistributedDataParallel, DataParallel
     kinds = [(DistributedDataParallel, "DistributedDataParallel"), (DataParallel, "DataParallel")]
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -196,7 +192,6 @@ def broadcast_state(module: nn.Module) -> None:
         raise TypeError(f"broadcast_state needs an nn.Module, got {type(module).__name__}.")
     if not is_distributed():
         return
-    import torch.distributed as dist
     dev = _comm_device()
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
@@ -212,7 +207,6 @@ def broadcast_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise DistributedError("broadcast_masks expects a dict {name: BoolTensor}.")
     if not is_distributed() or not masks:
         return masks
-    import torch.distributed as dist
     names = sorted(masks)
     dev = _comm_device()
     flat = torch.cat([masks[n].detach().reshape(-1).to(device=dev, dtype=torch.uint8) for n in names])
@@ -239,7 +233,6 @@ def all_mean(value):
         raise DistributedError(f"all_mean expects a number or a list of numbers, got {type(value).__name__}.")
     if not is_distributed():
         return value
-    import torch.distributed as dist
     vals = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
     t = torch.tensor(vals, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
@@ -251,7 +244,6 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on at least one (keeps stop decisions in lockstep)."""
     if not is_distributed():
         return bool(flag)
-    import torch.distributed as dist
     t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -259,7 +251,6 @@ def any_rank(flag: bool) -> bool:
 
 def _same_on_all_ranks(obj, what: str) -> None:
     """Raise DistributedError on every rank when ``obj`` (JSON-able) differs between ranks."""
-    import torch.distributed as dist
     h = int.from_bytes(hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).digest()[:7], "big")
     t = torch.tensor([h, -h], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -278,7 +269,6 @@ def on_main_process(fn, *args, **kwargs):
         raise DistributedError(f"on_main_process needs a callable, got {type(fn).__name__}.")
     if not is_distributed():
         return fn(*args, **kwargs)
-    import torch.distributed as dist
     dist.barrier()  # nobody still reads the previous checkpoint
     result, err = None, None
     if rank() == 0:
@@ -324,7 +314,6 @@ class ShardedBatchSampler:
     def __iter__(self):
         # one global batch at a time, exactly as far as the loader asks: the inner sampler's RNG draws (and so
         # the shuffling of later epochs) are the same as in one process
-        import torch.distributed as dist
         dev = _comm_device()
         it = iter(self.inner)
         while True:
@@ -400,7 +389,6 @@ class SlicedLoader:
     batch_sampler = property(lambda self: getattr(self.loader, "batch_sampler", None))
 
     def __iter__(self):
-        import torch.distributed as dist
         for batch in self.loader:
             t = _first_tensor(batch)
             if t is None:
@@ -452,8 +440,6 @@ class _ShardedDataLoader(DataLoader):
 
 def _broadcast_rng(loaders: dict) -> None:
     """Rank 0's torch CPU RNG and loader generator states on every rank (same shuffling everywhere)."""
-    import torch.distributed as dist
-    from rtl_plugin.persist.checkpoint import loader_generators
     states = [torch.get_rng_state()]
     gens = [g for k in sorted(loaders) for g in loader_generators(loaders[k])]
     states += [g.get_state() for g in gens]
@@ -472,7 +458,6 @@ def prepare(routed, loaders: dict) -> dict:
     """Start of a distributed search or retraining: check that all ranks agree (model, K, masks' shapes,
     loader sizes), broadcast rank 0's weights, buffers, masks and RNG states, and return this rank's
     sharded loaders. Returns ``loaders`` unchanged with one process."""
-    from rtl_plugin.routed import RoutedModel
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"prepare() needs a RoutedModel, got {type(routed).__name__}.")
     if not isinstance(loaders, dict):
@@ -495,7 +480,6 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        import torch.distributed as dist
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(world_size())]
         dist.all_gather(out, x)
@@ -503,7 +487,6 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        import torch.distributed as dist
         g = g.contiguous().clone()
         dist.all_reduce(g)
         return g[rank()]
@@ -615,7 +598,6 @@ class DistributedTicketView(nn.Module):
         return out if scale == 1.0 else _scale_grads(out, scale)
 
     def _shard_scale(self, args) -> float:
-        import torch.distributed as dist
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         n = int(x.shape[0]) if x is not None and x.dim() else 1
         t = torch.tensor([n, n * n, int(n == 0)], dtype=torch.int64, device=_comm_device())
@@ -631,13 +613,11 @@ class DistributedTicketView(nn.Module):
 def _check_finite_everywhere(out, k: int) -> None:
     """Raise on every rank when any rank's output holds NaN/inf (a rank raising alone would leave the others
     waiting in DDP's gradient all-reduce)."""
-    import torch.distributed as dist
     bad = []
     _visit_tensors(out, lambda t: bad.append(bool((~torch.isfinite(t.detach())).any())))
     flag = torch.tensor([1 if any(bad) else 0], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
-        from rtl_plugin.errors import RTLError
         raise RTLError(f"non-finite model output while training ticket {k} on "
                        f"{'this rank' if any(bad) else 'another rank'}; lower the learning rate or check the data "
                        "for NaN/inf (every rank stops).")
@@ -665,7 +645,6 @@ def ticket_views(routed, tickets) -> dict[int, nn.Module]:
     """``{k: view}`` running ticket k: plain ``routed.ticket_module(k)`` with one process, else
     :class:`DistributedTicketView` objects sharing one DDP over ``routed`` (created here: it broadcasts
     rank 0's parameters and buffers)."""
-    from rtl_plugin.routed import RoutedModel
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"ticket_views() needs a RoutedModel, got {type(routed).__name__}.")
     try:
@@ -678,7 +657,6 @@ def ticket_views(routed, tickets) -> dict[int, nn.Module]:
     if not is_distributed():
         return {k: routed.ticket_module(k) for k in ks}
     check_not_sharded(routed.model)
-    from torch.nn.parallel import DistributedDataParallel
     p = next((q for q in routed.parameters() if q.requires_grad), None)
     if p is None:
         raise DistributedError("the model has no trainable parameter; nothing to train data-parallel.")

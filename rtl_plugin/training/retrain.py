@@ -26,207 +26,96 @@ mode) are shared by all tickets and updated at every step.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Mapping, Sequence
+import time
+import warnings
+from typing import Callable, Sequence
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from rtl_plugin.errors import DataError, RTLError, TicketError
+from rtl_plugin.errors import CorruptFileError, DataError, OptimizerError, RTLError, TicketError
+from rtl_plugin.persist.checkpoint import (CheckpointMismatchError, capture_rng, decode, encode, load_bundle,
+                                           loaders_config, masks_sha256, restore_rng, save_bundle)
+from rtl_plugin.routed import RoutedModel
+from rtl_plugin.training import distributed
+from rtl_plugin.training.loop import (TrainStep, apply_loss, balanced_cyclic_batches, default_train_step,
+                                      normalize_subsets, progress_bar, to_device)
+from rtl_plugin.training.masked import (MaskedUpdate, ticket_param_masks, union_param_masks,
+                                        write_back_needed)
+from rtl_plugin.training.optim import check_optimizer, clone_optimizer
 
-TrainStep = Callable[[nn.Module, object, torch.optim.Optimizer], float]
+# names this module exported before the training loop pieces got their own modules
+__all__ = ["joint_retrain", "mixed_route_retrain", "retrain_tickets", "RETRAIN_MODES", "TrainStep", "apply_loss",
+           "balanced_cyclic_batches", "default_train_step", "normalize_subsets", "MaskedUpdate",
+           "ticket_param_masks", "union_param_masks", "write_back_needed", "clone_optimizer"]
 
-
-def _to_device(batch, device):
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def apply_loss(loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
-    """The tail of every train step: refuse a non-finite loss, backward, optimizer step; returns the loss."""
-    if not torch.isfinite(loss):
-        raise RTLError(f"non-finite loss ({float(loss.detach())}); lower the learning rate or check the data for NaN/inf.")
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+RETRAIN_MODES = ("sequential", "mixed")
 
 
-def default_train_step(loss_fn: Callable | None = None) -> TrainStep:
-    """A train step for ``(x, y)`` batches: forward, ``loss_fn(out, y)`` (default cross-entropy), backward, step."""
-    loss_fn = loss_fn or F.cross_entropy
-
-    def step(model: nn.Module, batch, optimizer: torch.optim.Optimizer) -> float:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise DataError("the default train step expects (x, y) batches; pass train_step= for other batch formats.")
-        x, y = batch[0], batch[1]
-        optimizer.zero_grad(set_to_none=True)
-        return apply_loss(loss_fn(model(x), y), optimizer)
-    return step
-
-
-def normalize_subsets(subsets) -> dict[int, object]:
-    """``{ticket: DataLoader}`` from a dict or a sequence of loaders; validates non-emptiness."""
-    if isinstance(subsets, Mapping):
-        items = dict(subsets)
-    elif isinstance(subsets, Sequence):
-        items = dict(enumerate(subsets))
-    else:
-        raise DataError(f"subsets must be a dict {{ticket: DataLoader}} or a list of loaders, got {type(subsets).__name__}.")
-    if not items:
-        raise DataError("no subsets given; pass one DataLoader per ticket.")
-    for k, dl in items.items():
-        if not isinstance(k, int) or k < 0:
-            raise DataError(f"subset keys must be ticket ids (ints >= 0), got {k!r}.")
-        try:
-            n = len(dl)
-        except TypeError:
-            raise DataError(f"subset {k}'s loader has no length (an IterableDataset?); balanced cyclic batching "
-                            "needs map-style datasets or loaders with __len__.") from None
-        if n == 0:
-            raise DataError(f"subset {k} is empty; every ticket needs at least one batch (drop the ticket or add data).")
-    return items
+def _prepared_loaders(routed, subsets, optimizer, epochs) -> dict:
+    """joint_retrain's checked ``{ticket: loader}`` (torchrun: rank 0's state everywhere, this rank's shards)."""
+    if not isinstance(routed, RoutedModel):
+        raise TypeError(f"joint_retrain() needs a RoutedModel, got {type(routed).__name__}.")
+    if not isinstance(epochs, int) or epochs < 0:
+        raise DataError(f"epochs must be an int >= 0, got {epochs!r}.")
+    loaders = normalize_subsets(subsets)
+    bad = [k for k in loaders if k >= routed.num_tickets]
+    if bad:
+        raise TicketError(f"subsets name tickets {bad} but the model routes {routed.num_tickets} tickets (0..{routed.num_tickets - 1}).")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise OptimizerError(f"optimizer must be a torch.optim.Optimizer over routed.parameters() (e.g. "
+                             f"torch.optim.Adam(routed.parameters(), lr=1e-3)), got {type(optimizer).__name__}.")
+    return distributed.prepare(routed, loaders)
 
 
-def balanced_cyclic_batches(loaders: Mapping[int, object]) -> Iterator[tuple[int, int, object]]:
-    """One epoch of balanced cyclic batching: ``(batch_index, ticket, batch)``.
-
-    M = the largest batch count; smaller subsets repeat their batches cyclically until every ticket has
-    M batches; for each batch index the tickets come in ascending order.
-    """
-    lens = {k: len(dl) for k, dl in loaders.items()}
-    M = max(lens.values())
-    iters = {k: iter(dl) for k, dl in loaders.items()}
-    for i in range(M):
-        for k in sorted(loaders):
-            try:
-                batch = next(iters[k])
-            except StopIteration:
-                iters[k] = iter(loaders[k])
-                try:
-                    batch = next(iters[k])
-                except StopIteration:
-                    raise DataError(f"subset {k} yielded no batch; it is empty.") from None
-            yield i, k, batch
+def _write_back_setting(routed, opts: dict, per_ticket_state: bool, write_back, custom_step: bool) -> bool:
+    """The write-back decision, made before a checkpoint fills the optimizer states (None: automatic)."""
+    if write_back is None:
+        return custom_step or write_back_needed(routed, list(opts.values()), per_ticket_state)
+    if not isinstance(write_back, bool):
+        raise TypeError(f"write_back must be True, False or None (auto), got {write_back!r}.")
+    if not write_back and write_back_needed(routed, list(opts.values()), per_ticket_state):
+        warnings.warn("joint_retrain(write_back=False) with an optimizer setup that can move weights outside the "
+                      "stepping ticket (shared state, weight decay, channel mode or a non-listed optimizer): the "
+                      "masked-update guarantee does not hold; use write_back=None.", UserWarning, stacklevel=3)
+    return write_back
 
 
-def clone_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """A fresh optimizer of the same class and hyper-parameters over the same parameters (empty state).
+class _TicketUpdates:
+    """One MaskedUpdate per ticket sharing one snapshot buffer per parameter; rebuilt when the masks change
+    (with the automatic write-back it is then switched on: the states hold moments on entries the tickets no
+    longer own)."""
 
-    Hyper-parameters travel in the param groups; only constructor arguments the class accepts are passed
-    (e.g. AdamW's ``defaults`` hold keys its constructor rejects).
-    """
-    import inspect
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
-              for g in optimizer.param_groups]
-    try:
-        accepted = set(inspect.signature(type(optimizer).__init__).parameters)
-    except (TypeError, ValueError):
-        accepted = set()
-    kw = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    return type(optimizer)(groups, **kw)
+    def __init__(self, routed, write_back: bool, auto: bool):
+        self.routed, self.write_back, self.auto = routed, write_back, auto
+        self.updates: dict[int, MaskedUpdate] = {}
+        self.buffers: dict = {}
+        self.version = (id(routed.tickets), routed.tickets.version)
 
-
-# Optimizers whose step leaves an entry unchanged when that entry's gradient has been zero since the state was
-# created (zero moments / accumulators give a zero update) and no weight decay is configured. Exact classes
-# only: a subclass may change the update rule.
-_ZERO_GRAD_FROZEN = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax,
-                     torch.optim.RMSprop)
+    def get(self, k: int) -> MaskedUpdate:
+        version = (id(self.routed.tickets), self.routed.tickets.version)
+        if version != self.version:
+            self.updates, self.version = {}, version
+            if self.auto:
+                self.write_back = True
+        if k not in self.updates:
+            self.updates[k] = MaskedUpdate(self.routed, k, buffers=self.buffers, write_back=self.write_back)
+        return self.updates[k]
 
 
-def write_back_needed(routed, optimizers: Sequence[torch.optim.Optimizer], per_ticket_state: bool) -> bool:
-    """Whether ``joint_retrain`` must snapshot and write back the entries a ticket does not own.
-
-    False only when the optimizer step alone already leaves them bit-identical: weight granularity, one
-    optimizer per ticket with empty state, every optimizer one of ``SGD, Adam, AdamW, Adamax, RMSprop``
-    (exact class) with ``weight_decay == 0`` in every param group. (``joint_retrain`` also requires the
-    default train step, no resumed checkpoint and frozen masks before it skips the write-back.)
-    """
-    if routed.granularity != "weight" or not per_ticket_state:
-        return True
-    for o in optimizers:
-        if type(o) not in _ZERO_GRAD_FROZEN or len(o.state) > 0:
-            return True
-        if any(float(g.get("weight_decay", 0.0) or 0.0) != 0.0 for g in o.param_groups):
-            return True
-    return False
-
-
-class MaskedUpdate:
-    """Context for one ticket's step: snapshots what ticket k does not own and writes it back after the step."""
-
-    def __init__(self, routed, ticket: int | None, buffers: dict | None = None, *, write_back: bool = True,
-                 owned: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
-        """``buffers``: a dict shared by several MaskedUpdates (one per ticket) to reuse one snapshot buffer per
-        parameter instead of allocating a copy of every weight at every step. ``write_back=False`` makes the
-        context a no-op, for steps :func:`write_back_needed` proved cannot touch entries outside the ticket.
-        ``owned``: the ``[(parameter, mask)]`` entries the step may change, instead of ticket ``ticket``'s
-        (e.g. :func:`union_param_masks` for a step that trains every ticket)."""
-        self.routed = routed
-        self.ticket = ticket
-        self.write_back = bool(write_back)
-        if owned is None and ticket is None:
-            raise TicketError("MaskedUpdate needs a ticket id or the owned=[(parameter, mask)] entries.")
-        self._pairs = (owned if owned is not None else ticket_param_masks(routed, ticket)) if self.write_back else []
-        self._buffers = {} if buffers is None else buffers
-        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def __enter__(self):
-        self._saved = []
-        with torch.no_grad():
-            for p, m in self._pairs:
-                buf = self._buffers.get(id(p))
-                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                    buf = self._buffers[id(p)] = torch.empty_like(p.detach())
-                buf.copy_(p.detach())
-                self._saved.append((p, m, buf))
-        return self
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for p, m, before in self._saved:
-                w = p.detach()
-                torch.where(m, w, before, out=w)  # in place: entries ticket k does not own get their old values
-        self._saved = []
-        return False
-
-
-def ticket_param_masks(routed, ticket: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``[(parameter, bool mask broadcastable to it)]``: which entries ticket ``ticket`` owns."""
-    masks, weights = routed.tickets.element_masks(), routed.prunable_weights()
-    pairs = [(weights[n], masks[n][ticket]) for n in routed.space.layers]
-    if routed.granularity == "channel":
-        lm = routed.tickets.layer_channel_masks()
-        mods = dict(routed.model.named_modules())
-        seen = {id(p) for p, _ in pairs}
-        for name, sides in lm.items():
-            out = sides.get("out")
-            if out is None:
-                continue
-            m = mods[name]
-            for pname in ("bias", "weight"):
-                p = getattr(m, pname, None)
-                if isinstance(p, nn.Parameter) and id(p) not in seen and p.dim() == 1 and p.shape[0] == out.shape[1]:
-                    pairs.append((p, out[ticket]))
-                    seen.add(id(p))
-    return pairs
-
-
-def union_param_masks(routed) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``[(parameter, bool mask)]``: the entries at least one ticket owns, for parameters some entries of
-    which no ticket owns (the OR over tickets of :func:`ticket_param_masks`)."""
-    owned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for k in range(routed.num_tickets):
-        for p, m in ticket_param_masks(routed, k):
-            prev = owned.get(id(p))
-            owned[id(p)] = (p, m if prev is None else prev[1] | m)
-    return [(p, m) for p, m in owned.values() if not bool(m.all())]
+def _joint_epoch(loaders, views, opts, step, device, updates: _TicketUpdates, bar) -> tuple[list[float], int]:
+    """One epoch of balanced cyclic batching; ``([mean loss per ticket], steps)``."""
+    sums = {k: 0.0 for k in loaders}
+    counts = {k: 0 for k in loaders}
+    for _, k, batch in balanced_cyclic_batches(loaders):
+        batch = to_device(batch, device)
+        with updates.get(k):
+            loss = step(views[k], batch, opts[k])
+        if loss is not None and not math.isfinite(float(loss)):
+            raise RTLError(f"non-finite loss in ticket {k}; lower the learning rate or check the data.")
+        sums[k] += float(loss or 0.0) * getattr(views[k], "loss_weight", 1.0)  # torchrun: shard share
+        counts[k] += 1
+        bar.update(1)
+    return [sums[k] / max(counts[k], 1) for k in sorted(loaders)], sum(counts.values())
 
 
 def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: int = 1,
@@ -239,7 +128,7 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
     Args:
         routed: the RoutedModel (its current tickets are used).
         subsets: ``{ticket: DataLoader}`` (or a list); ticket ids must be in [0, K).
-        optimizer: an optimizer over ``routed.parameters()``; with ``per_ticket_state`` it is cloned
+        optimizer: an optimizer instance over ``routed.parameters()``; with ``per_ticket_state`` it is cloned
             K times (same class and hyper-parameters, separate state).
         epochs: passes of balanced cyclic batching (M batch indices x K tickets per epoch).
         train_step: ``step(model, batch, optimizer) -> loss`` (default: cross-entropy on (x, y)).
@@ -264,71 +153,33 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
     Returns:
         ``{"loss": [[mean loss per ticket] per epoch], "steps": int}``
     """
-    from rtl_plugin.routed import RoutedModel
-    if not isinstance(routed, RoutedModel):
-        raise TypeError(f"joint_retrain() needs a RoutedModel, got {type(routed).__name__}.")
-    if not isinstance(epochs, int) or epochs < 0:
-        raise DataError(f"epochs must be an int >= 0, got {epochs!r}.")
-    loaders = normalize_subsets(subsets)
-    bad = [k for k in loaders if k >= routed.num_tickets]
-    if bad:
-        raise TicketError(f"subsets name tickets {bad} but the model routes {routed.num_tickets} tickets (0..{routed.num_tickets - 1}).")
-    from rtl_plugin.training import distributed as dist_
-    loaders = dist_.prepare(routed, loaders)  # torchrun: rank 0's state everywhere, this rank's data shards
+    loaders = _prepared_loaders(routed, subsets, optimizer, epochs)
     step = train_step or default_train_step(loss_fn)
     opts = {k: clone_optimizer(optimizer) for k in loaders} if per_ticket_state else {k: optimizer for k in loaders}
-    auto_write_back = write_back is None
-    if auto_write_back:  # decided before a checkpoint fills the optimizer states
-        write_back = train_step is not None or loss_fn is not None or \
-            write_back_needed(routed, list(opts.values()), per_ticket_state)
-    elif not isinstance(write_back, bool):
-        raise TypeError(f"write_back must be True, False or None (auto), got {write_back!r}.")
-    elif not write_back and write_back_needed(routed, list(opts.values()), per_ticket_state):
-        import warnings
-        warnings.warn("joint_retrain(write_back=False) with an optimizer setup that can move weights outside the "
-                      "stepping ticket (shared state, weight decay, channel mode or a non-listed optimizer): the "
-                      "masked-update guarantee does not hold; use write_back=None.", UserWarning, stacklevel=2)
-    views = dist_.ticket_views(routed, loaders)  # torchrun: DDP (gradients averaged over ranks, synced norms)
+    write_back_now = _write_back_setting(routed, opts, per_ticket_state, write_back,
+                                         custom_step=train_step is not None or loss_fn is not None)
+    views = distributed.ticket_views(routed, loaders)  # torchrun: DDP (gradients averaged over ranks, synced norms)
     history: dict = {"loss": [], "steps": 0}
     first, finished = 0, False
-    ck = None
-    if checkpoint_dir is not None:
-        ck = (checkpoint_dir, _retrain_config(routed, loaders, optimizer, per_ticket_state))
-        got = _load_retrain(ck, routed, loaders, opts)
-        if got is not None:
-            if auto_write_back:  # restored optimizer state/settings are not known to be safe: keep the guarantee
-                write_back = True
-            first, finished, history = got
+    ck = None if checkpoint_dir is None else (checkpoint_dir, _retrain_config(routed, loaders, optimizer, per_ticket_state))
+    got = None if ck is None else _load_retrain(ck, routed, loaders, opts)
+    if got is not None:
+        first, finished, history = got
+        if write_back is None:  # restored optimizer state/settings are not known to be safe: keep the guarantee
+            write_back_now = True
+    updates = _TicketUpdates(routed, write_back_now, auto=write_back is None)
     M = max(len(dl) for dl in loaders.values())
-    bar = _progress(total=max(epochs - first, 0) * M * len(loaders), desc="joint retrain", enabled=progress)
+    bar = progress_bar(total=max(epochs - first, 0) * M * len(loaders), desc="joint retrain", enabled=progress)
     was = routed.training
     routed.train()
-    updates: dict[int, MaskedUpdate] = {}   # one per ticket (masks are fixed while retraining)
-    updates_version = (id(routed.tickets), routed.tickets.version)
-    snap_buffers: dict = {}                 # one snapshot buffer per parameter, shared by the tickets
     try:
         for epoch in range(first, 0 if finished else epochs):
-            sums = {k: 0.0 for k in loaders}
-            counts = {k: 0 for k in loaders}
-            for _, k, batch in balanced_cyclic_batches(loaders):
-                batch = _to_device(batch, device)
-                if (id(routed.tickets), routed.tickets.version) != updates_version:  # masks changed: rebuild
-                    updates, updates_version = {}, (id(routed.tickets), routed.tickets.version)
-                    if auto_write_back:  # states hold moments on entries the tickets no longer own
-                        write_back = True
-                if k not in updates:
-                    updates[k] = MaskedUpdate(routed, k, buffers=snap_buffers, write_back=write_back)
-                with updates[k]:
-                    loss = step(views[k], batch, opts[k])
-                if loss is not None and not math.isfinite(float(loss)):
-                    raise RTLError(f"non-finite loss in ticket {k}; lower the learning rate or check the data.")
-                sums[k] += float(loss or 0.0) * getattr(views[k], "loss_weight", 1.0)  # torchrun: shard share
-                counts[k] += 1
-                history["steps"] += 1
-                bar.update(1)
-            history["loss"].append(dist_.all_mean([sums[k] / max(counts[k], 1) for k in sorted(loaders)]))
+            losses, steps = _joint_epoch(loaders, views, opts, step, device, updates, bar)
+            history["steps"] += steps
+            history["loss"].append(distributed.all_mean(losses))
             bar.set_postfix(loss=f"{sum(history['loss'][-1]) / len(loaders):.4f}")
-            stop = dist_.any_rank(any(cb({"epoch": epoch, "loss": history["loss"][-1]}) == "stop" for cb in callbacks))
+            stop = distributed.any_rank(any(cb({"epoch": epoch, "loss": history["loss"][-1]}) == "stop"
+                                            for cb in callbacks))
             if ck is not None:
                 _save_retrain(ck, routed, loaders, opts, history, epoch + 1, stop)
             if stop:
@@ -337,6 +188,21 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
         bar.close()
         routed.train(was)
     return history
+
+
+def _mixed_batch(batch, device, K: int):
+    """``(x, y, route)`` of one mixed-route batch, checked, on ``device``, route as int64."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 3:
+        raise DataError("mixed_route_retrain needs (x, y, route) batches; add each sample's ticket id "
+                        "as a third tensor (e.g. TensorDataset(x, y, context)).")
+    x, y, route = to_device(tuple(batch), device)
+    if not isinstance(route, torch.Tensor) or route.dim() != 1 or route.shape[0] != x.shape[0] \
+            or route.dtype not in (torch.int64, torch.int32):
+        raise DataError(f"route must be an integer tensor [B] with one ticket id per sample, got "
+                        f"{getattr(route, 'shape', type(route))} for a batch of {x.shape[0]}.")
+    if bool((route < 0).any()) or bool((route >= K).any()):
+        raise DataError(f"route holds ticket ids outside [0, {K}); the model has {K} tickets.")
+    return x, y, route.long()
 
 
 def mixed_route_retrain(routed, loader, *, optimizer: torch.optim.Optimizer, epochs: int = 1,
@@ -357,7 +223,6 @@ def mixed_route_retrain(routed, loader, *, optimizer: torch.optim.Optimizer, epo
     of channels every ticket drops) are restored after every step, so they never change with any optimizer.
     Returns ``{"loss": [mean loss per epoch], "steps": int}``.
     """
-    from rtl_plugin.routed import RoutedModel
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"mixed_route_retrain() needs a RoutedModel, got {type(routed).__name__}.")
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -367,27 +232,16 @@ def mixed_route_retrain(routed, loader, *, optimizer: torch.optim.Optimizer, epo
     if len(loader) == 0:
         raise DataError("mixed_route_retrain got an empty loader; it needs at least one (x, y, route) batch.")
     step = train_step or default_train_step(loss_fn)
-    K = routed.num_tickets
     guard = MaskedUpdate(routed, None, owned=union_param_masks(routed))
     history: dict = {"loss": [], "steps": 0}
-    bar = _progress(total=epochs * len(loader), desc="mixed-route retrain", enabled=progress)
+    bar = progress_bar(total=epochs * len(loader), desc="mixed-route retrain", enabled=progress)
     was = routed.training
     routed.train()
     try:
         for _ in range(epochs):
             total, n = 0.0, 0
             for batch in loader:
-                if not isinstance(batch, (tuple, list)) or len(batch) != 3:
-                    raise DataError("mixed_route_retrain needs (x, y, route) batches; add each sample's ticket id "
-                                    "as a third tensor (e.g. TensorDataset(x, y, context)).")
-                x, y, route = _to_device(tuple(batch), device)
-                if not isinstance(route, torch.Tensor) or route.dim() != 1 or route.shape[0] != x.shape[0] \
-                        or route.dtype not in (torch.int64, torch.int32):
-                    raise DataError(f"route must be an integer tensor [B] with one ticket id per sample, got "
-                                    f"{getattr(route, 'shape', type(route))} for a batch of {x.shape[0]}.")
-                if bool((route < 0).any()) or bool((route >= K).any()):
-                    raise DataError(f"route holds ticket ids outside [0, {K}); the model has {K} tickets.")
-                route = route.long()
+                x, y, route = _mixed_batch(batch, device, routed.num_tickets)
                 with guard:
                     loss = step(lambda inp, route=route: routed(inp, route=route), (x, y), optimizer)
                 if loss is not None and not math.isfinite(float(loss)):
@@ -404,7 +258,6 @@ def mixed_route_retrain(routed, loader, *, optimizer: torch.optim.Optimizer, epo
 
 
 def _retrain_config(routed, loaders, optimizer, per_ticket_state) -> dict:
-    from rtl_plugin.persist.checkpoint import loaders_config, masks_sha256
     return {"kind": "joint_retrain", "fingerprint": routed.space.fingerprint, "granularity": routed.granularity,
             "num_tickets": routed.num_tickets, "masks_sha256": masks_sha256(routed.tickets),
             "tickets": sorted(loaders), "loaders": loaders_config(loaders),
@@ -419,19 +272,15 @@ def _distinct_opts(opts: dict) -> dict[str, torch.optim.Optimizer]:
 
 
 def _save_retrain(ck, routed, loaders, opts, history, epochs_done: int, stopped: bool) -> None:
-    from rtl_plugin.persist.checkpoint import capture_rng, encode, save_bundle
     tensors = {f"model/{k}": v for k, v in routed.model.state_dict().items()}
     optim = {name: encode(o.state_dict(), tensors, f"optim/{name}") for name, o in _distinct_opts(opts).items()}
     meta = {"epochs_done": epochs_done, "stopped": stopped, "history": history, "optimizers": optim,
             "rng": capture_rng(loaders, tensors)}
-    from rtl_plugin.training.distributed import on_main_process
-    on_main_process(save_bundle, ck[0], "retrain", tensors, meta, config=ck[1])  # rank 0 writes, all wait
+    distributed.on_main_process(save_bundle, ck[0], "retrain", tensors, meta, config=ck[1])  # rank 0 writes, all wait
 
 
 def _load_retrain(ck, routed, loaders, opts):
     """Restore model, optimizers and RNG states from ``ck``'s folder; ``(epochs_done, stopped, history)`` or None."""
-    from rtl_plugin.persist.checkpoint import CheckpointMismatchError, decode, load_bundle, restore_rng
-    from rtl_plugin.errors import CorruptFileError
     got = load_bundle(ck[0], "retrain", config=ck[1])
     if got is None:
         return None
@@ -460,27 +309,44 @@ def _load_retrain(ck, routed, loaders, opts):
     return epochs_done, stopped, history
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    from rtl_plugin.training.distributed import is_main_process
-    return tqdm(total=total, desc=desc, disable=not enabled or not is_main_process(), leave=False, dynamic_ncols=True)
+def _retrain_mode(retrain_mode: str | None, schedule: str | None) -> str:
+    """The stage-2 schedule from ``retrain_mode`` or the deprecated ``schedule`` alias."""
+    if schedule is not None:
+        warnings.warn("retrain_tickets(schedule=...) is deprecated; use retrain_mode='sequential' or 'mixed' "
+                      "(schedule names the pruning schedule only).", DeprecationWarning, stacklevel=3)
+        if retrain_mode is not None and retrain_mode != schedule:
+            raise DataError(f"retrain_mode={retrain_mode!r} and the deprecated schedule={schedule!r} disagree; "
+                            "pass retrain_mode only.")
+        retrain_mode = schedule
+    retrain_mode = "sequential" if retrain_mode is None else retrain_mode
+    if retrain_mode not in RETRAIN_MODES:
+        name = "retrain_mode" if schedule is None else "schedule (deprecated name of retrain_mode)"
+        raise DataError(f"{name} must be 'sequential' or 'mixed', got {retrain_mode!r}.")
+    return retrain_mode
 
 
-def retrain_tickets(routed, theta: dict, tickets, data, *, lr: float, epochs: int, schedule: str = "sequential",
+def retrain_tickets(routed, theta: dict, tickets, data, *, epochs: int, optimizer: torch.optim.Optimizer | None = None,
+                    lr: float | None = None, retrain_mode: str | None = None, schedule: str | None = None,
                     **kw) -> float:
-    """Rewind ``routed`` to the weights ``theta``, set ``tickets``, jointly retrain them with a fresh Adam(``lr``)
-    for ``epochs`` and leave the model in eval mode; returns the retraining wall time in seconds.
-    ``schedule="sequential"``: :func:`joint_retrain` on ``data`` = ``{ticket: DataLoader}``; ``"mixed"``:
-    :func:`mixed_route_retrain` on ``data`` = a loader of ``(x, y, route)``. ``kw`` goes to that function
+    """Rewind ``routed`` to the weights ``theta``, set ``tickets``, jointly retrain them for ``epochs`` with a
+    fresh clone of ``optimizer`` (an instance over ``routed.parameters()``; ``lr=x`` is short for
+    ``torch.optim.Adam(routed.parameters(), lr=x)``) and leave the model in eval mode; returns the retraining
+    wall time in seconds. ``retrain_mode="sequential"``: :func:`joint_retrain` on ``data`` =
+    ``{ticket: DataLoader}``; ``"mixed"``: :func:`mixed_route_retrain` on ``data`` = a loader of
+    ``(x, y, route)``. ``schedule=`` is the deprecated name of ``retrain_mode``. ``kw`` goes to that function
     (train_step, device, progress, ...)."""
-    import time
-    retrain = {"sequential": joint_retrain, "mixed": mixed_route_retrain}.get(schedule)
-    if retrain is None:
-        raise DataError(f"schedule must be 'sequential' or 'mixed', got {schedule!r}.")
+    mode = _retrain_mode(retrain_mode, schedule)
+    if (optimizer is None) == (lr is None):
+        raise OptimizerError("retrain_tickets needs exactly one of optimizer= (an optimizer instance over "
+                             "routed.parameters(), cloned here) or lr= (Adam with that learning rate).")
+    if optimizer is not None:
+        check_optimizer(routed, optimizer)
+    retrain = joint_retrain if mode == "sequential" else mixed_route_retrain
     routed.model.load_state_dict(theta)
     routed.set_tickets(tickets)
     t = time.perf_counter()
-    retrain(routed, data, optimizer=torch.optim.Adam(routed.parameters(), lr=lr), epochs=epochs, **kw)
+    opt = torch.optim.Adam(routed.parameters(), lr=lr) if optimizer is None else clone_optimizer(optimizer)
+    retrain(routed, data, optimizer=opt, epochs=epochs, **kw)
     seconds = time.perf_counter() - t
     routed.eval()
     return seconds

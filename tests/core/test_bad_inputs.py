@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 import rtl_plugin as rtl
+from rtl_plugin.errors import OptimizerError
+from rtl_plugin.training import clone_optimizer
 
 K = 3
 EX = torch.randn(1, 3, 8, 8)
@@ -136,6 +138,18 @@ CASES = [
     ("export_ticket_bool", lambda c: rtl.export_ticket(c.w, True), rtl.TicketError, "ticket index must be an int"),
     ("ticket_module_out_of_range", lambda c: c.w.ticket_module(K), rtl.TicketError, "ticket index"),
     ("pruning_history_weight_mode", lambda c: rtl.pruning_history(c.w, 0), rtl.SpaceError, "channel-granularity"),
+    # ---- pruner steps and the optimizer convention
+    ("pruner_step_before_begin_search", lambda c: rtl.RTLPruner(c.make_routed("weight"), progress=False).rewind(0),
+     rtl.RTLError, "begin_search"),
+    ("pruner_begin_search_ticket_eq_K",
+     lambda c: rtl.RTLPruner(c.make_routed("weight"), progress=False).begin_search([K]), rtl.TicketError, "outside [0, 3)"),
+    ("pruner_sparsities_and_deprecated_alias",
+     lambda c: rtl.RTLPruner(c.make_routed("weight"), sparsities=[0.5], target_sparsity=[0.5]), rtl.SparsityError,
+     "not both"),
+    ("joint_retrain_optimizer_none",
+     lambda c: rtl.joint_retrain(c.make_routed("weight"), {0: [(c.x, _long(4))]}, optimizer=None, progress=False),
+     OptimizerError, "torch.optim.Adam(routed.parameters()"),
+    ("clone_optimizer_not_an_optimizer", lambda c: clone_optimizer("adam"), OptimizerError, "Optimizer instance"),
 ]
 
 

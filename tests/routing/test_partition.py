@@ -151,7 +151,7 @@ def test_by_kmeans_errors(monkeypatch):
         by_kmeans(torch.full((4, 2), float("nan")), 2)
     with pytest.raises(DataError, match="2-D"):
         by_kmeans(torch.zeros(4), 2)
-    with pytest.raises(DataError, match="k must be"):
+    with pytest.raises(DataError, match="num_clusters must be"):
         by_kmeans(emb, 0)
     monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
     with pytest.raises(MissingDependencyError, match="pip install"):
@@ -244,3 +244,15 @@ def test_embed_plain_model_and_errors(make_tiny):
         embed(model, x.long())
     with pytest.raises(DataError, match="batch_size"):
         embed(model, x, batch_size=0)
+
+
+def test_by_kmeans_k_is_a_deprecated_alias_of_num_clusters():
+    emb, y = _blobs(5)
+    with pytest.warns(DeprecationWarning, match="num_clusters"):
+        old = by_kmeans(emb, k=3, seed=0)
+    new = by_kmeans(emb, num_clusters=3, seed=0)
+    assert torch.equal(old.assignment, new.assignment) and new.num_tickets == 3
+    with pytest.raises(DataError, match="not both"), pytest.warns(DeprecationWarning):
+        by_kmeans(emb, 3, k=3)
+    with pytest.raises(DataError, match="needs num_clusters"):
+        by_kmeans(emb)

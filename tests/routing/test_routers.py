@@ -117,6 +117,13 @@ def test_flops_per_sample_formula_and_share_vs_resnet18(data):
     assert share == pytest.approx(expected / (2 * macs))
     c = CentroidRouter(3).fit(x, d)
     assert 0 < flops_share(c, resnet, ex) < 0.01
+    # example_input= is the deprecated name of example_inputs (the name rtl.wrap and torch-pruning use)
+    with pytest.warns(DeprecationWarning, match="example_inputs"):
+        assert model_flops(resnet, example_input=ex) == model_flops(resnet, example_inputs=ex)
+    with pytest.warns(DeprecationWarning, match="example_inputs"):
+        assert flops_share(r, resnet, example_input=ex) == share
+    with pytest.raises(RouteError, match="not both"), pytest.warns(DeprecationWarning):
+        model_flops(resnet, ex, example_input=ex)
     assert ContextRouter(3).flops_per_sample((3, 32, 32)) == 0
     with pytest.raises(DataError, match="without the batch dim"):
         r.flops_per_sample((0, 32))

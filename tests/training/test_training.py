@@ -690,3 +690,46 @@ def test_retrain_tickets_mixed_schedule_and_bad_names(make_tiny):
         training.retrain_tickets(routed, theta, tickets, routed_loader(1, 3), lr=1e-2, epochs=1, schedule="summed")
     with pytest.raises(rtl.TicketError, match="ticket id or the owned"):
         MaskedUpdate(routed, None)
+
+
+def test_retrain_tickets_retrain_mode_optimizer_and_deprecated_schedule(make_tiny):
+    """retrain_mode= is the stage-2 schedule's name (schedule= warns and still works); optimizer= (an instance,
+    cloned) gives what lr= (Adam) gives."""
+    results = []
+    for how in ("lr", "optimizer", "schedule"):
+        torch.manual_seed(0)
+        routed = wrap(make_tiny(), "weight", K=3)
+        theta = {k: v.clone() for k, v in routed.model.state_dict().items()}
+        kw = dict(epochs=1, progress=False)
+        if how == "lr":
+            training.retrain_tickets(routed, theta, routed.tickets, routed_loader(2, 3), lr=1e-2,
+                                     retrain_mode="mixed", **kw)
+        elif how == "optimizer":
+            opt = torch.optim.Adam(routed.parameters(), lr=1e-2)
+            training.retrain_tickets(routed, theta, routed.tickets, routed_loader(2, 3), optimizer=opt,
+                                     retrain_mode="mixed", **kw)
+            assert len(opt.state) == 0  # cloned, not stepped
+        else:
+            with pytest.warns(DeprecationWarning, match="retrain_mode"):
+                training.retrain_tickets(routed, theta, routed.tickets, routed_loader(2, 3), lr=1e-2,
+                                         schedule="mixed", **kw)
+        results.append(routed.model.state_dict())
+    for other in results[1:]:
+        for n in results[0]:
+            assert torch.equal(results[0][n], other[n]), n
+    routed = wrap(make_tiny(), "weight", K=3)
+    theta = routed.model.state_dict()
+    with pytest.raises(rtl.RTLError, match="exactly one"):
+        training.retrain_tickets(routed, theta, routed.tickets, routed_loader(1, 3), epochs=1)
+    with pytest.raises(rtl.DataError, match="retrain_mode"):
+        training.retrain_tickets(routed, theta, routed.tickets, routed_loader(1, 3), lr=1e-2, epochs=1,
+                                 retrain_mode="summed")
+    with pytest.raises(rtl.DataError, match="disagree"), pytest.warns(DeprecationWarning):
+        training.retrain_tickets(routed, theta, routed.tickets, routed_loader(1, 3), lr=1e-2, epochs=1,
+                                 retrain_mode="sequential", schedule="mixed")
+
+
+def test_joint_retrain_refuses_a_missing_optimizer(make_tiny, make_loader):
+    routed = wrap(make_tiny(), "weight", K=2)
+    with pytest.raises(rtl.RTLError, match="torch.optim.Optimizer"):
+        training.joint_retrain(routed, {0: make_loader(1), 1: make_loader(1)}, optimizer=None, progress=False)
