@@ -198,7 +198,7 @@ class _Run:
         self.task, self.config = task, config
         self.rows: list[dict] = []
         self.similarity: list[dict] = []
-        self.wall: dict[str, float] = {}
+        self.wall = dict.fromkeys(("ticket_search", "single_imp", "multi_imp", "joint_retrain"), 0.0)
         self.saved: dict[float, str] = {}
         self.loaders = task.ticket_loaders()
         self.num_tickets = len(self.loaders)
@@ -252,7 +252,7 @@ def run_rtl(run: _Run, out_dir: Path | None) -> None:
     c, task, routed = run.config, run.task, run.routed
     for s in c.sparsities:
         tickets = run.search.tickets_at[s]
-        run.wall["joint_retrain"] = run.wall.get("joint_retrain", 0.0) + retrain_tickets(
+        run.wall["joint_retrain"] += retrain_tickets(
             routed, run.theta0, tickets, run.loaders, lr=c.lr, epochs=c.retrain_epochs, train_step=task.train_step,
             device=c.device, progress=c.progress, per_ticket_state=c.per_ticket_state)
         run.similarity.append({**ticket_similarity(tickets, s), **task.similarity_extras(tickets)})
