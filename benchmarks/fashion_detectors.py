@@ -237,7 +237,7 @@ class FashionDetectorTask(ComparisonTask):
                       train_step=self.multilabel_step, progress=self.cfg["progress"])
         return Evaluation("none", detector_metrics(single_scores(rd, self.xte), self.yte))
 
-    def describe(self) -> dict:
+    def describe(self, results: dict) -> dict:
         return {"task": self.name, "dataset": "fashion-mnist", "model": self.cfg["model"], "granularity": "weight",
                 "seed": self.seed, "config": self.cfg}
 

@@ -45,10 +45,14 @@ class TaskHookError(RTLError, TypeError):
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluated model: its routing, its metrics (higher is better) and extra row keys."""
+    """One evaluated model: its routing, its metrics (higher is better) and extra row keys.
+
+    ``more``: the same model scored on further test sets, ``{name: Evaluation}``; their rows go to
+    ``results["rows_<name>"]`` (``rows`` holds the main test set)."""
     routing: str
     metrics: Mapping[str, float]
     extras: Mapping[str, object] = field(default_factory=dict)
+    more: Mapping[str, "Evaluation"] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +81,7 @@ class ComparisonConfig:
     retrain_epochs: int = 1
     lr: float = 1e-3
     per_ticket_state: bool = True
+    retrain_mode: str = "sequential"     # RTL's retraining: K single-ticket steps per batch index, or "mixed"
     equal_storage: bool = True
     device: str | torch.device | None = None
     progress: bool = False
@@ -89,6 +94,8 @@ class ComparisonConfig:
             raise DataError(f"methods must start with 'rtl' (the baselines reuse its tickets), got {self.methods}.")
         if len(set(self.methods)) != len(self.methods):
             raise DataError(f"methods lists a method twice: {self.methods}; name each once.")
+        if self.retrain_mode not in ("sequential", "mixed"):
+            raise DataError(f"retrain_mode must be 'sequential' or 'mixed', got {self.retrain_mode!r}.")
         if not self.sparsities:
             raise DataError("sparsities is empty; give at least one target sparsity, e.g. (0.5,).")
         return self
@@ -146,6 +153,11 @@ class ComparisonTask:
     def after_single_search(self, method: str, result) -> None:
         """Called once a single-mask baseline's IMP search is done."""
 
+    def mixed_retrain_loader(self):
+        """``retrain_mode="mixed"``: a loader of ``(x, y, route)`` over all subsets (shuffled batches, each sample
+        routed to its subset's ticket); it is cycled for RTL's retraining budget."""
+        raise TaskHookError(self._missing("mixed_retrain_loader"))
+
     def multi_imp_loader(self, k: int):
         """Data of independent model ``k``; default: RTL's subset k."""
         return self.ticket_loaders()[k]
@@ -158,12 +170,13 @@ class ComparisonTask:
         """``extra`` saved with RTL's tickets at ``sparsity`` (when compare has an out_dir); None: do not save."""
         return None
 
-    def describe(self) -> dict:
-        """Top-level results keys: task, dataset, model, granularity, seed, config, ... (extra keys allowed)."""
+    def describe(self, results: dict) -> dict:
+        """Top-level results keys: task, dataset, model, granularity, seed, config, ... (extra keys allowed);
+        ``results`` holds the protocol's keys (rows, similarity, ...), for keys derived from them."""
         return {"task": self.name}
 
-    def plot(self, results: dict, out_dir: Path) -> list[str]:
-        """Figures of the run (file names under out_dir)."""
+    def plot(self, results: dict, out_dir: Path) -> list[str] | None:
+        """Figures of the run (file names under out_dir); None: no figures."""
         from rtl_plugin.diagnostics.plots import plot_classification_results
         return plot_classification_results(results, out_dir)
 
@@ -191,12 +204,21 @@ def check_hooks(task: ComparisonTask, methods) -> None:
                             f"{list(methods)}; override them or leave out the methods that need them.")
 
 
+def _row(method: str, evaluation: Evaluation, sparsity: float, params: int, matching: str, extra: dict) -> dict:
+    row = {"method": method, "routing": evaluation.routing, "sparsity": sparsity, "params": int(params),
+           "matching": matching, "metrics": {k: round(float(v), 6) for k, v in evaluation.metrics.items()}}
+    row.update(extra)
+    row.update(evaluation.extras)
+    return row
+
+
 class _Run:
     """State of one comparison: config, task, RTL's model and tickets, and the rows gathered so far."""
 
     def __init__(self, task: ComparisonTask, config: ComparisonConfig):
         self.task, self.config = task, config
         self.rows: list[dict] = []
+        self.more_rows: dict[str, list[dict]] = {}
         self.similarity: list[dict] = []
         self.wall = dict.fromkeys(("ticket_search", "single_imp", "multi_imp", "joint_retrain"), 0.0)
         self.saved: dict[float, str] = {}
@@ -205,12 +227,16 @@ class _Run:
 
     def add_row(self, method: str, evaluation: Evaluation, sparsity: float, params: int,
                 matching: str = "equal_cost", **extra) -> dict:
-        row = {"method": method, "routing": evaluation.routing, "sparsity": sparsity, "params": int(params),
-               "matching": matching, "metrics": {k: round(float(v), 6) for k, v in evaluation.metrics.items()}}
-        row.update(extra)
-        row.update(evaluation.extras)
+        for name, other in evaluation.more.items():
+            self.more_rows.setdefault(name, []).append(_row(method, other, sparsity, params, matching, extra))
+        row = _row(method, evaluation, sparsity, params, matching, extra)
         self.rows.append(row)
         return row
+
+    @property
+    def retrain_batches(self) -> int:
+        """Batches per retraining epoch of RTL's K tickets together: every method's budget."""
+        return max(len(dl) for dl in self.loaders.values()) * self.num_tickets
 
     def optimizer_factory(self, params):
         return torch.optim.Adam(params, lr=self.config.lr)
@@ -252,9 +278,13 @@ def run_rtl(run: _Run, out_dir: Path | None) -> None:
     c, task, routed = run.config, run.task, run.routed
     for s in c.sparsities:
         tickets = run.search.tickets_at[s]
+        if c.retrain_mode == "mixed":
+            data, extra = CyclicLoader(task.mixed_retrain_loader(), run.retrain_batches), {}
+        else:
+            data, extra = run.loaders, {"per_ticket_state": c.per_ticket_state}
         run.wall["joint_retrain"] += retrain_tickets(
-            routed, run.theta0, tickets, run.loaders, lr=c.lr, epochs=c.retrain_epochs, train_step=task.train_step,
-            device=c.device, progress=c.progress, per_ticket_state=c.per_ticket_state)
+            routed, run.theta0, tickets, data, lr=c.lr, epochs=c.retrain_epochs, schedule=c.retrain_mode,
+            train_step=task.train_step, device=c.device, progress=c.progress, **extra)
         run.similarity.append({**ticket_similarity(tickets, s), **task.similarity_extras(tickets)})
         union = tickets.union_count()
         per_ticket = [int(v) for v in tickets.kept()]
@@ -305,8 +335,7 @@ def run_single(run: _Run, method: str) -> None:
             run.add_row(method, evaluation, s1, kept)
         for s, union_sparsity in run.union_sparsities.items():
             if c.equal_storage and method == "single_imp" and abs(union_sparsity - s1) < 1e-9:
-                storage = Evaluation("none", evaluation.metrics, evaluation.extras)
-                run.add_row(method, storage, s, kept, matching="equal_storage", single_sparsity=s1)
+                run.add_row(method, evaluation, s, kept, matching="equal_storage", single_sparsity=s1)
         setup.routed.train()
     run.tick(method, t)
     task.log(f"{method}: done in {time.perf_counter() - t:.1f}s")
@@ -355,11 +384,15 @@ def compare(task: ComparisonTask, config: ComparisonConfig, out_dir: str | Path 
             run_multi(run)
         else:
             run_single(run, method)
-    results = {**task.describe(), "num_tickets": run.num_tickets, "device": str(config.device or "cpu"),
+    results = {"num_tickets": run.num_tickets, "device": str(config.device or "cpu"),
                "prunable_weights": run.num_weights, "rows": run.rows, "similarity": run.similarity,
+               **{f"rows_{name}": rows for name, rows in run.more_rows.items()},
                "wall_time_s": {k: round(v, 3) for k, v in run.wall.items()}}
     if run.saved:
         results["tickets"] = run.saved
+    described = task.describe(results)
+    wall = {**described.get("wall_time_s", {}), **results["wall_time_s"]}
+    results = {**described, **results, "wall_time_s": wall}
     if out_dir is not None:
         write_results(task, results, Path(out_dir))
     return results
@@ -370,11 +403,13 @@ def write_results(task: ComparisonTask, results: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "results.json", results)
     try:
-        results["figures"] = task.plot(results, out_dir)
+        figures = task.plot(results, out_dir)
     except ImportError as e:  # matplotlib missing: results stay valid without figures
         task.log(f"figures skipped ({e}); pip install 'rtl-plugin[plots]'")
         return
-    atomic_write_json(out_dir / "results.json", results)
+    if figures is not None:
+        results["figures"] = figures
+        atomic_write_json(out_dir / "results.json", results)
 
 
 __all__ = ["ComparisonConfig", "ComparisonTask", "Evaluation", "SingleImpSetup", "TaskHookError", "compare",

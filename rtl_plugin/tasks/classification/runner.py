@@ -279,7 +279,7 @@ class ClassificationTask(ComparisonTask):
     def similarity_extras(self, tickets) -> dict:
         return {"jaccard": tickets.jaccard().tolist()}
 
-    def describe(self) -> dict:
+    def describe(self, results: dict) -> dict:
         cfg = self.cfg
         return {"task": "classification", "dataset": cfg.dataset, "model": cfg.model, "granularity": cfg.granularity,
                 "seed": cfg.seed, "ticket_names": self.names, "partition": cfg.partition, "collapse": self.collapse,
