@@ -53,6 +53,7 @@ class Evaluation:
     metrics: Mapping[str, float]
     extras: Mapping[str, object] = field(default_factory=dict)
     more: Mapping[str, "Evaluation"] = field(default_factory=dict)
+    params: int | None = None            # weights the model stores, when not the protocol's count (e.g. dense)
 
 
 @dataclass
@@ -155,7 +156,7 @@ class ComparisonTask:
 
     def mixed_retrain_loader(self):
         """``retrain_mode="mixed"``: a loader of ``(x, y, route)`` over all subsets (shuffled batches, each sample
-        routed to its subset's ticket); it is cycled for RTL's retraining budget."""
+        routed to its subset's ticket), as many batches per epoch as the task's budget gives RTL."""
         raise TaskHookError(self._missing("mixed_retrain_loader"))
 
     def multi_imp_loader(self, k: int):
@@ -172,7 +173,8 @@ class ComparisonTask:
 
     def describe(self, results: dict) -> dict:
         """Top-level results keys: task, dataset, model, granularity, seed, config, ... (extra keys allowed);
-        ``results`` holds the protocol's keys (rows, similarity, ...), for keys derived from them."""
+        ``results`` holds the protocol's keys (rows, similarity, ...), for keys derived from them. The task's keys
+        win over the protocol's, except rows and similarity (``wall_time_s`` entries are merged)."""
         return {"task": self.name}
 
     def plot(self, results: dict, out_dir: Path) -> list[str] | None:
@@ -205,6 +207,7 @@ def check_hooks(task: ComparisonTask, methods) -> None:
 
 
 def _row(method: str, evaluation: Evaluation, sparsity: float, params: int, matching: str, extra: dict) -> dict:
+    params = params if evaluation.params is None else evaluation.params
     row = {"method": method, "routing": evaluation.routing, "sparsity": sparsity, "params": int(params),
            "matching": matching, "metrics": {k: round(float(v), 6) for k, v in evaluation.metrics.items()}}
     row.update(extra)
@@ -279,7 +282,7 @@ def run_rtl(run: _Run, out_dir: Path | None) -> None:
     for s in c.sparsities:
         tickets = run.search.tickets_at[s]
         if c.retrain_mode == "mixed":
-            data, extra = CyclicLoader(task.mixed_retrain_loader(), run.retrain_batches), {}
+            data, extra = task.mixed_retrain_loader(), {}
         else:
             data, extra = run.loaders, {"per_ticket_state": c.per_ticket_state}
         run.wall["joint_retrain"] += retrain_tickets(
@@ -392,7 +395,7 @@ def compare(task: ComparisonTask, config: ComparisonConfig, out_dir: str | Path 
         results["tickets"] = run.saved
     described = task.describe(results)
     wall = {**described.get("wall_time_s", {}), **results["wall_time_s"]}
-    results = {**described, **results, "wall_time_s": wall}
+    results = {**results, **described, "rows": run.rows, "similarity": run.similarity, "wall_time_s": wall}
     if out_dir is not None:
         write_results(task, results, Path(out_dir))
     return results

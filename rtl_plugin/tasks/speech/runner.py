@@ -249,10 +249,11 @@ class SpeechTask(ComparisonTask):
         return CyclicLoader(self.loaders[k], self.batches_per_ticket)
 
     def mixed_retrain_loader(self):
-        """All training clips with their environment as the route, shuffled (a fresh generator per sparsity)."""
+        """All training clips with their environment as the route, shuffled (a fresh generator per sparsity), cycled
+        for RTL's budget."""
         g = torch.Generator().manual_seed(self.cfg.seed * 1000 + 999)
-        return DataLoader(TensorDataset(self.x_tr, self.c_tr, self.e_tr), batch_size=self.cfg.batch_size,
-                          shuffle=True, generator=g)
+        return CyclicLoader(DataLoader(TensorDataset(self.x_tr, self.c_tr, self.e_tr), batch_size=self.cfg.batch_size,
+                                       shuffle=True, generator=g), self.budget)
 
     # ---- models
     def _fresh(self, seed: int) -> AudioUNet:
@@ -387,7 +388,8 @@ class SpeechTask(ComparisonTask):
         return {
             "task": "speech_enhancement", "dataset": SPEECH_DATASET,
             "model": f"audio:unet(n_fft={cfg.n_fft},hop={cfg.hop_length})", "granularity": "weight",
-            "seed": cfg.seed, "ticket_names": envs, "rows_real": [], "router": self.router_info,
+            "seed": cfg.seed, "ticket_names": envs, "rows_real": results.get("rows_real", []),
+            "router": self.router_info,
             "test_sets": {n: {"clips": int(len(v[0])),
                               "speech": ("synthetic (espeak-ng/flite, held-out sentences)" if n == "synthetic" else
                                          "recorded: " + ", ".join(data.config.real_corpora) + " (resampled to 16 kHz)"),
