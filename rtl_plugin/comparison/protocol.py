@@ -14,8 +14,9 @@
    masks of RTL's search, so they are reused, and each model is retrained alone on its subset;
 6. rows ``{method, routing, sparsity, params, matching, metrics}`` -> ``results.json`` and figures.
 
-Methods run in the order of ``ComparisonConfig.methods`` (``rtl`` first): the order of random draws
-follows it, so a task keeps its numbers by keeping its order.
+RTL's ticket search runs first; then the methods run in the order of ``ComparisonConfig.methods`` (with
+``multi_imp_per_sparsity``, multi-model IMP runs at each sparsity right after RTL's, when both share data
+streams). The order of random draws follows it, so a task keeps its numbers by keeping its order.
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class ComparisonConfig:
     per_ticket_state: bool = True
     retrain_mode: str = "sequential"     # RTL's retraining: K single-ticket steps per batch index, or "mixed"
     equal_storage: bool = True
+    multi_imp_per_sparsity: bool = False  # multi-model IMP at each sparsity right after RTL's (shared data streams)
     device: str | torch.device | None = None
     progress: bool = False
 
@@ -91,8 +93,8 @@ class ComparisonConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise DataError(f"unknown comparison methods {unknown}; choose from {list(METHODS)}.")
-        if not self.methods or self.methods[0] != "rtl":
-            raise DataError(f"methods must start with 'rtl' (the baselines reuse its tickets), got {self.methods}.")
+        if "rtl" not in self.methods:
+            raise DataError(f"methods must include 'rtl' (the baselines reuse its tickets), got {self.methods}.")
         if len(set(self.methods)) != len(self.methods):
             raise DataError(f"methods lists a method twice: {self.methods}; name each once.")
         if self.retrain_mode not in ("sequential", "mixed"):
@@ -140,7 +142,7 @@ class ComparisonTask:
         """Output of independent model ``k`` (retrained on subset k), combined by ``evaluate_multi``."""
         raise TaskHookError(self._missing("multi_imp_output"))
 
-    def evaluate_multi(self, outputs: list, sparsity: float) -> Evaluation:
+    def evaluate_multi(self, outputs: list, sparsity: float) -> Evaluation | list[Evaluation]:
         raise TaskHookError(self._missing("evaluate_multi"))
 
     # ---- optional
@@ -158,6 +160,11 @@ class ComparisonTask:
         """``retrain_mode="mixed"``: a loader of ``(x, y, route)`` over all subsets (shuffled batches, each sample
         routed to its subset's ticket), as many batches per epoch as the task's budget gives RTL."""
         raise TaskHookError(self._missing("mixed_retrain_loader"))
+
+    def retrain_loaders(self, sparsity: float) -> dict[int, object]:
+        """``{ticket: loader}`` RTL's tickets (and multi-model IMP) retrain on at ``sparsity``; default: the
+        search subsets."""
+        return self.ticket_loaders()
 
     def multi_imp_loader(self, k: int):
         """Data of independent model ``k``; default: RTL's subset k."""
@@ -284,22 +291,23 @@ def run_rtl(run: _Run, out_dir: Path | None) -> None:
         if c.retrain_mode == "mixed":
             data, extra = task.mixed_retrain_loader(), {}
         else:
-            data, extra = run.loaders, {"per_ticket_state": c.per_ticket_state}
+            data, extra = task.retrain_loaders(s), {"per_ticket_state": c.per_ticket_state}
         run.wall["joint_retrain"] += retrain_tickets(
             routed, run.theta0, tickets, data, lr=c.lr, epochs=c.retrain_epochs, schedule=c.retrain_mode,
             train_step=task.train_step, device=c.device, progress=c.progress, **extra)
         run.similarity.append({**ticket_similarity(tickets, s), **task.similarity_extras(tickets)})
         union = tickets.union_count()
         per_ticket = [int(v) for v in tickets.kept()]
-        for i, evaluation in enumerate(task.evaluate_rtl(routed, tickets, s)):
-            extra = {"per_ticket_params": per_ticket} if i == 0 else {}
-            run.add_row("rtl", evaluation, s, union, **extra)
+        for evaluation in task.evaluate_rtl(routed, tickets, s):
+            run.add_row("rtl", evaluation, s, union, per_ticket_params=per_ticket)
         metadata = task.ticket_metadata(s)
         if out_dir is not None and metadata is not None:
             folder = out_dir / "tickets" / f"sparsity_{int(round(s * 100)):02d}"
             routed.save(folder, extra=metadata)
             run.saved[s] = folder.relative_to(out_dir).as_posix()  # relative: the run folder can be moved
         routed.train()
+        if c.multi_imp_per_sparsity and "multi_imp" in c.methods:
+            run_multi_at(run, s)
 
 
 def run_dense(run: _Run) -> None:
@@ -349,24 +357,33 @@ def single_ticket(space, tickets: TicketSet, k: int) -> TicketSet:
     return TicketSet(space, {n: m[k:k + 1].clone() for n, m in tickets.masks.items()})
 
 
-def run_multi(run: _Run) -> None:
-    """K independent one-ticket models with RTL's masks, each retrained alone on its subset."""
+def run_multi_at(run: _Run, s: float) -> None:
+    """K independent one-ticket models with RTL's masks at sparsity ``s``, each retrained alone on its subset."""
     c, task = run.config, run.task
     t = time.perf_counter()
-    for s in c.sparsities:
-        tickets = run.search.tickets_at[s]
-        outputs = []
-        for k in range(run.num_tickets):
-            model = task.build_routed(1)
-            model.set_tickets(single_ticket(model.space, tickets, k))
-            joint_retrain(model, {0: task.multi_imp_loader(k)}, optimizer=torch.optim.Adam(model.parameters(), lr=c.lr),
-                          epochs=c.retrain_epochs, train_step=task.train_step, device=c.device, progress=False)
-            model.eval()
-            outputs.append(task.multi_imp_output(model, k))
-        run.add_row("multi_imp", task.evaluate_multi(outputs, s), s, int(tickets.kept().sum()))
+    tickets = run.search.tickets_at[s]
+    outputs = []
+    for k in range(run.num_tickets):
+        model = task.build_routed(1)
+        model.set_tickets(single_ticket(model.space, tickets, k))
+        joint_retrain(model, {0: task.multi_imp_loader(k)}, optimizer=torch.optim.Adam(model.parameters(), lr=c.lr),
+                      epochs=c.retrain_epochs, train_step=task.train_step, device=c.device, progress=False)
+        model.eval()
+        outputs.append(task.multi_imp_output(model, k))
+    evaluations = task.evaluate_multi(outputs, s)
+    for evaluation in evaluations if isinstance(evaluations, (list, tuple)) else [evaluations]:
+        run.add_row("multi_imp", evaluation, s, int(tickets.kept().sum()))
     run.tick("multi_imp", t)
-    run.wall["multi_imp"] += run.wall["ticket_search"]  # its masks are RTL's search
-    task.log(f"multi_imp: done in {time.perf_counter() - t:.1f}s")
+
+
+def run_multi(run: _Run) -> None:
+    """Multi-model IMP at every sparsity (its masks are RTL's search: the search time counts for it too)."""
+    t = time.perf_counter()
+    if not run.config.multi_imp_per_sparsity:
+        for s in run.config.sparsities:
+            run_multi_at(run, s)
+    run.wall["multi_imp"] += run.wall["ticket_search"]
+    run.task.log(f"multi_imp: done in {time.perf_counter() - t:.1f}s")
 
 
 def compare(task: ComparisonTask, config: ComparisonConfig, out_dir: str | Path | None = None) -> dict:

@@ -180,7 +180,7 @@ def test_mixed_retraining_needs_its_loader_hook():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(methods=("dense", "rtl")), "start with 'rtl'"),
+    (dict(methods=("dense", "single_imp")), "must include 'rtl'"),
     (dict(methods=("rtl", "magic")), "unknown comparison methods"),
     (dict(methods=("rtl", "dense", "dense")), "twice"),
     (dict(retrain_mode="summed"), "retrain_mode"),
