@@ -19,6 +19,7 @@ import copy
 import math
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -216,7 +217,7 @@ class INRConfig:
     embed_dim: int = 8                   # single IMP / dense: learned region embedding size
     single_batches: str = "full"         # "full" | "per_region" (see the class docstring)
     retrain_mode: str = "sequential_shared"  # RTL joint retraining: "sequential_shared" | "sequential" |
-                                             # "summed" (see RETRAIN_MODES)
+                                             # "mixed" (was "summed"; see RETRAIN_MODES)
     sparsities: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
     prune_fraction: float = 0.5
     search_steps: int = 150
@@ -239,6 +240,12 @@ class INRConfig:
         base.update(kw)
         return cls(**base)
 
+    def __post_init__(self):
+        if self.retrain_mode == "summed":
+            warnings.warn('INRConfig(retrain_mode="summed") is deprecated and will be removed in the next version; '
+                          'use retrain_mode="mixed".', DeprecationWarning, stacklevel=3)
+            self.retrain_mode = "mixed"
+
 
 _METHODS = ("rtl", "single_imp", "dense", "multi_imp")
 
@@ -250,7 +257,7 @@ _METHODS = ("rtl", "single_imp", "dense", "multi_imp")
 #:   paper runs one Adam; it never mentions per-ticket state).
 #: * ``"sequential"``: the same K sequential masked steps with one Adam state PER TICKET (``joint_retrain``'s
 #:   default; what this module used before).
-#: * ``"summed"``: per epoch ONE optimizer step on all pixels, each routed to its ticket
+#: * ``"mixed"`` (was ``"summed"``): per epoch ONE optimizer step on all pixels, each routed to its ticket
 #:   (``routed(features, route=region)``, one MSE over the image, one backward): a weight's gradient is the
 #:   sum of the gradients of the tickets that own it (a ticket that does not own a weight multiplies it by
 #:   0 in its forward, so it contributes no gradient); weights no ticket owns get zero gradient and, with
@@ -261,9 +268,9 @@ _METHODS = ("rtl", "single_imp", "dense", "multi_imp")
 #: weights (86-91% of a ticket at 25% sparsity) by about ``lr`` per step in its own direction: K
 #: uncoordinated full-size steps per epoch that fight, and denser tickets (more sharing) fit worse. One
 #: shared Adam state normalises a shared weight by the gradients of all its owners and its momentum
-#: averages them. ``"summed"`` removes the fight too, with K times fewer optimizer steps (as many as
+#: averages them. ``"mixed"`` removes the fight too, with K times fewer optimizer steps (as many as
 #: single IMP's full-batch steps); on this step-limited budget it fits less than ``"sequential_shared"``.
-RETRAIN_MODES = ("summed", "sequential", "sequential_shared")
+RETRAIN_MODES = ("mixed", "sequential", "sequential_shared")
 
 
 def _validate_config(cfg: INRConfig) -> None:
@@ -282,7 +289,7 @@ def _validate_config(cfg: INRConfig) -> None:
     bad = [f for f in cfg.figure_sparsities if f not in sps]
     if bad:
         raise SparsityError(f"figure_sparsities {bad} are not in sparsities {sps}; pick from those.")
-    if cfg.retrain_mode not in RETRAIN_MODES:
+    if cfg.retrain_mode not in RETRAIN_MODES + ("summed",):  # "summed": the deprecated name of "mixed"
         raise DataError(f"retrain_mode must be one of {RETRAIN_MODES} (see inr.RETRAIN_MODES), got {cfg.retrain_mode!r}.")
     if cfg.single_batches not in ("full", "per_region"):
         raise DataError(f"single_batches must be 'full' (one full-batch step per epoch) or 'per_region' (K steps "

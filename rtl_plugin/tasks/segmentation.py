@@ -57,6 +57,7 @@ from rtl_plugin import wrap
 from rtl_plugin.comparison.baselines import CyclicLoader
 from rtl_plugin.comparison.protocol import ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
 from rtl_plugin.errors import DataError, MissingDependencyError, RouteError, SparsityError
+from rtl_plugin.tasks.renamed import renamed_fields
 from rtl_plugin.training.retrain import apply_loss
 
 #: Default texture classes (photos in ``skimage.data``, CC0 / public domain); visually distinct textures.
@@ -250,19 +251,20 @@ def self_routes(ticket_logits: torch.Tensor) -> torch.Tensor:
     return own.argmax(0)
 
 
+@renamed_fields({"n_clusters": "num_clusters"})
 class CompositionClusters:
     """Clusters of label maps by class composition: k-means (scikit-learn, ``n_init=10``) on every map's
     class-pixel fractions ``[K]``. ``fit`` on the training labels; ``route`` sends any label map (true or
     predicted by a label-free model) to the nearest centre: one ticket per cluster, one route per image."""
 
-    def __init__(self, n_clusters: int, num_classes: int, seed: int = 0):
-        if not _is_int(n_clusters) or n_clusters < 2:
-            raise DataError(f"n_clusters must be an int >= 2, got {n_clusters!r}.")
+    def __init__(self, num_clusters: int, num_classes: int, seed: int = 0):
+        if not _is_int(num_clusters) or num_clusters < 2:
+            raise DataError(f"num_clusters must be an int >= 2, got {num_clusters!r}.")
         if not _is_int(num_classes) or num_classes < 2:
             raise DataError(f"num_classes must be an int >= 2, got {num_classes!r}.")
         if not _is_int(seed) or seed < 0:
             raise DataError(f"seed must be an int >= 0, got {seed!r}.")
-        self.n_clusters, self.num_classes, self.seed = int(n_clusters), int(num_classes), int(seed)
+        self.num_clusters, self.num_classes, self.seed = int(num_clusters), int(num_classes), int(seed)
         self.centers: np.ndarray | None = None
         self.assignment: torch.Tensor | None = None
 
@@ -280,15 +282,15 @@ class CompositionClusters:
     def fit(self, labels: torch.Tensor) -> "CompositionClusters":
         from sklearn.cluster import KMeans
         f = self.fractions(labels)
-        if f.shape[0] < self.n_clusters:
-            raise DataError(f"{f.shape[0]} label maps cannot make {self.n_clusters} clusters; lower n_clusters.")
-        km = KMeans(n_clusters=self.n_clusters, n_init=10, random_state=self.seed).fit(f)
+        if f.shape[0] < self.num_clusters:
+            raise DataError(f"{f.shape[0]} label maps cannot make {self.num_clusters} clusters; lower num_clusters.")
+        km = KMeans(n_clusters=self.num_clusters, n_init=10, random_state=self.seed).fit(f)
         self.centers = km.cluster_centers_.astype(np.float64)
         self.assignment = torch.from_numpy(self.route_fractions(f))
-        sizes = torch.bincount(self.assignment, minlength=self.n_clusters)
+        sizes = torch.bincount(self.assignment, minlength=self.num_clusters)
         if int(sizes.min()) < 2:  # a one-mosaic ticket cannot train (train-mode batch norm needs two samples)
             raise DataError(f"a composition cluster holds fewer than 2 label maps (sizes {sizes.tolist()}); "
-                            "lower n_clusters or raise n_train.")
+                            "lower num_clusters or raise n_train.")
         return self
 
     def route_fractions(self, f) -> np.ndarray:
@@ -311,7 +313,7 @@ class CompositionClusters:
         """Training-map indices of each cluster."""
         if self.assignment is None:
             raise DataError("CompositionClusters is not fitted; call fit(train_labels) first.")
-        return [(self.assignment == k).nonzero().flatten() for k in range(self.n_clusters)]
+        return [(self.assignment == k).nonzero().flatten() for k in range(self.num_clusters)]
 
     def describe(self) -> dict:
         return {"sizes": [int(v.numel()) for v in self.subsets()],
@@ -442,11 +444,12 @@ def recalibrate_bn(routed, loaders: dict) -> int:
 # --------------------------------------------------------------------------- experiment
 
 
+@renamed_fields({"search_epochs": "epochs_per_round", "n_clusters": "num_clusters"})
 @dataclass
 class SegConfig:
     """Settings of one run (defaults: the benchmark's CPU setting).
 
-    Budget: every RTL ticket trains ``search_epochs`` passes over its subset per pruning round and
+    Budget: every RTL ticket trains ``epochs_per_round`` passes over its subset per pruning round and
     ``retrain_epochs`` joint-retraining epochs; single IMP gets, per epoch, as many batches of all training
     mosaics as all tickets together; multi-IMP models get exactly the RTL tickets' per-ticket batches.
     """
@@ -463,7 +466,7 @@ class SegConfig:
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)
     sparsities: tuple[float, ...] = (0.5, 0.75)
     prune_fraction: float = 0.5
-    search_epochs: int = 2
+    epochs_per_round: int = 2            # was search_epochs
     retrain_epochs: int = 4
     lr: float = 1e-3
     methods: tuple[str, ...] = ("rtl", "single_imp", "multi_imp")
@@ -472,7 +475,7 @@ class SegConfig:
     #                                      "router": retrain on the router's pixel routes (search: balanced)
     partition: str = "class"             # "class": a ticket per class, pixels routed by class; "composition": a
     #                                      ticket per cluster of mosaics by class composition, images routed whole
-    n_clusters: int | None = None        # "composition": number of tickets (default: the number of classes)
+    num_clusters: int | None = None      # "composition": number of tickets (default: the number of classes)
     device: str = "cpu"
     progress: bool = False
 
@@ -480,7 +483,7 @@ class SegConfig:
     def quick(cls, **kw) -> "SegConfig":
         """A seconds-long setting for tests and notebooks (3 classes, 32x32, tiny decoder)."""
         base = dict(classes=SEG_CLASSES[:3], n_regions=2, size=32, n_train=12, n_test=6, batch_size=6,
-                    decoder_channels=(16, 16, 8, 8, 8), search_epochs=1, retrain_epochs=1)
+                    decoder_channels=(16, 16, 8, 8, 8), epochs_per_round=1, retrain_epochs=1)
         base.update(kw)
         return cls(**base)
 
@@ -496,7 +499,7 @@ def _validate(cfg: SegConfig) -> None:
     if cfg.encoder not in ENCODERS:
         raise DataError(f"encoder must be one of {ENCODERS}, got {cfg.encoder!r}.")
     _check_classes(cfg.classes)
-    for name in ("n_train", "n_test", "batch_size", "search_epochs", "retrain_epochs"):
+    for name in ("n_train", "n_test", "batch_size", "epochs_per_round", "retrain_epochs"):
         v = getattr(cfg, name)
         if not _is_int(v) or v < 1:
             raise DataError(f"{name} must be an int >= 1, got {v!r}.")
@@ -525,11 +528,11 @@ def _validate(cfg: SegConfig) -> None:
     if cfg.partition == "composition" and cfg.ticket_loss == "router":
         raise DataError("ticket_loss='router' retrains on per-pixel routes; with partition='composition' every "
                         "ticket trains with plain CE on its mosaics: leave ticket_loss at its default.")
-    if cfg.n_clusters is not None and (not _is_int(cfg.n_clusters) or not 2 <= cfg.n_clusters <= cfg.n_train // 2):
-        raise DataError(f"n_clusters must be None or an int in [2, n_train // 2] (two mosaics per ticket at "
-                        f"least), got {cfg.n_clusters!r}.")
-    if cfg.n_clusters is not None and cfg.partition != "composition":
-        raise DataError("n_clusters sets the number of composition tickets; use it with partition='composition' "
+    if cfg.num_clusters is not None and (not _is_int(cfg.num_clusters) or not 2 <= cfg.num_clusters <= cfg.n_train // 2):
+        raise DataError(f"num_clusters must be None or an int in [2, n_train // 2] (two mosaics per ticket at "
+                        f"least), got {cfg.num_clusters!r}.")
+    if cfg.num_clusters is not None and cfg.partition != "composition":
+        raise DataError("num_clusters sets the number of composition tickets; use it with partition='composition' "
                         "(class tickets are one per class).")
     if "single_imp" not in cfg.methods:
         raise DataError("the label-free router is the single-IMP model; keep 'single_imp' in methods.")
@@ -566,7 +569,7 @@ class SegmentationTask(ComparisonTask):
         self.train_x, test_x = (self.train.images - 0.5) / 0.5, (self.test.images - 0.5) / 0.5
         self.clusters = None
         if cfg.partition == "composition":
-            self.clusters = CompositionClusters(cfg.n_clusters or K, K, seed=cfg.seed).fit(self.train.labels)
+            self.clusters = CompositionClusters(cfg.num_clusters or K, K, seed=cfg.seed).fit(self.train.labels)
         self.subsets = self._subsets()
         self.search_steps = {k: (ce_step if cfg.ticket_loss == "plain" or self.clusters is not None else class_step(k))
                              for k in self.subsets}
@@ -702,7 +705,7 @@ def comparison_config(cfg: SegConfig) -> ComparisonConfig:
     multi-model IMP at each sparsity (they retrain on the same subset batch streams)."""
     methods = ("single_imp", "rtl", "multi_imp") if "multi_imp" in cfg.methods else ("single_imp", "rtl")
     return ComparisonConfig(sparsities=tuple(sorted(float(s) for s in cfg.sparsities)), methods=methods,
-                            prune_fraction=cfg.prune_fraction, epochs_per_round=cfg.search_epochs,
+                            prune_fraction=cfg.prune_fraction, epochs_per_round=cfg.epochs_per_round,
                             retrain_epochs=cfg.retrain_epochs, lr=cfg.lr, per_ticket_state=cfg.per_ticket_state,
                             equal_storage=False, multi_imp_per_sparsity=True, device=torch.device(cfg.device),
                             progress=cfg.progress)

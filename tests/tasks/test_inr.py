@@ -279,14 +279,14 @@ def test_summed_retrain_sums_owner_gradients_and_freezes_unowned():
         summed_retrain(routed, x, y[:5], regions, optimizer=torch.optim.Adam(routed.parameters()), epochs=1)
 
 
-@pytest.mark.parametrize("mode", ["summed", "sequential", "sequential_shared"])
+@pytest.mark.parametrize("mode", ["mixed", "sequential", "sequential_shared"])
 def test_run_inr_retrain_modes(tmp_path, mode):
     cfg = INRConfig.quick(methods=("rtl",), retrain_mode=mode, cache_dir=str(tmp_path))
     res = run_inr(cfg)
     assert all(math.isfinite(v) and v > 5 for v in res["psnr"]["rtl"].values())
     steps = res["budget"]["optimizer_steps_retrain"]
     assert steps["rtl_mode"] == mode
-    assert steps["rtl_total"] == cfg.retrain_steps * (1 if mode == "summed" else 3)
+    assert steps["rtl_total"] == cfg.retrain_steps * (1 if mode == "mixed" else 3)
     assert res["budget"]["pixel_presentations_retrain"] == cfg.retrain_steps * 24 * 24  # same for every mode
     with pytest.raises(DataError, match="retrain_mode"):
         run_inr(INRConfig.quick(retrain_mode="parallel"))

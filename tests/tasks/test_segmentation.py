@@ -218,9 +218,9 @@ def test_pipeline_label_free_route_is_router_prediction(quick_result):
     (dict(per_ticket_state=1), DataError, "per_ticket_state"),
     (dict(partition="pixels"), DataError, "partition must be"),
     (dict(partition="composition", ticket_loss="router"), DataError, "per-pixel routes"),
-    (dict(n_clusters=1, partition="composition"), DataError, "n_clusters"),
-    (dict(n_clusters=7, partition="composition"), DataError, r"n_train // 2"),
-    (dict(n_clusters=3), DataError, "partition='composition'"),
+    (dict(num_clusters=1, partition="composition"), DataError, "num_clusters"),
+    (dict(num_clusters=7, partition="composition"), DataError, r"n_train // 2"),
+    (dict(num_clusters=3), DataError, "partition='composition'"),
 ])
 def test_bad_config_raises(kw, err, text):
     with pytest.raises(err, match=text):
@@ -260,7 +260,7 @@ def test_composition_clusters_group_mosaics_by_their_classes():
         cc.route(ds.labels[0])
     with pytest.raises(DataError, match="class ids"):
         cc.route(ds.labels + 4)
-    with pytest.raises(DataError, match="lower n_clusters"):
+    with pytest.raises(DataError, match="lower num_clusters"):
         CompositionClusters(8, 4).fit(ds.labels[:5])
     with pytest.raises(DataError, match="fewer than 2"):  # 12 maps in 11 clusters: at least one singleton
         CompositionClusters(11, 4).fit(ds.labels[:12])
@@ -272,7 +272,7 @@ def test_composition_clusters_group_mosaics_by_their_classes():
 
 
 def test_composition_partition_pipeline_routes_whole_images():
-    res = run_segmentation(SegConfig.quick(partition="composition", n_clusters=3, sparsities=(0.5,),
+    res = run_segmentation(SegConfig.quick(partition="composition", num_clusters=3, sparsities=(0.5,),
                                            methods=("rtl", "single_imp")))
     assert res["data"]["partition"] == "composition" and res["data"]["tickets"] == 3
     assert set(res["miou"]["rtl"]) == {"oracle", "label_free"}  # no one-vs-rest "self" / per-class "soft"

@@ -31,8 +31,10 @@ from rtl_plugin.routing.partition import by_kmeans, embed
 from rtl_plugin.routing.routers import create_router, flops_share
 from rtl_plugin.tasks.classification.data import load_domains
 from rtl_plugin.tasks.metrics import classification_metrics
+from rtl_plugin.tasks.renamed import renamed_fields
 
 
+@renamed_fields({"search_epochs": "epochs_per_round"})
 @dataclass
 class ClassificationConfig:
     """Settings of one classification run (defaults: the ``rtl demo`` main job)."""
@@ -47,7 +49,7 @@ class ClassificationConfig:
     prune_fraction: float = 0.5
     prune_count: int | None = None
     scope: str = "global"                # global magnitude ranking (paper) | layer
-    search_epochs: int = 1               # epochs per pruning round (T)
+    epochs_per_round: int = 1            # epochs per pruning round (T); was search_epochs
     retrain_epochs: int = 2
     per_ticket_state: bool = True        # RTL joint retraining: one Adam state per ticket, or one shared (False)
     batch_size: int = 64
@@ -328,7 +330,7 @@ def comparison_config(cfg: ClassificationConfig) -> ComparisonConfig:
     baselines = tuple(m for m in METHODS if m != "rtl" and m in cfg.baselines)
     return ComparisonConfig(sparsities=tuple(cfg.sparsities), methods=("rtl", *baselines), schedule=cfg.schedule,
                             prune_fraction=cfg.prune_fraction, prune_count=cfg.prune_count, scope=cfg.scope,
-                            epochs_per_round=cfg.search_epochs, retrain_epochs=cfg.retrain_epochs, lr=cfg.lr,
+                            epochs_per_round=cfg.epochs_per_round, retrain_epochs=cfg.retrain_epochs, lr=cfg.lr,
                             per_ticket_state=cfg.per_ticket_state, equal_storage=cfg.equal_storage,
                             device=torch.device(cfg.device), progress=cfg.progress)
 

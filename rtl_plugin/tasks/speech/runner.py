@@ -32,11 +32,13 @@ from rtl_plugin.comparison.protocol import ComparisonConfig, ComparisonTask, Eva
 from rtl_plugin.errors import DataError, SparsityError
 from rtl_plugin.integrations.audio import AudioUNet, si_snr_improvement, weighted_sdr_loss
 from rtl_plugin.routing.routers import create_router
+from rtl_plugin.tasks.renamed import renamed_fields
 from rtl_plugin.training.retrain import apply_loss, joint_retrain
 
 ROUTER_FFT = 512
 
 
+@renamed_fields({"search_epochs": "epochs_per_round", "rtl_retrain": "retrain_mode"})
 @dataclass
 class SpeechConfig:
     """Settings of one speech-enhancement run (clips of ``clip_seconds`` at 16 kHz, SNRs in dB)."""
@@ -55,14 +57,14 @@ class SpeechConfig:
     sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)
     prune_fraction: float = 0.5
     warmup_steps: int = 200              # dense steps on all environments before θ0 is taken (late rewinding)
-    search_epochs: int = 1               # passes over an environment's clips per pruning round
+    epochs_per_round: int = 1            # passes over an environment's clips per pruning round (was search_epochs)
     retrain_epochs: int = 2
     per_ticket_state: bool = True        # RTL joint retraining: one Adam state per ticket, or one shared (False)
     # RTL retraining schedule: "sequential" (the paper: per batch index K single-ticket steps, joint_retrain)
     # or "mixed" (shuffled batches over all environments as single IMP's, each clip routed to its environment's
     # ticket, one step per batch, one Adam state: mixed_route_retrain; RTL and single IMP then differ in the masks;
     # per_ticket_state does not apply)
-    rtl_retrain: str = "sequential"
+    retrain_mode: str = "sequential"     # was rtl_retrain
     batch_size: int = 8
     lr: float = 3e-3
     baselines: tuple[str, ...] = ("dense", "single_imp", "multi_imp")
@@ -85,7 +87,7 @@ class SpeechConfig:
         return cls(**base)
 
     def validate(self) -> "SpeechConfig":
-        for name in ("train_per_env", "test_per_env", "search_epochs", "batch_size", "router_epochs",
+        for name in ("train_per_env", "test_per_env", "epochs_per_round", "batch_size", "router_epochs",
                      "train_utterances", "test_utterances", "babble_utterances", "n_fft", "hop_length"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -104,8 +106,8 @@ class SpeechConfig:
             raise SparsityError(f"sparsities must be increasing values in [0, 1), got {self.sparsities!r}")
         if not (0 < float(self.lr) < 1):
             raise DataError(f"lr must be in (0, 1), got {self.lr!r}")
-        if self.rtl_retrain not in ("sequential", "mixed"):
-            raise DataError(f"rtl_retrain must be 'sequential' or 'mixed', got {self.rtl_retrain!r}")
+        if self.retrain_mode not in ("sequential", "mixed"):
+            raise DataError(f"retrain_mode must be 'sequential' or 'mixed', got {self.retrain_mode!r}")
         if self.noise_split not in ("types", "instances"):
             raise DataError(f"noise_split must be 'types' or 'instances', got {self.noise_split!r}")
         if self.data_file is not None and not isinstance(self.data_file, (str, Path)):
@@ -438,9 +440,9 @@ def comparison_config(cfg: SpeechConfig) -> ComparisonConfig:
     """The protocol's settings of a speech run (no equal-storage rows: every ticket is as sparse as single IMP)."""
     baselines = tuple(m for m in ("dense", "single_imp", "multi_imp") if m in cfg.baselines)
     return ComparisonConfig(sparsities=tuple(cfg.sparsities), methods=("rtl", *baselines),
-                            prune_fraction=cfg.prune_fraction, epochs_per_round=cfg.search_epochs,
+                            prune_fraction=cfg.prune_fraction, epochs_per_round=cfg.epochs_per_round,
                             retrain_epochs=cfg.retrain_epochs, lr=cfg.lr, per_ticket_state=cfg.per_ticket_state,
-                            retrain_mode=cfg.rtl_retrain, equal_storage=False, device=torch.device(cfg.device),
+                            retrain_mode=cfg.retrain_mode, equal_storage=False, device=torch.device(cfg.device),
                             progress=cfg.progress)
 
 
