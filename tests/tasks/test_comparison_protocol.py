@@ -189,3 +189,15 @@ def test_mixed_retraining_needs_its_loader_hook():
 def test_bad_comparison_config_raises(kw, match):
     with pytest.raises(DataError, match=match):
         compare(TinyTask(), _config(**kw))
+
+
+def test_every_task_runner_takes_config_then_out_dir():
+    import inspect
+
+    from rtl_plugin.tasks.classification.runner import run_classification
+    from rtl_plugin.tasks.inr import run_inr
+    from rtl_plugin.tasks.segmentation import run_segmentation
+    from rtl_plugin.tasks.speech.runner import run_speech
+    for runner in (run_classification, run_inr, run_segmentation, run_speech):
+        params = list(inspect.signature(runner).parameters)
+        assert params[:2] == ["config", "out_dir"], (runner.__name__, params)

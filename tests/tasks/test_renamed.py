@@ -50,3 +50,18 @@ def test_deprecated_flag_is_an_alias_that_warns():
     assert p.parse_args(["--epochs-per-round", "2"]).epochs_per_round == 2
     with pytest.warns(DeprecationWarning, match="--search-epochs is deprecated.*use --epochs-per-round"):
         assert p.parse_args(["--search-epochs", "4"]).epochs_per_round == 4
+
+
+def test_run_classification_cfg_keyword_is_deprecated(monkeypatch, tmp_path):
+    from rtl_plugin.tasks.classification import runner
+    seen = {}
+    monkeypatch.setattr(runner, "compare", lambda task, config, out_dir: seen.setdefault("cfg", task.cfg))
+    monkeypatch.setattr(runner, "ClassificationTask", lambda cfg, out_dir: type("T", (), {"cfg": cfg})())
+    cfg = ClassificationConfig.quick()
+    with pytest.warns(DeprecationWarning, match=r"run_classification\(config, out_dir\)"):
+        runner.run_classification(cfg=cfg, out_dir=tmp_path)
+    assert seen["cfg"] is cfg
+    with pytest.raises(DataError, match="both config and cfg"):
+        runner.run_classification(cfg, tmp_path, cfg=cfg)
+    with pytest.raises(DataError, match="ClassificationConfig"):
+        runner.run_classification({"model": "timm:test_resnet"}, tmp_path)

@@ -313,3 +313,17 @@ def test_mosaic_batches_never_yield_a_single_image():
     seen = torch.cat([b[0][:, 0, 0, 0] for b in MosaicBatches(torch.arange(17.).view(17, 1, 1, 1).expand(17, 3, 32, 32),
                                                               y, 8, seed=0)])
     assert sorted(seen.tolist()) == list(map(float, range(17)))
+
+
+def test_run_segmentation_writes_the_stable_results_schema_into_out_dir(tmp_path):
+    import json
+    torch.manual_seed(0)
+    run_segmentation(SegConfig.quick(sparsities=(0.5,), methods=("rtl", "single_imp")), tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in ("task", "dataset", "model", "granularity", "num_tickets", "seed", "device", "rows", "similarity",
+                "wall_time_s", "config", "miou"):
+        assert key in on_disk, key
+    assert {r["routing"] for r in on_disk["rows"] if r["method"] == "rtl"} == {"oracle", "label_free", "self", "soft"}
+    assert all(r["metrics"]["miou"] == r["miou"] and 0 <= r["miou"] <= 1 for r in on_disk["rows"])
+    assert 0 <= on_disk["similarity"][0]["chance"] <= 1
+    assert on_disk["figures"] == ["miou.png"] and (tmp_path / "run" / "miou.png").exists()

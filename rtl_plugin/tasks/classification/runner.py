@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -335,8 +336,19 @@ def comparison_config(cfg: ClassificationConfig) -> ComparisonConfig:
                             device=torch.device(cfg.device), progress=cfg.progress)
 
 
-def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
-    """Run RTL and its baselines; write results.json, figures and tickets into ``out_dir``; return results."""
+def run_classification(config: ClassificationConfig | None = None, out_dir: str | Path = "rtl-runs/classification",
+                       *, cfg: ClassificationConfig | None = None) -> dict:
+    """Run RTL and its baselines; write results.json, figures and tickets into ``out_dir``; return results.
+
+    ``cfg=`` is the deprecated name of ``config``."""
+    if cfg is not None:
+        if config is not None:
+            raise DataError("run_classification got both config and cfg=; pass config only (cfg is its old name).")
+        warnings.warn("run_classification(cfg=...) is deprecated and will be removed in the next version; use "
+                      "run_classification(config, out_dir).", DeprecationWarning, stacklevel=2)
+    cfg = config if config is not None else (cfg if cfg is not None else ClassificationConfig())
+    if not isinstance(cfg, ClassificationConfig):
+        raise DataError(f"config must be a ClassificationConfig, got {type(cfg).__name__}.")
     if not isinstance(cfg.per_ticket_state, bool):
         raise DataError(f"per_ticket_state must be True or False, got {cfg.per_ticket_state!r}.")
     out_dir = Path(out_dir)
