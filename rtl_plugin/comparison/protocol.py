@@ -21,6 +21,7 @@ streams). The order of random draws follows it, so a task keeps its numbers by k
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,9 @@ import torch
 
 from rtl_plugin.comparison.baselines import CyclicLoader
 from rtl_plugin.diagnostics.similarity import chance_matrix, mean_offdiagonal
-from rtl_plugin.errors import DataError, RTLError
+from rtl_plugin.errors import DataError, RTLError, SparsityError
 from rtl_plugin.persist.io import atomic_write_json
-from rtl_plugin.pruning.pruner import RTLPruner
+from rtl_plugin.pruning.pruner import RTLPruner, validate_sparsities
 from rtl_plugin.tickets import TicketSet
 from rtl_plugin.training.retrain import joint_retrain, retrain_tickets
 
@@ -42,6 +43,17 @@ METHODS = ("rtl", "dense", *SINGLE_METHODS, "multi_imp")
 
 class TaskHookError(RTLError, TypeError):
     """A comparison task lacks a hook that one of its requested methods needs."""
+
+
+def check_lr_and_sparsities(lr, sparsities, *, why_above_zero: str) -> list[float]:
+    """The sorted target sparsities, each in (0, 1); raises when ``lr`` is not a positive number or a sparsity is
+    0 (``why_above_zero`` says why the task has no 0 target)."""
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise DataError(f"lr must be a positive number, got {lr!r}.")
+    sps = validate_sparsities(sparsities)
+    if sps[0] <= 0:
+        raise SparsityError(f"sparsities must be > 0 ({why_above_zero}), got {sps}.")
+    return sps
 
 
 @dataclass(frozen=True)
@@ -234,6 +246,8 @@ class _Run:
         self.saved: dict[float, str] = {}
         self.loaders = task.ticket_loaders()
         self.num_tickets = len(self.loaders)
+        # set by search_tickets: RTL's model, θ0, its search result, prunable weights, union sparsity per target
+        self.routed, self.theta0, self.search, self.num_weights, self.union_sparsities = None, None, None, 0, {}
 
     def add_row(self, method: str, evaluation: Evaluation, sparsity: float, params: int,
                 matching: str = "equal_cost", **extra) -> dict:
@@ -432,5 +446,5 @@ def write_results(task: ComparisonTask, results: dict, out_dir: Path) -> None:
         atomic_write_json(out_dir / "results.json", results)
 
 
-__all__ = ["ComparisonConfig", "ComparisonTask", "Evaluation", "SingleImpSetup", "TaskHookError", "compare",
+__all__ = ["check_lr_and_sparsities", "ComparisonConfig", "ComparisonTask", "Evaluation", "SingleImpSetup", "TaskHookError", "compare",
            "single_ticket", "ticket_similarity", "METHODS", "SINGLE_METHODS"]

@@ -20,7 +20,7 @@ import math
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rtl_plugin import wrap
 from rtl_plugin.comparison.baselines import ContextInputModel
-from rtl_plugin.comparison.protocol import ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
+from rtl_plugin.comparison.protocol import check_lr_and_sparsities, ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
 from rtl_plugin.errors import DataError, RouteError, SparsityError
 from rtl_plugin.training.retrain import apply_loss, mixed_route_retrain
 
@@ -274,18 +274,13 @@ RETRAIN_MODES = ("mixed", "sequential", "sequential_shared")
 
 
 def _validate_config(cfg: INRConfig) -> None:
-    from rtl_plugin.pruning.pruner import validate_sparsities
     if not isinstance(cfg, INRConfig):
         raise DataError(f"run_inr needs an INRConfig, got {type(cfg).__name__}; e.g. run_inr(INRConfig.quick()).")
     for name in ("search_steps", "retrain_steps", "embed_dim"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise DataError(f"{name} must be an int >= 1, got {v!r}.")
-    if not isinstance(cfg.lr, (int, float)) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise DataError(f"lr must be a positive number, got {cfg.lr!r}.")
-    sps = validate_sparsities(cfg.sparsities)
-    if sps[0] <= 0:
-        raise SparsityError(f"sparsities must be > 0 (the dense model is reported separately), got {sps}.")
+    sps = check_lr_and_sparsities(cfg.lr, cfg.sparsities, why_above_zero="the dense model is reported separately")
     bad = [f for f in cfg.figure_sparsities if f not in sps]
     if bad:
         raise SparsityError(f"figure_sparsities {bad} are not in sparsities {sps}; pick from those.")

@@ -55,8 +55,8 @@ import torch.nn.functional as F
 
 from rtl_plugin import wrap
 from rtl_plugin.comparison.baselines import CyclicLoader
-from rtl_plugin.comparison.protocol import ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
-from rtl_plugin.errors import DataError, MissingDependencyError, RouteError, SparsityError
+from rtl_plugin.comparison.protocol import check_lr_and_sparsities, ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
+from rtl_plugin.errors import DataError, MissingDependencyError
 from rtl_plugin.tasks.renamed import renamed_fields
 from rtl_plugin.training.retrain import apply_loss
 
@@ -492,7 +492,6 @@ _METHODS = ("rtl", "single_imp", "multi_imp")
 
 
 def _validate(cfg: SegConfig) -> None:
-    from rtl_plugin.pruning.pruner import validate_sparsities
     if not isinstance(cfg, SegConfig):
         raise DataError(f"run_segmentation needs a SegConfig, got {type(cfg).__name__}; e.g. "
                         "run_segmentation(SegConfig.quick()).")
@@ -508,11 +507,7 @@ def _validate(cfg: SegConfig) -> None:
     if not _is_int(cfg.test_first_seed) or cfg.test_first_seed < cfg.seed + cfg.n_train:
         raise DataError(f"test_first_seed must be >= n_train ({cfg.n_train}) so train and test mosaics are "
                         f"disjoint, got {cfg.test_first_seed!r}.")
-    if not isinstance(cfg.lr, (int, float)) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise DataError(f"lr must be a positive number, got {cfg.lr!r}.")
-    sps = validate_sparsities(cfg.sparsities)
-    if sps[0] <= 0:
-        raise SparsityError(f"sparsities must be > 0 (the dense model is not a pruning method here), got {sps}.")
+    check_lr_and_sparsities(cfg.lr, cfg.sparsities, why_above_zero="the dense model is not a pruning method here")
     unknown = [m for m in cfg.methods if m not in _METHODS]
     if unknown or not cfg.methods:
         raise DataError(f"methods must be a non-empty subset of {_METHODS}, got {tuple(cfg.methods)}.")
