@@ -214,12 +214,13 @@ _HOOKS = {"rtl": ("ticket_loaders", "build_routed", "evaluate_rtl"), "dense": ("
           **{m: ("single_imp_setup", "evaluate_single") for m in SINGLE_METHODS}}
 
 
-def check_hooks(task: ComparisonTask, methods) -> None:
-    """Raise :class:`TaskHookError` naming every hook that ``methods`` need and ``task`` lacks."""
+def check_hooks(task: ComparisonTask, methods, *, retrain_mode: str = "sequential") -> None:
+    """Raise :class:`TaskHookError` naming every hook that ``methods`` (and a mixed ``retrain_mode``) need and
+    ``task`` lacks."""
     if not isinstance(task, ComparisonTask):
         raise TaskHookError(f"compare() needs a ComparisonTask subclass instance, got {type(task).__name__}.")
-    missing = sorted({h for m in methods for h in _HOOKS[m]
-                      if getattr(type(task), h) is getattr(ComparisonTask, h)})
+    needed = {h for m in methods for h in _HOOKS[m]} | ({"mixed_retrain_loader"} if retrain_mode == "mixed" else set())
+    missing = sorted(h for h in needed if getattr(type(task), h) is getattr(ComparisonTask, h))
     if missing:
         raise TaskHookError(f"{type(task).__name__} does not implement {missing}, needed by methods "
                             f"{list(methods)}; override them or leave out the methods that need them.")
@@ -256,11 +257,6 @@ class _Run:
         row = _row(method, evaluation, sparsity, params, matching, extra)
         self.rows.append(row)
         return row
-
-    @property
-    def retrain_batches(self) -> int:
-        """Batches per retraining epoch of RTL's K tickets together: every method's budget."""
-        return max(len(dl) for dl in self.loaders.values()) * self.num_tickets
 
     def optimizer_factory(self, params):
         return torch.optim.Adam(params, lr=self.config.lr)
@@ -406,7 +402,7 @@ def compare(task: ComparisonTask, config: ComparisonConfig, out_dir: str | Path 
     The results follow the stable schema: task, dataset, model, granularity, num_tickets, seed, device,
     prunable_weights, rows, similarity, wall_time_s, config (from ``task.describe()``), tickets."""
     config.validate()
-    check_hooks(task, config.methods)
+    check_hooks(task, config.methods, retrain_mode=config.retrain_mode)
     run = _Run(task, config)
     search_tickets(run)
     for method in config.methods:
