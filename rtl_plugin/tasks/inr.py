@@ -312,6 +312,17 @@ def _context_model(cfg: INRConfig, base_state: dict, K: int) -> nn.Module:
     return ContextInputModel(base, K, embed_dim=cfg.embed_dim)
 
 
+def _median_ms(fn, reps: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``reps`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
 @torch.no_grad()
 def _routing_cost(routed, plain: nn.Module, feats: torch.Tensor, regions: torch.Tensor, reps: int = 5) -> dict:
     """Forward passes and wall time of one routed evaluation over all pixels vs one dense pass."""
@@ -323,17 +334,8 @@ def _routing_cost(routed, plain: nn.Module, feats: torch.Tensor, regions: torch.
     finally:
         h.remove()
 
-    def timeit(fn) -> float:
-        fn()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return sorted(ts)[len(ts) // 2] * 1e3
-
-    routed_ms = timeit(lambda: routed(feats, route=regions))
-    dense_ms = timeit(lambda: plain(feats))
+    routed_ms = _median_ms(lambda: routed(feats, route=regions), reps)
+    dense_ms = _median_ms(lambda: plain(feats), reps)
     return {"pixels": int(feats.shape[0]), "regions_present": int(regions.unique().numel()),
             "forward_passes": len(calls), "pixels_per_pass": calls, "routed_forward_ms": round(routed_ms, 3),
             "dense_forward_ms": round(dense_ms, 3), "ratio": round(routed_ms / max(dense_ms, 1e-9), 3)}

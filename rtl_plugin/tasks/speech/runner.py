@@ -465,20 +465,25 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
 def targets(rows: list[dict]) -> dict:
     """The issue's targets checked on the rows: RTL (context) mean SI-SNRi >= single IMP at every sparsity and
     >= multi-model IMP; learned routing within 0.2 dB of oracle (context) routing. Missing methods give None."""
-    def get(method, routing):
-        return {r["sparsity"]: r["metrics"]["si_snri"] for r in rows if r["method"] == method and r["routing"] == routing}
-    rtl, single, multi, learned = get("rtl", "context"), get("single_imp", "none"), get("multi_imp", "context"), get("rtl", "learned")
-
-    def cmp(other, fn):
-        if not other or not rtl:
-            return None
-        return {"met": all(fn(rtl[s], other[s]) for s in rtl if s in other),
-                "margin_db": {str(s): round(rtl[s] - other[s], 4) for s in rtl if s in other}}
-    out = {"rtl_ge_single_imp": cmp(single, lambda a, b: a >= b), "rtl_ge_multi_imp": cmp(multi, lambda a, b: a >= b)}
+    rtl, single = _si_snri_by_sparsity(rows, "rtl", "context"), _si_snri_by_sparsity(rows, "single_imp", "none")
+    multi, learned = _si_snri_by_sparsity(rows, "multi_imp", "context"), _si_snri_by_sparsity(rows, "rtl", "learned")
+    out = {"rtl_ge_single_imp": _rtl_at_least(rtl, single), "rtl_ge_multi_imp": _rtl_at_least(rtl, multi)}
     out["router_within_0.2db_of_oracle"] = None if not learned else {
         "met": all(rtl[s] - learned[s] <= 0.2 for s in learned),
         "gap_db": {str(s): round(rtl[s] - learned[s], 4) for s in learned}}
     return out
+
+
+def _si_snri_by_sparsity(rows: list[dict], method: str, routing: str) -> dict[float, float]:
+    return {r["sparsity"]: r["metrics"]["si_snri"] for r in rows if r["method"] == method and r["routing"] == routing}
+
+
+def _rtl_at_least(rtl: dict, other: dict) -> dict | None:
+    """Whether RTL's SI-SNRi is >= ``other``'s at every shared sparsity, with the margins (None: nothing to compare)."""
+    if not other or not rtl:
+        return None
+    return {"met": all(rtl[s] >= other[s] for s in rtl if s in other),
+            "margin_db": {str(s): round(rtl[s] - other[s], 4) for s in rtl if s in other}}
 
 
 def plot_speech(results, out_dir, x_te, c_te, e_te, enhanced, envs, cfg, name: str = "spectrograms.png") -> list[str]:
