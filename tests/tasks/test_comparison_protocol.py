@@ -201,3 +201,28 @@ def test_every_task_runner_takes_config_then_out_dir():
     for runner in (run_classification, run_inr, run_segmentation, run_speech):
         params = list(inspect.signature(runner).parameters)
         assert params[:2] == ["config", "out_dir"], (runner.__name__, params)
+
+
+def test_multi_imp_per_sparsity_runs_right_after_rtl_at_each_sparsity():
+    res = compare(TinyTask(), _config(methods=("rtl", "multi_imp"), multi_imp_per_sparsity=True))
+    assert [(r["method"], r["sparsity"]) for r in res["rows"]] == [
+        ("rtl", 0.5), ("multi_imp", 0.5), ("rtl", 0.75), ("multi_imp", 0.75)]
+
+
+def test_further_test_sets_and_own_params_become_rows():
+    class TwoTestSets(TinyTask):
+        @torch.no_grad()
+        def evaluate_rtl(self, routed, tickets, sparsity):
+            main = _accuracy(routed(self.x, route=self.ctx), self.y)
+            half = _accuracy(routed(self.x[:24], route=self.ctx[:24]), self.y[:24])
+            return [Evaluation("context", main, {"test_set": "main"},
+                               more={"half": Evaluation("context", half, {"test_set": "half"})})]
+
+        def train_dense(self):
+            return Evaluation("none", {"accuracy": 0.5}, params=1234)
+
+    res = compare(TwoTestSets(), _config(methods=("rtl", "dense"), sparsities=(0.5,)))
+    assert [r["test_set"] for r in res["rows"] if r["method"] == "rtl"] == ["main"]
+    assert [(r["method"], r["test_set"]) for r in res["rows_half"]] == [("rtl", "half")]
+    assert res["rows_half"][0]["per_ticket_params"] == res["rows"][0]["per_ticket_params"]
+    assert next(r for r in res["rows"] if r["method"] == "dense")["params"] == 1234
