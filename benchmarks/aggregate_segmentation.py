@@ -15,6 +15,9 @@ import statistics
 import sys
 from pathlib import Path
 
+# config fields renamed since some result files were written (old -> new)
+_RENAMED = {"search_epochs": "epochs_per_round", "n_clusters": "num_clusters"}
+
 
 def load_runs(pattern: str) -> dict[str, list[dict]]:
     """``{encoder: [run dict per file]}`` from the files matching ``pattern``."""
@@ -60,9 +63,10 @@ def aggregate(runs: dict[str, list[dict]]) -> dict:
                 d = [r["miou"]["rtl"]["label_free"][s] - r["miou"]["single_imp"]["direct"][s] for r in rs]
                 gap[s] = round(statistics.fmean(d), 4)
                 wins[s] = f"{sum(v >= 0 for v in d)}/{len(d)}"
-        out[enc] = {"seeds": seeds, "config": {k: rs[0]["config"][k] for k in
-                                                ("partition", "n_train", "n_test", "size", "search_epochs",
-                                                 "retrain_epochs") if k in rs[0]["config"]},
+        config = {_RENAMED.get(k, k): v for k, v in rs[0]["config"].items()}  # old files: old names
+        out[enc] = {"seeds": seeds, "config": {k: config[k] for k in
+                                                ("partition", "n_train", "n_test", "size", "epochs_per_round",
+                                                 "retrain_epochs") if k in config},
                     "miou": table, "rtl_label_free_minus_single": gap, "rtl_label_free_ge_single_seeds": wins}
     return out
 

@@ -23,11 +23,13 @@ from pathlib import Path
 # config fields that do not change the numbers (where the run happened, how it printed)
 _RUN_ONLY = ("seed", "device", "progress", "verbose", "cache", "data_file", "figures")
 # fields added after some result files were written, with the value those files ran with
-_DEFAULTS = {"rtl_retrain": "sequential"}
+_DEFAULTS = {"retrain_mode": "sequential"}
+# config fields renamed since some result files were written (old -> new)
+_RENAMED = {"rtl_retrain": "retrain_mode", "search_epochs": "epochs_per_round"}
 
 
 def _setting(config: dict) -> dict:
-    return {**_DEFAULTS, **{k: v for k, v in config.items() if k not in _RUN_ONLY}}
+    return {**_DEFAULTS, **{_RENAMED.get(k, k): v for k, v in config.items() if k not in _RUN_ONLY}}
 
 
 def load_runs(pattern: str) -> list[dict]:
@@ -114,7 +116,7 @@ def aggregate(runs: list[dict]) -> dict:
 
 def format_aggregate(agg: dict) -> str:
     lines = [f"seeds {agg['seeds']}  noise_split={agg['config'].get('noise_split')}  "
-             f"rtl_retrain={agg['config'].get('rtl_retrain')}  per_ticket_state={agg['config'].get('per_ticket_state')}  train_per_env={agg['config'].get('train_per_env')}"]
+             f"retrain_mode={agg['config'].get('retrain_mode')}  per_ticket_state={agg['config'].get('per_ticket_state')}  train_per_env={agg['config'].get('train_per_env')}"]
     for name, ts in agg["test_sets"].items():
         sps = list(next(v for k, v in ts["si_snri"].items() if not k.startswith("dense")))
         lines.append(f"== {name} speech: SI-SNRi dB, mean ± std over seeds")

@@ -31,9 +31,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import math
 import os
 import platform
 import sys
@@ -46,18 +43,19 @@ import torch.nn as nn
 
 import rtl_plugin as rtl
 from rtl_plugin.comparison.baselines import CyclicLoader
+from rtl_plugin.comparison.protocol import ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
+from rtl_plugin.diagnostics.similarity import mean_offdiagonal
 from rtl_plugin.tasks.classification.data import load_fashion_mnist
 from rtl_plugin.tasks.classification.detectors import detector_scores, detector_train_step, multilabel_train_step, one_vs_rest_loaders
 from rtl_plugin.persist.io import atomic_write_json
 from rtl_plugin.tasks.metrics import detector_metrics
-from rtl_plugin.pruning.pruner import RTLPruner
 from rtl_plugin.tickets import TicketSet
 from rtl_plugin.training.retrain import joint_retrain
 
 K = 10
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 METRICS = ("balanced_accuracy", "precision", "recall", "auc", "argmax_accuracy")
-METHODS = ("rtl", "single_imp", "multi_imp")
+METHODS = ("rtl", "single_imp", "multi_imp")  # in the order they run; dense (optional) last
 
 
 # --------------------------------------------------------------------------- models
@@ -115,23 +113,6 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def single_ticket(space, tickets: TicketSet, k: int) -> TicketSet:
-    return TicketSet(space, {n: m[k:k + 1].clone() for n, m in tickets.masks.items()})
-
-
-def chance_jaccard(tickets: TicketSet) -> float:
-    """Expected mean pairwise Jaccard of independent random masks with the tickets' densities."""
-    keep = (1 - tickets.sparsity()).tolist()
-    vals = [p * q / (p + q - p * q) if p + q > 0 else 0.0
-            for i, p in enumerate(keep) for q in keep[i + 1:]]
-    return float(np.mean(vals)) if vals else 1.0
-
-
-def mean_offdiag(j: torch.Tensor) -> float:
-    n = j.shape[0]
-    return float((j.sum() - j.diagonal().sum()) / (n * (n - 1))) if n > 1 else 1.0
-
-
 def layer_density(tickets: TicketSet) -> dict[str, float]:
     """Fraction of each prunable layer's weights kept, averaged over the tickets."""
     return {n: round(float(m.float().mean()), 6) for n, m in tickets.element_masks().items()}
@@ -146,7 +127,7 @@ def layer_jaccard(tickets: TicketSet) -> dict[str, float]:
         kept = inter.diagonal()
         union = kept[:, None] + kept[None, :] - inter
         j = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
-        out[name] = round(mean_offdiag(j), 6)
+        out[name] = round(mean_offdiagonal(j), 6)
     return out
 
 
@@ -170,138 +151,112 @@ def make_row(method, routing, sparsity, params, scores, y, **extra):
 
 
 # --------------------------------------------------------------------------- one seed
+class FashionDetectorTask(ComparisonTask):
+    """The detector table's pieces of the comparison protocol: one-vs-rest class subsets, detector and multilabel
+    train steps, run-all detector scores and the paper's detector metrics."""
+    name = "fashion_detectors"
+
+    def __init__(self, cfg: dict, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.xtr, self.ytr, self.xte, self.yte = load_data(cfg["train_per_class"], cfg["test_per_class"], seed)
+        self.make = model_factory(cfg["model"])
+        self.example = self.xtr[:1]
+        B = cfg["batch_size"]
+        self.loaders = one_vs_rest_loaders(self.xtr, self.ytr, num_classes=K, batch_size=B, seed=seed)
+        self.batches_per_ticket = max(len(dl) for dl in self.loaders.values())
+        g = torch.Generator().manual_seed(seed * 1000 + 999)
+        self.all_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.xtr, self.ytr),
+                                                      batch_size=B, shuffle=True, generator=g, drop_last=True)
+        if len(self.all_loader) == 0:
+            raise SystemExit(f"batch size {B} exceeds the {len(self.xtr)} training images")
+        self.train_step = detector_train_step()
+        self.multilabel_step = multilabel_train_step()
+        self.rounds = {}
+
+    def presentations(self) -> dict:
+        """Equal sample presentations: per round / epoch the single model sees K*M batches of B, the 10 tickets
+        together K x (2 n) samples in K*M batches."""
+        per_ticket_epoch = sum(dl.batch_sampler.num_samples for dl in self.loaders.values())
+        return {"tickets_per_round_or_epoch": per_ticket_epoch,
+                "single_per_round_or_epoch": K * self.batches_per_ticket * self.cfg["batch_size"]}
+
+    def ticket_loaders(self) -> dict:
+        return self.loaders
+
+    def build_routed(self, num_tickets: int):
+        return rtl.wrap(self.make(self.seed), num_tickets, example_inputs=self.example)
+
+    def after_search(self, routed, search) -> None:
+        self.rounds["rtl_per_ticket"] = len(search.history) // K
+        log(f"seed {self.seed}: ticket search {self.rounds['rtl_per_ticket']} rounds x {K} tickets "
+            f"({routed.space.num_weights} prunable weights)")
+
+    def _log_row(self, method: str, sparsity: float, metrics: dict, tail: str = "") -> None:
+        log(f"seed {self.seed}: {method:<6s} s={sparsity:.2f} bal_acc={metrics['balanced_accuracy']:.4f} "
+            f"auc={metrics['auc']:.4f} acc10={metrics['argmax_accuracy']:.4f}{tail}")
+
+    def evaluate_rtl(self, routed, tickets, sparsity: float) -> list[Evaluation]:
+        metrics = detector_metrics(detector_scores(routed, self.xte, batch_size=512), self.yte)
+        self._log_row("rtl", sparsity, metrics, f" union={tickets.union_count()}")
+        return [Evaluation("all", metrics)]
+
+    def similarity_extras(self, tickets) -> dict:
+        return {"union_fraction": round(tickets.union_count() / tickets.space.num_weights, 6),
+                "per_layer": layer_jaccard(tickets), "per_layer_density": layer_density(tickets)}
+
+    def single_imp_setup(self, method: str) -> SingleImpSetup:
+        """IMP single: one mask, one multilabel model, shuffled batches; each round / epoch sees as many samples
+        as all 10 tickets together."""
+        batches = K * self.batches_per_ticket
+        return SingleImpSetup(self.build_routed(1), self.all_loader, batches, batches, self.multilabel_step)
+
+    def after_single_search(self, method: str, result) -> None:
+        self.rounds["single"] = len(result.history)
+        log(f"seed {self.seed}: single IMP search {len(result.history)} rounds")
+
+    def evaluate_single(self, routed, method: str, tickets, sparsity: float) -> Evaluation:
+        metrics = detector_metrics(single_scores(routed, self.xte), self.yte)
+        if sparsity in self.cfg["sparsities"]:
+            self._log_row("single", sparsity, metrics)
+        return Evaluation("none", metrics, {"layer_density": layer_density(tickets)})
+
+    def multi_imp_output(self, model, k: int) -> torch.Tensor:
+        return single_scores(model, self.xte)[:, k]
+
+    def evaluate_multi(self, outputs: list, sparsity: float) -> Evaluation:
+        metrics = detector_metrics(torch.stack(outputs, 1), self.yte)
+        self._log_row("multi", sparsity, metrics)
+        return Evaluation("all", metrics)
+
+    def train_dense(self) -> Evaluation:
+        """Dense reference: the unpruned multilabel model with the same retraining budget."""
+        rd = self.build_routed(1)
+        joint_retrain(rd, {0: CyclicLoader(self.all_loader, K * self.batches_per_ticket)},
+                      optimizer=torch.optim.Adam(rd.parameters(), lr=self.cfg["lr"]), epochs=self.cfg["retrain_epochs"],
+                      train_step=self.multilabel_step, progress=self.cfg["progress"])
+        return Evaluation("none", detector_metrics(single_scores(rd, self.xte), self.yte))
+
+    def describe(self, results: dict) -> dict:
+        return {"task": self.name, "dataset": "fashion-mnist", "model": self.cfg["model"], "granularity": "weight",
+                "seed": self.seed, "config": self.cfg}
+
+
+def comparison_config(cfg: dict) -> ComparisonConfig:
+    methods = METHODS + (("dense",) if cfg["dense"] else ())
+    return ComparisonConfig(sparsities=tuple(cfg["sparsities"]), methods=methods, schedule="fraction",
+                            prune_fraction=cfg["prune_fraction"], scope=cfg.get("scope", "global"),
+                            epochs_per_round=cfg["epochs_per_round"], retrain_epochs=cfg["retrain_epochs"],
+                            lr=cfg["lr"], equal_storage=cfg["equal_storage"], progress=cfg["progress"])
+
+
 def run_seed(cfg: dict, seed: int) -> dict:
     t_all = time.perf_counter()
-    xtr, ytr, xte, yte = load_data(cfg["train_per_class"], cfg["test_per_class"], seed)
-    make = model_factory(cfg["model"])
-    example = xtr[:1]
-    B, lr, E = cfg["batch_size"], cfg["lr"], cfg["retrain_epochs"]
-    opt_factory = lambda params: torch.optim.Adam(params, lr=lr)  # noqa: E731
-    progress = cfg["progress"]
-    sparsities = cfg["sparsities"]
-    wall = {}
-    rows, similarity = [], []
-
-    loaders = one_vs_rest_loaders(xtr, ytr, num_classes=K, batch_size=B, seed=seed)
-    M = max(len(dl) for dl in loaders.values())
-    per_ticket_epoch = sum(dl.batch_sampler.num_samples for dl in loaders.values())
-    g = torch.Generator().manual_seed(seed * 1000 + 999)
-    all_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xtr, ytr), batch_size=B, shuffle=True,
-                                             generator=g, drop_last=True)
-    if len(all_loader) == 0:
-        raise SystemExit(f"batch size {B} exceeds the {len(xtr)} training images")
-    # equal sample presentations: per round / epoch the single model sees K*M batches of B,
-    # the 10 tickets together K x (2 n) samples in K*M batches
-    presentations = {"tickets_per_round_or_epoch": per_ticket_epoch, "single_per_round_or_epoch": K * M * B}
-
-    # ---- RTL: per-class ticket search (= multi-model IMP's searches, same θ0)
-    routed = rtl.wrap(make(seed), K, example_inputs=example)
-    n_total = routed.space.num_weights
-    theta0 = copy.deepcopy(routed.model.state_dict())
-    step_det = detector_train_step()
-    pruner = RTLPruner(routed, target_sparsity=sparsities, schedule="fraction",
-                       prune_fraction=cfg["prune_fraction"], progress=progress, scope=cfg.get("scope", "global"))
-    t = time.perf_counter()
-    search = pruner.find_tickets(loaders, train_step=step_det, epochs_per_round=cfg["epochs_per_round"],
-                                 optimizer_factory=opt_factory)
-    wall["ticket_search"] = time.perf_counter() - t
-    rounds_rtl = len(search.history) // K
-    log(f"seed {seed}: ticket search {rounds_rtl} rounds x {K} tickets in {wall['ticket_search']:.1f}s "
-        f"({n_total} prunable weights)")
-
-    # ---- RTL: joint retraining and run-all scoring per sparsity
-    wall["rtl_retrain"] = wall["eval"] = 0.0
-    for s in sparsities:
-        tickets = search.tickets_at[s]
-        routed.model.load_state_dict(theta0)
-        routed.set_tickets(tickets)
-        t = time.perf_counter()
-        joint_retrain(routed, loaders, optimizer=torch.optim.Adam(routed.parameters(), lr=lr), epochs=E,
-                      train_step=step_det, progress=progress)
-        wall["rtl_retrain"] += time.perf_counter() - t
-        t = time.perf_counter()
-        scores = detector_scores(routed, xte, batch_size=512)
-        wall["eval"] += time.perf_counter() - t
-        union = tickets.union_count()
-        rows.append(make_row("rtl", "all", s, union, scores, yte,
-                             per_ticket_params=[int(v) for v in tickets.kept()]))
-        similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiag(tickets.jaccard()), 6),
-                           "chance": round(chance_jaccard(tickets), 6), "union": union,
-                           "union_fraction": round(union / n_total, 6),
-                           "intersection": tickets.intersection_count(), "per_layer": layer_jaccard(tickets),
-                           "per_layer_density": layer_density(tickets)})
-        log(f"seed {seed}: rtl  s={s:.2f} bal_acc={rows[-1]['metrics']['balanced_accuracy']:.4f} "
-            f"auc={rows[-1]['metrics']['auc']:.4f} acc10={rows[-1]['metrics']['argmax_accuracy']:.4f} "
-            f"union={union}")
-
-    # ---- single IMP: one mask, multilabel, shuffled batches, same presentations
-    union_sp = {s: 1 - search.tickets_at[s].union_count() / n_total for s in sparsities}
-    targets = sorted(set(sparsities) | ({round(v, 6) for v in union_sp.values() if 0 < v < 1}
-                                        if cfg["equal_storage"] else set()))
-    r1 = rtl.wrap(make(seed), 1, example_inputs=example)
-    theta1 = copy.deepcopy(r1.model.state_dict())
-    step_ml = multilabel_train_step()
-    p1 = RTLPruner(r1, target_sparsity=targets, schedule="fraction", prune_fraction=cfg["prune_fraction"],
-                   progress=progress, scope=cfg.get("scope", "global"))
-    t = time.perf_counter()
-    res1 = p1.find_tickets({0: CyclicLoader(all_loader, K * M)}, train_step=step_ml,
-                           epochs_per_round=cfg["epochs_per_round"], optimizer_factory=opt_factory)
-    wall["single_search"] = time.perf_counter() - t
-    log(f"seed {seed}: single IMP search {len(res1.history)} rounds in {wall['single_search']:.1f}s")
-    wall["single_retrain"] = 0.0
-    for s1 in targets:
-        r1.model.load_state_dict(theta1)
-        r1.set_tickets(res1.tickets_at[s1])
-        t = time.perf_counter()
-        joint_retrain(r1, {0: CyclicLoader(all_loader, K * M)}, optimizer=torch.optim.Adam(r1.parameters(), lr=lr),
-                      epochs=E, train_step=step_ml, progress=progress)
-        wall["single_retrain"] += time.perf_counter() - t
-        t = time.perf_counter()
-        scores = single_scores(r1, xte)
-        wall["eval"] += time.perf_counter() - t
-        kept = int(res1.tickets_at[s1].kept()[0])
-        if s1 in sparsities:
-            rows.append(make_row("single_imp", "none", s1, kept, scores, yte,
-                                 layer_density=layer_density(res1.tickets_at[s1])))
-            log(f"seed {seed}: single s={s1:.2f} bal_acc={rows[-1]['metrics']['balanced_accuracy']:.4f} "
-                f"auc={rows[-1]['metrics']['auc']:.4f} acc10={rows[-1]['metrics']['argmax_accuracy']:.4f}")
-        for s, us in union_sp.items():
-            if cfg["equal_storage"] and abs(round(us, 6) - s1) < 1e-9:
-                rows.append(make_row("single_imp", "none", s, kept, scores, yte, matching="equal_storage",
-                                     single_sparsity=s1))
-
-    # ---- multi-model IMP: 10 independent detectors (RTL's search masks), each retrained alone
-    wall["multi_retrain"] = 0.0
-    for s in sparsities:
-        tickets = search.tickets_at[s]
-        scores = torch.zeros(len(yte), K)
-        for k in range(K):
-            mk = rtl.wrap(make(seed), 1, example_inputs=example)
-            mk.set_tickets(single_ticket(mk.space, tickets, k))
-            t = time.perf_counter()
-            joint_retrain(mk, {0: loaders[k]}, optimizer=torch.optim.Adam(mk.parameters(), lr=lr), epochs=E,
-                          train_step=step_det, progress=False)
-            wall["multi_retrain"] += time.perf_counter() - t
-            t = time.perf_counter()
-            scores[:, k] = single_scores(mk, xte)[:, k]
-            wall["eval"] += time.perf_counter() - t
-        rows.append(make_row("multi_imp", "all", s, int(tickets.kept().sum()), scores, yte))
-        log(f"seed {seed}: multi  s={s:.2f} bal_acc={rows[-1]['metrics']['balanced_accuracy']:.4f} "
-            f"auc={rows[-1]['metrics']['auc']:.4f} acc10={rows[-1]['metrics']['argmax_accuracy']:.4f}")
-
-    # ---- dense reference (multilabel, unpruned, same retraining budget)
-    if cfg["dense"]:
-        rd = rtl.wrap(make(seed), 1, example_inputs=example)
-        t = time.perf_counter()
-        joint_retrain(rd, {0: CyclicLoader(all_loader, K * M)}, optimizer=torch.optim.Adam(rd.parameters(), lr=lr),
-                      epochs=E, train_step=step_ml, progress=progress)
-        wall["dense"] = time.perf_counter() - t
-        rows.append(make_row("dense", "none", 0.0, n_total, single_scores(rd, xte), yte))
-
-    wall["total"] = time.perf_counter() - t_all
-    return {"seed": seed, "prunable_weights": n_total, "rows": rows, "similarity": similarity,
-            "rounds": {"rtl_per_ticket": rounds_rtl, "single": len(res1.history)},
-            "presentations": presentations, "batches_per_ticket_epoch": M,
+    task = FashionDetectorTask(cfg, seed)
+    res = compare(task, comparison_config(cfg))
+    wall = {**res["wall_time_s"], "total": time.perf_counter() - t_all}
+    return {"seed": seed, "prunable_weights": res["prunable_weights"], "rows": res["rows"],
+            "similarity": res["similarity"], "rounds": task.rounds, "presentations": task.presentations(),
+            "batches_per_ticket_epoch": task.batches_per_ticket,
             "wall_time_s": {k: round(v, 2) for k, v in wall.items()}}
 
 

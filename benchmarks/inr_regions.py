@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--retrain-steps", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--single-batches", choices=("full", "per_region"), default="full")
-    ap.add_argument("--retrain-mode", choices=("summed", "sequential", "sequential_shared"), default=None,
+    ap.add_argument("--retrain-mode", choices=("mixed", "sequential", "sequential_shared", "summed"), default=None,
                     help="RTL joint retraining (default: INRConfig's, sequential_shared)")
     ap.add_argument("--tasks", default="all", help="comma-separated: all | mosaics | real | mosaic<seed> | "
                                                    "quokka | nuclei | fashion<seed>")

@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch initialises 
 
 import torch  # noqa: E402
 
+from rtl_plugin.tasks.renamed import add_deprecated_flag  # noqa: E402
 from rtl_plugin.tasks.segmentation import ENCODERS, SegConfig, run_segmentation  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +37,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--size", type=int, default=None)
-    ap.add_argument("--search-epochs", type=int, default=None)
+    ap.add_argument("--epochs-per-round", type=int, default=None, help="passes over a ticket's subset per round")
+    add_deprecated_flag(ap, "--search-epochs", "--epochs-per-round", type=int)
     ap.add_argument("--retrain-epochs", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--ticket-loss", choices=("balanced", "plain", "router"), default="balanced",
@@ -47,7 +49,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--partition", choices=("class", "composition"), default="class",
                     help="class: a ticket per class, pixels routed by class; composition: a ticket per cluster of "
                          "mosaics by class composition, images routed whole")
-    ap.add_argument("--n-clusters", type=int, default=None, help="composition tickets (default: number of classes)")
+    ap.add_argument("--num-clusters", type=int, default=None, help="composition tickets (default: number of classes)")
+    add_deprecated_flag(ap, "--n-clusters", "--num-clusters", type=int)
     ap.add_argument("--decoder", default=None, help="decoder channels, e.g. 256,128,64,32,16")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -58,8 +61,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     encoders = [e.strip() for e in args.encoders.split(",") if e.strip()]
     kw = {k: v for k, v in dict(n_train=args.n_train, n_test=args.n_test, size=args.size, lr=args.lr,
-                                search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs,
-                                batch_size=args.batch_size, n_clusters=args.n_clusters).items()
+                                epochs_per_round=args.epochs_per_round, retrain_epochs=args.retrain_epochs,
+                                batch_size=args.batch_size, num_clusters=args.num_clusters).items()
           if v is not None}
     if args.sparsities:
         kw["sparsities"] = tuple(float(s) for s in args.sparsities.split(","))

@@ -22,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch initialises 
 
 import torch  # noqa: E402
 
+from rtl_plugin.tasks.renamed import add_deprecated_flag  # noqa: E402
 from rtl_plugin.tasks.speech.runner import SpeechConfig, format_speech_table, run_speech  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +33,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny data and one retraining epoch, < 1 min")
     ap.add_argument("--train-per-env", type=int, default=None)
     ap.add_argument("--test-per-env", type=int, default=None)
-    ap.add_argument("--search-epochs", type=int, default=None)
+    ap.add_argument("--epochs-per-round", type=int, default=None, help="passes over an environment per round")
+    add_deprecated_flag(ap, "--search-epochs", "--epochs-per-round", type=int)
     ap.add_argument("--retrain-epochs", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -43,9 +45,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--require-real", action="store_true", help="fail when the real recordings are not installed")
     ap.add_argument("--shared-state", action="store_true",
                     help="RTL joint retraining with one Adam state shared by the tickets (default: one per ticket)")
-    ap.add_argument("--rtl-retrain", choices=("sequential", "mixed"), default="sequential",
+    ap.add_argument("--retrain-mode", choices=("sequential", "mixed"), default="sequential",
                     help="RTL retraining: the paper's K sequential single-ticket steps per batch index (sequential) "
                          "or single IMP's shuffled all-environment batches with each clip routed to its ticket (mixed)")
+    add_deprecated_flag(ap, "--rtl-retrain", "--retrain-mode", choices=("sequential", "mixed"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=None, help="a dataset file written by speech.save_noisy_speech (for machines "
                                                  "without espeak-ng / sox, e.g. the GPU machine)")
@@ -60,13 +63,13 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     kw = {k: v for k, v in dict(train_per_env=args.train_per_env, test_per_env=args.test_per_env,
-                                search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs,
+                                epochs_per_round=args.epochs_per_round, retrain_epochs=args.retrain_epochs,
                                 batch_size=args.batch_size, lr=args.lr, n_fft=args.n_fft,
                                 warmup_steps=args.warmup_steps,
                                 real_test_per_env=args.real_test_per_env).items() if v is not None}
     if args.no_real_noise:
         kw["real_noise"] = False
-    kw["rtl_retrain"] = args.rtl_retrain
+    kw["retrain_mode"] = args.retrain_mode
     if args.shared_state:
         kw["per_ticket_state"] = False
     kw["noise_split"] = args.noise_split

@@ -19,14 +19,19 @@ import copy
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rtl_plugin import wrap
+from rtl_plugin.comparison.baselines import ContextInputModel
+from rtl_plugin.comparison.protocol import check_lr_and_sparsities, ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
 from rtl_plugin.errors import DataError, RouteError, SparsityError
-from rtl_plugin.training.retrain import apply_loss
+from rtl_plugin.training.retrain import apply_loss, mixed_route_retrain
 
 # --------------------------------------------------------------------------- encoding and model
 
@@ -212,7 +217,7 @@ class INRConfig:
     embed_dim: int = 8                   # single IMP / dense: learned region embedding size
     single_batches: str = "full"         # "full" | "per_region" (see the class docstring)
     retrain_mode: str = "sequential_shared"  # RTL joint retraining: "sequential_shared" | "sequential" |
-                                             # "summed" (see RETRAIN_MODES)
+                                             # "mixed" (was "summed"; see RETRAIN_MODES)
     sparsities: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
     prune_fraction: float = 0.5
     search_steps: int = 150
@@ -235,6 +240,12 @@ class INRConfig:
         base.update(kw)
         return cls(**base)
 
+    def __post_init__(self):
+        if self.retrain_mode == "summed":
+            warnings.warn('INRConfig(retrain_mode="summed") is deprecated and will be removed in the next version; '
+                          'use retrain_mode="mixed".', DeprecationWarning, stacklevel=3)
+            self.retrain_mode = "mixed"
+
 
 _METHODS = ("rtl", "single_imp", "dense", "multi_imp")
 
@@ -246,7 +257,7 @@ _METHODS = ("rtl", "single_imp", "dense", "multi_imp")
 #:   paper runs one Adam; it never mentions per-ticket state).
 #: * ``"sequential"``: the same K sequential masked steps with one Adam state PER TICKET (``joint_retrain``'s
 #:   default; what this module used before).
-#: * ``"summed"``: per epoch ONE optimizer step on all pixels, each routed to its ticket
+#: * ``"mixed"`` (was ``"summed"``): per epoch ONE optimizer step on all pixels, each routed to its ticket
 #:   (``routed(features, route=region)``, one MSE over the image, one backward): a weight's gradient is the
 #:   sum of the gradients of the tickets that own it (a ticket that does not own a weight multiplies it by
 #:   0 in its forward, so it contributes no gradient); weights no ticket owns get zero gradient and, with
@@ -257,28 +268,23 @@ _METHODS = ("rtl", "single_imp", "dense", "multi_imp")
 #: weights (86-91% of a ticket at 25% sparsity) by about ``lr`` per step in its own direction: K
 #: uncoordinated full-size steps per epoch that fight, and denser tickets (more sharing) fit worse. One
 #: shared Adam state normalises a shared weight by the gradients of all its owners and its momentum
-#: averages them. ``"summed"`` removes the fight too, with K times fewer optimizer steps (as many as
+#: averages them. ``"mixed"`` removes the fight too, with K times fewer optimizer steps (as many as
 #: single IMP's full-batch steps); on this step-limited budget it fits less than ``"sequential_shared"``.
-RETRAIN_MODES = ("summed", "sequential", "sequential_shared")
+RETRAIN_MODES = ("mixed", "sequential", "sequential_shared")
 
 
 def _validate_config(cfg: INRConfig) -> None:
-    from rtl_plugin.pruning.pruner import validate_sparsities
     if not isinstance(cfg, INRConfig):
         raise DataError(f"run_inr needs an INRConfig, got {type(cfg).__name__}; e.g. run_inr(INRConfig.quick()).")
     for name in ("search_steps", "retrain_steps", "embed_dim"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise DataError(f"{name} must be an int >= 1, got {v!r}.")
-    if not isinstance(cfg.lr, (int, float)) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise DataError(f"lr must be a positive number, got {cfg.lr!r}.")
-    sps = validate_sparsities(cfg.sparsities)
-    if sps[0] <= 0:
-        raise SparsityError(f"sparsities must be > 0 (the dense model is reported separately), got {sps}.")
+    sps = check_lr_and_sparsities(cfg.lr, cfg.sparsities, why_above_zero="the dense model is reported separately")
     bad = [f for f in cfg.figure_sparsities if f not in sps]
     if bad:
         raise SparsityError(f"figure_sparsities {bad} are not in sparsities {sps}; pick from those.")
-    if cfg.retrain_mode not in RETRAIN_MODES:
+    if cfg.retrain_mode not in RETRAIN_MODES + ("summed",):  # "summed": the deprecated name of "mixed"
         raise DataError(f"retrain_mode must be one of {RETRAIN_MODES} (see inr.RETRAIN_MODES), got {cfg.retrain_mode!r}.")
     if cfg.single_batches not in ("full", "per_region"):
         raise DataError(f"single_batches must be 'full' (one full-batch step per epoch) or 'per_region' (K steps "
@@ -293,7 +299,6 @@ def _validate_config(cfg: INRConfig) -> None:
 def _context_model(cfg: INRConfig, base_state: dict, K: int) -> nn.Module:
     """Single-model INR with a learned region embedding; θ0 copied from the RTL model where shapes overlap
     (every hidden layer, and the first layer's columns for the 34 position features)."""
-    from rtl_plugin.comparison.baselines import ContextInputModel
     torch.manual_seed(cfg.seed + 1)
     base = INRMLP(2 + 2 * cfg.num_frequencies + cfg.embed_dim, cfg.hidden, cfg.depth)
     sd = base.state_dict()
@@ -307,6 +312,17 @@ def _context_model(cfg: INRConfig, base_state: dict, K: int) -> nn.Module:
     return ContextInputModel(base, K, embed_dim=cfg.embed_dim)
 
 
+def _median_ms(fn, reps: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``reps`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
 @torch.no_grad()
 def _routing_cost(routed, plain: nn.Module, feats: torch.Tensor, regions: torch.Tensor, reps: int = 5) -> dict:
     """Forward passes and wall time of one routed evaluation over all pixels vs one dense pass."""
@@ -318,17 +334,8 @@ def _routing_cost(routed, plain: nn.Module, feats: torch.Tensor, regions: torch.
     finally:
         h.remove()
 
-    def timeit(fn) -> float:
-        fn()
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return sorted(ts)[len(ts) // 2] * 1e3
-
-    routed_ms = timeit(lambda: routed(feats, route=regions))
-    dense_ms = timeit(lambda: plain(feats))
+    routed_ms = _median_ms(lambda: routed(feats, route=regions), reps)
+    dense_ms = _median_ms(lambda: plain(feats), reps)
     return {"pixels": int(feats.shape[0]), "regions_present": int(regions.unique().numel()),
             "forward_passes": len(calls), "pixels_per_pass": calls, "routed_forward_ms": round(routed_ms, 3),
             "dense_forward_ms": round(dense_ms, 3), "ratio": round(routed_ms / max(dense_ms, 1e-9), 3)}
@@ -350,37 +357,182 @@ def summed_retrain(routed, feats: torch.Tensor, rgb: torch.Tensor, regions: torc
     if regions.dim() != 1 or regions.shape[0] != feats.shape[0] or rgb.shape[0] != feats.shape[0]:
         raise DataError(f"features {tuple(feats.shape)}, rgb {tuple(rgb.shape)} and regions {tuple(regions.shape)} "
                         "must have one row per pixel.")
-    from rtl_plugin.training.retrain import mixed_route_retrain
     return mixed_route_retrain(routed, [(feats, rgb, regions)], optimizer=optimizer, epochs=epochs,
                                loss_fn=F.mse_loss, progress=False)["loss"]
 
 
-def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = None,
+def _check_image(image: torch.Tensor, regions) -> None:
+    """A user image [3, H, W] in [0, 1] and its region map [H, W] of ids 0..K-1 (every id present)."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        raise DataError(f"image must be a float tensor [3, H, W] in [0, 1], got "
+                        f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}.")
+    if not bool(torch.isfinite(image).all()) or float(image.min()) < 0 or float(image.max()) > 1:
+        raise DataError("image values must be finite and in [0, 1]; scale it (e.g. uint8 / 255).")
+    if not isinstance(regions, torch.Tensor) or regions.shape != image.shape[1:]:
+        raise RouteError(f"regions must be an integer tensor [H, W] matching the image {tuple(image.shape[1:])}, "
+                         f"got {tuple(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__}.")
+    if regions.is_floating_point() or regions.dtype == torch.bool:
+        raise RouteError(f"regions must have an integer dtype, got {regions.dtype}; use regions.long().")
+    ids = regions.unique()
+    if int(ids.min()) < 0 or ids.tolist() != list(range(int(ids.max()) + 1)):
+        raise RouteError(f"region ids must be 0..K-1 with every id present, got {ids.tolist()}.")
+
+
+class INRTask(ComparisonTask):
+    """The region-routed INR's pieces of the comparison protocol: one ticket per image region over a Fourier-feature
+    MLP, full-batch MSE steps, PSNR; single IMP and the dense model get the region as a learned-embedding input."""
+    name = "inr_regions"
+
+    def __init__(self, cfg: INRConfig, image: torch.Tensor, regions: torch.Tensor, sources):
+        self.cfg, self.image, self.sources = cfg, image, sources
+        self.dev = dev = torch.device(cfg.device)
+        self.t_start = time.perf_counter()
+        self.regions = regions.long()
+        self.H, self.W = image.shape[1:]
+        self.K = int(self.regions.max()) + 1
+        torch.manual_seed(cfg.seed)
+        enc = FourierFeatures(cfg.num_frequencies, cfg.fourier_scale, seed=cfg.seed)
+        self.feats = enc(pixel_coords(self.H, self.W)).to(dev)
+        self.rgb = image.permute(1, 2, 0).reshape(-1, 3).to(dev)
+        self.reg = self.regions.reshape(-1).to(dev)
+        self.subsets = region_subsets(self.feats, self.rgb, self.reg)
+        self.theta0 = copy.deepcopy(self._mlp().state_dict())
+        # single IMP and dense: per round / epoch all pixels in K batches (or one) = RTL's K per-region steps
+        self.mixed = MixedPixelBatches(self.feats, self.rgb, self.reg, 1 if cfg.single_batches == "full" else self.K,
+                                       seed=cfg.seed)
+        self.train_step = mse_step
+        self.recon: dict[tuple[str, float], torch.Tensor] = {}
+        self.routing_cost = None
+        self.num_single_weights = None
+
+    def _mlp(self) -> INRMLP:
+        torch.manual_seed(self.cfg.seed)
+        return INRMLP(self.feats.shape[1], self.cfg.hidden, self.cfg.depth).to(self.dev)
+
+    def _evaluate(self, method: str, sparsity: float, fn, **extras) -> Evaluation:
+        """PSNR over the image and per region of ``fn()`` (RGB per pixel); keeps the reconstruction."""
+        with torch.no_grad():
+            out = fn().float().clamp(0, 1)
+        per = [round(psnr(out[self.reg == k], self.rgb[self.reg == k]), 4) for k in range(self.K)]
+        value = round(psnr(out, self.rgb), 4)
+        self.recon[(method, sparsity)] = out.reshape(self.H, self.W, 3).permute(2, 0, 1).cpu()
+        return Evaluation("context", {"psnr": value}, {"psnr": value, "psnr_per_region": per}, **extras)
+
+    def ticket_loaders(self) -> dict:
+        return self.subsets
+
+    def mixed_retrain_loader(self):
+        """One batch of every pixel routed to its region's ticket: one optimizer step per epoch ("mixed")."""
+        return [(self.feats, self.rgb, self.reg)]
+
+    def build_routed(self, num_tickets: int):
+        return wrap(self._mlp(), num_tickets, example_inputs=self.feats[:2], output_layers=[])
+
+    def evaluate_rtl(self, routed, tickets, sparsity: float) -> list[Evaluation]:
+        evaluation = self._evaluate("rtl", sparsity, lambda: routed(self.feats, route=self.reg))
+        if sparsity == max(self.cfg.sparsities):
+            plain = INRMLP(self.feats.shape[1], self.cfg.hidden, self.cfg.depth).to(self.dev).eval()
+            self.routing_cost = _routing_cost(routed, plain, self.feats, self.reg)
+        return [evaluation]
+
+    def multi_imp_output(self, model, k: int) -> torch.Tensor:
+        with torch.no_grad():
+            return model(self.feats[self.reg == k], route=0)
+
+    def evaluate_multi(self, outputs: list, sparsity: float) -> Evaluation:
+        out = torch.zeros_like(self.rgb)
+        for k, part in enumerate(outputs):
+            out[self.reg == k] = part
+        return self._evaluate("multi_imp", sparsity, lambda: out)
+
+    def single_imp_setup(self, method: str) -> SingleImpSetup:
+        model = _context_model(self.cfg, self.theta0, self.K).to(self.dev)
+        example = (self.feats[:2], torch.zeros(2, dtype=torch.long, device=self.dev))
+        routed = wrap(model, 1, example_inputs=example, adapter="generic", output_layers=[], ignored_layers=["embed"])
+        self.num_single_weights = routed.space.num_weights
+        return SingleImpSetup(routed, self.mixed, len(self.mixed), len(self.mixed), context_mse_step)
+
+    def evaluate_single(self, routed, method: str, tickets, sparsity: float) -> Evaluation:
+        return self._evaluate("single_imp", sparsity, lambda: routed(self.feats, self.reg, route=0))
+
+    def train_dense(self) -> Evaluation:
+        dense = _context_model(self.cfg, self.theta0, self.K).to(self.dev)
+        opt = torch.optim.Adam(dense.parameters(), lr=self.cfg.lr)
+        dense.train()
+        for _ in range(self.cfg.retrain_steps):
+            for batch in self.mixed:
+                context_mse_step(dense, batch, opt)
+        dense.eval()
+        params = sum(m.weight.numel() for m in dense.base if isinstance(m, nn.Linear))
+        return self._evaluate("dense", 0.0, lambda: dense(self.feats, self.reg), params=params)
+
+    def describe(self, results: dict) -> dict:
+        cfg, K, H, W = self.cfg, self.K, self.H, self.W
+        table: dict = {}
+        for r in results["rows"]:
+            if r["method"] == "dense":
+                table["dense"] = r["psnr"]
+            else:
+                table.setdefault(r["method"], {})[r["sparsity"]] = r["psnr"]
+        rtl_steps = cfg.retrain_steps * (1 if cfg.retrain_mode in ("summed", "mixed") else K)
+        return {
+            "task": "inr_regions", "dataset": "mosaic" if self.sources is not None else "user",
+            "model": f"inr:mlp(hidden={cfg.hidden},depth={cfg.depth})", "granularity": "weight", "seed": cfg.seed,
+            "image": {"source": "mosaic" if self.sources is not None else "user", "name": cfg.image_name,
+                      "seed": cfg.image_seed, "size": [H, W], "n_regions": K, "sources": self.sources,
+                      "region_pixels": [int(v) for v in torch.bincount(self.reg.cpu(), minlength=K)]},
+            "encoding": {"kind": "gaussian_fourier", "num_frequencies": cfg.num_frequencies,
+                         "scale": cfg.fourier_scale, "features": int(self.feats.shape[1])},
+            "prunable_weights": {"rtl": results["prunable_weights"], "single_imp": self.num_single_weights},
+            "psnr": table, "routing_cost": self.routing_cost,
+            "budget": {"pixel_presentations_search_per_round": cfg.search_steps * H * W,
+                       "pixel_presentations_retrain": cfg.retrain_steps * H * W,
+                       "optimizer_steps_retrain": {"rtl_mode": cfg.retrain_mode, "rtl_total": rtl_steps,
+                                                   "single": cfg.retrain_steps * len(self.mixed)}},
+            "total_time_s": round(time.perf_counter() - self.t_start, 3),
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpu_threads": torch.get_num_threads(), "device": str(self.dev)}}
+
+    def plot(self, results: dict, out_dir: Path) -> list[str]:
+        return plot_reconstructions(self.image, self.regions, self.recon, results["psnr"],
+                                    replace(self.cfg, figures_dir=str(out_dir)))
+
+
+def comparison_config(cfg: INRConfig) -> ComparisonConfig:
+    """The protocol's settings of an INR run. Methods: RTL, then multi-model IMP (it reuses RTL's masks), single
+    IMP and dense (they share one stream of shuffled pixel batches, in this order)."""
+    methods = tuple(m for m in ("rtl", "multi_imp", "single_imp", "dense") if m in cfg.methods)
+    mixed = cfg.retrain_mode in ("summed", "mixed")
+    return ComparisonConfig(sparsities=tuple(sorted(float(s) for s in cfg.sparsities)), methods=methods,
+                            prune_fraction=cfg.prune_fraction, epochs_per_round=cfg.search_steps,
+                            retrain_epochs=cfg.retrain_steps, lr=cfg.lr,
+                            per_ticket_state=cfg.retrain_mode == "sequential",
+                            retrain_mode="mixed" if mixed else "sequential", equal_storage=False,
+                            device=torch.device(cfg.device), progress=cfg.progress)
+
+
+def run_inr(config: INRConfig | None = None, out_dir: str | Path | None = None, *, image: torch.Tensor | None = None,
             regions: torch.Tensor | None = None) -> dict:
     """Fit one image with RTL (one ticket per region), single IMP (region embedding input) and a dense model.
 
     Args:
         config: an :class:`INRConfig` (default: the benchmark setting).
+        out_dir: optional run folder: ``results.json`` and the reconstruction figure go there.
         image: optional RGB image [3, H, W] in [0, 1]; default ``make_mosaic(image_seed, n_regions, size)``.
         regions: its region map [H, W] (int, ids 0..K-1, every id present); required with ``image``.
     Returns:
-        dict with ``psnr`` ({"rtl": {sparsity: dB}, "single_imp": {...}, "dense": dB, "multi_imp": {...} when
-        asked}), ``rows`` (method,
-        sparsity, psnr, per-region psnr, kept weights), ``similarity`` (mean ticket Jaccard), ``routing_cost``,
-        ``wall_time_s``, ``figures`` (paths, when ``figures_dir`` is set), image info, the config, and
-        ``reconstructions`` ({(method, sparsity): image [3, H, W] in [0, 1]}; tuple keys: drop it before
-        ``json.dump``).
+        the results dict (stable schema: rows with ``metrics: {psnr}``) plus ``psnr`` ({"rtl": {sparsity: dB},
+        "single_imp": {...}, "dense": dB, "multi_imp": {...} when asked}), per-row ``psnr`` and
+        ``psnr_per_region``, ``similarity``, ``routing_cost``, ``figures`` (paths, when ``figures_dir`` is set),
+        image info, the config, and ``reconstructions`` ({(method, sparsity): image [3, H, W] in [0, 1]}; tuple
+        keys: drop it before ``json.dump``).
     """
-    from rtl_plugin import wrap
-    from rtl_plugin.comparison.baselines import CyclicLoader
-    from rtl_plugin.diagnostics.similarity import mean_offdiagonal
-    from rtl_plugin.pruning.pruner import RTLPruner
-    from rtl_plugin.training.retrain import joint_retrain, retrain_tickets
-
     cfg = INRConfig() if config is None else config
     _validate_config(cfg)
-    t_start = time.perf_counter()
-    dev = torch.device(cfg.device)
+    if "rtl" not in cfg.methods:
+        raise DataError(f"methods must include 'rtl' (the comparison is RTL against its baselines), got "
+                        f"{tuple(cfg.methods)}.")
     sources = None
     if image is None:
         if regions is not None:
@@ -389,171 +541,13 @@ def run_inr(config: INRConfig | None = None, *, image: torch.Tensor | None = Non
         image, regions, sources = make_mosaic(cfg.image_seed, cfg.n_regions, cfg.size, cache_dir=cfg.cache_dir,
                                               return_sources=True)
     else:
-        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
-            raise DataError(f"image must be a float tensor [3, H, W] in [0, 1], got "
-                            f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__}.")
-        if not bool(torch.isfinite(image).all()) or float(image.min()) < 0 or float(image.max()) > 1:
-            raise DataError("image values must be finite and in [0, 1]; scale it (e.g. uint8 / 255).")
-        if not isinstance(regions, torch.Tensor) or regions.shape != image.shape[1:]:
-            raise RouteError(f"regions must be an integer tensor [H, W] matching the image {tuple(image.shape[1:])}, "
-                             f"got {tuple(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__}.")
-        if regions.is_floating_point() or regions.dtype == torch.bool:
-            raise RouteError(f"regions must have an integer dtype, got {regions.dtype}; use regions.long().")
-        ids = regions.unique()
-        if int(ids.min()) < 0 or ids.tolist() != list(range(int(ids.max()) + 1)):
-            raise RouteError(f"region ids must be 0..K-1 with every id present, got {ids.tolist()}.")
-    regions = regions.long()
-    H, W = image.shape[1:]
-    K = int(regions.max()) + 1
-    torch.manual_seed(cfg.seed)
-    enc = FourierFeatures(cfg.num_frequencies, cfg.fourier_scale, seed=cfg.seed)
-    feats = enc(pixel_coords(H, W)).to(dev)
-    rgb = image.permute(1, 2, 0).reshape(-1, 3).to(dev)
-    reg = regions.reshape(-1).to(dev)
-    subsets = region_subsets(feats, rgb, reg)
-    sps = sorted(float(s) for s in cfg.sparsities)
-    opt_factory = lambda params: torch.optim.Adam(params, lr=cfg.lr)  # noqa: E731
-    rows: list[dict] = []
-    recon: dict[tuple[str, float], torch.Tensor] = {}
-    similarity: list[dict] = []
-    wall: dict[str, float] = {}
-
-    torch.manual_seed(cfg.seed)
-    mlp = INRMLP(feats.shape[1], cfg.hidden, cfg.depth).to(dev)
-    theta0_mlp = copy.deepcopy(mlp.state_dict())
-
-    def evaluate(fn) -> tuple[float, list[float], torch.Tensor]:
-        with torch.no_grad():
-            out = fn().float().clamp(0, 1)
-        per = [psnr(out[reg == k], rgb[reg == k]) for k in range(K)]
-        return psnr(out, rgb), [round(p, 4) for p in per], out.reshape(H, W, 3).permute(2, 0, 1).cpu()
-
-    def row(method, s, value, per, kept, **extra):
-        r = {"method": method, "sparsity": s, "psnr": round(value, 4), "psnr_per_region": per, "params": int(kept)}
-        r.update(extra)
-        rows.append(r)
-
-    routing_cost = None
-    if "rtl" in cfg.methods:
-        routed = wrap(mlp, K, example_inputs=feats[:2], output_layers=[])
-        pruner = RTLPruner(routed, target_sparsity=sps, prune_fraction=cfg.prune_fraction, progress=cfg.progress)
-        t = time.perf_counter()
-        search = pruner.find_tickets(subsets, train_step=mse_step, epochs_per_round=cfg.search_steps,
-                                     optimizer_factory=opt_factory, device=dev)
-        wall["rtl_search"] = time.perf_counter() - t
-        wall["rtl_retrain"] = 0.0
-        for s in sps:
-            tickets = search.tickets_at[s]
-            if cfg.retrain_mode == "summed":
-                t = time.perf_counter()
-                routed.model.load_state_dict(theta0_mlp)
-                routed.set_tickets(tickets)
-                summed_retrain(routed, feats, rgb, reg, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
-                               epochs=cfg.retrain_steps)
-                routed.eval()
-                wall["rtl_retrain"] += time.perf_counter() - t
-            else:
-                wall["rtl_retrain"] += retrain_tickets(routed, theta0_mlp, tickets, subsets, lr=cfg.lr,
-                                                       epochs=cfg.retrain_steps, train_step=mse_step, device=dev,
-                                                       per_ticket_state=cfg.retrain_mode == "sequential",
-                                                       progress=cfg.progress)
-            value, per, img = evaluate(lambda: routed(feats, route=reg))
-            recon[("rtl", s)] = img
-            row("rtl", s, value, per, tickets.union_count(), per_ticket_params=[int(v) for v in tickets.kept()])
-            similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
-                               "union": tickets.union_count(), "intersection": tickets.intersection_count()})
-            if s == sps[-1]:
-                plain = INRMLP(feats.shape[1], cfg.hidden, cfg.depth).to(dev).eval()
-                routing_cost = _routing_cost(routed, plain, feats, reg)
-            routed.train()
-            if "multi_imp" in cfg.methods:
-                # K independent models (the paper's "IMP multiple"): per-subset IMP from θ0 gives exactly RTL's
-                # search masks, so each ticket is retrained ALONE from θ0 on its region (no shared updates)
-                t = time.perf_counter()
-                out = torch.zeros_like(rgb)
-                for k in range(K):
-                    routed.model.load_state_dict(theta0_mlp)
-                    joint_retrain(routed, {k: subsets[k]}, optimizer=torch.optim.Adam(routed.parameters(), lr=cfg.lr),
-                                  epochs=cfg.retrain_steps, train_step=mse_step, device=dev, progress=cfg.progress)
-                    routed.eval()
-                    with torch.no_grad():
-                        out[reg == k] = routed(feats[reg == k], route=k)
-                    routed.train()
-                wall["multi_imp"] = wall.get("multi_imp", 0.0) + time.perf_counter() - t
-                value, per, img = evaluate(lambda: out)
-                recon[("multi_imp", s)] = img
-                row("multi_imp", s, value, per, int(tickets.kept().sum()))
-        n_rtl = routed.space.num_weights
-    else:
-        n_rtl = None
-
-    mixed = MixedPixelBatches(feats, rgb, reg, 1 if cfg.single_batches == "full" else K, seed=cfg.seed)
-    n_single = None
-    if "single_imp" in cfg.methods:
-        model1 = _context_model(cfg, theta0_mlp, K).to(dev)
-        ex = (feats[:2], torch.zeros(2, dtype=torch.long, device=dev))
-        r1 = wrap(model1, 1, example_inputs=ex, adapter="generic", output_layers=[], ignored_layers=["embed"])
-        theta1 = copy.deepcopy(r1.model.state_dict())
-        p1 = RTLPruner(r1, target_sparsity=sps, prune_fraction=cfg.prune_fraction, progress=cfg.progress)
-        t = time.perf_counter()
-        # per round: search_steps epochs of K mixed batches = the K per-region searches' presentations
-        res1 = p1.find_tickets({0: mixed}, train_step=context_mse_step, epochs_per_round=cfg.search_steps,
-                               optimizer_factory=opt_factory, device=dev)
-        wall["single_imp_search"] = time.perf_counter() - t
-        wall["single_imp_retrain"] = 0.0
-        for s in sps:
-            wall["single_imp_retrain"] += retrain_tickets(r1, theta1, res1.tickets_at[s], {0: mixed}, lr=cfg.lr,
-                                                          epochs=cfg.retrain_steps, train_step=context_mse_step,
-                                                          device=dev, progress=cfg.progress)
-            value, per, img = evaluate(lambda: r1(feats, reg, route=0))
-            recon[("single_imp", s)] = img
-            row("single_imp", s, value, per, int(res1.tickets_at[s].kept()[0]))
-            r1.train()
-        n_single = r1.space.num_weights
-
-    if "dense" in cfg.methods:
-        dense = _context_model(cfg, theta0_mlp, K).to(dev)
-        opt = torch.optim.Adam(dense.parameters(), lr=cfg.lr)
-        t = time.perf_counter()
-        dense.train()
-        for _ in range(cfg.retrain_steps):
-            for batch in mixed:
-                context_mse_step(dense, batch, opt)
-        wall["dense"] = time.perf_counter() - t
-        dense.eval()
-        value, per, img = evaluate(lambda: dense(feats, reg))
-        recon[("dense", 0.0)] = img
-        row("dense", 0.0, value, per, sum(m.weight.numel() for m in dense.base if isinstance(m, nn.Linear)))
-
-    table: dict = {}
-    for r in rows:
-        if r["method"] == "dense":
-            table["dense"] = r["psnr"]
-        else:
-            table.setdefault(r["method"], {})[r["sparsity"]] = r["psnr"]
-    results = {
-        "task": "inr_regions",
-        "image": {"source": "mosaic" if sources is not None else "user", "name": cfg.image_name,
-                  "seed": cfg.image_seed, "size": [H, W],
-                  "n_regions": K, "sources": sources,
-                  "region_pixels": [int(v) for v in torch.bincount(reg.cpu(), minlength=K)]},
-        "encoding": {"kind": "gaussian_fourier", "num_frequencies": cfg.num_frequencies, "scale": cfg.fourier_scale,
-                     "features": int(feats.shape[1])},
-        "prunable_weights": {"rtl": n_rtl, "single_imp": n_single},
-        "psnr": table, "rows": rows, "similarity": similarity, "routing_cost": routing_cost,
-        "budget": {"pixel_presentations_search_per_round": cfg.search_steps * H * W,
-                   "pixel_presentations_retrain": cfg.retrain_steps * H * W,
-                   "optimizer_steps_retrain": {"rtl_mode": cfg.retrain_mode,
-                                               "rtl_total": cfg.retrain_steps * (1 if cfg.retrain_mode == "summed" else K),
-                                               "single": cfg.retrain_steps * len(mixed)}},
-        "wall_time_s": {k: round(v, 3) for k, v in wall.items()},
-        "total_time_s": round(time.perf_counter() - t_start, 3),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_threads": torch.get_num_threads(), "device": str(dev)},
-    }
-    results["figures"] = (plot_reconstructions(image, regions, recon, table, cfg) if cfg.figures_dir else [])
-    results["reconstructions"] = recon
+        _check_image(image, regions)
+    task = INRTask(cfg, image, regions, sources)
+    results = compare(task, comparison_config(cfg), out_dir)
+    if out_dir is None:
+        results["figures"] = (plot_reconstructions(image, task.regions, task.recon, results["psnr"], cfg)
+                              if cfg.figures_dir else [])
+    results["reconstructions"] = task.recon
     return results
 
 

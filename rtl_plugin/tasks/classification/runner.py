@@ -11,19 +11,31 @@ Steps (all methods start from the same θ0 and get the same number of sample pre
 """
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from rtl_plugin.errors import DataError, SpaceError
+from rtl_plugin import wrap
+from rtl_plugin.comparison.baselines import BalancedLoader, ContextInputModel, CyclicLoader, context_train_step
+from rtl_plugin.comparison.protocol import (METHODS, ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup,
+                                            compare)
+from rtl_plugin.diagnostics.collapse import CollapseMonitor
+from rtl_plugin.diagnostics.sweep import SweepRecorder
+from rtl_plugin.errors import DataError, MissingDependencyError, SpaceError
+from rtl_plugin.routing.partition import by_kmeans, embed
+from rtl_plugin.routing.routers import create_router, flops_share
+from rtl_plugin.tasks.classification.data import load_domains
+from rtl_plugin.tasks.metrics import classification_metrics
+from rtl_plugin.tasks.renamed import renamed_fields
 
 
+@renamed_fields({"search_epochs": "epochs_per_round"})
 @dataclass
 class ClassificationConfig:
     """Settings of one classification run (defaults: the ``rtl demo`` main job)."""
@@ -38,7 +50,7 @@ class ClassificationConfig:
     prune_fraction: float = 0.5
     prune_count: int | None = None
     scope: str = "global"                # global magnitude ranking (paper) | layer
-    search_epochs: int = 1               # epochs per pruning round (T)
+    epochs_per_round: int = 1            # epochs per pruning round (T); was search_epochs
     retrain_epochs: int = 2
     per_ticket_state: bool = True        # RTL joint retraining: one Adam state per ticket, or one shared (False)
     batch_size: int = 64
@@ -75,7 +87,6 @@ def make_model_factory(spec: str, num_classes: int, in_chans: int):
     try:
         import timm
     except ImportError as e:
-        from rtl_plugin.errors import MissingDependencyError
         raise MissingDependencyError('timm is required: pip install "rtl-plugin[timm]"') from e
     if name not in timm.list_models():
         raise SpaceError(f"unknown timm model {name!r}; see timm.list_models().")
@@ -113,263 +124,237 @@ def _predict(fn, x, batch_size=256, extra=None):
     return torch.cat(outs)
 
 
-# --------------------------------------------------------------------------- the run
-def run_classification(cfg: ClassificationConfig, out_dir: str | Path) -> dict:
-    """Run RTL and its baselines; write results.json, figures and tickets into ``out_dir``; return results."""
-    from rtl_plugin import wrap
-    from rtl_plugin.tasks.classification.data import load_domains
-    from rtl_plugin.tasks.metrics import classification_metrics
-    from rtl_plugin.pruning.pruner import RTLPruner
-    from rtl_plugin.training.retrain import joint_retrain, retrain_tickets
-    from rtl_plugin.comparison.baselines import BalancedLoader, ContextInputModel, CyclicLoader, context_train_step
-    from rtl_plugin.diagnostics.similarity import chance_matrix, mean_offdiagonal
+# --------------------------------------------------------------------------- the task
+class ClassificationTask(ComparisonTask):
+    """Classification's pieces of the comparison protocol: domains, a timm model, cross-entropy, accuracy metrics,
+    a collapse monitor during the search and routers for label-free inference."""
+    name = "classification"
 
-    if not isinstance(cfg.per_ticket_state, bool):
-        raise DataError(f"per_ticket_state must be True or False, got {cfg.per_ticket_state!r}.")
-    t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(cfg.device)
-    log = _Log(True)
+    def __init__(self, cfg: ClassificationConfig, out_dir: Path):
+        self.cfg, self.out_dir = cfg, out_dir
+        self.dev = torch.device(cfg.device)
+        self.log = _Log(True)
+        self.t_start = time.perf_counter()
+        self.collapse, self.monitor, self.routers = None, None, {}
+        self._load_data()
 
-    # ---- data and partition
-    train, test = load_domains(image_size=cfg.image_size, channels=3, domains=cfg.domains, seed=cfg.seed,
-                               max_per_domain=cfg.max_per_domain)
-    C = train.num_classes
-    make = make_model_factory(cfg.model, C, 3)
-    if cfg.partition == "domain":
-        assign_train, assign_test = train.domain, test.domain
-        names = list(train.domain_names)
-    elif cfg.partition == "class":
-        assign_train, assign_test = train.y, test.y
-        names = list(train.class_names)
-    elif cfg.partition == "kmeans":
-        from rtl_plugin.routing.partition import by_kmeans, embed
-        emb_model = make(cfg.seed)
-        _train_plain(emb_model, _all_loader(train.x, train.y, cfg.batch_size, cfg.seed), 1, cfg.lr, dev)
+    # ---- data
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        self.train, self.test = load_domains(image_size=cfg.image_size, channels=3, domains=cfg.domains,
+                                             seed=cfg.seed, max_per_domain=cfg.max_per_domain)
+        self.num_classes = self.train.num_classes
+        self.make = make_model_factory(cfg.model, self.num_classes, 3)
+        self.assign_train, assign_test, self.names = self._partition()
+        K = int(self.assign_train.max()) + 1
+        subsets_idx = [(self.assign_train == k).nonzero().flatten() for k in range(K)]
+        self.loaders = _loaders(self.train.x, self.train.y, subsets_idx, cfg.batch_size, cfg.seed)
+        self.batches_per_ticket = max(len(dl) for dl in self.loaders.values())
+        self.xt, self.yt, self.ct = self.test.x.to(self.dev), self.test.y, assign_test.to(self.dev)
+        self.example = self.train.x[:1].to(self.dev)
+        self.log(f"data: {len(self.train)} train / {len(self.test)} test images, {self.num_classes} classes, "
+                 f"K={K} tickets ({', '.join(f'{n}:{len(i)}' for n, i in zip(self.names, subsets_idx))}), "
+                 f"model {cfg.model}")
+
+    def _partition(self):
+        """Subset ids of the train and test images, and the subsets' names."""
+        cfg, train, test = self.cfg, self.train, self.test
+        if cfg.partition == "domain":
+            return train.domain, test.domain, list(train.domain_names)
+        if cfg.partition == "class":
+            return train.y, test.y, list(train.class_names)
+        if cfg.partition != "kmeans":
+            raise DataError(f"partition must be 'domain', 'class' or 'kmeans', got {cfg.partition!r}.")
+        emb_model = self.make(cfg.seed)
+        _train_plain(emb_model, self._all_loader(), 1, cfg.lr, self.dev)
         part = by_kmeans(embed(emb_model, train.x), cfg.num_clusters, seed=cfg.seed, y=train.y,
                          class_names=train.class_names)
-        assign_train = part.assignment
         e_tr, e_te = embed(emb_model, train.x), embed(emb_model, test.x)
-        cents = torch.stack([e_tr[assign_train == k].mean(0) for k in range(part.num_tickets)])
-        assign_test = torch.cdist(e_te, cents).argmin(1)  # test samples join their nearest cluster
-        names = part.names
-        log(part.describe())
-    else:
-        raise DataError(f"partition must be 'domain', 'class' or 'kmeans', got {cfg.partition!r}.")
-    K = int(assign_train.max()) + 1
-    subsets_idx = [(assign_train == k).nonzero().flatten() for k in range(K)]
-    loaders = _loaders(train.x, train.y, subsets_idx, cfg.batch_size, cfg.seed)
-    M = max(len(dl) for dl in loaders.values())
-    xt, yt, ct = test.x.to(dev), test.y, assign_test.to(dev)
-    log(f"data: {len(train)} train / {len(test)} test images, {C} classes, K={K} tickets "
-        f"({', '.join(f'{n}:{len(i)}' for n, i in zip(names, subsets_idx))}), model {cfg.model}")
+        cents = torch.stack([e_tr[part.assignment == k].mean(0) for k in range(part.num_tickets)])
+        self.log(part.describe())
+        return part.assignment, torch.cdist(e_te, cents).argmin(1), part.names  # test joins its nearest cluster
 
-    rows: list[dict] = []
-    similarity: list[dict] = []
-    wall = {"ticket_search": 0.0, "single_imp": 0.0, "multi_imp": 0.0, "joint_retrain": 0.0}
-    opt_factory = lambda params: torch.optim.Adam(params, lr=cfg.lr)  # noqa: E731
-    example = train.x[:1].to(dev)
+    def _all_loader(self):
+        return _all_loader(self.train.x, self.train.y, self.cfg.batch_size, self.cfg.seed)
 
-    def row(method, routing, sparsity, params, logits, matching="equal_cost", **extra):
-        m = classification_metrics(logits, yt, num_classes=C)
-        r = {"method": method, "routing": routing, "sparsity": sparsity, "params": int(params),
-             "matching": matching, "metrics": {k: round(float(v), 6) for k, v in m.items()}}
-        r.update(extra)
-        rows.append(r)
-        return r
+    def ticket_loaders(self) -> dict:
+        return self.loaders
 
-    # ---- RTL: ticket search
-    routed = wrap(make(cfg.seed).to(dev), K, example_inputs=example, granularity=cfg.granularity,
-                  shared_norm=cfg.shared_norm)
-    theta0 = copy.deepcopy(routed.model.state_dict())
-    callbacks, monitor = [], None
-    if cfg.collapse != "off":
-        from rtl_plugin.diagnostics.collapse import CollapseMonitor
-        from rtl_plugin.diagnostics.sweep import SweepRecorder
-        if cfg.collapse not in ("warn", "stop", "relax"):
-            raise DataError(f"collapse must be 'off', 'warn', 'stop' or 'relax', got {cfg.collapse!r}.")
-        g = torch.Generator().manual_seed(cfg.seed)
-        pick = torch.randperm(len(xt), generator=g)[:256].to(dev)
-        xs, ys, cs = xt[pick], yt.to(dev)[pick], ct[pick]
+    def multi_imp_loader(self, k: int):
+        return CyclicLoader(self.loaders[k], self.batches_per_ticket)
 
-        def subset_accuracy(model, k):  # labels: evaluation only, the monitor never reads it
-            sel = cs == k
-            if not bool(sel.any()):
-                return float("nan")
-            was = model.training
-            model.eval()
-            try:
-                with torch.no_grad():
-                    return float((model(xs[sel], route=k).argmax(1) == ys[sel]).float().mean())
-            finally:
-                model.train(was)
+    # ---- models
+    def build_routed(self, num_tickets: int):
+        cfg = self.cfg
+        return wrap(self.make(cfg.seed).to(self.dev), num_tickets, example_inputs=self.example,
+                    granularity=cfg.granularity, shared_norm=cfg.shared_norm)
 
-        monitor = CollapseMonitor(action=cfg.collapse, recorder=SweepRecorder(probe=xs, metric=subset_accuracy))
-        callbacks.append(monitor)
-    pruner = RTLPruner(routed, target_sparsity=cfg.sparsities, schedule=cfg.schedule,
-                       prune_fraction=cfg.prune_fraction, prune_count=cfg.prune_count, progress=cfg.progress,
-                       scope=cfg.scope, order="round" if monitor is not None else "ticket", callbacks=callbacks)
-    t = time.perf_counter()
-    search = pruner.find_tickets(loaders, epochs_per_round=cfg.search_epochs, optimizer_factory=opt_factory,
-                                 device=dev)
-    wall["ticket_search"] = time.perf_counter() - t
-    log(f"ticket search: {len(search.history)} rounds in {wall['ticket_search']:.1f}s")
-    collapse = None
-    if monitor is not None:
-        monitor.sweep.save(out_dir / "sweep.json")
-        w = monitor.warnings[0] if monitor.warnings else None
-        collapse = {"action": cfg.collapse, "warning": None if w is None else w.to_dict(), "events": monitor.sweep.events}
-        log("collapse monitor: " + ("no collapse predicted" if w is None else
-                                    f"collapse predicted at {100 * w.sparsity:.1f}% sparsity ({cfg.collapse})"))
-    n_total = routed.space.num_weights
+    def search_options(self, routed) -> dict:
+        self.monitor = _collapse_monitor(self.cfg, self.xt, self.yt, self.ct, self.dev)
+        return {"order": "round" if self.monitor is not None else "ticket",
+                "callbacks": [] if self.monitor is None else [self.monitor]}
 
-    # ---- routers (label-free inference), trained once on the training inputs and subset ids
-    routers = {}
-    if cfg.routers:
-        from rtl_plugin.routing.routers import create_router, flops_share
-        for rname in cfg.routers:
+    def after_search(self, routed, search) -> None:
+        self.log(f"ticket search: {len(search.history)} rounds")
+        if self.monitor is not None:
+            self.monitor.sweep.save(self.out_dir / "sweep.json")
+            w = self.monitor.warnings[0] if self.monitor.warnings else None
+            self.collapse = {"action": self.cfg.collapse, "warning": None if w is None else w.to_dict(),
+                             "events": self.monitor.sweep.events}
+            self.log("collapse monitor: " + ("no collapse predicted" if w is None else
+                                             f"collapse predicted at {100 * w.sparsity:.1f}% sparsity "
+                                             f"({self.cfg.collapse})"))
+        self._fit_routers()
+
+    def _fit_routers(self) -> None:
+        """Routers for label-free inference, trained once on the training inputs and subset ids."""
+        K = len(self.loaders)
+        for rname in self.cfg.routers:
             router = create_router(rname, num_tickets=K)
-            router.fit(train.x, assign_train, seed=cfg.seed)
-            router = router.to(dev) if isinstance(router, nn.Module) else router
-            acc = float(router.accuracy(xt, ct))
-            share = float(flops_share(router, make(cfg.seed), example.cpu()))
-            routers[rname] = {"router": router, "accuracy": acc, "flops_share": share}
-            log(f"router {rname}: routing accuracy {acc:.3f}, FLOPs share {share:.4%}")
+            router.fit(self.train.x, self.assign_train, seed=self.cfg.seed)
+            router = router.to(self.dev) if isinstance(router, nn.Module) else router
+            acc = float(router.accuracy(self.xt, self.ct))
+            share = float(flops_share(router, self.make(self.cfg.seed), self.example.cpu()))
+            self.routers[rname] = {"router": router, "accuracy": acc, "flops_share": share}
+            self.log(f"router {rname}: routing accuracy {acc:.3f}, FLOPs share {share:.4%}")
 
-    # ---- RTL: joint retraining per target
-    saved = {}
-    for s in cfg.sparsities:
-        tickets = search.tickets_at[s]
-        wall["joint_retrain"] += retrain_tickets(routed, theta0, tickets, loaders, lr=cfg.lr, epochs=cfg.retrain_epochs,
-                                                 device=dev, progress=cfg.progress,
-                                                 per_ticket_state=cfg.per_ticket_state)
-        union = tickets.union_count()
-        per_ticket = [int(v) for v in tickets.kept()]
-        j = tickets.jaccard()
-        similarity.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(j), 6),
-                           "chance": round(mean_offdiagonal(chance_matrix(tickets)), 6), "jaccard": j.tolist(),
-                           "union": union, "intersection": tickets.intersection_count()})
-        logits = _predict(lambda xb, cb: routed(xb, route=cb), xt, extra=ct)
-        row("rtl", "context", s, union, logits, per_ticket_params=per_ticket,
-            subset_accuracy=_subset_acc(logits, yt, ct.cpu(), K))
-        for rname, info in routers.items():
+    # ---- evaluation
+    def _evaluation(self, routing: str, logits: torch.Tensor, with_subsets: bool = True, **extras) -> Evaluation:
+        if with_subsets:
+            extras["subset_accuracy"] = _subset_acc(logits, self.yt, self.ct.cpu(), len(self.loaders))
+        return Evaluation(routing, classification_metrics(logits, self.yt, num_classes=self.num_classes), extras)
+
+    def evaluate_rtl(self, routed, tickets, sparsity: float) -> list[Evaluation]:
+        out = [self._evaluation("context", _predict(lambda xb, cb: routed(xb, route=cb), self.xt, extra=self.ct))]
+        for rname, info in self.routers.items():
             router = info["router"]
-            logits = _predict(lambda xb, cb: routed(xb, route=router(xb)), xt)
-            row("rtl", rname, s, union, logits, routing_accuracy=round(info["accuracy"], 6),
-                router_flops_share=info["flops_share"])
-        folder = out_dir / "tickets" / f"sparsity_{int(round(s * 100)):02d}"
-        routed.save(folder, extra={"sparsity": s, "ticket_names": names, "config": _jsonable(asdict(cfg))})
-        saved[s] = folder.relative_to(out_dir).as_posix()  # relative: the run folder can be moved
-        routed.train()
+            logits = _predict(lambda xb, cb: routed(xb, route=router(xb)), self.xt)
+            out.append(self._evaluation(rname, logits, with_subsets=False,
+                                        routing_accuracy=round(info["accuracy"], 6),
+                                        router_flops_share=info["flops_share"]))
+        return out
 
-    budget_batches = M * K  # presentations per retraining epoch, equal for every method
+    def ticket_metadata(self, sparsity: float) -> dict:
+        return {"sparsity": sparsity, "ticket_names": self.names, "config": _jsonable(asdict(self.cfg))}
 
-    # ---- dense
-    if "dense" in cfg.baselines:
-        dense = make(cfg.seed).to(dev)
-        _train_plain(dense, CyclicLoader(_all_loader(train.x, train.y, cfg.batch_size, cfg.seed), budget_batches),
-                     cfg.retrain_epochs, cfg.lr, dev)
+    def train_dense(self) -> Evaluation:
+        dense = self.make(self.cfg.seed).to(self.dev)
+        budget = CyclicLoader(self._all_loader(), self.batches_per_ticket * len(self.loaders))
+        _train_plain(dense, budget, self.cfg.retrain_epochs, self.cfg.lr, self.dev)
         dense.eval()
-        logits = _predict(lambda xb, cb: dense(xb), xt)
-        row("dense", "context", 0.0, n_total, logits)
+        return self._evaluation("context", _predict(lambda xb, cb: dense(xb), self.xt), with_subsets=False)
 
-    # ---- single-mask IMP variants
-    union_sparsities = {s: round(1 - search.tickets_at[s].union_count() / n_total, 6) for s in cfg.sparsities}
-    for method in ("single_imp", "single_imp_balanced", "single_imp_context"):
-        if method not in cfg.baselines:
-            continue
-        t = time.perf_counter()
+    def single_imp_setup(self, method: str) -> SingleImpSetup:
+        cfg, loaders = self.cfg, self.loaders
+        search_len = sum(len(dl) for dl in loaders.values())  # per round one pass over all data
+        budget = self.batches_per_ticket * len(loaders)
         if method == "single_imp_context":
-            base = make(cfg.seed, extra_in_chans=4)
-            model1 = ContextInputModel(base, K, embed_dim=4).to(dev)
-            ex = (example, torch.zeros(1, dtype=torch.long, device=dev))
-            cls_name = "base." + _classifier_name(base)
-            r1 = wrap(model1, 1, example_inputs=ex, adapter="generic", output_layers=[cls_name],
-                      ignored_layers=["embed"], shared_norm=cfg.shared_norm)
-            search_loader = BalancedLoader(loaders, with_context=True)
-            step = context_train_step()
-        else:
-            r1 = wrap(make(cfg.seed).to(dev), 1, example_inputs=example, granularity=cfg.granularity,
-                      shared_norm=cfg.shared_norm)
-            search_loader = (BalancedLoader(loaders) if method == "single_imp_balanced"
-                             else CyclicLoader(_all_loader(train.x, train.y, cfg.batch_size, cfg.seed),
-                                               sum(len(dl) for dl in loaders.values())))
-            step = None
-        targets = sorted(set(cfg.sparsities) | (set(union_sparsities.values()) if (cfg.equal_storage and method == "single_imp") else set()))
-        targets = [t_ for t_ in targets if 0 <= t_ < 1]
-        theta1 = copy.deepcopy(r1.model.state_dict())
-        p1 = RTLPruner(r1, target_sparsity=targets, schedule=cfg.schedule, prune_fraction=cfg.prune_fraction,
-                       prune_count=cfg.prune_count, progress=cfg.progress, scope=cfg.scope)
-        # per round one pass over all data, like the K per-subset searches together
-        search_len = sum(len(dl) for dl in loaders.values())
-        res1 = p1.find_tickets({0: CyclicLoader(search_loader, search_len)}, train_step=step,
-                               epochs_per_round=cfg.search_epochs, optimizer_factory=opt_factory, device=dev)
-        for s1 in targets:
-            retrain_tickets(r1, theta1, res1.tickets_at[s1], {0: CyclicLoader(search_loader, budget_batches)},
-                            lr=cfg.lr, epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
-            if method == "single_imp_context":
-                logits = _predict(lambda xb, cb: r1(xb, cb, route=0), xt, extra=ct)
-            else:
-                logits = _predict(lambda xb, cb: r1(xb, route=0), xt)
-            kept = int(res1.tickets_at[s1].kept()[0])
-            if s1 in cfg.sparsities:
-                row(method, "context" if method == "single_imp_context" else "none", s1, kept, logits,
-                    matching="equal_cost", subset_accuracy=_subset_acc(logits, yt, ct.cpu(), K))
-            for s, us in union_sparsities.items():
-                if method == "single_imp" and abs(us - s1) < 1e-9:
-                    row(method, "none", s, kept, logits, matching="equal_storage", single_sparsity=s1,
-                        subset_accuracy=_subset_acc(logits, yt, ct.cpu(), K))
-            r1.train()
-        if method == "single_imp":
-            wall["single_imp"] = time.perf_counter() - t
-        log(f"{method}: done in {time.perf_counter() - t:.1f}s")
-
-    # ---- multi-model IMP: K independent models; per-subset IMP from the same θ0 gives exactly the
-    # masks of RTL's ticket search, so they are reused; each model is retrained alone on its subset.
-    if "multi_imp" in cfg.baselines:
-        t = time.perf_counter()
-        for s in cfg.sparsities:
-            tickets = search.tickets_at[s]
-            logits = torch.zeros(len(yt), C)
-            for k in range(K):
-                mk = wrap(make(cfg.seed).to(dev), 1, example_inputs=example, granularity=cfg.granularity,
+            base = self.make(cfg.seed, extra_in_chans=4)
+            model = ContextInputModel(base, len(loaders), embed_dim=4).to(self.dev)
+            ex = (self.example, torch.zeros(1, dtype=torch.long, device=self.dev))
+            routed = wrap(model, 1, example_inputs=ex, adapter="generic",
+                          output_layers=["base." + _classifier_name(base)], ignored_layers=["embed"],
                           shared_norm=cfg.shared_norm)
-                mk.set_tickets(_single_ticket(mk.space, tickets, k))
-                joint_retrain(mk, {0: CyclicLoader(loaders[k], M)},
-                              optimizer=torch.optim.Adam(mk.parameters(), lr=cfg.lr),
-                              epochs=cfg.retrain_epochs, device=dev, progress=False)
-                mk.eval()
-                sel = (ct.cpu() == k).nonzero().flatten()
-                if len(sel):
-                    logits[sel] = _predict(lambda xb, cb: mk(xb, route=0), xt[sel.to(dev)])
-            row("multi_imp", "context", s, int(tickets.kept().sum()), logits,
-                subset_accuracy=_subset_acc(logits, yt, ct.cpu(), K))
-        wall["multi_imp"] = time.perf_counter() - t + wall["ticket_search"]
-        log(f"multi_imp: done in {time.perf_counter() - t:.1f}s")
+            return SingleImpSetup(routed, BalancedLoader(loaders, with_context=True), search_len, budget,
+                                  context_train_step())
+        routed = self.build_routed(1)
+        loader = (BalancedLoader(loaders) if method == "single_imp_balanced"
+                  else CyclicLoader(self._all_loader(), search_len))
+        return SingleImpSetup(routed, loader, search_len, budget)
 
-    results = {
-        "task": "classification", "dataset": cfg.dataset, "model": cfg.model, "granularity": cfg.granularity,
-        "num_tickets": K, "seed": cfg.seed, "device": str(dev),
-        "ticket_names": names, "partition": cfg.partition, "prunable_weights": n_total,
-        "rows": rows, "similarity": similarity, "collapse": collapse,
-        "routers": {n: {"accuracy": round(i["accuracy"], 6), "flops_share": i["flops_share"]} for n, i in routers.items()},
-        "wall_time_s": {k: round(v, 3) for k, v in wall.items()},
-        "total_time_s": round(time.perf_counter() - t_start, 3),
-        "tickets": saved,
-        "config": _jsonable(asdict(cfg)),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
-    }
-    from rtl_plugin.persist.io import atomic_write_json
-    atomic_write_json(out_dir / "results.json", results)
-    try:
-        from rtl_plugin.diagnostics.plots import plot_classification_results
-        results["figures"] = plot_classification_results(results, out_dir)
-        atomic_write_json(out_dir / "results.json", results)
-    except ImportError as e:  # matplotlib missing: results stay valid without figures
-        log(f"figures skipped ({e}); pip install 'rtl-plugin[plots]'")
-    return results
+    def evaluate_single(self, routed, method: str, tickets, sparsity: float) -> Evaluation:
+        if method == "single_imp_context":
+            return self._evaluation("context", _predict(lambda xb, cb: routed(xb, cb, route=0), self.xt,
+                                                        extra=self.ct))
+        return self._evaluation("none", _predict(lambda xb, cb: routed(xb, route=0), self.xt))
+
+    def multi_imp_output(self, model, k: int):
+        sel = (self.ct.cpu() == k).nonzero().flatten()
+        return sel, (_predict(lambda xb, cb: model(xb, route=0), self.xt[sel.to(self.dev)]) if len(sel) else None)
+
+    def evaluate_multi(self, outputs: list, sparsity: float) -> Evaluation:
+        logits = torch.zeros(len(self.yt), self.num_classes)
+        for sel, part in outputs:
+            if part is not None:
+                logits[sel] = part
+        return self._evaluation("context", logits)
+
+    def similarity_extras(self, tickets) -> dict:
+        return {"jaccard": tickets.jaccard().tolist()}
+
+    def describe(self, results: dict) -> dict:
+        cfg = self.cfg
+        return {"task": "classification", "dataset": cfg.dataset, "model": cfg.model, "granularity": cfg.granularity,
+                "seed": cfg.seed, "ticket_names": self.names, "partition": cfg.partition, "collapse": self.collapse,
+                "routers": {n: {"accuracy": round(i["accuracy"], 6), "flops_share": i["flops_share"]}
+                            for n, i in self.routers.items()},
+                "total_time_s": round(time.perf_counter() - self.t_start, 3), "config": _jsonable(asdict(cfg)),
+                "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                            "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}}
+
+
+def _collapse_monitor(cfg: ClassificationConfig, xt, yt, ct, dev):
+    """The collapse monitor of the ticket search, probing 256 test images (None when ``collapse='off'``)."""
+    if cfg.collapse == "off":
+        return None
+    if cfg.collapse not in ("warn", "stop", "relax"):
+        raise DataError(f"collapse must be 'off', 'warn', 'stop' or 'relax', got {cfg.collapse!r}.")
+    g = torch.Generator().manual_seed(cfg.seed)
+    pick = torch.randperm(len(xt), generator=g)[:256].to(dev)
+    return CollapseMonitor(action=cfg.collapse,
+                           recorder=SweepRecorder(probe=xt[pick], metric=_SubsetAccuracy(xt[pick], yt.to(dev)[pick],
+                                                                                         ct[pick])))
+
+
+class _SubsetAccuracy:
+    """Accuracy of ticket k on the probe images of subset k (labels: evaluation only, the monitor never reads them)."""
+
+    def __init__(self, xs, ys, cs):
+        self.xs, self.ys, self.cs = xs, ys, cs
+
+    def __call__(self, model, k: int) -> float:
+        sel = self.cs == k
+        if not bool(sel.any()):
+            return float("nan")
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return float((model(self.xs[sel], route=k).argmax(1) == self.ys[sel]).float().mean())
+        finally:
+            model.train(was)
+
+
+# --------------------------------------------------------------------------- the run
+def comparison_config(cfg: ClassificationConfig) -> ComparisonConfig:
+    """The protocol's settings of a classification run (baselines in the protocol's canonical order)."""
+    baselines = tuple(m for m in METHODS if m != "rtl" and m in cfg.baselines)
+    return ComparisonConfig(sparsities=tuple(cfg.sparsities), methods=("rtl", *baselines), schedule=cfg.schedule,
+                            prune_fraction=cfg.prune_fraction, prune_count=cfg.prune_count, scope=cfg.scope,
+                            epochs_per_round=cfg.epochs_per_round, retrain_epochs=cfg.retrain_epochs, lr=cfg.lr,
+                            per_ticket_state=cfg.per_ticket_state, equal_storage=cfg.equal_storage,
+                            device=torch.device(cfg.device), progress=cfg.progress)
+
+
+def run_classification(config: ClassificationConfig | None = None, out_dir: str | Path = "rtl-runs/classification",
+                       *, cfg: ClassificationConfig | None = None) -> dict:
+    """Run RTL and its baselines; write results.json, figures and tickets into ``out_dir``; return results.
+
+    ``cfg=`` is the deprecated name of ``config``."""
+    if cfg is not None:
+        if config is not None:
+            raise DataError("run_classification got both config and cfg=; pass config only (cfg is its old name).")
+        warnings.warn("run_classification(cfg=...) is deprecated and will be removed in the next version; use "
+                      "run_classification(config, out_dir).", DeprecationWarning, stacklevel=2)
+    cfg = config if config is not None else (cfg if cfg is not None else ClassificationConfig())
+    if not isinstance(cfg, ClassificationConfig):
+        raise DataError(f"config must be a ClassificationConfig, got {type(cfg).__name__}.")
+    if not isinstance(cfg.per_ticket_state, bool):
+        raise DataError(f"per_ticket_state must be True or False, got {cfg.per_ticket_state!r}.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    task = ClassificationTask(cfg, out_dir)
+    return compare(task, comparison_config(cfg), out_dir)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -386,11 +371,6 @@ class _Log:
 def _classifier_name(model: nn.Module) -> str:
     head = model.get_classifier()
     return {m: n for n, m in model.named_modules()}[head]
-
-
-def _single_ticket(space, tickets, k):
-    from rtl_plugin.tickets import TicketSet
-    return TicketSet(space, {n: m[k:k + 1].clone() for n, m in tickets.masks.items()})
 
 
 def _subset_acc(logits, y, ctx, K) -> list[float]:

@@ -16,7 +16,6 @@ noisy / enhanced / clean per environment, SI-SNRi vs sparsity).
 """
 from __future__ import annotations
 
-import copy
 import platform
 import time
 import warnings
@@ -25,12 +24,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
+from rtl_plugin import wrap
+from rtl_plugin.comparison.baselines import CyclicLoader
+from rtl_plugin.comparison.protocol import ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
 from rtl_plugin.errors import DataError, SparsityError
+from rtl_plugin.integrations.audio import AudioUNet, si_snr_improvement, weighted_sdr_loss
+from rtl_plugin.routing.routers import create_router
+from rtl_plugin.tasks.renamed import renamed_fields
+from rtl_plugin.training.retrain import apply_loss, joint_retrain
 
 ROUTER_FFT = 512
 
 
+@renamed_fields({"search_epochs": "epochs_per_round", "rtl_retrain": "retrain_mode"})
 @dataclass
 class SpeechConfig:
     """Settings of one speech-enhancement run (clips of ``clip_seconds`` at 16 kHz, SNRs in dB)."""
@@ -49,14 +57,14 @@ class SpeechConfig:
     sparsities: tuple[float, ...] = (0.25, 0.5, 0.75)
     prune_fraction: float = 0.5
     warmup_steps: int = 200              # dense steps on all environments before θ0 is taken (late rewinding)
-    search_epochs: int = 1               # passes over an environment's clips per pruning round
+    epochs_per_round: int = 1            # passes over an environment's clips per pruning round (was search_epochs)
     retrain_epochs: int = 2
     per_ticket_state: bool = True        # RTL joint retraining: one Adam state per ticket, or one shared (False)
     # RTL retraining schedule: "sequential" (the paper: per batch index K single-ticket steps, joint_retrain)
     # or "mixed" (shuffled batches over all environments as single IMP's, each clip routed to its environment's
     # ticket, one step per batch, one Adam state: mixed_route_retrain; RTL and single IMP then differ in the masks;
     # per_ticket_state does not apply)
-    rtl_retrain: str = "sequential"
+    retrain_mode: str = "sequential"     # was rtl_retrain
     batch_size: int = 8
     lr: float = 3e-3
     baselines: tuple[str, ...] = ("dense", "single_imp", "multi_imp")
@@ -79,7 +87,7 @@ class SpeechConfig:
         return cls(**base)
 
     def validate(self) -> "SpeechConfig":
-        for name in ("train_per_env", "test_per_env", "search_epochs", "batch_size", "router_epochs",
+        for name in ("train_per_env", "test_per_env", "epochs_per_round", "batch_size", "router_epochs",
                      "train_utterances", "test_utterances", "babble_utterances", "n_fft", "hop_length"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -98,8 +106,8 @@ class SpeechConfig:
             raise SparsityError(f"sparsities must be increasing values in [0, 1), got {self.sparsities!r}")
         if not (0 < float(self.lr) < 1):
             raise DataError(f"lr must be in (0, 1), got {self.lr!r}")
-        if self.rtl_retrain not in ("sequential", "mixed"):
-            raise DataError(f"rtl_retrain must be 'sequential' or 'mixed', got {self.rtl_retrain!r}")
+        if self.retrain_mode not in ("sequential", "mixed"):
+            raise DataError(f"retrain_mode must be 'sequential' or 'mixed', got {self.retrain_mode!r}")
         if self.noise_split not in ("types", "instances"):
             raise DataError(f"noise_split must be 'types' or 'instances', got {self.noise_split!r}")
         if self.data_file is not None and not isinstance(self.data_file, (str, Path)):
@@ -165,8 +173,6 @@ def router_features(noisy: torch.Tensor) -> torch.Tensor:
 
 def make_train_step():
     """``step(model, (noisy, clean), optimizer) -> loss``: weighted SDR loss on waveforms ``[B, L]``."""
-    from rtl_plugin.integrations.audio import weighted_sdr_loss
-    from rtl_plugin.training.retrain import apply_loss
 
     def step(model, batch, optimizer):
         noisy, clean = batch[0], batch[1]
@@ -188,6 +194,258 @@ def _per_env(values: torch.Tensor, env: torch.Tensor, K: int) -> list[float]:
     return [round(float(values[env == k].mean()), 4) for k in range(K)]
 
 
+class SpeechTask(ComparisonTask):
+    """Speech enhancement's pieces of the comparison protocol: environment subsets, the audio U-Net from a warmed-up
+    θ0, the weighted SDR loss, SI-SNRi on every test set, and a learned router on the noisy spectrogram."""
+    name = "speech_enhancement"
+
+    def __init__(self, cfg: SpeechConfig, out_dir: Path):
+        self.cfg, self.out_dir = cfg, out_dir
+        self.dev = torch.device(cfg.device)
+        self.t_start = time.perf_counter()
+        self.train_step = make_train_step()
+        self.router, self.router_info, self.route_acc, self.features = None, None, {}, {}
+        self.enhanced_examples: dict[str, dict] = {}
+        self.wall = {"router": 0.0}
+        self._load_data()
+        self._warm_up()
+
+    def log(self, message: str) -> None:
+        if self.cfg.verbose:
+            print(message, flush=True)
+
+    # ---- data
+    def _load_data(self) -> None:
+        cfg = self.cfg
+        t = time.perf_counter()
+        self.data = data = _load_or_build(cfg)
+        self.wall["data"] = round(time.perf_counter() - t, 3)
+        self.envs = list(data.environments)
+        K = len(self.envs)
+        self.x_tr, self.c_tr, self.e_tr = data.train.tensors()
+        # test sets: synthetic speech x unseen noise, and (when installed) recorded speech x the same unseen noise
+        self.sets = {"synthetic": data.test.tensors()}
+        if data.real is not None and cfg.real_test_per_env > 0:
+            self.sets["real"] = data.real.tensors()
+        self.log(f"data: {len(self.x_tr)} train / {len(self.sets['synthetic'][0])} test clips of "
+                 f"{self.x_tr.shape[1] / 16000:.2f} s, environments {self.envs}, real-speech test clips: "
+                 f"{len(self.sets['real'][0]) if 'real' in self.sets else 'none (not installed)'} "
+                 f"({self.wall['data']:.1f}s)")
+        self.loaders = {k: self._loader((self.e_tr == k).nonzero().flatten(), k) for k in range(K)}
+        self.all_loader = self._loader(torch.arange(len(self.x_tr)), 999)
+        self.batches_per_ticket = max(len(dl) for dl in self.loaders.values())
+        self.budget = self.batches_per_ticket * K  # batches per retraining epoch, equal for every method
+        self.example = self.x_tr[:1].to(self.dev)
+        self.X = {n: v[0].to(self.dev) for n, v in self.sets.items()}
+        self.E = {n: v[2].to(self.dev) for n, v in self.sets.items()}
+
+    def _loader(self, idx, salt: int):
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + salt)
+        return DataLoader(TensorDataset(self.x_tr[idx], self.c_tr[idx]), batch_size=self.cfg.batch_size,
+                          shuffle=True, generator=g)
+
+    def ticket_loaders(self) -> dict:
+        return self.loaders
+
+    def multi_imp_loader(self, k: int):
+        return CyclicLoader(self.loaders[k], self.batches_per_ticket)
+
+    def mixed_retrain_loader(self):
+        """All training clips with their environment as the route, shuffled (a fresh generator per sparsity), cycled
+        for RTL's budget."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + 999)
+        return CyclicLoader(DataLoader(TensorDataset(self.x_tr, self.c_tr, self.e_tr), batch_size=self.cfg.batch_size,
+                                       shuffle=True, generator=g), self.budget)
+
+    # ---- models
+    def _fresh(self, seed: int) -> AudioUNet:
+        torch.manual_seed(seed)
+        return AudioUNet(n_fft=self.cfg.n_fft, hop_length=self.cfg.hop_length)
+
+    def _warm_up(self) -> None:
+        """θ0 shared by every method: the initialisation after a short dense warm-up on all environments
+        (rewinding to an early checkpoint θ_t, as in late-rewinding IMP; warmup_steps=0 gives the initialisation)."""
+        cfg, dev = self.cfg, self.dev
+        t = time.perf_counter()
+        warm = self._fresh(cfg.seed).to(dev)
+        if cfg.warmup_steps:
+            opt = torch.optim.Adam(warm.parameters(), lr=cfg.lr)
+            warm.train()
+            for noisy, clean in CyclicLoader(self.all_loader, cfg.warmup_steps):
+                self.train_step(warm, (noisy.to(dev), clean.to(dev)), opt)
+        self.theta_start = {k: v.detach().clone() for k, v in warm.state_dict().items()}
+        self.wall["warmup"] = time.perf_counter() - t
+
+    def build_routed(self, num_tickets: int):
+        model = self._fresh(self.cfg.seed)
+        model.load_state_dict(self.theta_start)
+        return wrap(model.to(self.dev), num_tickets, example_inputs=self.example, granularity="weight")
+
+    def after_search(self, routed, search) -> None:
+        self.log(f"ticket search: {len(search.history)} rounds")
+        if self.cfg.router:
+            self._fit_router()
+
+    def _fit_router(self) -> None:
+        """Learned router on the noisy spectrogram (label-free inference), trained on train clips only."""
+        cfg, K, envs = self.cfg, len(self.envs), self.envs
+        t = time.perf_counter()
+        f_tr = router_features(self.x_tr)
+        features = {n: router_features(v[0]) for n, v in self.sets.items()}
+        self.router = router = create_router("learned", num_tickets=K, epochs=cfg.router_epochs, weight_decay=1e-3)
+        router.fit(f_tr, self.e_tr, seed=cfg.seed)
+        for n, (_, _, e) in self.sets.items():
+            pred = router(features[n])
+            per_env = [round(float((pred[e == k] == k).float().mean()), 4) for k in range(K)]
+            self.route_acc[n] = {"routing_accuracy": round(float((pred == e).float().mean()), 4),
+                                 "per_env_routing_accuracy": dict(zip(envs, per_env))}
+        self.features = {n: f.to(self.dev) for n, f in features.items()}
+        router.to(self.dev)
+        self.wall["router"] = time.perf_counter() - t
+        acc = self.route_acc["synthetic"]["routing_accuracy"]
+        self.router_info = {
+            "name": "learned", "accuracy": acc, "per_env_accuracy": self.route_acc["synthetic"]["per_env_routing_accuracy"],
+            "accuracy_by_test_set": {n: v["routing_accuracy"] for n, v in self.route_acc.items()},
+            "per_env_accuracy_by_test_set": {n: v["per_env_routing_accuracy"] for n, v in self.route_acc.items()},
+            "flops_per_clip": int(router.flops_per_sample(tuple(self.features["synthetic"].shape[1:]))),
+            "features": "mean and std over time of the log power spectrum (n_fft 512), [2, 257]"}
+        self.log(f"router learned: accuracy {acc:.3f} on test clips with unseen noise"
+                 + (f", {self.route_acc['real']['routing_accuracy']:.3f} on real-speech clips"
+                    if "real" in self.route_acc else ""))
+
+    # ---- evaluation
+    def _score(self, method: str, routing: str, sparsity: float, enhance, extra_by_set=None) -> Evaluation:
+        """Score ``enhance(test_set_name) -> enhanced [N, L]`` on every test set; keeps the enhanced clips of the
+        middle sparsity for the figures."""
+        by_set, outs = {}, {}
+        for name, (x, c, e) in self.sets.items():
+            enhanced = enhance(name)
+            imp = si_snr_improvement(x, enhanced, c)
+            if not torch.isfinite(imp).all():
+                raise DataError(f"{method} produced non-finite SI-SNRi; lower the learning rate")
+            per = _per_env(imp, e, len(self.envs))
+            by_set[name] = Evaluation(routing, {"si_snri": round(float(np.mean(per)), 4)},
+                                      {"test_set": name, "per_env_si_snri": dict(zip(self.envs, per)),
+                                       **(extra_by_set or {}).get(name, {})})
+            self.log(f"{method:<11s} {routing:<8s} sparsity {sparsity:.2f} [{name:<9s}]: SI-SNRi "
+                     f"{by_set[name].metrics['si_snri']:+.2f} dB "
+                     f"({', '.join(f'{e} {v:+.2f}' for e, v in zip(self.envs, per))})")
+            outs[name] = enhanced
+        if routing != "learned" and method in ("rtl", "single_imp") and \
+                sparsity == self.cfg.sparsities[len(self.cfg.sparsities) // 2]:
+            self.enhanced_examples[method] = outs
+        main = by_set.pop("synthetic")
+        return Evaluation(main.routing, main.metrics, main.extras, by_set)
+
+    def evaluate_rtl(self, routed, tickets, sparsity: float) -> list[Evaluation]:
+        X, E = self.X, self.E
+        out = [self._score("rtl", "context", sparsity,
+                           lambda n: _enhance(lambda xb, eb: routed(xb, route=eb), X[n], E[n]))]
+        if self.router is not None:
+            router = self.router
+            out.append(self._score("rtl", "learned", sparsity,
+                                   lambda n: _enhance(lambda xb, fb: routed(xb, route=router(fb)), X[n],
+                                                      self.features[n]),
+                                   extra_by_set={n: {"routing_accuracy": v["routing_accuracy"]}
+                                                 for n, v in self.route_acc.items()}))
+        return out
+
+    def train_dense(self) -> Evaluation:
+        cfg = self.cfg
+        r0 = self.build_routed(1)
+        joint_retrain(r0, {0: CyclicLoader(self.all_loader, self.budget)},
+                      optimizer=torch.optim.Adam(r0.parameters(), lr=cfg.lr), epochs=cfg.retrain_epochs,
+                      train_step=self.train_step, device=self.dev, progress=cfg.progress)
+        r0.eval()
+        return self._score("dense", "none", 0.0, lambda n: _enhance(lambda xb, _: r0(xb, route=0), self.X[n]))
+
+    def single_imp_setup(self, method: str) -> SingleImpSetup:
+        """One mask over all environments, shuffled batches, same presentations (per round one pass over all)."""
+        search_len = sum(len(dl) for dl in self.loaders.values())
+        return SingleImpSetup(self.build_routed(1), self.all_loader, search_len, self.budget, self.train_step)
+
+    def evaluate_single(self, routed, method: str, tickets, sparsity: float) -> Evaluation:
+        return self._score(method, "none", sparsity, lambda n: _enhance(lambda xb, _: routed(xb, route=0), self.X[n]))
+
+    def multi_imp_output(self, model, k: int) -> dict:
+        """Model k's enhanced clips of environment k, per test set: ``{name: (indices, enhanced)}``."""
+        out = {}
+        for n, (_, _, e) in self.sets.items():
+            sel = (e == k).nonzero().flatten()
+            out[n] = (sel, _enhance(lambda xb, _: model(xb, route=0), self.X[n][sel.to(self.dev)]) if len(sel) else None)
+        return out
+
+    def evaluate_multi(self, outputs: list, sparsity: float) -> Evaluation:
+        enhanced = {}
+        for n, (x, _, _) in self.sets.items():
+            enhanced[n] = torch.zeros_like(x)
+            for per_set in outputs:
+                sel, part = per_set[n]
+                if part is not None:
+                    enhanced[n][sel] = part
+        return self._score("multi_imp", "context", sparsity, lambda n: enhanced[n])
+
+    def describe(self, results: dict) -> dict:
+        cfg, data, envs, K = self.cfg, self.data, self.envs, len(self.envs)
+        return {
+            "task": "speech_enhancement", "dataset": SPEECH_DATASET,
+            "model": f"audio:unet(n_fft={cfg.n_fft},hop={cfg.hop_length})", "granularity": "weight",
+            "seed": cfg.seed, "ticket_names": envs, "rows_real": results.get("rows_real", []),
+            "router": self.router_info,
+            "test_sets": {n: {"clips": int(len(v[0])),
+                              "speech": ("synthetic (espeak-ng/flite, held-out sentences)" if n == "synthetic" else
+                                         "recorded: " + ", ".join(data.config.real_corpora) + " (resampled to 16 kHz)"),
+                              "noise": "the environment's TEST noise sources (unseen in training)"}
+                          for n, v in self.sets.items()},
+            **{key: _input_si_snr(self.sets[n], envs) if n in self.sets else None
+               for key, n in (("input_si_snr_db", "synthetic"), ("input_si_snr_db_real", "real"))},
+            "noise_sources": {e: {"train": sorted(set(data.train.source[data.train.env == k].tolist())),
+                                  "test": sorted(set(data.test.source[data.test.env == k].tolist()))}
+                              for k, e in enumerate(envs)},
+            "real_speech_files": None if data.real is None else sorted(set(data.real.speech.tolist())),
+            "sample_presentations_per_retrain_epoch": self.budget * cfg.batch_size,
+            "targets": targets(results["rows"]),
+            "targets_real": targets(results["rows_real"]) if "real" in self.sets else None,
+            "wall_time_s": {k: round(v, 3) for k, v in self.wall.items()},
+            "total_time_s": round(time.perf_counter() - self.t_start, 3), "config": _jsonable(asdict(cfg)),
+            "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                        "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}}
+
+    def plot(self, results: dict, out_dir: Path) -> list[str] | None:
+        if not self.cfg.figures:
+            return None
+        x_te, c_te, e_te = self.sets["synthetic"]
+        examples = self.enhanced_examples
+        figures = plot_speech(results, out_dir, x_te, c_te, e_te, {m: v["synthetic"] for m, v in examples.items()},
+                              self.envs, self.cfg)
+        if "real" in self.sets:
+            figures.append(plot_speech(results, out_dir, *self.sets["real"], {m: v["real"] for m, v in examples.items()},
+                                       self.envs, self.cfg, name="spectrograms_real_speech.png")[0])
+        return figures
+
+
+SPEECH_DATASET = ("offline-noisy-speech (espeak-ng/flite speech; sox-synthesised + sonic-pi noise; "
+                  "recorded asterisk/codec2/pocketsphinx speech as a held-out test set)")
+
+
+def _input_si_snr(test_set, envs) -> dict:
+    """SI-SNR (dB) of the noisy input clips of one test set, mean and per environment."""
+    from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio as si_snr
+    x, c, e = test_set
+    values = si_snr(x, c)
+    return {"mean": round(float(values.mean()), 4), "per_env": dict(zip(envs, _per_env(values, e, len(envs))))}
+
+
+def comparison_config(cfg: SpeechConfig) -> ComparisonConfig:
+    """The protocol's settings of a speech run (no equal-storage rows: every ticket is as sparse as single IMP)."""
+    baselines = tuple(m for m in ("dense", "single_imp", "multi_imp") if m in cfg.baselines)
+    return ComparisonConfig(sparsities=tuple(cfg.sparsities), methods=("rtl", *baselines),
+                            prune_fraction=cfg.prune_fraction, epochs_per_round=cfg.epochs_per_round,
+                            retrain_epochs=cfg.retrain_epochs, lr=cfg.lr, per_ticket_state=cfg.per_ticket_state,
+                            retrain_mode=cfg.retrain_mode, equal_storage=False, device=torch.device(cfg.device),
+                            progress=cfg.progress)
+
+
 def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-runs/speech") -> dict:
     """Run RTL against single / multi-model IMP on environment-routed speech enhancement.
 
@@ -195,295 +453,37 @@ def run_speech(config: SpeechConfig | None = None, out_dir: str | Path = "rtl-ru
     ``{method, routing, sparsity, params, matching, metrics: {si_snri}, per_env_si_snri}`` (SI-SNRi in dB,
     mean over environments of the per-clip improvement), the router's accuracy, wall times, figures.
     """
-    from rtl_plugin import wrap
-    from rtl_plugin.comparison.baselines import CyclicLoader
-    from rtl_plugin.integrations.audio import AudioUNet, si_snr_improvement
-    from rtl_plugin.pruning.pruner import RTLPruner
-    from rtl_plugin.training.retrain import joint_retrain, retrain_tickets
-    from torch.utils.data import DataLoader, TensorDataset
-
     cfg = (config if config is not None else SpeechConfig())
     if not isinstance(cfg, SpeechConfig):
         raise DataError(f"config must be a SpeechConfig, got {type(cfg).__name__}")
     cfg = cfg.validate()
-    t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(cfg.device)
-    log = (lambda m: print(m, flush=True)) if cfg.verbose else (lambda m: None)
-
-    t = time.perf_counter()
-    data = _load_or_build(cfg)
-    t_data = time.perf_counter() - t
-    envs = list(data.environments)
-    K = len(envs)
-    x_tr, c_tr, e_tr = data.train.tensors()
-    x_te, c_te, e_te = data.test.tensors()
-    L = x_tr.shape[1]
-    # test sets: synthetic speech x unseen noise, and (when installed) recorded speech x the same unseen noise
-    sets = {"synthetic": (x_te, c_te, e_te)}
-    if data.real is not None and cfg.real_test_per_env > 0:
-        sets["real"] = data.real.tensors()
-    log(f"data: {len(x_tr)} train / {len(x_te)} test clips of {L / 16000:.2f} s, environments {envs}, "
-        f"real-speech test clips: {len(sets['real'][0]) if 'real' in sets else 'none (not installed)'} "
-        f"({t_data:.1f}s)")
-
-    def loader(idx, salt):
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + salt)
-        return DataLoader(TensorDataset(x_tr[idx], c_tr[idx]), batch_size=cfg.batch_size, shuffle=True, generator=g)
-
-    loaders = {k: loader((e_tr == k).nonzero().flatten(), k) for k in range(K)}
-    all_loader = loader(torch.arange(len(x_tr)), 999)
-
-    def mixed_loader():
-        """All training clips with their environment as the route, shuffled (a fresh generator per sparsity)."""
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + 999)
-        return DataLoader(TensorDataset(x_tr, c_tr, e_tr), batch_size=cfg.batch_size, shuffle=True, generator=g)
-    M = max(len(dl) for dl in loaders.values())
-    budget = M * K  # sample presentations (batches) per retraining epoch, equal for every method
-    step = make_train_step()
-
-    def fresh(seed: int) -> AudioUNet:
-        torch.manual_seed(seed)
-        return AudioUNet(n_fft=cfg.n_fft, hop_length=cfg.hop_length)
-
-    # ---- θ0 shared by every method: the initialisation after a short dense warm-up on all environments
-    # (rewinding to an early checkpoint θ_t, as in late-rewinding IMP; warmup_steps=0 gives the initialisation)
-    t = time.perf_counter()
-    warm = fresh(cfg.seed).to(dev)
-    if cfg.warmup_steps:
-        opt = torch.optim.Adam(warm.parameters(), lr=cfg.lr)
-        warm.train()
-        for noisy, clean in CyclicLoader(all_loader, cfg.warmup_steps):
-            step(warm, (noisy.to(dev), clean.to(dev)), opt)
-    theta_start = {k: v.detach().clone() for k, v in warm.state_dict().items()}
-    wall_warmup = time.perf_counter() - t
-    del warm
-
-    def make(seed: int) -> AudioUNet:
-        m = fresh(seed)
-        m.load_state_dict(theta_start)
-        return m
-
-    def opt_factory(params):
-        return torch.optim.Adam(params, lr=cfg.lr)
-
-    example = x_tr[:1].to(dev)
-    X = {n: v[0].to(dev) for n, v in sets.items()}
-    E = {n: v[2].to(dev) for n, v in sets.items()}
-    from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio as si_snr
-    input_si_snr = {n: si_snr(v[0], v[1]) for n, v in sets.items()}  # dB, per clip
-    rows_by: dict[str, list[dict]] = {n: [] for n in sets}
-    rows = rows_by["synthetic"]
-    wall = {"data": round(t_data, 3), "warmup": wall_warmup, "ticket_search": 0.0, "joint_retrain": 0.0, "single_imp": 0.0,
-            "multi_imp": 0.0, "dense": 0.0, "router": 0.0}
-    enhanced_examples: dict[str, dict] = {}
-
-    def row(method, routing, sparsity, params, enhance, extra_by_set=None, **extra):
-        """Score ``enhance(test_set_name) -> enhanced [N, L]`` on every test set; {test set: enhanced}."""
-        outs = {}
-        for name, (x, c, e) in sets.items():
-            enhanced = enhance(name)
-            imp = si_snr_improvement(x, enhanced, c)
-            if not torch.isfinite(imp).all():
-                raise DataError(f"{method} produced non-finite SI-SNRi; lower the learning rate")
-            per = _per_env(imp, e, K)
-            r = {"method": method, "routing": routing, "sparsity": sparsity, "params": int(params),
-                 "matching": "equal_cost", "test_set": name, "metrics": {"si_snri": round(float(np.mean(per)), 4)},
-                 "per_env_si_snri": dict(zip(envs, per))}
-            r.update(extra)
-            r.update((extra_by_set or {}).get(name, {}))
-            rows_by[name].append(r)
-            log(f"{method:<11s} {routing:<8s} sparsity {sparsity:.2f} [{name:<9s}]: SI-SNRi "
-                f"{r['metrics']['si_snri']:+.2f} dB ({', '.join(f'{e} {v:+.2f}' for e, v in zip(envs, per))})")
-            outs[name] = enhanced
-        return outs
-
-    # ---- RTL ticket search (per-environment IMP from θ0)
-    routed = wrap(make(cfg.seed).to(dev), K, example_inputs=example, granularity="weight")
-    theta0 = copy.deepcopy(routed.model.state_dict())
-    n_total = routed.space.num_weights
-    pruner = RTLPruner(routed, target_sparsity=list(cfg.sparsities), prune_fraction=cfg.prune_fraction,
-                       progress=cfg.progress)
-    t = time.perf_counter()
-    search = pruner.find_tickets(loaders, train_step=step, epochs_per_round=cfg.search_epochs,
-                                 optimizer_factory=opt_factory, device=dev)
-    wall["ticket_search"] = time.perf_counter() - t
-    log(f"ticket search: {len(search.history)} rounds in {wall['ticket_search']:.1f}s")
-
-    # ---- learned router on the noisy spectrogram (label-free inference), trained on train clips only
-    router_info = None
-    F: dict[str, torch.Tensor] = {}
-    route_acc: dict[str, dict] = {}
-    if cfg.router:
-        from rtl_plugin.routing.routers import create_router
-        t = time.perf_counter()
-        f_tr = router_features(x_tr)
-        F = {n: router_features(v[0]) for n, v in sets.items()}
-        router = create_router("learned", num_tickets=K, epochs=cfg.router_epochs, weight_decay=1e-3)
-        router.fit(f_tr, e_tr, seed=cfg.seed)
-        for n, (_, _, e) in sets.items():
-            pred = router(F[n])
-            route_acc[n] = {"routing_accuracy": round(float((pred == e).float().mean()), 4),
-                            "per_env_routing_accuracy": dict(zip(envs, [round(float((pred[e == k] == k).float().mean()), 4)
-                                                                        for k in range(K)]))}
-        F = {n: f.to(dev) for n, f in F.items()}
-        router.to(dev)
-        wall["router"] = time.perf_counter() - t
-        acc = route_acc["synthetic"]["routing_accuracy"]
-        router_info = {"name": "learned", "accuracy": acc,
-                       "per_env_accuracy": route_acc["synthetic"]["per_env_routing_accuracy"],
-                       "accuracy_by_test_set": {n: v["routing_accuracy"] for n, v in route_acc.items()},
-                       "per_env_accuracy_by_test_set": {n: v["per_env_routing_accuracy"] for n, v in route_acc.items()},
-                       "flops_per_clip": int(router.flops_per_sample(tuple(F["synthetic"].shape[1:]))),
-                       "features": "mean and std over time of the log power spectrum (n_fft 512), [2, 257]"}
-        log(f"router learned: accuracy {acc:.3f} on test clips with unseen noise"
-            + (f", {route_acc['real']['routing_accuracy']:.3f} on real-speech clips" if "real" in route_acc else ""))
-
-    # ---- RTL joint retraining per target sparsity
-    sim = []
-    mid = cfg.sparsities[len(cfg.sparsities) // 2]
-    for s in cfg.sparsities:
-        tickets = search.tickets_at[s]
-        if cfg.rtl_retrain == "mixed":
-            retrain_data, extra = CyclicLoader(mixed_loader(), budget), {}
-        else:
-            retrain_data, extra = loaders, {"per_ticket_state": cfg.per_ticket_state}
-        wall["joint_retrain"] += retrain_tickets(routed, theta0, tickets, retrain_data, lr=cfg.lr, epochs=cfg.retrain_epochs,
-                                                 schedule=cfg.rtl_retrain, train_step=step, device=dev,
-                                                 progress=cfg.progress, **extra)
-        from rtl_plugin.diagnostics.similarity import mean_offdiagonal
-        sim.append({"sparsity": s, "mean_jaccard": round(mean_offdiagonal(tickets.jaccard()), 6),
-                    "union": int(tickets.union_count())})
-        enh = row("rtl", "context", s, tickets.union_count(),
-                  lambda n: _enhance(lambda xb, eb: routed(xb, route=eb), X[n], E[n]),
-                  per_ticket_params=[int(v) for v in tickets.kept()])
-        if s == mid:
-            enhanced_examples["rtl"] = enh
-        if router_info is not None:
-            row("rtl", "learned", s, tickets.union_count(),
-                lambda n: _enhance(lambda xb, fb: routed(xb, route=router(fb)), X[n], F[n]),
-                extra_by_set={n: {"routing_accuracy": v["routing_accuracy"]} for n, v in route_acc.items()})
-        routed.train()
-
-    # ---- dense reference
-    if "dense" in cfg.baselines:
-        t = time.perf_counter()
-        r0 = wrap(make(cfg.seed).to(dev), 1, example_inputs=example)
-        joint_retrain(r0, {0: CyclicLoader(all_loader, budget)}, optimizer=torch.optim.Adam(r0.parameters(), lr=cfg.lr),
-                      epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
-        r0.eval()
-        row("dense", "none", 0.0, n_total, lambda n: _enhance(lambda xb, _: r0(xb, route=0), X[n]))
-        wall["dense"] = time.perf_counter() - t
-
-    # ---- single-mask IMP: one mask over all environments, shuffled batches, same presentations
-    if "single_imp" in cfg.baselines:
-        t = time.perf_counter()
-        r1 = wrap(make(cfg.seed).to(dev), 1, example_inputs=example)
-        theta1 = copy.deepcopy(r1.model.state_dict())
-        p1 = RTLPruner(r1, target_sparsity=list(cfg.sparsities), prune_fraction=cfg.prune_fraction,
-                       progress=cfg.progress)
-        search_len = sum(len(dl) for dl in loaders.values())  # per round one pass over all environments
-        res1 = p1.find_tickets({0: CyclicLoader(all_loader, search_len)}, train_step=step,
-                               epochs_per_round=cfg.search_epochs, optimizer_factory=opt_factory, device=dev)
-        for s in cfg.sparsities:
-            retrain_tickets(r1, theta1, res1.tickets_at[s], {0: CyclicLoader(all_loader, budget)}, lr=cfg.lr,
-                            epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=cfg.progress)
-            enh = row("single_imp", "none", s, int(res1.tickets_at[s].kept()[0]),
-                      lambda n: _enhance(lambda xb, _: r1(xb, route=0), X[n]))
-            if s == mid:
-                enhanced_examples["single_imp"] = enh
-            r1.train()
-        wall["single_imp"] = time.perf_counter() - t
-
-    # ---- multi-model IMP: K independent models; per-environment IMP from the same θ0 gives exactly the masks
-    # of RTL's ticket search (each round rewinds to θ0), so they are reused; each model retrains alone.
-    if "multi_imp" in cfg.baselines:
-        from rtl_plugin.tasks.classification.runner import _single_ticket
-        t = time.perf_counter()
-        for s in cfg.sparsities:
-            tickets = search.tickets_at[s]
-            models = []
-            for k in range(K):
-                mk = wrap(make(cfg.seed).to(dev), 1, example_inputs=example)
-                mk.set_tickets(_single_ticket(mk.space, tickets, k))
-                joint_retrain(mk, {0: CyclicLoader(loaders[k], M)}, optimizer=torch.optim.Adam(mk.parameters(), lr=cfg.lr),
-                              epochs=cfg.retrain_epochs, train_step=step, device=dev, progress=False)
-                mk.eval()
-                models.append(mk)
-
-            def multi(n, models=models):
-                enh = torch.zeros_like(sets[n][0])
-                for k, mk in enumerate(models):
-                    sel = (sets[n][2] == k).nonzero().flatten()
-                    if len(sel):
-                        enh[sel] = _enhance(lambda xb, _: mk(xb, route=0), X[n][sel.to(dev)])
-                return enh
-            row("multi_imp", "context", s, int(tickets.kept().sum()), multi)
-            del models
-        wall["multi_imp"] = time.perf_counter() - t + wall["ticket_search"]
-
-    results = {
-        "task": "speech_enhancement", "dataset": "offline-noisy-speech (espeak-ng/flite speech; sox-synthesised + sonic-pi noise; "
-                   "recorded asterisk/codec2/pocketsphinx speech as a held-out test set)",
-        "model": f"audio:unet(n_fft={cfg.n_fft},hop={cfg.hop_length})", "granularity": "weight",
-        "num_tickets": K, "seed": cfg.seed, "device": str(dev), "ticket_names": envs, "prunable_weights": n_total,
-        "rows": rows, "rows_real": rows_by.get("real", []), "similarity": sim, "router": router_info,
-        "test_sets": {n: {"clips": int(len(v[0])),
-                          "speech": ("synthetic (espeak-ng/flite, held-out sentences)" if n == "synthetic" else
-                                     "recorded: " + ", ".join(data.config.real_corpora) + " (resampled to 16 kHz)"),
-                          "noise": "the environment's TEST noise sources (unseen in training)"} for n, v in sets.items()},
-        "input_si_snr_db": {"mean": round(float(input_si_snr["synthetic"].mean()), 4),
-                            "per_env": dict(zip(envs, _per_env(input_si_snr["synthetic"], e_te, K)))},
-        "input_si_snr_db_real": None if "real" not in sets else {
-            "mean": round(float(input_si_snr["real"].mean()), 4),
-            "per_env": dict(zip(envs, _per_env(input_si_snr["real"], sets["real"][2], K)))},
-        "noise_sources": {e: {"train": sorted(set(data.train.source[data.train.env == k].tolist())),
-                              "test": sorted(set(data.test.source[data.test.env == k].tolist()))}
-                          for k, e in enumerate(envs)},
-        "real_speech_files": None if data.real is None else sorted(set(data.real.speech.tolist())),
-        "sample_presentations_per_retrain_epoch": budget * cfg.batch_size,
-        "targets": targets(rows),
-        "targets_real": targets(rows_by["real"]) if "real" in rows_by else None,
-        "wall_time_s": {k: round(v, 3) for k, v in wall.items()},
-        "total_time_s": None,
-        "config": _jsonable(asdict(cfg)),
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
-    }
-    if cfg.figures:
-        try:
-            results["figures"] = plot_speech(results, out_dir, x_te, c_te, e_te,
-                                             {m: v["synthetic"] for m, v in enhanced_examples.items()}, envs, cfg)
-            if "real" in sets:
-                results["figures"].append(plot_speech(
-                    results, out_dir, *sets["real"], {m: v["real"] for m, v in enhanced_examples.items()}, envs, cfg,
-                    name="spectrograms_real_speech.png")[0])
-        except ImportError as e:  # matplotlib missing: results stay valid without figures
-            log(f"figures skipped ({e}); pip install 'rtl-plugin[plots]'")
-    results["total_time_s"] = round(time.perf_counter() - t_start, 3)
-    from rtl_plugin.persist.io import atomic_write_json
-    atomic_write_json(out_dir / "results.json", results)
-    return results
+    return compare(SpeechTask(cfg, out_dir), comparison_config(cfg), out_dir)
 
 
 def targets(rows: list[dict]) -> dict:
     """The issue's targets checked on the rows: RTL (context) mean SI-SNRi >= single IMP at every sparsity and
     >= multi-model IMP; learned routing within 0.2 dB of oracle (context) routing. Missing methods give None."""
-    def get(method, routing):
-        return {r["sparsity"]: r["metrics"]["si_snri"] for r in rows if r["method"] == method and r["routing"] == routing}
-    rtl, single, multi, learned = get("rtl", "context"), get("single_imp", "none"), get("multi_imp", "context"), get("rtl", "learned")
-
-    def cmp(other, fn):
-        if not other or not rtl:
-            return None
-        return {"met": all(fn(rtl[s], other[s]) for s in rtl if s in other),
-                "margin_db": {str(s): round(rtl[s] - other[s], 4) for s in rtl if s in other}}
-    out = {"rtl_ge_single_imp": cmp(single, lambda a, b: a >= b), "rtl_ge_multi_imp": cmp(multi, lambda a, b: a >= b)}
+    rtl, single = _si_snri_by_sparsity(rows, "rtl", "context"), _si_snri_by_sparsity(rows, "single_imp", "none")
+    multi, learned = _si_snri_by_sparsity(rows, "multi_imp", "context"), _si_snri_by_sparsity(rows, "rtl", "learned")
+    out = {"rtl_ge_single_imp": _rtl_at_least(rtl, single), "rtl_ge_multi_imp": _rtl_at_least(rtl, multi)}
     out["router_within_0.2db_of_oracle"] = None if not learned else {
         "met": all(rtl[s] - learned[s] <= 0.2 for s in learned),
         "gap_db": {str(s): round(rtl[s] - learned[s], 4) for s in learned}}
     return out
+
+
+def _si_snri_by_sparsity(rows: list[dict], method: str, routing: str) -> dict[float, float]:
+    return {r["sparsity"]: r["metrics"]["si_snri"] for r in rows if r["method"] == method and r["routing"] == routing}
+
+
+def _rtl_at_least(rtl: dict, other: dict) -> dict | None:
+    """Whether RTL's SI-SNRi is >= ``other``'s at every shared sparsity, with the margins (None: nothing to compare)."""
+    if not other or not rtl:
+        return None
+    return {"met": all(rtl[s] >= other[s] for s in rtl if s in other),
+            "margin_db": {str(s): round(rtl[s] - other[s], 4) for s in rtl if s in other}}
 
 
 def plot_speech(results, out_dir, x_te, c_te, e_te, enhanced, envs, cfg, name: str = "spectrograms.png") -> list[str]:
