@@ -68,10 +68,10 @@ def run_seed(cfg: dict, seed: int) -> dict:
     probe = xte[torch.randperm(len(xte), generator=g)[:cfg["probe"]]]
     rec = SweepRecorder(probe=probe, predict=lambda out, k: (out[:, k] > 0).long(),
                         metric=lambda m, k: detector_balanced_accuracy(m, k, xte, yte))
-    pruner = RTLPruner(routed, target_sparsity=cfg["sparsities"], prune_fraction=cfg["prune_fraction"],
+    pruner = RTLPruner(routed, sparsities=cfg["sparsities"], prune_fraction=cfg["prune_fraction"],
                        order="round", callbacks=[rec], progress=cfg["progress"])
-    opt = lambda p: torch.optim.Adam(p, lr=cfg["lr"])  # noqa: E731
-    search = pruner.find_tickets(loaders, train_step=detector_train_step(), optimizer_factory=opt,
+    opt = torch.optim.Adam(routed.parameters(), lr=cfg["lr"])  # cloned per ticket and round
+    search = pruner.find_tickets(loaders, train_step=detector_train_step(), optimizer=opt,
                                  epochs_per_round=cfg["epochs_per_round"])
     t_search = time.perf_counter() - t0
     log(f"seed {seed}: search {len(rec.sweep.points) - 1} rounds in {t_search:.1f}s")

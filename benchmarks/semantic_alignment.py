@@ -47,8 +47,8 @@ def main(argv=None) -> dict:
         xtr, ytr, _, _ = load_data(a.train_per_class, 1, seed)
         routed = rtl.wrap(model_factory("cnn")(seed), K, example_inputs=xtr[:1])
         loaders = one_vs_rest_loaders(xtr, ytr, num_classes=K, batch_size=a.batch_size, seed=seed)
-        search = rtl.RTLPruner(routed, target_sparsity=sps, prune_fraction=a.prune_fraction, progress=False).find_tickets(
-            loaders, train_step=detector_train_step(), optimizer_factory=lambda ps: torch.optim.Adam(ps, lr=a.lr))
+        search = rtl.RTLPruner(routed, sparsities=sps, prune_fraction=a.prune_fraction, progress=False).find_tickets(
+            loaders, train_step=detector_train_step(), optimizer=torch.optim.Adam(routed.parameters(), lr=a.lr))
         per = {}
         for s in sps:
             per[str(s)] = semantic_alignment(search.tickets_at[s], S)

@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch initialises 
 
 import torch  # noqa: E402
 
-from rtl_plugin.tasks.renamed import add_deprecated_flag  # noqa: E402
+from rtl_plugin._deprecated import add_deprecated_flag  # noqa: E402
 from rtl_plugin.tasks.speech.runner import SpeechConfig, format_speech_table, run_speech  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -416,7 +416,7 @@ def bench_search(a, dev, out: dict) -> None:
         torch.manual_seed(0)
         r = rtl.wrap(make_model(a.model, a.classes), num, example_inputs=torch.randn(1, *shape),
                      granularity="weight").to(dev)
-        p = RTLPruner(r, target_sparsity=targets, prune_fraction=a.prune_fraction, progress=False)
+        p = RTLPruner(r, sparsities=targets, prune_fraction=a.prune_fraction, progress=False)
         acc = timed_pruner(p)
         with Clock(dev) as c:
             res = p.find_tickets(subsets, epochs_per_round=1, device=dev)

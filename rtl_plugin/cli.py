@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from rtl_plugin._deprecated import add_deprecated_flag
 from rtl_plugin.diagnostics.report import diagnose_run
 from rtl_plugin.errors import RTLError
 from rtl_plugin.persist.io import load
@@ -51,7 +52,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--prune-count", type=int, default=None)
     p.add_argument("--scope", default="global", choices=["global", "layer"],
                    help="weight ranking: one global magnitude ranking (paper) or per layer")
-    p.add_argument("--search-epochs", type=int, default=1, help="epochs per pruning round")
+    p.add_argument("--epochs-per-round", type=int, default=1, help="training epochs per pruning round")
+    add_deprecated_flag(p, "--search-epochs", "--epochs-per-round", type=int)
     p.add_argument("--retrain-epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -75,7 +77,7 @@ def _run(args, *, demo: bool, _replica: bool = False) -> int:
         kw.update(model=args.model, domains=tuple(d for d in args.domains.split(",") if d), partition=args.partition,
                   num_clusters=args.clusters, granularity=args.granularity, sparsities=args.sparsities,
                   schedule=args.schedule, prune_fraction=args.prune_fraction, prune_count=args.prune_count, scope=args.scope,
-                  search_epochs=args.search_epochs, retrain_epochs=args.retrain_epochs, batch_size=args.batch_size,
+                  epochs_per_round=args.epochs_per_round, retrain_epochs=args.retrain_epochs, batch_size=args.batch_size,
                   lr=args.lr, image_size=args.image_size, max_per_domain=args.max_per_domain or None,
                   baselines=tuple(b for b in args.baselines.split(",") if b),
                   routers=tuple(r for r in args.routers.split(",") if r), shared_norm=args.shared_norm,

@@ -54,3 +54,7 @@ class DistributedError(RTLError, RuntimeError):
 
 class OptimizerError(RTLError, TypeError):
     """An ``optimizer=`` argument that is not an optimizer over the routed model's parameters."""
+
+
+class TaskHookError(RTLError, TypeError):
+    """A comparison task lacks a hook that one of its requested methods needs."""

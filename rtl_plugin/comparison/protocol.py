@@ -31,7 +31,7 @@ import torch
 
 from rtl_plugin.comparison.baselines import CyclicLoader
 from rtl_plugin.diagnostics.similarity import chance_matrix, mean_offdiagonal
-from rtl_plugin.errors import DataError, RTLError, SparsityError
+from rtl_plugin.errors import DataError, SparsityError, TaskHookError
 from rtl_plugin.persist.io import atomic_write_json
 from rtl_plugin.pruning.pruner import RTLPruner, validate_sparsities
 from rtl_plugin.tickets import TicketSet
@@ -39,10 +39,6 @@ from rtl_plugin.training.retrain import joint_retrain, retrain_tickets
 
 SINGLE_METHODS = ("single_imp", "single_imp_balanced", "single_imp_context")
 METHODS = ("rtl", "dense", *SINGLE_METHODS, "multi_imp")
-
-
-class TaskHookError(RTLError, TypeError):
-    """A comparison task lacks a hook that one of its requested methods needs."""
 
 
 def check_lr_and_sparsities(lr, sparsities, *, why_above_zero: str) -> list[float]:
@@ -258,12 +254,13 @@ class _Run:
         self.rows.append(row)
         return row
 
-    def optimizer_factory(self, params):
-        return torch.optim.Adam(params, lr=self.config.lr)
+    def optimizer(self, routed) -> torch.optim.Optimizer:
+        """The search optimizer's template (its configuration is cloned per ticket and round)."""
+        return torch.optim.Adam([p for p in routed.parameters() if p.requires_grad], lr=self.config.lr)
 
     def pruner(self, routed, targets, **options) -> RTLPruner:
         c = self.config
-        return RTLPruner(routed, target_sparsity=targets, schedule=c.schedule, prune_fraction=c.prune_fraction,
+        return RTLPruner(routed, sparsities=targets, schedule=c.schedule, prune_fraction=c.prune_fraction,
                          prune_count=c.prune_count, progress=c.progress, scope=c.scope, **options)
 
     def tick(self, key: str, since: float) -> None:
@@ -279,7 +276,7 @@ def search_tickets(run: _Run) -> None:
     pruner = run.pruner(run.routed, c.sparsities, **task.search_options(run.routed))
     t = time.perf_counter()
     run.search = pruner.find_tickets(run.loaders, train_step=task.train_step, epochs_per_round=c.epochs_per_round,
-                                     optimizer_factory=run.optimizer_factory, device=c.device)
+                                     optimizer=run.optimizer(run.routed), device=c.device)
     run.tick("ticket_search", t)
     task.after_search(run.routed, run.search)
     run.union_sparsities = {s: round(1 - run.search.tickets_at[s].union_count() / run.num_weights, 6)
@@ -303,7 +300,7 @@ def run_rtl(run: _Run, out_dir: Path | None) -> None:
         else:
             data, extra = task.retrain_loaders(s), {"per_ticket_state": c.per_ticket_state}
         run.wall["joint_retrain"] += retrain_tickets(
-            routed, run.theta0, tickets, data, lr=c.lr, epochs=c.retrain_epochs, schedule=c.retrain_mode,
+            routed, run.theta0, tickets, data, lr=c.lr, epochs=c.retrain_epochs, retrain_mode=c.retrain_mode,
             train_step=task.train_step, device=c.device, progress=c.progress, **extra)
         run.similarity.append({**ticket_similarity(tickets, s), **task.similarity_extras(tickets)})
         union = tickets.union_count()
@@ -343,7 +340,7 @@ def run_single(run: _Run, method: str) -> None:
     theta = copy.deepcopy(setup.routed.model.state_dict())
     result = run.pruner(setup.routed, targets).find_tickets(
         {0: CyclicLoader(setup.loader, setup.search_batches)}, train_step=setup.train_step,
-        epochs_per_round=c.epochs_per_round, optimizer_factory=run.optimizer_factory, device=c.device)
+        epochs_per_round=c.epochs_per_round, optimizer=run.optimizer(setup.routed), device=c.device)
     task.after_single_search(method, result)
     for s1 in targets:
         tickets = result.tickets_at[s1]

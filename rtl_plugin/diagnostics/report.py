@@ -46,6 +46,12 @@ def _retrained(results: dict | None, metric: str) -> list[dict]:
                    if metric in r.get("metrics", {})), key=lambda d: d["sparsity"])
 
 
+def _inside(path, run) -> str:
+    """``path`` relative to the run folder when it lies inside it (the folder can then be moved)."""
+    path, run = Path(path).resolve(), Path(run).resolve()
+    return path.relative_to(run).as_posix() if path.is_relative_to(run) else str(path)
+
+
 def diagnose_run(run_dir, *, out_dir=None, class_similarity=None, wordnet: bool = False, metric: str = "balanced_accuracy",
                  monitor=None, figures: bool = True) -> dict:
     """Diagnose a run folder; returns ``{"summary": str, "report_md", "report_html", "figures", ...}``.
@@ -74,7 +80,7 @@ def diagnose_run(run_dir, *, out_dir=None, class_similarity=None, wordnet: bool 
         ts = load_tickets(f)
         d = diagnose(ts)
         names = names or [str(k) for k in range(ts.num_tickets)]
-        entry = {"folder": str(f), "sparsity": s if s is not None else float(ts.sparsity().mean()), "diagnosis": d.to_dict()}
+        entry = {"folder": _inside(f, run), "sparsity": s if s is not None else float(ts.sparsity().mean()), "diagnosis": d.to_dict()}
         if class_similarity is not None or wordnet:
             S = wordnet_similarity(names) if class_similarity is None else class_similarity
             entry["semantic_alignment"] = semantic_alignment(ts, S)
@@ -105,7 +111,7 @@ def diagnose_run(run_dir, *, out_dir=None, class_similarity=None, wordnet: bool 
                                                   title=f"per-layer density per ticket at {pct}% sparsity"))
 
     summary = _summary(per_sparsity, sweep, warning, names)
-    data = {"run": str(run), "ticket_names": names, "per_sparsity": [e for e, _, _ in per_sparsity],
+    data = {"run": Path(run).name, "ticket_names": names, "per_sparsity": [e for e, _, _ in per_sparsity],
             "collapse_warning": None if warning is None else warning.to_dict(),
             "sweep_points": 0 if sweep is None else len(sweep.points), "retrained": truth,
             "figures": [Path(f).name for f in figs]}

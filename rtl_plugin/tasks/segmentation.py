@@ -57,7 +57,7 @@ from rtl_plugin import wrap
 from rtl_plugin.comparison.baselines import CyclicLoader
 from rtl_plugin.comparison.protocol import check_lr_and_sparsities, ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
 from rtl_plugin.errors import DataError, MissingDependencyError
-from rtl_plugin.tasks.renamed import renamed_fields
+from rtl_plugin._deprecated import renamed_fields
 from rtl_plugin.training.retrain import apply_loss
 
 #: Default texture classes (photos in ``skimage.data``, CC0 / public domain); visually distinct textures.

@@ -189,6 +189,8 @@ def test_moved_run_folder_loads_diagnoses_and_exports(demo_run, tmp_path):
         assert diag["figures"] and all((moved / "diagnostics" / f).read_bytes()[:4] == b"\x89PNG"
                                        for f in diag["figures"])
         assert "sparsity_75" in Path(diag["report_md"]).read_text() and Path(diag["report_html"]).is_file()
+        written = list(_strings(json.loads((moved / "diagnostics" / "diagnostics.json").read_text())))
+        assert "tickets/sparsity_75" in written and not [s for s in written if s.startswith("/")]
         pkg = tmp_path / "pkg"
         assert main(["export", str(moved), "--out", str(pkg), "--sparsity", "0.75", "--router", "none"]) == 0
         slim = rtl.load_package(pkg, _demo_model())

@@ -48,3 +48,28 @@ def test_extras_that_test_installs_are_imported_not_skipped():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if "pytest.importorskip(" in line and p.name != Path(__file__).name]
     assert offenders == [], f"import [test] extras directly instead of importorskip: {offenders}"
+
+
+def test_pyproject_installs_every_subpackage():
+    """An editable install hides a subpackage missing from pyproject's list; a wheel would not ship it."""
+    import tomllib
+    root = Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "rtl_plugin").rglob("__init__.py")
+               if not p.is_symlink() and "integrations" not in p.parent.relative_to(root).parts}
+    assert on_disk <= listed, f"add to [tool.setuptools] packages: {sorted(on_disk - listed)}"
+    assert "rtl_plugin.integrations" in listed
+
+
+def test_functions_are_short():
+    """No function in the package or its adapters is longer than 80 lines (readable at once)."""
+    import ast
+    root = Path(__file__).resolve().parents[2]
+    long = []
+    for p in sorted((root / "rtl_plugin").rglob("*.py")) + sorted((root / "integrations").glob("*.py")):
+        if "integrations" in p.relative_to(root).parts[1:2]:
+            continue  # the rtl_plugin/integrations symlink of a worktree: the files are read from integrations/
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{p.relative_to(root)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == [], f"split these functions: {long}"

@@ -8,7 +8,7 @@ import pytest
 from rtl_plugin.errors import DataError
 from rtl_plugin.tasks.classification.runner import ClassificationConfig
 from rtl_plugin.tasks.inr import INRConfig
-from rtl_plugin.tasks.renamed import add_deprecated_flag
+from rtl_plugin._deprecated import add_deprecated_flag
 from rtl_plugin.tasks.segmentation import CompositionClusters, SegConfig
 from rtl_plugin.tasks.speech.runner import SpeechConfig
 

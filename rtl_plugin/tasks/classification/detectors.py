@@ -16,7 +16,7 @@ Example::
 
     loaders = one_vs_rest_loaders(x, y, num_classes=10, batch_size=64, seed=0)
     routed = rtl.wrap(model, 10, example_inputs=x[:1])
-    RTLPruner(routed, target_sparsity=[0.5, 0.9]).find_tickets(loaders, train_step=detector_train_step())
+    RTLPruner(routed, sparsities=[0.5, 0.9]).find_tickets(loaders, train_step=detector_train_step())
     joint_retrain(routed, loaders, optimizer=torch.optim.Adam(routed.parameters(), 1e-3),
                   train_step=detector_train_step())
     scores = detector_scores(routed, x_test)          # [N, 10]

@@ -32,7 +32,7 @@ from rtl_plugin.routing.partition import by_kmeans, embed
 from rtl_plugin.routing.routers import create_router, flops_share
 from rtl_plugin.tasks.classification.data import load_domains
 from rtl_plugin.tasks.metrics import classification_metrics
-from rtl_plugin.tasks.renamed import renamed_fields
+from rtl_plugin._deprecated import renamed_fields
 
 
 @renamed_fields({"search_epochs": "epochs_per_round"})

@@ -32,7 +32,7 @@ from rtl_plugin.comparison.protocol import ComparisonConfig, ComparisonTask, Eva
 from rtl_plugin.errors import DataError, SparsityError
 from rtl_plugin.integrations.audio import AudioUNet, si_snr_improvement, weighted_sdr_loss
 from rtl_plugin.routing.routers import create_router
-from rtl_plugin.tasks.renamed import renamed_fields
+from rtl_plugin._deprecated import renamed_fields
 from rtl_plugin.training.retrain import apply_loss, joint_retrain
 
 ROUTER_FFT = 512

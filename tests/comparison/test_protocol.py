@@ -12,9 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import rtl_plugin as rtl
 from rtl_plugin.comparison.baselines import CyclicLoader
-from rtl_plugin.comparison.protocol import (ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup,
-                                            TaskHookError, compare)
-from rtl_plugin.errors import DataError, RTLError
+from rtl_plugin.comparison.protocol import ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
+from rtl_plugin.errors import DataError, RTLError, TaskHookError
 
 K, C, D = 2, 3, 8
 
