@@ -82,13 +82,13 @@ def scenario(out: Path) -> dict:
     factory = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)  # noqa: E731
     crashed = False
     try:
-        RTLPruner(routed, target_sparsity=[0.5, 0.75], prune_fraction=0.5, progress=False,
+        RTLPruner(routed, sparsities=[0.5, 0.75], prune_fraction=0.5, progress=False,
                   callbacks=[crash_at_ticket1]).find_tickets(subs, train_step=step, checkpoint_dir=out / "search",
                                                              optimizer_factory=factory)
     except RuntimeError as e:
         crashed = "simulated crash" in str(e)
     steps_before = step.calls
-    pruner = RTLPruner(routed, target_sparsity=[0.5, 0.75], prune_fraction=0.5, progress=False)
+    pruner = RTLPruner(routed, sparsities=[0.5, 0.75], prune_fraction=0.5, progress=False)
     res = pruner.find_tickets(subs, train_step=step, checkpoint_dir=out / "search", optimizer_factory=factory)
     resumed_steps = step.calls - steps_before
     t_search = time.perf_counter() - t0
@@ -118,7 +118,7 @@ def channel_scenario(out: Path) -> dict:
     routed = rtl.wrap(TinyCNN().double(), 2, example_inputs=EX, granularity="channel", adapter="generic",
                       output_layers=["head"])
     subs = subsets()
-    res = RTLPruner(routed, target_sparsity=[0.5], prune_fraction=0.5, progress=False).find_tickets(
+    res = RTLPruner(routed, sparsities=[0.5], prune_fraction=0.5, progress=False).find_tickets(
         subs, optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
     joint_retrain(routed, subs, optimizer=torch.optim.SGD(routed.parameters(), lr=0.05, momentum=0.9),
                   epochs=1, progress=False)

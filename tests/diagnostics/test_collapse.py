@@ -118,7 +118,7 @@ def _search(make_tiny, make_loader, callbacks, targets=(0.3, 0.6, 0.8), probe=Tr
     routed = wrap(make_tiny())
     subsets = {k: make_loader(2, seed=k, shuffle=True) for k in range(3)}
     rec = [c for c in callbacks if isinstance(c, SweepRecorder)]
-    p = RTLPruner(routed, target_sparsity=list(targets), prune_fraction=0.3, order="round", callbacks=callbacks,
+    p = RTLPruner(routed, sparsities=list(targets), prune_fraction=0.3, order="round", callbacks=callbacks,
                   progress=False)
     res = p.find_tickets(subsets, optimizer_factory=lambda ps: torch.optim.Adam(ps, lr=1e-2),
                          train_step=default_train_step())

@@ -71,7 +71,7 @@ def test_cuda_same_seed_same_masks(make_tiny, make_loader):
     def run():
         torch.manual_seed(123)
         routed = wrap(make_tiny(), "weight").cuda()
-        p = RTLPruner(routed, target_sparsity=[0.25, 0.5], prune_fraction=0.2, progress=False)
+        p = RTLPruner(routed, sparsities=[0.25, 0.5], prune_fraction=0.2, progress=False)
         return p.find_tickets({k: make_loader(2, seed=k, shuffle=True) for k in range(3)},
                               optimizer_factory=lambda ps: torch.optim.Adam(ps, lr=1e-2), device="cuda")
 
@@ -119,7 +119,7 @@ def test_cuda_search_gives_the_cpu_masks_of_the_same_weights(make_tiny, make_loa
     """Pruning only (no training): the CUDA threshold (a sort on the device) picks the CPU's weights."""
     def search(device):
         routed = wrap(make_tiny(), "weight").to(device)
-        p = RTLPruner(routed, target_sparsity=[0.3, 0.6, 0.9], prune_fraction=0.3, progress=False)
+        p = RTLPruner(routed, sparsities=[0.3, 0.6, 0.9], prune_fraction=0.3, progress=False)
         return p.find_tickets({k: make_loader(1, seed=k) for k in range(3)}, train_step=lambda *a: 0.0,
                               device=device)
     a, b = search("cpu"), search("cuda")

@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent('''
         x, y = batch
         return base(view, (x + 0.05 * torch.randn_like(x), y), opt)
 
-    pruner = RTLPruner(routed, target_sparsity=[0.5, 0.8], prune_fraction=0.3, progress=False)
+    pruner = RTLPruner(routed, sparsities=[0.5, 0.8], prune_fraction=0.3, progress=False)
     res = pruner.find_tickets(subsets, train_step=step, checkpoint_dir=ck / "search",
                               optimizer_factory=lambda p: torch.optim.Adam(p, lr=1e-2))
     opt = torch.optim.Adam(routed.parameters(), lr=1e-2, weight_decay=1e-4)
@@ -180,7 +180,7 @@ def _setup(make_tiny, make_loader, order="ticket"):
     routed = rtl.wrap(make_tiny(), 2, example_inputs=EX, granularity="weight", adapter="generic",
                       output_layers=["head"])
     subsets = {0: make_loader(3, seed=1, shuffle=True), 1: make_loader(3, seed=2, shuffle=True)}
-    pruner = RTLPruner(routed, target_sparsity=[0.4, 0.7], prune_fraction=0.35, progress=False, order=order)
+    pruner = RTLPruner(routed, sparsities=[0.4, 0.7], prune_fraction=0.35, progress=False, order=order)
     return routed, subsets, pruner
 
 
@@ -235,7 +235,7 @@ def _quick(make_tiny, make_loader, ck, targets=(0.5,), **kw):
     routed = rtl.wrap(make_tiny(), 2, example_inputs=EX, granularity="weight", adapter="generic",
                       output_layers=["head"])
     subsets = {0: make_loader(1, seed=1, shuffle=True), 1: make_loader(1, seed=2, shuffle=True)}
-    pruner = RTLPruner(routed, target_sparsity=list(targets), prune_fraction=0.5, progress=False, **kw)
+    pruner = RTLPruner(routed, sparsities=list(targets), prune_fraction=0.5, progress=False, **kw)
     return pruner.find_tickets(subsets, train_step=lambda v, b, o: 0.0, checkpoint_dir=ck)
 
 

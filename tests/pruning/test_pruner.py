@@ -96,8 +96,8 @@ def test_validate_sparsities_rejects(targets):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(target_sparsity=[0.75, 0.5]),
-    dict(target_sparsity=[0.5, 0.5]),
+    dict(sparsities=[0.75, 0.5]),
+    dict(sparsities=[0.5, 0.5]),
     dict(schedule="linear"),
     dict(prune_fraction=0.0), dict(prune_fraction=1.0), dict(prune_fraction=-0.2), dict(prune_fraction=1.5),
     dict(prune_fraction=float("nan")),
@@ -129,7 +129,7 @@ def test_pruner_needs_routed_model(make_tiny):
 def test_find_tickets_validates_subsets(make_tiny, make_loader):
     routed = wrap(make_tiny())
     before = state(routed)
-    p = RTLPruner(routed, target_sparsity=[0.5], progress=False)
+    p = RTLPruner(routed, sparsities=[0.5], progress=False)
     with pytest.raises(rtl.TicketError, match="outside"):
         p.find_tickets({3: make_loader(1)}, train_step=Guard(500))
     with pytest.raises(rtl.TicketError):
@@ -156,7 +156,7 @@ def test_weight_search_records_exact_sparsities_nested_and_rewinds(schedule, mak
     N = routed.space.num_weights
     theta0 = state(routed)
     targets = [0.5, 0.75]
-    p = RTLPruner(routed, target_sparsity=targets, schedule=schedule, prune_fraction=0.2, prune_count=150,
+    p = RTLPruner(routed, sparsities=targets, schedule=schedule, prune_fraction=0.2, prune_count=150,
                   progress=False)
     res = p.find_tickets({k: make_loader(2, seed=k) for k in range(3)}, optimizer_factory=adam(),
                          train_step=trained())
@@ -193,7 +193,7 @@ def test_weight_search_records_exact_sparsities_nested_and_rewinds(schedule, mak
 def test_weight_search_ends_when_target_not_a_whole_weight_count(schedule, make_tiny, make_loader):
     routed = wrap(make_tiny())
     assert routed.space.num_weights == 1368
-    p = RTLPruner(routed, target_sparsity=[0.9], schedule=schedule, prune_count=200, progress=False)
+    p = RTLPruner(routed, sparsities=[0.9], schedule=schedule, prune_count=200, progress=False)
     res = p.find_tickets({0: make_loader(1)}, tickets=[0], train_step=Guard(200))
     assert abs(float(res.tickets_at[0.9].sparsity()[0]) - 0.9) <= 1 / 1368
 
@@ -212,7 +212,7 @@ def _failing_search(routed, make_loader):
         return default_train_step()(view, batch, opt)
 
     with pytest.raises(_Boom):
-        RTLPruner(routed, target_sparsity=[0.5], progress=False).find_tickets(
+        RTLPruner(routed, sparsities=[0.5], progress=False).find_tickets(
             {0: make_loader(1), 1: make_loader(1)}, tickets=[0, 1], train_step=step, optimizer_factory=adam())
     assert calls == [0, 0, 0, 0]  # failed in ticket 0's 4th round, after 3 pruning rounds
 
@@ -245,7 +245,7 @@ def test_untrained_search_prunes_globally_smallest_magnitudes(schedule, make_tin
     assert N == routed.space.num_weights and np.unique(w).size == N  # no ties: the smallest set is unique
     order = np.argsort(w, kind="stable")
     targets = [0.25, 0.5, 0.75]
-    p = RTLPruner(routed, target_sparsity=targets, schedule=schedule, prune_count=100, progress=False)
+    p = RTLPruner(routed, sparsities=targets, schedule=schedule, prune_count=100, progress=False)
     res = p.find_tickets({k: make_loader(1) for k in range(3)}, train_step=Guard(500))
     for t in targets:
         n_drop = N - round((1 - t) * N)
@@ -264,7 +264,7 @@ def test_same_seed_same_masks(granularity, make_tiny, make_grouped, make_loader)
     def run():
         torch.manual_seed(123)
         routed = wrap(make_tiny() if granularity == "weight" else make_grouped(), granularity)
-        p = RTLPruner(routed, target_sparsity=[0.25, 0.5], prune_fraction=0.5 if granularity == "channel" else 0.2,
+        p = RTLPruner(routed, sparsities=[0.25, 0.5], prune_fraction=0.5 if granularity == "channel" else 0.2,
                       progress=False)
         return p.find_tickets({k: make_loader(2, seed=k, shuffle=True) for k in range(3)}, optimizer_factory=adam(),
                               train_step=trained())
@@ -282,7 +282,7 @@ def test_same_seed_same_masks(granularity, make_tiny, make_grouped, make_loader)
 
 def test_different_subsets_give_different_tickets(make_tiny, make_loader):
     routed = wrap(make_tiny())
-    p = RTLPruner(routed, target_sparsity=[0.5], progress=False)
+    p = RTLPruner(routed, sparsities=[0.5], progress=False)
     res = p.find_tickets({k: make_loader(2, seed=10 * k) for k in range(3)}, optimizer_factory=adam(3e-2),
                          train_step=trained())
     j = res.tickets_at[0.5].jaccard()
@@ -293,10 +293,10 @@ def test_different_subsets_give_different_tickets(make_tiny, make_loader):
 
 def test_search_of_one_ticket_leaves_the_others_and_matches_the_full_search(make_tiny, make_loader):
     subsets = {k: make_loader(2, seed=10 * k) for k in range(3)}
-    full = RTLPruner(wrap(make_tiny()), target_sparsity=[0.5], progress=False).find_tickets(
+    full = RTLPruner(wrap(make_tiny()), sparsities=[0.5], progress=False).find_tickets(
         subsets, optimizer_factory=adam(3e-2), train_step=trained())
     routed = wrap(make_tiny())
-    res = RTLPruner(routed, target_sparsity=[0.5], progress=False).find_tickets(
+    res = RTLPruner(routed, sparsities=[0.5], progress=False).find_tickets(
         subsets, tickets=[1], optimizer_factory=adam(3e-2), train_step=trained())
     ts = res.tickets_at[0.5]
     assert ts.sparsity()[0] == 0 and ts.sparsity()[2] == 0
@@ -311,7 +311,7 @@ def test_search_keeps_unsearched_tickets_existing_masks(make_tiny, make_loader):
     routed = wrap(make_tiny())
     start = rtl.TicketSet.random(routed.space, 3, keep=0.6, seed=4)
     routed.set_tickets(start.copy())
-    res = RTLPruner(routed, target_sparsity=[0.5], progress=False).find_tickets(
+    res = RTLPruner(routed, sparsities=[0.5], progress=False).find_tickets(
         {0: make_loader(1)}, tickets=[0], train_step=Guard(500))
     for n, m in res.tickets_at[0.5].masks.items():
         assert torch.equal(m[1:], start.masks[n][1:])
@@ -354,7 +354,7 @@ def test_channel_search_sparsity_close_to_target_and_export(make_tiny, make_load
     routed = wrap(make_tiny(width=32), "channel")
     theta0 = state(routed)
     targets = [0.3, 0.5]
-    p = RTLPruner(routed, target_sparsity=targets, progress=False)
+    p = RTLPruner(routed, sparsities=targets, progress=False)
     res = p.find_tickets({k: make_loader(2, seed=k) for k in range(3)}, optimizer_factory=adam(),
                          train_step=trained())
     assert_state_equal(state(routed), theta0)
@@ -368,7 +368,7 @@ def test_channel_search_grouped_conv_masks_tile(make_grouped, make_loader):
     targets = [0.3, 0.6]
     # channel groups of period 4 move in coarse steps (one tiled position of conv1 is 2 channels, ~15% of the
     # 632 weights), hence prune_fraction=0.5 (0.2 would stall, see the xfail below) and a loose upper bound
-    p = RTLPruner(routed, target_sparsity=targets, prune_fraction=0.5, progress=False)
+    p = RTLPruner(routed, sparsities=targets, prune_fraction=0.5, progress=False)
     res = p.find_tickets({k: make_loader(2, seed=k) for k in range(3)}, optimizer_factory=adam(),
                          train_step=trained())
     assert_state_equal(state(routed), theta0)
@@ -378,7 +378,7 @@ def test_channel_search_grouped_conv_masks_tile(make_grouped, make_loader):
 def test_channel_search_ends_for_reachable_target_default_fraction(make_tiny, make_loader):
     routed = wrap(make_tiny(), "channel")
     # keeping 1 channel per group reaches sparsity 1 - (27 + 9) / 1368 = 0.974: 0.9 is reachable
-    p = RTLPruner(routed, target_sparsity=[0.9], progress=False)
+    p = RTLPruner(routed, sparsities=[0.9], progress=False)
     res = p.find_tickets({0: make_loader(1)}, tickets=[0], train_step=Guard(200))
     assert float(res.tickets_at[0.9].sparsity()[0]) >= 0.9
 
@@ -397,7 +397,7 @@ def test_rewind_to_early_checkpoint(make_tiny, make_loader):
         snaps.append(state(routed))
         return step(view, batch, opt)
 
-    p = RTLPruner(routed, target_sparsity=[0.25], rewind=4, progress=False)
+    p = RTLPruner(routed, sparsities=[0.25], rewind=4, progress=False)
     res = p.find_tickets({k: make_loader(2, seed=k) for k in range(3)}, train_step=Guard(500, recording),
                          optimizer_factory=adam())
     # 4 dense warm-up steps in balanced cyclic order (batch index 0: tickets 0, 1, 2; index 1: ticket 0)
@@ -418,7 +418,7 @@ def test_rewind_zero_is_init(make_tiny, make_loader):
     routed = wrap(make_tiny())
     theta0 = state(routed)
     calls = []
-    RTLPruner(routed, target_sparsity=[0.25], rewind=0, progress=False).find_tickets(
+    RTLPruner(routed, sparsities=[0.25], rewind=0, progress=False).find_tickets(
         {0: make_loader(1)}, tickets=[0], train_step=Guard(500, lambda v, b, o: calls.append(state(routed)) or 0.0))
     assert_state_equal(calls[0], theta0)
     assert_state_equal(state(routed), theta0)
@@ -436,7 +436,7 @@ def test_rewind_warmup_is_dense_even_with_existing_tickets(make_tiny, make_loade
         snaps.append(state(routed))
         return step(view, batch, opt)
 
-    RTLPruner(routed, target_sparsity=[0.25], rewind=1, progress=False).find_tickets(
+    RTLPruner(routed, sparsities=[0.25], rewind=1, progress=False).find_tickets(
         {0: make_loader(1)}, tickets=[0], train_step=Guard(500, recording), optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.1))
     theta_t = snaps[1]
     for n, out in outside.items():
@@ -456,7 +456,7 @@ def test_callback_events(make_tiny, make_loader):
         events.append(ev)
         ev["masks"]["conv1"].fill_(False)  # events carry copies: mutating them does not touch the search
 
-    res = RTLPruner(routed, target_sparsity=[0.25, 0.5], callbacks=[cb], progress=False).find_tickets(
+    res = RTLPruner(routed, sparsities=[0.25, 0.5], callbacks=[cb], progress=False).find_tickets(
         {k: make_loader(1) for k in range(2)}, tickets=[0, 1], train_step=Guard(500))
     assert len(events) == len(res.history)
     for ev, rec in zip(events, res.history):
@@ -477,7 +477,7 @@ def test_callback_events(make_tiny, make_loader):
 def test_callback_stop_single_target(make_tiny, make_loader):
     routed = wrap(make_tiny())
     stop_0 = lambda ev: "stop" if ev["ticket"] == 0 and ev["round"] == 1 else None  # noqa: E731
-    res = RTLPruner(routed, target_sparsity=[0.5], callbacks=[stop_0], progress=False).find_tickets(
+    res = RTLPruner(routed, sparsities=[0.5], callbacks=[stop_0], progress=False).find_tickets(
         {0: make_loader(1), 1: make_loader(1)}, tickets=[0, 1], train_step=Guard(500))
     assert [r.round for r in res.history if r.ticket == 0] == [1]
     assert float(res.tickets_at[0.5].sparsity()[0]) == pytest.approx(0.2, abs=1e-3)  # one 20% round
@@ -492,7 +492,7 @@ def test_callback_stop_ends_the_tickets_search(make_tiny, make_loader):
         events.append((ev["ticket"], ev["round"]))
         return "stop" if ev["ticket"] == 0 and ev["round"] == 1 else None
 
-    res = RTLPruner(routed, target_sparsity=[0.5, 0.75], callbacks=[cb], progress=False).find_tickets(
+    res = RTLPruner(routed, sparsities=[0.5, 0.75], callbacks=[cb], progress=False).find_tickets(
         {0: make_loader(1), 1: make_loader(1)}, tickets=[0, 1], train_step=Guard(500))
     assert [r for t, r in events if t == 0] == [1]
     assert float(res.tickets_at[0.75].sparsity()[1]) == pytest.approx(0.75, abs=1e-3)
@@ -594,7 +594,7 @@ def test_layer_scope_prunes_every_layer_equally_and_by_magnitude(make_tiny, make
     routed = wrap(make_tiny())
     N = routed.space.num_weights
     before = {n: w.detach().abs().clone() for n, w in routed.prunable_weights().items()}
-    p = RTLPruner(routed, target_sparsity=[0.5, 0.9], prune_fraction=0.5, scope="layer", progress=False)
+    p = RTLPruner(routed, sparsities=[0.5, 0.9], prune_fraction=0.5, scope="layer", progress=False)
     res = p.find_tickets({0: make_loader(1)}, train_step=Guard(100), tickets=[0])
     for t in (0.5, 0.9):
         ts = res.tickets_at[t]
@@ -614,7 +614,7 @@ def test_global_scope_can_empty_layers_that_layer_scope_keeps(make_tiny, make_lo
     with torch.no_grad():
         routed.prunable_weights()["conv1"].mul_(1e-3)  # a (small) layer with much smaller weights
     for scope, expect_empty in (("global", True), ("layer", False)):
-        r = RTLPruner(routed, target_sparsity=[0.6], prune_fraction=0.5, scope=scope, progress=False)
+        r = RTLPruner(routed, sparsities=[0.6], prune_fraction=0.5, scope=scope, progress=False)
         res = r.find_tickets({0: make_loader(1)}, train_step=Guard(100), tickets=[0])
         empty = not bool(res.tickets_at[0.6].masks["conv1"][0].any())
         assert empty == expect_empty, scope
@@ -643,7 +643,7 @@ def test_nan_weights_during_search_raise(make_tiny, make_loader):
         return 0.0
 
     with pytest.raises(rtl.RTLError, match="NaN/inf weights"):
-        RTLPruner(routed, target_sparsity=[0.5], progress=False).find_tickets(
+        RTLPruner(routed, sparsities=[0.5], progress=False).find_tickets(
             {0: make_loader(1)}, train_step=poison, tickets=[0])
     assert_state_equal(state(routed), before)  # weights rewound, masks restored
     assert bool(routed.tickets.masks["conv2"].all())
@@ -658,7 +658,7 @@ def test_round_order_gives_the_ticket_order_masks(granularity, make_tiny, make_l
     def run(order):
         torch.manual_seed(7)
         routed = wrap(make_tiny(), granularity)
-        p = RTLPruner(routed, target_sparsity=[0.3, 0.6], prune_fraction=0.3, order=order, progress=False)
+        p = RTLPruner(routed, sparsities=[0.3, 0.6], prune_fraction=0.3, order=order, progress=False)
         return p.find_tickets({k: make_loader(2, seed=k, shuffle=True) for k in range(3)}, optimizer_factory=adam(),
                               train_step=trained())
 
@@ -692,7 +692,7 @@ class _RoundSpy:
 def test_round_end_events_and_on_trained(make_tiny, make_loader):
     routed = wrap(make_tiny())
     spy = _RoundSpy()
-    res = RTLPruner(routed, target_sparsity=[0.5], prune_fraction=0.25, order="round", callbacks=[spy],
+    res = RTLPruner(routed, sparsities=[0.5], prune_fraction=0.25, order="round", callbacks=[spy],
                     progress=False).find_tickets({k: make_loader(1) for k in range(3)}, train_step=Guard(500))
     rounds = max(r.round for r in res.history)
     assert [e[0] for e in spy.ends] == list(range(1, rounds + 1))
@@ -704,18 +704,18 @@ def test_round_end_events_and_on_trained(make_tiny, make_loader):
 
 def test_ticket_order_never_calls_round_end(make_tiny, make_loader):
     spy = _RoundSpy()
-    RTLPruner(wrap(make_tiny()), target_sparsity=[0.5], callbacks=[spy], progress=False).find_tickets(
+    RTLPruner(wrap(make_tiny()), sparsities=[0.5], callbacks=[spy], progress=False).find_tickets(
         {k: make_loader(1) for k in range(3)}, train_step=Guard(500))
     assert spy.ends == [] and len(spy.trained) > 0
 
 
 def test_round_end_stop_restores_the_last_healthy_masks(make_tiny, make_loader):
     subsets = {k: make_loader(1, seed=k) for k in range(3)}
-    ref = RTLPruner(wrap(make_tiny()), target_sparsity=[0.2, 0.36, 0.488], prune_fraction=0.2, order="round",
+    ref = RTLPruner(wrap(make_tiny()), sparsities=[0.2, 0.36, 0.488], prune_fraction=0.2, order="round",
                     progress=False).find_tickets(subsets, optimizer_factory=adam(), train_step=trained())
     spy = _RoundSpy(act_at=2)  # "collapse" seen on the masks of round 2 -> back to round 1's masks
     routed = wrap(make_tiny())
-    res = RTLPruner(routed, target_sparsity=[0.2, 0.36, 0.488], prune_fraction=0.2, order="round", callbacks=[spy],
+    res = RTLPruner(routed, sparsities=[0.2, 0.36, 0.488], prune_fraction=0.2, order="round", callbacks=[spy],
                     progress=False).find_tickets(subsets, optimizer_factory=adam(), train_step=trained())
     assert len(spy.ends) == 2
     for t in (0.2, 0.36, 0.488):
@@ -729,7 +729,7 @@ def test_round_end_stop_restores_the_last_healthy_masks(make_tiny, make_loader):
 def test_round_end_relax_halves_the_step_and_goes_on(make_tiny, make_loader):
     routed = wrap(make_tiny())
     spy = _RoundSpy(act_at=2, action="relax")
-    p = RTLPruner(routed, target_sparsity=[0.5], prune_fraction=0.4, order="round", callbacks=[spy], progress=False)
+    p = RTLPruner(routed, sparsities=[0.5], prune_fraction=0.4, order="round", callbacks=[spy], progress=False)
     res = p.find_tickets({k: make_loader(1) for k in range(2)}, tickets=[0, 1], train_step=Guard(500))
     sp = [e[2][0] for e in spy.ends]
     assert sp[0] == pytest.approx(0.4, abs=1e-3) and sp[1] == pytest.approx(0.5, abs=1e-3)  # round 2 is undone
@@ -745,7 +745,7 @@ def test_round_end_bad_action_and_bad_order(make_tiny, make_loader):
         RTLPruner(wrap(make_tiny()), max_relaxations=-1)
     spy = _RoundSpy(act_at=1, action="explode")
     with pytest.raises(rtl.RTLError, match="on_round_end"):
-        RTLPruner(wrap(make_tiny()), target_sparsity=[0.5], order="round", callbacks=[spy], progress=False).find_tickets(
+        RTLPruner(wrap(make_tiny()), sparsities=[0.5], order="round", callbacks=[spy], progress=False).find_tickets(
             {k: make_loader(1) for k in range(3)}, train_step=Guard(500))
 
 

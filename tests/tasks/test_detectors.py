@@ -265,7 +265,7 @@ def test_detector_tickets_learn_end_to_end(make_tiny):
     x[:, :, :, :] += (y.view(-1, 1, 1, 1).float() - 1) * 1.5  # class = brightness
     routed = rtl.wrap(make_tiny(num_classes=K, seed=0), K, example_inputs=torch.randn(1, 3, 8, 8))
     loaders = one_vs_rest_loaders(x, y, num_classes=K, batch_size=10, seed=0)
-    RTLPruner(routed, target_sparsity=[0.5], prune_fraction=0.5, progress=False).find_tickets(
+    RTLPruner(routed, sparsities=[0.5], prune_fraction=0.5, progress=False).find_tickets(
         loaders, train_step=detector_train_step(), optimizer_factory=lambda p: torch.optim.Adam(p, 1e-2))
     assert abs(float(routed.tickets.sparsity().mean()) - 0.5) < 1e-3
     joint_retrain(routed, loaders, optimizer=torch.optim.Adam(routed.parameters(), 1e-2), epochs=8,

@@ -188,7 +188,7 @@ def test_rank0_checkpoints_resume_in_one_process(dist_run):
 
     routed = W.build()
     subs = W.subsets()
-    res = RTLPruner(routed, target_sparsity=[0.5, 0.75], prune_fraction=0.5, progress=False).find_tickets(
+    res = RTLPruner(routed, sparsities=[0.5, 0.75], prune_fraction=0.5, progress=False).find_tickets(
         subs, train_step=never, checkpoint_dir=out / "search",
         optimizer_factory=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
     _assert_masks_equal({t: ts.masks for t, ts in res.tickets_at.items()}, r0["masks"])
