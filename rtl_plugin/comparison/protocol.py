@@ -30,6 +30,7 @@ from typing import Callable, Mapping
 import torch
 
 from rtl_plugin.comparison.baselines import CyclicLoader
+from rtl_plugin.diagnostics.plots import plot_classification_results
 from rtl_plugin.diagnostics.similarity import chance_matrix, mean_offdiagonal
 from rtl_plugin.errors import DataError, SparsityError, TaskHookError
 from rtl_plugin.persist.io import atomic_write_json
@@ -194,7 +195,6 @@ class ComparisonTask:
 
     def plot(self, results: dict, out_dir: Path) -> list[str] | None:
         """Figures of the run (file names under out_dir); None: no figures."""
-        from rtl_plugin.diagnostics.plots import plot_classification_results
         return plot_classification_results(results, out_dir)
 
     def log(self, message: str) -> None:

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 
 from rtl_plugin.errors import DataError, MissingDependencyError
-from rtl_plugin.persist.io import default_cache_dir
+from rtl_plugin.persist.io import default_cache_dir, write_cache_npz
+from rtl_plugin.tasks.classification.data import FASHION_CLASSES, FASHION_ROOT, load_fashion_mnist
 
 #: Photos bundled in the scikit-image wheel whose docstrings state CC0 or public domain. Grey textures
 #: (brick, grass, gravel, camera) are tinted with a random colour per mosaic.
@@ -69,7 +70,7 @@ def _validate(seed, n_regions, size) -> None:
         raise DataError(f"size must be an int in [{MIN_SIZE}, {MAX_SIZE}] (pixels per side), got {size!r}.")
 
 
-def _skimage():
+def require_skimage():
     try:
         import skimage
         import skimage.data
@@ -80,7 +81,7 @@ def _skimage():
     return skimage
 
 
-def _region_map(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+def region_map(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
     """Warped Voronoi regions [size, size] int64 in 0..n-1, every region at least size²/(4n) pixels."""
     ii, jj = np.meshgrid(np.arange(size, dtype=np.float64), np.arange(size, dtype=np.float64), indexing="ij")
     min_pixels = size * size // (4 * n)
@@ -100,7 +101,7 @@ def _region_map(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
                     "use a larger size or fewer regions.")  # pragma: no cover - not reached for valid inputs
 
 
-def _texture(skimage, name: str, rng: np.random.Generator, size: int) -> np.ndarray:
+def texture(skimage, name: str, rng: np.random.Generator, size: int) -> np.ndarray:
     """A random crop of photo ``name`` resized to [size, size, 3] float64 in [0, 1]."""
     img = getattr(skimage.data, name)()
     img = img.astype(np.float64) / (255.0 if img.dtype == np.uint8 else max(float(img.max()), 1.0))
@@ -122,13 +123,13 @@ def _texture(skimage, name: str, rng: np.random.Generator, size: int) -> np.ndar
 
 
 def _build(seed: int, n: int, size: int) -> dict[str, np.ndarray]:
-    sk = _skimage()
+    sk = require_skimage()
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, n, size, 20261123])))
-    regions = _region_map(rng, n, size)
+    regions = region_map(rng, n, size)
     names = [MOSAIC_SOURCES[i] for i in rng.permutation(len(MOSAIC_SOURCES))[:n]]
     image = np.zeros((size, size, 3), dtype=np.float64)
     for k, name in enumerate(names):
-        tex = _texture(sk, name, rng, size)
+        tex = texture(sk, name, rng, size)
         sel = regions == k
         image[sel] = tex[sel]
     return {"image": np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32),
@@ -175,7 +176,6 @@ def _read_cache(path: Path, key: str, n: int, size: int) -> dict | None:
 
 
 def _write_cache(path: Path, arrays: dict, key: str) -> None:
-    from rtl_plugin.persist.io import write_cache_npz
     write_cache_npz(path, {"key": np.array(key), **arrays}, what="mosaic cache")
 
 
@@ -261,7 +261,7 @@ def _resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.
     """image [h, w, 3] float in [0, 1] and binary mask [h, w] -> (tensor [3, size, size] float32, [size, size]
     int64): anti-aliased (Gaussian-smoothed) bilinear image, the mask resized the same way and thresholded at
     0.5."""
-    sk = _skimage()
+    sk = require_skimage()
     img = sk.transform.resize(image, (size, size), order=1, anti_aliasing=True, mode="reflect")
     frac = sk.transform.resize(mask.astype(np.float64), (size, size), order=1, anti_aliasing=True, mode="reflect")
     regions = (frac >= 0.5).astype(np.int64)
@@ -289,7 +289,7 @@ def load_quokka(size: int = 64, *, return_mask: bool = False):
         imgaug==0.4.0 stardist==0.9.2``) or scikit-image.
     """
     size = _validate_size(size)
-    sk = _skimage()
+    sk = require_skimage()
     import skimage.draw
     jpg = package_file("imgaug", "quokka.jpg")
     ann = package_file("imgaug", "quokka_annotations.json")
@@ -332,7 +332,7 @@ def load_nuclei(size: int = 64, *, return_mask: bool = False):
         imgaug==0.4.0 stardist==0.9.2``) or scikit-image.
     """
     size = _validate_size(size)
-    _skimage()
+    require_skimage()
     img = _read_image(package_file("stardist", "data/images/img2d.tif"))
     inst = _read_image(package_file("stardist", "data/images/mask2d.tif"))
     if img.ndim != 2 or inst.shape != img.shape:
@@ -354,14 +354,12 @@ _GARMENT_THRESHOLD = 0.25  # garment pixel: resized intensity >= this (Fashion-M
 
 
 def _fashion_source(root):
-    from rtl_plugin.tasks.classification import data as datasets
-    from rtl_plugin.tasks.classification.data import FASHION_ROOT, load_fashion_mnist
     images, labels = load_fashion_mnist(root, split="test")  # MissingDependencyError with the apt line
-    return images, labels, datasets._FASHION_CLASSES, str(Path(FASHION_ROOT if root is None else root).resolve())
+    return images, labels, FASHION_CLASSES, str(Path(FASHION_ROOT if root is None else root).resolve())
 
 
 def _build_canvas(seed: int, size: int, n: int, root) -> dict[str, np.ndarray]:
-    sk = _skimage()
+    sk = require_skimage()
     images, labels, names, _ = _fashion_source(root)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, n, size, 20261124])))
     classes = np.sort(rng.choice(10, size=n, replace=False))
@@ -432,10 +430,9 @@ def make_fashion_canvas(seed: int = 0, size: int = 64, n_garments: int = 4, *, l
         raise DataError(f"labels must be 'compact' (ids 0..n_garments) or 'class' (0 = background, 1 + class "
                         f"index), got {labels!r}.")
     seed, size, n = int(seed), int(size), int(n_garments)
-    _skimage()
+    require_skimage()
     arrays = None
     if cache:
-        from rtl_plugin.tasks.classification.data import FASHION_ROOT
         rootp = str(Path(FASHION_ROOT if root is None else root).resolve())
         payload = {"format": _FASHION_FORMAT, "seed": seed, "size": size, "n": n, "root": rootp}
         key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -445,9 +442,7 @@ def make_fashion_canvas(seed: int = 0, size: int = 64, n_garments: int = 4, *, l
     if arrays is None:
         arrays = _build_canvas(seed, size, n, root)
         if cache:
-            from rtl_plugin.persist.io import write_cache_npz
             write_cache_npz(path, {"key": np.array(key), **arrays}, what="fashion canvas cache")
-    from rtl_plugin.tasks.classification.data import _FASHION_CLASSES
     classes = [int(c) for c in arrays["classes"]]
     regions = np.array(arrays["regions"], dtype=np.int64)
     if labels == "compact":
@@ -455,9 +450,9 @@ def make_fashion_canvas(seed: int = 0, size: int = 64, n_garments: int = 4, *, l
         for i, c in enumerate(classes):
             lut[c + 1] = i + 1
         regions = lut[regions]
-        names = ["background"] + [_FASHION_CLASSES[c] for c in classes]
+        names = ["background"] + [FASHION_CLASSES[c] for c in classes]
     else:
-        names = ["background"] + list(_FASHION_CLASSES)
+        names = ["background"] + list(FASHION_CLASSES)
     image = torch.from_numpy(np.array(arrays["image"], dtype=np.float32))
     out = (image, torch.from_numpy(regions))
     return out + (names,) if return_classes else out

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from rtl_plugin import wrap
 from rtl_plugin.comparison.baselines import ContextInputModel
 from rtl_plugin.comparison.protocol import check_lr_and_sparsities, ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
-from rtl_plugin.errors import DataError, RouteError, SparsityError
+from rtl_plugin.errors import DataError, MissingDependencyError, RouteError, SparsityError
+from rtl_plugin.tasks.images import make_mosaic
 from rtl_plugin.training.retrain import apply_loss, mixed_route_retrain
 
 # --------------------------------------------------------------------------- encoding and model
@@ -537,7 +538,6 @@ def run_inr(config: INRConfig | None = None, out_dir: str | Path | None = None, 
     if image is None:
         if regions is not None:
             raise DataError("regions= was given without image=; pass both or neither.")
-        from rtl_plugin.tasks.images import make_mosaic
         image, regions, sources = make_mosaic(cfg.image_seed, cfg.n_regions, cfg.size, cache_dir=cfg.cache_dir,
                                               return_sources=True)
     else:
@@ -560,7 +560,6 @@ def plot_reconstructions(image: torch.Tensor, regions: torch.Tensor, recon: dict
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError as e:
-        from rtl_plugin.errors import MissingDependencyError
         raise MissingDependencyError('figures need matplotlib: pip install "rtl-plugin[plots]"') from e
     methods = [m for m in ("rtl", "single_imp") if any(k[0] == m for k in recon)]
     fs = [float(s) for s in cfg.figure_sparsities]

@@ -57,6 +57,8 @@ from rtl_plugin import wrap
 from rtl_plugin.comparison.baselines import CyclicLoader
 from rtl_plugin.comparison.protocol import check_lr_and_sparsities, ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup, compare
 from rtl_plugin.errors import DataError, MissingDependencyError
+from rtl_plugin.diagnostics.plots import plot_metric_vs_sparsity
+from rtl_plugin.tasks.images import MOSAIC_SOURCES, region_map, require_skimage, texture
 from rtl_plugin._deprecated import renamed_fields
 from rtl_plugin.training.retrain import apply_loss
 
@@ -73,7 +75,6 @@ def _is_int(v) -> bool:
 
 
 def _check_classes(classes) -> tuple[str, ...]:
-    from rtl_plugin.tasks.images import MOSAIC_SOURCES
     if isinstance(classes, str) or not isinstance(classes, (tuple, list)) or len(classes) < 2:
         raise DataError(f"classes must be a list of at least 2 photo names from {MOSAIC_SOURCES}, got {classes!r}.")
     bad = [c for c in classes if c not in MOSAIC_SOURCES]
@@ -88,8 +89,7 @@ _PHOTOS: dict[str, np.ndarray] = {}
 
 def _photo_source():
     """A stand-in for the ``skimage`` module whose ``data.<name>()`` returns a photo loaded once per process."""
-    from rtl_plugin.tasks.images import _skimage
-    sk = _skimage()
+    sk = require_skimage()
 
     def loader(name):
         def load():
@@ -97,7 +97,6 @@ def _photo_source():
                 _PHOTOS[name] = getattr(sk.data, name)()
             return _PHOTOS[name]
         return load
-    from rtl_plugin.tasks.images import MOSAIC_SOURCES
     return SimpleNamespace(data=SimpleNamespace(**{n: loader(n) for n in MOSAIC_SOURCES}), transform=sk.transform)
 
 
@@ -107,7 +106,6 @@ def make_seg_mosaic(seed: int, classes=SEG_CLASSES, n_regions: int = 3, size: in
     Returns ``(image, labels)``: image float32 [3, size, size] in [0, 1]; labels int64 [size, size] with the
     class index (into ``classes``) of every pixel. Deterministic in ``(seed, classes, n_regions, size)``.
     """
-    from rtl_plugin.tasks.images import _region_map, _texture
     classes = _check_classes(classes)
     if not _is_int(seed) or seed < 0:
         raise DataError(f"seed must be an int >= 0, got {seed!r}.")
@@ -116,13 +114,13 @@ def make_seg_mosaic(seed: int, classes=SEG_CLASSES, n_regions: int = 3, size: in
     if not _is_int(size) or not 16 <= size <= 1024:
         raise DataError(f"size must be an int in [16, 1024] pixels, got {size!r}.")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(n_regions), int(size), 5150])))
-    regions = _region_map(rng, int(n_regions), int(size))
+    regions = region_map(rng, int(n_regions), int(size))
     cls = rng.permutation(len(classes))[:n_regions]
     sk = _photo_source()
     image = np.zeros((size, size, 3), dtype=np.float64)
     labels = np.zeros((size, size), dtype=np.int64)
     for r, c in enumerate(cls):
-        tex = _texture(sk, classes[int(c)], rng, int(size))
+        tex = texture(sk, classes[int(c)], rng, int(size))
         sel = regions == r
         image[sel] = tex[sel]
         labels[sel] = int(c)
@@ -691,7 +689,6 @@ class SegmentationTask(ComparisonTask):
                         "cpu_threads": torch.get_num_threads(), "device": str(self.dev)}}
 
     def plot(self, results: dict, out_dir: Path) -> list[str]:
-        from rtl_plugin.diagnostics.plots import plot_metric_vs_sparsity
         return [Path(plot_metric_vs_sparsity(results, out_dir / "miou.png", metric="miou")).name]
 
 

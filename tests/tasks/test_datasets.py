@@ -397,7 +397,7 @@ def test_fashion_domain_in_load_domains(fashion_root):
     root, truth = fashion_root
     train, test = load_domains(domains=("mnist", "fashion"), fashion_root=root, image_size=8,
                                max_per_domain=40)
-    assert train.class_names[10:] == [f"fashion:{c}" for c in D._FASHION_CLASSES]
+    assert train.class_names[10:] == [f"fashion:{c}" for c in D.FASHION_CLASSES]
     f_train, f_test = train.domain == 1, test.domain == 1
     assert int(f_train.sum() + f_test.sum()) == 20  # the synthetic test split
     assert set(train.y[f_train].tolist()) | set(test.y[f_test].tolist()) == set(range(10, 20))

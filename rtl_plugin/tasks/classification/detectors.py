@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rtl_plugin.errors import DataError
+from rtl_plugin.routed import RoutedModel
 from rtl_plugin.training.retrain import apply_loss
 
 __all__ = ["one_vs_rest_loaders", "OneVsRestBatchSampler", "detector_train_step", "detector_logits",
@@ -301,7 +302,6 @@ def detector_scores(routed, x, *, batch_size: int = 256) -> torch.Tensor:
     cost is K forward passes. ``scores.argmax(1)`` is the label-free K-way prediction (the
     RunAllRouter decision); ``rtl_plugin.tasks.metrics.detector_metrics(scores, y)`` gives the paper's metrics.
     """
-    from rtl_plugin.routed import RoutedModel
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"detector_scores needs a RoutedModel (rtl.wrap(model, K)), got {type(routed).__name__}")
     if not _is_int(batch_size) or batch_size < 1:

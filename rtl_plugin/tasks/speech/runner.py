@@ -32,6 +32,7 @@ from rtl_plugin.comparison.protocol import ComparisonConfig, ComparisonTask, Eva
 from rtl_plugin.errors import DataError, SparsityError
 from rtl_plugin.integrations.audio import AudioUNet, si_snr_improvement, weighted_sdr_loss
 from rtl_plugin.routing.routers import create_router
+from rtl_plugin.tasks.speech.data import REAL_CORPORA, SpeechDataConfig, build_noisy_speech, load_noisy_speech
 from rtl_plugin._deprecated import renamed_fields
 from rtl_plugin.training.retrain import apply_loss, joint_retrain
 
@@ -118,7 +119,6 @@ class SpeechConfig:
         return self
 
     def data_config(self):
-        from rtl_plugin.tasks.speech.data import REAL_CORPORA, SpeechDataConfig
         return SpeechDataConfig(train_per_env=self.train_per_env, test_per_env=self.test_per_env,
                                 clip_seconds=self.clip_seconds, snr_db=tuple(self.snr_db),
                                 train_utterances=self.train_utterances, test_utterances=self.test_utterances,
@@ -134,7 +134,6 @@ _DATA_FIELDS = ("train_per_env", "test_per_env", "clip_seconds", "snr_db", "trai
 
 def _load_or_build(cfg: SpeechConfig):
     """The dataset of ``cfg``: read from ``cfg.data_file`` (its settings must match ``cfg``'s) or built/cached."""
-    from rtl_plugin.tasks.speech.data import build_noisy_speech, load_noisy_speech
     if cfg.data_file is None:
         return build_noisy_speech(cfg.data_config(), cache=cfg.cache)
     data = load_noisy_speech(cfg.data_file)
