@@ -50,12 +50,12 @@ class TicketImportance:
     def _kept_weight_l1(self, group, n: int, device) -> torch.Tensor:
         """Weight mode: per-channel L1 of the ticket's kept weights over the group's out-channel layers."""
         score = torch.zeros(n, device=device)
-        masks = self.routed.tickets.masks
+        masks, weights = self.routed.tickets.masks, self.routed.prunable_weights()
         for item in group:
             mfull = self._full_name(_tp.module_name(group, _tp.item_module(item)))
             if mfull is None or mfull not in masks or not _tp.is_out_channel_item(group, item):
                 continue
-            w = self.routed.prunable_weights()[mfull]
+            w = weights[mfull]
             m = masks[mfull][self.k]
             kind = self.routed.space.layer_kinds[mfull]
             wm = (w * m).abs()
