@@ -181,11 +181,6 @@ def check_not_sharded(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- collectives
-def _check_group() -> None:
-    if not is_distributed():
-        raise DistributedError("no torch.distributed process group with more than one rank is initialised.")
-
-
 def broadcast_state(module: nn.Module) -> None:
     """Copy rank 0's parameters and buffers into every rank's ``module`` (in place)."""
     if not isinstance(module, nn.Module):
