@@ -96,10 +96,9 @@ def load(path, model: nn.Module, *, map_location=None) -> RoutedModel:
     if not isinstance(model, nn.Module):
         raise TypeError(f"load() needs a fresh model instance (nn.Module), got {type(model).__name__}.")
     check_fingerprint(model, manifest, path, MODEL)
-    space = TicketSpace.from_dict(manifest["space"])
     tickets = _tickets_from(path, manifest)
     state = _read_tensors(path, WEIGHTS, manifest)
-    routed = RoutedModel(model, space, tickets=tickets, shared_norm=bool(manifest.get("shared_norm", False)))
+    routed = RoutedModel(model, tickets.space, tickets=tickets, shared_norm=bool(manifest.get("shared_norm", False)))
     try:
         routed.model.load_state_dict(state, strict=True)
     except RuntimeError as e:
