@@ -269,9 +269,8 @@ class RTLPruner:
     def stop_ticket(self, k: int) -> None:
         """End ticket k's search: its current masks are recorded for every remaining target."""
         prog = self._progress_of(k)
-        if not prog.stopped:
-            prog.stopped = True
-            self.state.stopped[k] = prog.rounds
+        prog.stopped = True  # a round that pruned nothing may have stopped it already: still a requested stop
+        self.state.stopped.setdefault(k, prog.rounds)
 
     def finish_search(self) -> SearchResult:
         """End the search: rewind the weights to θ, build ``tickets_at[sparsity]`` (unsearched tickets and
