@@ -45,7 +45,7 @@ def _canon(obj) -> str:
 
 def config_sha256(config: dict) -> str:
     """sha256 of the canonical JSON of a run configuration (or of a bundle's meta)."""
-    return hashlib.sha256(_canon(config).encode()).hexdigest()
+    return sha256(_canon(config).encode())
 
 
 def _remove_stale(d: Path, name: str, keep: str) -> None:
