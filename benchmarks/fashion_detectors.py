@@ -142,14 +142,6 @@ def single_scores(routed, x: torch.Tensor, batch_size: int = 512) -> torch.Tenso
         routed.train(was)
 
 
-def make_row(method, routing, sparsity, params, scores, y, **extra):
-    m = detector_metrics(scores, y)
-    row = {"method": method, "routing": routing, "sparsity": sparsity, "params": int(params),
-           "matching": "equal_cost", "metrics": {k: round(float(v), 6) for k, v in m.items()}}
-    row.update(extra)
-    return row
-
-
 # --------------------------------------------------------------------------- one seed
 class FashionDetectorTask(ComparisonTask):
     """The detector table's pieces of the comparison protocol: one-vs-rest class subsets, detector and multilabel
