@@ -11,7 +11,7 @@ from rtl_plugin.diagnostics import (CollapseMonitor, CollapseWarning, Diagnosis,
                                     diagnose, semantic_alignment, wordnet_similarity)
 from rtl_plugin.diagnostics.report import diagnose_run
 from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, DataError, DistributedError,
-                               FormatVersionError, MissingDependencyError, OptimizerError, RouteError, RTLError,
+                               FormatVersionError, ImportanceError, MissingDependencyError, OptimizerError, RouteError, RTLError,
                                SpaceError, SparsityError, TaskHookError, TicketError, UnsupportedLayerError)
 from rtl_plugin.norms import MaskedLayerNorm, RoutedBatchNorm
 from rtl_plugin.persist import (SlimRoutedModel, export_onnx, export_package, export_ticket, load, load_package,
@@ -27,7 +27,7 @@ _deprecated.install()
 
 __all__ = [
     "Adapter", "ArchitectureMismatchError", "CollapseMonitor", "CollapseWarning", "CorruptFileError", "DataError",
-    "Diagnosis", "DistributedError", "FormatVersionError", "MaskedLayerNorm", "MissingDependencyError", "OptimizerError", "RTLError",
+    "Diagnosis", "DistributedError", "FormatVersionError", "ImportanceError", "MaskedLayerNorm", "MissingDependencyError", "OptimizerError", "RTLError",
     "RTLPruner", "RouteError", "RoutedBatchNorm", "RoutedModel", "SearchResult", "SlimRoutedModel", "SpaceError",
     "SparsityError", "Sweep", "SweepPoint", "SweepRecorder", "TaskHookError", "TicketError", "TicketImportance", "TicketSet",
     "TicketSpace", "UnsupportedLayerError", "build_space", "create_adapter", "detect_adapter", "diagnose",

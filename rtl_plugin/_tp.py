@@ -137,3 +137,64 @@ def group_root(group) -> tuple[object, int]:
     """``(root module, number of channels)`` of a tp group: its first item's target and index count."""
     first = group.items[0]
     return item_module(first), len(first.idxs)
+
+
+# --------------------------------------------------------------------------- importances and pruners (RTLPruner)
+BasePruner = tp.pruner.BasePruner
+linear_scheduler = tp.pruner.algorithms.scheduler.linear_scheduler
+
+
+def importance_kind(importance) -> str:
+    """What an importance criterion needs: "magnitude" (|w|^p, element-level too), "taylor" (|w·∂L/∂w|, needs
+    gradients), "hessian" (needs accumulated gradients), "random", "group" (a channel-group criterion with no
+    element-level meaning: BN scale, LAMP, FPGM), "activation"/"obdc" (need hooks on the pruned model itself) or
+    "custom" (any other callable)."""
+    imp = tp.importance
+    if isinstance(importance, imp.GroupHessianImportance):
+        return "hessian"
+    if isinstance(importance, imp.GroupTaylorImportance):
+        return "taylor"
+    if isinstance(importance, imp.OBDCImportance):
+        return "obdc"
+    if isinstance(importance, imp.ActivationImportance):
+        return "activation"
+    if isinstance(importance, (imp.BNScaleImportance, imp.LAMPImportance, imp.FPGMImportance)):
+        return "group"
+    if isinstance(importance, imp.GroupMagnitudeImportance):
+        return "magnitude"
+    if isinstance(importance, imp.RandomImportance):
+        return "random"
+    return "custom"
+
+
+def magnitude_power(importance) -> float:
+    """The norm order p of a magnitude importance (tp keeps it as ``p``)."""
+    return float(getattr(importance, "p", 2))
+
+
+def fill_hessian_gradients(importance) -> None:
+    """Move a GroupHessianImportance's accumulated squared gradients into ``param.grad`` (averaged), as tp does on
+    its first call, and clear them. tp 1.6.1 keeps them in private ``_accu_grad`` / ``_counter``; RTLPruner must
+    do this before it copies the gradients onto a ticket's plain model."""
+    accu = getattr(importance, "_accu_grad", None)
+    if not accu:
+        return
+    counter = getattr(importance, "_counter", {})
+    for p, g in accu.items():
+        p.grad = g / counter.get(p, 1)
+    importance.zero_grad()
+
+
+def pruning_groups(pruner, *, interactive: bool = True):
+    """``pruner.step(interactive=True)``: the groups tp's own ranking, ratios, ``round_to``, isomorphic and head
+    logic select for this step (each must be ``.prune()``-d while iterating)."""
+    return pruner.step(interactive=interactive)
+
+
+def group_item_pruning(group):
+    """``[(module, is_out_channel, idxs)]`` for every item of a tp group (module may be a tp virtual op)."""
+    dg = group_graph(group)
+    out = []
+    for item in group:
+        out.append((item_module(item), bool(dg.is_out_channel_pruning_fn(item.dep.handler)), list(item.idxs)))
+    return out

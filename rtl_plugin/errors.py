@@ -58,3 +58,7 @@ class OptimizerError(RTLError, TypeError):
 
 class TaskHookError(RTLError, TypeError):
     """A comparison task lacks a hook that one of its requested methods needs."""
+
+
+class ImportanceError(RTLError, TypeError):
+    """An importance criterion that cannot rank this granularity, or one that needs gradients it did not get."""

@@ -1,15 +1,16 @@
-"""RTLPruner: per-subset iterative magnitude pruning with rewinding (stage 1 of Routing the Lottery).
+"""RTLPruner: K tickets searched inside one model, driven like a torch-pruning pruner.
 
-For each ticket k independently: start from all-ones, then repeat until the last target sparsity:
-rewind the weights to θ0 (or an early checkpoint θ_t), train the masked ticket on subset k, remove the
-lowest-importance surviving weights (one global magnitude ranking over all prunable weights in weight
-mode; any ``torch_pruning.importance`` criterion per channel group in channel mode). Masks are
-recorded at every requested sparsity along this one trajectory.
+``RTLPruner`` is a ``torch_pruning.pruner.BasePruner``. It is constructed like one (``model, example_inputs,
+importance=, pruning_ratio=, iterative_steps=, ignored_layers=, round_to=, ...`` plus ``num_tickets=``) and the
+user's loop calls ``pruner.begin(k)`` (select ticket k, rewind the shared weights) and ``pruner.step()`` (prune
+one iterative step of ticket k, as soft masks). In channel granularity the groups torch-pruning's own machinery
+selects for that step become ticket k's dropped channels (see :mod:`rtl_plugin.pruning.ticket_tp`); in weight
+granularity an element-level importance drops the same ratio of weights.
 
-:meth:`RTLPruner.find_tickets` runs the whole search; it is a loop over public steps that a hand-written
-loop can call too: :meth:`~RTLPruner.begin_search`, :meth:`~RTLPruner.record_targets`,
-:meth:`~RTLPruner.rewind`, :meth:`~RTLPruner.train_ticket`, :meth:`~RTLPruner.prune_round` and
-:meth:`~RTLPruner.finish_search`.
+The paper's schedule (per-subset iterative magnitude pruning with rewinding toward weight ``sparsities``) is the
+other schedule of the same pruner; :meth:`RTLPruner.find_tickets` runs either as a loop over the public steps
+(:meth:`~RTLPruner.begin`, :meth:`~RTLPruner.rewind`, :meth:`~RTLPruner.train_ticket`, :meth:`~RTLPruner.step`,
+:meth:`~RTLPruner.finish_search`) that a hand-written loop can call too.
 """
 from __future__ import annotations
 
@@ -20,15 +21,21 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn as nn
 
 from rtl_plugin import _tp
 from rtl_plugin.errors import DataError, RTLError, SparsityError, TicketError
 from rtl_plugin.persist.checkpoint import loaders_config
+from rtl_plugin.pruning.config import PruningConfig, build_config, validate_sparsities
+from rtl_plugin.pruning.element import check_element_importance, element_scores, prune_weights_per_layer
+from rtl_plugin.pruning.gradients import (check_channel_importance, copy_gradients, estimate_gradients,
+                                          needs_gradients, require_gradients)
 from rtl_plugin.pruning.importance import TicketImportance
 from rtl_plugin.pruning.ranking import (kth_smallest, magnitude_scores, prune_weights_global,
                                         prune_weights_layerwise, select_channels)
 from rtl_plugin.pruning.search_state import (RoundRecord, SearchResult, SearchState, TicketProgress, load_search,
                                              save_search)
+from rtl_plugin.pruning.ticket_tp import TicketTpState, tp_arguments
 from rtl_plugin.routed import RoutedModel
 from rtl_plugin.tickets import TicketSet
 from rtl_plugin.training import distributed
@@ -40,125 +47,168 @@ __all__ = ["RTLPruner", "SearchResult", "RoundRecord", "TicketImportance", "vali
            "magnitude_scores"]
 
 
-def validate_sparsities(targets) -> list[float]:
-    """Increasing sparsities in (0, 1)."""
-    if isinstance(targets, (int, float)):
-        targets = [targets]
-    try:
-        ts = [float(t) for t in targets]
-    except (TypeError, ValueError) as e:
-        raise SparsityError(f"target sparsities must be numbers in [0, 1), got {targets!r}.") from e
-    if not ts:
-        raise SparsityError("give at least one target sparsity, e.g. [0.5, 0.75, 0.9].")
-    for t in ts:
-        if not (0.0 <= t < 1.0) or math.isnan(t):
-            raise SparsityError(f"sparsity {t} is outside [0, 1); 0.9 means 90% of prunable weights removed.")
-    if any(b <= a for a, b in zip(ts, ts[1:])):
-        raise SparsityError(f"target sparsities must be strictly increasing, got {ts}.")
-    return ts
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_schedule(routed, schedule, prune_fraction, prune_count, rewind, scope, order, max_relaxations) -> None:
-    if schedule not in ("fraction", "count"):
-        raise SparsityError(f"schedule must be 'fraction' or 'count', got {schedule!r}.")
-    if schedule == "fraction" and not (0.0 < float(prune_fraction) < 1.0):
-        raise SparsityError(f"prune_fraction must be in (0, 1), got {prune_fraction}.")
-    if schedule == "count":
-        if not _is_int(prune_count) or prune_count < 1:
-            raise SparsityError(f"schedule='count' needs prune_count, a positive int (the paper used 4096), got {prune_count!r}.")
-        if routed.granularity == "channel":
-            raise SparsityError("schedule='count' is for weight granularity; use schedule='fraction' with channels.")
-    if not (rewind == "init" or (_is_int(rewind) and rewind >= 0)):
-        raise SparsityError(f"rewind must be 'init' or a number of dense steps >= 0, got {rewind!r}.")
-    if scope not in ("global", "layer"):
-        raise SparsityError(f"scope must be 'global' (one magnitude ranking, the paper) or 'layer' (every layer "
-                            f"loses the same fraction), got {scope!r}.")
-    if order not in ("ticket", "round"):
-        raise SparsityError(f"order must be 'ticket' (each ticket's whole search in turn, the paper) or 'round' "
-                            f"(all tickets advance one pruning round at a time; needed by round-end callbacks "
-                            f"such as CollapseMonitor), got {order!r}.")
-    if not _is_int(max_relaxations) or max_relaxations < 0:
-        raise SparsityError(f"max_relaxations must be an int >= 0, got {max_relaxations!r}.")
-
-
 @dataclass(frozen=True)
 class _RoundTraining:
-    """How find_tickets trains a ticket in every round: the step, passes per round, device and a maker of fresh
-    optimizers."""
+    """How find_tickets trains a ticket in every round: the step, passes per round, device, a maker of fresh
+    optimizers, and the loss and batch count of the importance gradients."""
     train_step: TrainStep
     epochs: int
     device: object
     make_optimizer: Callable[[], torch.optim.Optimizer]
+    loss_fn: Callable | None
+    importance_batches: int
 
 
-def _sparsities_argument(sparsities, target_sparsity):
-    if target_sparsity is None:
-        return (0.5, 0.75, 0.9) if sparsities is None else sparsities
-    warnings.warn("RTLPruner(target_sparsity=...) is deprecated; use sparsities=[...] (the same list).",
-                  DeprecationWarning, stacklevel=3)
-    if sparsities is not None:
-        raise SparsityError("pass sparsities= only (target_sparsity= is its deprecated name), not both.")
-    return target_sparsity
+def _routed_model(model, example_inputs, num_tickets, granularity, ignored) -> RoutedModel:
+    """``model`` itself when it is a RoutedModel (checked against the arguments), else ``rtl.wrap(model, ...)``."""
+    if isinstance(model, RoutedModel):
+        if num_tickets is not None and num_tickets != model.num_tickets:
+            raise TicketError(f"num_tickets={num_tickets} but the RoutedModel routes {model.num_tickets} tickets; "
+                              "drop num_tickets= or re-wrap the model.")
+        if granularity is not None and granularity != model.granularity:
+            raise SparsityError(f"granularity={granularity!r} but the RoutedModel is {model.granularity!r}; the "
+                                "granularity is fixed at wrap: drop granularity= or re-wrap.")
+        excluded = set(model.space.output_layers) | set(model.space.ignored_layers)
+        missing = [n for n in ignored if n not in excluded]
+        if missing:
+            raise SparsityError(f"ignored_layers {missing} are pruned by this RoutedModel's ticket space; pass them "
+                                "to rtl.wrap(..., ignored_layers=[...]) or pass the plain model to RTLPruner.")
+        return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"RTLPruner needs an nn.Module or a RoutedModel (rtl.wrap(model, K)), got "
+                        f"{type(model).__name__}.")
+    if num_tickets is None:
+        raise TicketError("RTLPruner(model, example_inputs, num_tickets=K, ...): give the number of tickets K "
+                          "(or pass a RoutedModel from rtl.wrap).")
+    from rtl_plugin.wrapping import wrap  # wrapping imports the training package, which the pruner also needs
+    return wrap(model, num_tickets, example_inputs=example_inputs, granularity=granularity or "channel",
+                ignored_layers=list(ignored))
 
 
-class RTLPruner:
-    """Adaptive ticket search.
+def _example_inputs(routed: RoutedModel, example_inputs):
+    if example_inputs is not None:
+        return example_inputs
+    shape = routed.space.example_input_shape
+    if shape is None:
+        raise SparsityError("the ticket space has no example input shape; pass example_inputs= to RTLPruner.")
+    p = next(routed.model.parameters())
+    return torch.zeros(shape, device=p.device, dtype=p.dtype)
+
+
+class RTLPruner(_tp.BasePruner):
+    """K tickets in one model, pruned with torch-pruning's idiom (a ``tp.pruner.BasePruner``).
 
     Args:
-        routed: the RoutedModel to search tickets for (its K defines the number of tickets).
-        sparsities: increasing sparsities in [0, 1) at which masks are recorded (default 0.5, 0.75, 0.9).
-            ``target_sparsity=`` is its deprecated name.
-        schedule: "fraction" (remove ``prune_fraction`` of the surviving weights per round) or "count"
-            (remove ``prune_count`` weights per round, the paper's appendix: 4,096). Rounds never
-            overshoot a requested target: the last round before a target prunes exactly down to it.
-        rewind: "init" (θ0, the weights at search start) or an int t: train dense for t steps first
-            and rewind to θ_t.
-        importance: channel mode only: a ``torch_pruning.importance`` callable (default group L1 magnitude).
-        callbacks: ``cb(event: dict) -> "stop" | None`` after every round; "stop" ends that ticket's search
-            (a collapse monitor plugs in here). Events: ticket, round, sparsity, masks (ticket k's, a copy).
-        scope: weight mode: "global" (one magnitude ranking over all layers, the paper) or "layer" (every
-            layer loses the same fraction per round; avoids emptying layers whose weights start small).
-        order: "ticket" (each ticket's whole IMP run in turn, the paper) or "round" (all tickets advance one
-            round at a time; with per-loader generators both give the same masks). Round order calls
-            ``cb.on_round_end(event)`` on callbacks that have it, after every round of all tickets; it may
-            return "stop" (restore every ticket's masks of the previous round and end the search: the
-            remaining targets get those last healthy masks) or "relax" (restore them, halve the prune
-            fraction and go on; after ``max_relaxations`` a "relax" acts as "stop"). Callbacks with an
-            ``on_trained(event)`` method are also called after each ticket's training, before pruning
-            (event: ticket, round, sparsity of the trained masks, target, model).
+        model: the plain model (wrapped with ``rtl.wrap`` here) or a RoutedModel.
+        example_inputs: tracing input (default for a RoutedModel: zeros of its space's example shape).
+        num_tickets: K (required for a plain model).
+        importance: a ``torch_pruning.importance`` criterion. Channel mode: any of magnitude (any p, group
+            reduction), Taylor, Hessian, BN-scale, LAMP, FPGM, random (default group L1 magnitude). Weight mode:
+            an element-level one (magnitude, Taylor, random; default |w|). Taylor/Hessian rank with gradients of
+            the current ticket's loss (call ``loss.backward()`` before ``step()``; find_tickets estimates them).
+        pruning_ratio, pruning_ratio_dict, iterative_steps, iterative_pruning_ratio_scheduler, max_pruning_ratio,
+        global_pruning, round_to, num_heads, ignored_layers: as in torch-pruning (schedule "ratio"). In channel
+            mode ``pruning_ratio`` is the fraction of channels removed, exactly as in tp; the weight sparsity it
+            gives is reported by :meth:`ticket_sparsity`. In weight mode it is the fraction of weights removed.
+        granularity: "channel" (default for a plain model, as tp prunes channels) or "weight" (the paper).
+        rewind: "init" (θ0: the weights when the search begins) or an int t (find_tickets trains dense for t
+            steps first and rewinds to θ_t).
+        sparsities, schedule, prune_fraction, prune_count, scope: the paper's IMP schedule ("fraction" or
+            "count"), used when no pruning_ratio / iterative_steps is given: masks recorded at each weight
+            sparsity, ``prune_fraction`` of the survivors removed per round. ``target_sparsity=`` is deprecated.
+        callbacks, order, max_relaxations, progress: see :meth:`find_tickets`.
+        importance_batches: batches of ticket k's data find_tickets uses for gradient importances.
+        **tp_options: further torch-pruning options (``isomorphic``, ``prune_num_heads``, ``prune_head_dims``,
+            ``head_pruning_ratio``, ``customized_pruners``, ``forward_fn``, ``output_transform``).
     """
 
-    def __init__(self, routed, *, sparsities: Sequence[float] | None = None, schedule: str = "fraction",
-                 prune_fraction: float = 0.2, prune_count: int | None = None, rewind: str | int = "init",
-                 importance=None, callbacks: Sequence[Callable[[dict], object]] = (), progress: bool = True,
-                 scope: str = "global", order: str = "ticket", max_relaxations: int = 2,
-                 target_sparsity: Sequence[float] | None = None):
-        if not isinstance(routed, RoutedModel):
-            raise TypeError(f"RTLPruner needs a RoutedModel (rtl.wrap(model, K)), got {type(routed).__name__}.")
+    def __init__(self, model, example_inputs=None, *, num_tickets: int | None = None, importance=None,
+                 pruning_ratio: float | None = None, pruning_ratio_dict: dict | None = None,
+                 iterative_steps: int | None = None, iterative_pruning_ratio_scheduler: Callable | None = None,
+                 max_pruning_ratio: float = 1.0, global_pruning: bool | None = None, round_to: int | None = None,
+                 ignored_layers: Sequence | None = None, num_heads: dict | None = None,
+                 granularity: str | None = None, rewind: str | int = "init",
+                 sparsities: Sequence[float] | None = None, schedule: str = "auto", prune_fraction: float = 0.2,
+                 prune_count: int | None = None, scope: str = "global", order: str = "ticket",
+                 max_relaxations: int = 2, callbacks: Sequence[Callable[[dict], object]] | Callable = (),
+                 progress: bool = True, importance_batches: int = 4, target_sparsity: Sequence[float] | None = None,
+                 **tp_options):
+        names_model = model.model if isinstance(model, RoutedModel) else model
+        if not isinstance(names_model, nn.Module):
+            raise TypeError(f"RTLPruner needs an nn.Module or a RoutedModel (rtl.wrap(model, K)), got "
+                            f"{type(model).__name__}.")
+        args = dict(schedule=schedule, sparsities=sparsities, target_sparsity=target_sparsity,
+                    prune_fraction=prune_fraction, prune_count=prune_count, rewind=rewind, scope=scope, order=order,
+                    max_relaxations=max_relaxations, pruning_ratio=pruning_ratio, pruning_ratio_dict=pruning_ratio_dict,
+                    iterative_steps=iterative_steps, scheduler=iterative_pruning_ratio_scheduler or _tp.linear_scheduler,
+                    global_pruning=global_pruning, max_pruning_ratio=max_pruning_ratio, round_to=round_to,
+                    num_heads=num_heads, ignored_layers=ignored_layers, tp_options=tp_options)
+        gran = model.granularity if isinstance(model, RoutedModel) else (granularity or "channel")
+        if gran not in ("weight", "channel"):
+            raise SparsityError(f"granularity must be 'weight' or 'channel', got {gran!r}.")
+        config = build_config(names_model, gran, args)
+        routed = _routed_model(model, example_inputs, num_tickets, granularity, config.ignored_layers)
+        self._init_base(routed, config, importance, _example_inputs(routed, example_inputs))
+        self._init_search(routed, config, callbacks, progress, importance_batches)
+
+    def _init_base(self, routed: RoutedModel, config: PruningConfig, importance, example_inputs) -> None:
+        """torch-pruning's own state over a dense plain copy (channel mode, tp's schedule): ``self.DG``,
+        ``self.model``, ``per_step_pruning_ratio`` ... as in any tp pruner; otherwise its public attributes."""
+        if routed.granularity == "channel":
+            check_channel_importance(importance)
+            importance = importance or _tp.default_importance()
+        else:
+            check_element_importance(importance)
+        self.example_inputs = example_inputs
+        if routed.granularity == "channel" and config.uses_ratio:
+            template = routed.plain_copy(0)
+            root = template.get_submodule(routed.space.trace_root) if routed.space.trace_root else template
+            excluded = list(routed.space.output_layers) + list(routed.space.ignored_layers)
+            prefix = routed.space.trace_root + "." if routed.space.trace_root else ""
+            super().__init__(root, example_inputs, importance=importance,
+                             **tp_arguments(config, root, prefix, excluded))
+            return
+        self.model, self.importance, self.DG = routed.model, importance, None
+        self.pruning_ratio, self.iterative_steps = config.pruning_ratio, config.iterative_steps
+        self.pruning_ratio_dict, self.global_pruning = dict(config.pruning_ratio_dict), config.global_pruning
+        self.max_pruning_ratio, self.round_to = config.max_pruning_ratio, config.round_to
+        self.ignored_layers = [routed.model.get_submodule(n) for n in config.ignored_layers]
+        self.per_step_pruning_ratio = [0.0] + list(config.targets) if config.uses_ratio else [0.0]
+        self.current_step = 0
+
+    def _init_search(self, routed, config, callbacks, progress, importance_batches) -> None:
+        if callable(callbacks):
+            callbacks = [callbacks]
+        if not _is_int(importance_batches) or importance_batches < 1:
+            raise DataError(f"importance_batches must be a positive int, got {importance_batches!r}.")
         self.routed = routed
-        self.sparsities = validate_sparsities(_sparsities_argument(sparsities, target_sparsity))
-        _check_schedule(routed, schedule, prune_fraction, prune_count, rewind, scope, order, max_relaxations)
-        self.schedule = schedule
-        self.prune_fraction = float(prune_fraction)
-        self.scope = scope
-        self.order = order
-        self.max_relaxations = max_relaxations
-        self.prune_count = prune_count
-        self.rewind_to = rewind
-        self.importance = importance
+        self.config = config
+        self.sparsities = list(config.targets)
+        self.schedule = config.schedule
+        self.prune_fraction = config.prune_fraction
+        self.scope, self.order = config.scope, config.order
+        self.max_relaxations, self.prune_count, self.rewind_to = config.max_relaxations, config.prune_count, config.rewind
         self.callbacks = list(callbacks)
         self.progress = progress
+        self.importance_batches = importance_batches
         self.result: SearchResult | None = None
         self.state: SearchState | None = None
+        self.current: int | None = None
         self._probe = None
+        self._ticket_tp: dict[int, TicketTpState] = {}
+
+    @property
+    def tickets(self) -> TicketSet:
+        """The current masks of all K tickets (``pruner.routed.tickets``)."""
+        return self.routed.tickets
 
     @property
     def targets(self) -> list[float]:
-        """The sparsities at which masks are recorded (same as ``sparsities``)."""
+        """Where masks are recorded: tp's ratio after each step (schedule "ratio") or the weight sparsities."""
         return self.sparsities
 
     @property
@@ -190,7 +240,44 @@ class RTLPruner:
                                  progress={k: TicketProgress() for k in which})
         for k in which:  # every searched ticket starts dense
             routed.set_ticket(k, {n: torch.ones_like(m[k]) for n, m in start.masks.items()})
+        self._ticket_tp = {}
         return self.state
+
+    def begin(self, k: int) -> None:
+        """Select ticket k and rewind the shared weights to θ (starting the search of all K tickets at the first
+        call: the current weights become θ and every ticket starts dense). Then train ticket k in your own loop
+        (``routed(x, route=k)``, masked updates) and call :meth:`step`."""
+        if self.state is None:
+            self.begin_search()
+        self.rewind(k)
+
+    def step(self, interactive: bool = False) -> None:
+        """Prune one iterative step of the current ticket (the one :meth:`begin` / :meth:`rewind` selected) as
+        soft masks: schedule "ratio", torch-pruning's next ratio (channel mode: the groups tp's own machinery
+        selects); the IMP schedules, one round toward the next sparsity. Gradient importances use the gradients
+        the shared weights hold now. ``interactive=True`` is refused: the groups are not removed but masked."""
+        if interactive:
+            raise RTLError("RTLPruner.step(interactive=True) is not supported: RTL does not remove the groups tp "
+                           "selects, it masks them in the current ticket. Call step().")
+        if self.current is None:
+            raise RTLError("no ticket selected; call pruner.begin(k) before pruner.step().")
+        self.prune_round(self.current)
+
+    def ticket_done(self, k: int | None = None) -> bool:
+        """Whether ticket k (default: the current one) has reached its last target."""
+        k = self.current if k is None else k
+        if k is None:
+            raise RTLError("no ticket selected; call pruner.begin(k) or pass k.")
+        return self.record_targets(k) is None
+
+    def pruning_history(self, k: int | None = None) -> list:
+        """torch-pruning's pruning history of ticket k (default: the current one): what ``export_ticket``
+        replays (channel mode)."""
+        from rtl_plugin.persist.export import pruning_history  # persist.export imports routed, not the pruner
+        k = self.current if k is None else k
+        if k is None:
+            raise RTLError("no ticket selected; call pruner.begin(k) or pass k.")
+        return pruning_history(self.routed, k)
 
     def _progress_of(self, k: int) -> TicketProgress:
         if self.state is None:
@@ -216,17 +303,26 @@ class RTLPruner:
         prog = self._progress_of(k)
         while prog.target_index < len(self.sparsities):
             target = self.sparsities[prog.target_index]
-            if not prog.stopped and self.ticket_sparsity(k) < target - 1e-9:
+            if not prog.stopped and not self._reached(k, prog, target):
                 return target
             masks = {n: m[k].clone() for n, m in self.routed.tickets.masks.items()}
             self.state.recorded[target][k] = masks
             prog.target_index += 1
         return None
 
-    def rewind(self, k: int) -> None:
-        """Select ticket k for its next round: load the rewind weights θ into the shared model."""
+    def _reached(self, k: int, prog: TicketProgress, target: float) -> bool:
+        if self.config.uses_ratio:
+            return prog.rounds >= prog.target_index + 1
+        return self.ticket_sparsity(k) >= target - 1e-9
+
+    def rewind(self, k: int | None = None) -> None:
+        """Select ticket k (default: the current one) for its next round: load the rewind weights θ into the
+        shared model."""
+        k = self.current if k is None else k
         self._progress_of(k)
         self.routed.model.load_state_dict(self.state.theta)
+        self.current = k
+        self.current_step = self.state.progress[k].rounds
 
     def train_ticket(self, k: int, loader, *, train_step: TrainStep | None = None, loss_fn: Callable | None = None,
                      optimizer: torch.optim.Optimizer | None = None, epochs: int = 1, device=None) -> float:
@@ -257,10 +353,12 @@ class RTLPruner:
         before = self.ticket_sparsity(k)
         self.routed.set_ticket(k, self._prune_round(k, target))
         prog.rounds += 1
+        if k == self.current:
+            self.current_step = prog.rounds
         sp = self.ticket_sparsity(k)
         self.state.history.append(RoundRecord(ticket=k, round=prog.rounds, sparsity=sp, loss=loss))
         self.state.rounds_done += 1
-        if sp <= before + 1e-12 and not prog.stopped:
+        if not self.config.uses_ratio and sp <= before + 1e-12 and not prog.stopped:
             warnings.warn(f"ticket {k}: no weight left to prune at sparsity {sp:.4f} (target {target}); recording "
                           "the sparsest reachable masks.", RuntimeWarning, stacklevel=2)
             prog.stopped = True
@@ -291,7 +389,7 @@ class RTLPruner:
         routed.set_tickets(tickets_at[self.sparsities[-1]])
         self.result = SearchResult(tickets_at=tickets_at, history=state.history,
                                    wall_time_s=time.perf_counter() - state.started, stopped=state.stopped)
-        self.state = None
+        self.state, self.current, self._ticket_tp = None, None, {}
         return self.result
 
     def abandon_search(self) -> None:
@@ -299,7 +397,7 @@ class RTLPruner:
         if self.state is not None:
             self.routed.model.load_state_dict(self.state.theta)
             self.routed.set_tickets(self.state.start)
-            self.state = None
+            self.state, self.current, self._ticket_tp = None, None, {}
 
     def dense_warmup(self, loaders, *, steps: int, train_step: TrainStep | None = None,
                      loss_fn: Callable | None = None, optimizer: torch.optim.Optimizer | None = None,
@@ -346,7 +444,8 @@ class RTLPruner:
             warn_factory_deprecated(stacklevel=3)
         loaders, which = self._search_loaders(subsets, tickets, epochs_per_round, checkpoint_every)
         make_optimizer = fresh_optimizers(self.routed, optimizer, optimizer_factory)
-        train = _RoundTraining(train_step or default_train_step(loss_fn), epochs_per_round, device, make_optimizer)
+        train = _RoundTraining(train_step or default_train_step(loss_fn), epochs_per_round, device, make_optimizer,
+                               loss_fn, self.importance_batches)
         ck = None if checkpoint_dir is None else (checkpoint_dir, self._checkpoint_config(loaders, which, epochs_per_round))
         state = load_search(ck, self.routed, loaders, self.sparsities) if ck else None
         if state is None:
@@ -411,6 +510,9 @@ class RTLPruner:
         self.rewind(k)
         loss = self.train_ticket(k, loader, train_step=train.train_step, optimizer=train.make_optimizer(),
                                  epochs=train.epochs, device=train.device)
+        if needs_gradients(self.importance):
+            estimate_gradients(self.routed, k, loader, importance=self.importance, loss_fn=train.loss_fn,
+                               batches=train.importance_batches, device=train.device)
         trained = {"ticket": k, "round": prog.rounds + 1, "sparsity": before, "target": target, "model": self.routed}
         for cb in self.callbacks:
             if hasattr(cb, "on_trained"):
@@ -481,6 +583,8 @@ class RTLPruner:
 
     # ------------------------------------------------------------------ internals
     def _estimate_rounds(self) -> int:
+        if self.config.uses_ratio:
+            return self.config.iterative_steps
         last = self.sparsities[-1]
         if self.schedule == "fraction":
             n = math.ceil(math.log(max(1 - last, 1e-9)) / math.log(1 - self.round_fraction))
@@ -532,17 +636,61 @@ class RTLPruner:
 
     def _prune_round(self, k: int, target: float) -> dict[str, torch.Tensor]:
         """Ticket k's masks after one round toward ``target`` (torchrun: rank 0's masks on every rank)."""
-        if self.routed.granularity == "weight":
-            return distributed.broadcast_masks(self._prune_weights(k, target))
-        return distributed.broadcast_masks(self._prune_channels(k, target))
+        _tp.fill_hessian_gradients(self.importance)
+        require_gradients(self.routed, self.importance)
+        if self.config.uses_ratio:
+            prune = self._ratio_weights if self.routed.granularity == "weight" else self._ratio_channels
+        else:
+            prune = self._prune_weights if self.routed.granularity == "weight" else self._prune_channels
+        return distributed.broadcast_masks(prune(k, target))
 
-    def _prune_weights(self, k: int, target: float) -> dict[str, torch.Tensor]:
-        masks = {n: m[k].clone() for n, m in self.routed.tickets.masks.items()}
-        scores = magnitude_scores(self.routed)
+    def _scores(self, k: int) -> dict[str, torch.Tensor]:
+        """Weight mode: element importance of the shared weights (NaN/inf refused)."""
+        scores = element_scores(self.routed.prunable_weights(), self.importance)
         for nm, sc in scores.items():
             if not bool(torch.isfinite(sc).all()):
                 raise RTLError(f"ticket {k}: layer {nm!r} has NaN/inf weights after training; the search cannot "
                                "rank them. Lower the learning rate or check the data and the train step.")
+        return scores
+
+    def _ratio_weights(self, k: int, target: float) -> dict[str, torch.Tensor]:
+        """Weight mode, tp's schedule: global ranking down to ``(1 - ratio)`` of all weights, or every layer down
+        to ``(1 - its ratio)`` of its weights (``global_pruning=False`` and ``pruning_ratio_dict`` layers)."""
+        masks = {n: m[k].clone() for n, m in self.routed.tickets.masks.items()}
+        scores = self._scores(k)
+        step = self.state.progress[k].rounds + 1
+        per_layer = {}
+        for name, shape in self.routed.space.layers.items():
+            sched = self.config.layer_ratio_schedule(name)
+            if sched is not None or not self.config.global_pruning:
+                ratio = sched[step] if sched is not None else target
+                per_layer[name] = int(masks[name].sum()) - math.floor((1 - ratio) * masks[name].numel() + 1e-9)
+        prune_weights_per_layer(masks, scores, per_layer)
+        rest = [n for n in masks if n not in per_layer]
+        if rest:
+            total = sum(masks[n].numel() for n in rest)
+            n = sum(int(masks[n].sum()) for n in rest) - math.floor((1 - target) * total + 1e-9)
+            if n > 0:
+                prune_weights_global({nm: masks[nm] for nm in rest}, {nm: scores[nm] for nm in rest}, n)
+        return masks
+
+    def _ratio_channels(self, k: int, target: float) -> dict[str, torch.Tensor]:
+        """Channel mode, tp's schedule: ticket k's torch-pruning pruner takes one step on its slim copy; the
+        channels it removes are dropped from ticket k's keep-vectors."""
+        state = self._ticket_tp.get(k)
+        if state is None:
+            state = self._ticket_tp[k] = TicketTpState(self.routed, k, self.config, self.importance,
+                                                       self.example_inputs)
+        keep = {n: m[k].clone() for n, m in self.routed.tickets.masks.items()}
+        state.load_from(self.routed)
+        for root, idxs in state.step(keep).items():
+            keep[root][torch.as_tensor(idxs, dtype=torch.long, device=keep[root].device)] = False
+        state.check(keep)
+        return keep
+
+    def _prune_weights(self, k: int, target: float) -> dict[str, torch.Tensor]:
+        masks = {n: m[k].clone() for n, m in self.routed.tickets.masks.items()}
+        scores = self._scores(k)
         kept = int(sum(int(m.sum()) for m in masks.values()))
         n = self._n_to_prune(kept, target)
         if n <= 0:
@@ -572,6 +720,7 @@ class RTLPruner:
         """Per-group importance [C_root] of ticket k's trained weights, estimated on the UNMASKED weights."""
         plain, groups = self._importance_probe()
         plain.load_state_dict(self.routed.plain_copy(k).state_dict())  # shared weights, ticket k's norm statistics
+        copy_gradients(self.routed, plain)
         imp_fn = self.importance or _tp.default_importance()
         out = {}
         with torch.no_grad():

@@ -10,6 +10,7 @@ import torch_pruning as tp
 import rtl_plugin as rtl
 from rtl_plugin.training.retrain import default_train_step
 from _helpers import half_tickets
+from rtl_plugin.errors import TicketError
 from rtl_plugin.pruning.pruner import RTLPruner, TicketImportance, validate_sparsities
 
 EX = torch.randn(1, 3, 8, 8)
@@ -121,9 +122,11 @@ def test_count_schedule_rejected_in_channel_mode(make_tiny):
         RTLPruner(wrap(make_tiny(), "channel"), schedule="count", prune_count=10, progress=False)
 
 
-def test_pruner_needs_routed_model(make_tiny):
+def test_pruner_needs_a_model_and_k(make_tiny):
     with pytest.raises(TypeError, match="RoutedModel"):
-        RTLPruner(make_tiny())
+        RTLPruner(object())
+    with pytest.raises(TicketError, match="num_tickets"):
+        RTLPruner(make_tiny())  # a plain model: K is needed to wrap it
 
 
 def test_find_tickets_validates_subsets(make_tiny, make_loader):
