@@ -198,3 +198,22 @@ def group_item_pruning(group):
     for item in group:
         out.append((item_module(item), bool(dg.is_out_channel_pruning_fn(item.dep.handler)), list(item.idxs)))
     return out
+
+
+def prime_initial_channels(pruner) -> None:
+    """Let ``pruner`` record its scopes' initial channel counts on the still-dense model without pruning anything.
+
+    tp 1.6.1 records them (private ``_scope_initial_channels``) during the first step; a pruner that resumes on a
+    model already pruned by an earlier run must record them from the dense model first. One dry step with a
+    magnitude importance; the step counter and the head bookkeeping it touches are restored."""
+    saved = (pruner.current_step, pruner.importance, dict(pruner.num_heads), dict(pruner.out_channel_groups))
+    pruner.importance = default_importance()
+    try:
+        for _ in pruner.step(interactive=True):
+            pass
+    finally:
+        pruner.current_step, pruner.importance = saved[0], saved[1]
+        pruner.num_heads.clear()
+        pruner.num_heads.update(saved[2])
+        pruner.out_channel_groups.clear()
+        pruner.out_channel_groups.update(saved[3])

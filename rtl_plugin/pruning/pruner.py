@@ -579,6 +579,9 @@ class RTLPruner(_tp.BasePruner):
                 "tickets": list(which), "targets": self.sparsities, "schedule": self.schedule,
                 "prune_fraction": self.prune_fraction, "prune_count": self.prune_count, "rewind": self.rewind_to,
                 "scope": self.scope, "order": self.order, "max_relaxations": self.max_relaxations,
+                "pruning_ratio": self.config.pruning_ratio, "iterative_steps": self.config.iterative_steps,
+                "global_pruning": self.config.global_pruning, "round_to": self.config.round_to,
+                "importance": type(self.importance).__name__ if self.importance is not None else None,
                 "epochs_per_round": epochs_per_round, "loaders": loaders_config(loaders)}
 
     # ------------------------------------------------------------------ internals
@@ -680,7 +683,7 @@ class RTLPruner(_tp.BasePruner):
         state = self._ticket_tp.get(k)
         if state is None:
             state = self._ticket_tp[k] = TicketTpState(self.routed, k, self.config, self.importance,
-                                                       self.example_inputs)
+                                                       self.example_inputs, steps_done=self.state.progress[k].rounds)
         keep = {n: m[k].clone() for n, m in self.routed.tickets.masks.items()}
         state.load_from(self.routed)
         for root, idxs in state.step(keep).items():

@@ -58,7 +58,9 @@ def _index_twin(root: nn.Module) -> nn.Module:
 class TicketTpState:
     """Ticket k's torch-pruning pruner, its physically pruned plain copy and the copy's index twin."""
 
-    def __init__(self, routed, k: int, config: PruningConfig, importance, example_inputs):
+    def __init__(self, routed, k: int, config: PruningConfig, importance, example_inputs, *, steps_done: int = 0):
+        """``steps_done`` > 0 (a resumed search): the copy is pruned to ticket k's current masks by replaying
+        their history, after tp recorded the dense model's channel counts."""
         space = routed.space
         self.k = k
         self.prefix = space.trace_root + "." if space.trace_root else ""
@@ -70,6 +72,13 @@ class TicketTpState:
                                      **tp_arguments(config, self.root, self.prefix, excluded))
         self.twin_graph = _tp.build_graph(self.twin, _tp_double(example_inputs))
         self.roots = {g.root for g in space.groups}
+        if steps_done:
+            from rtl_plugin.persist.export import pruning_history  # persist.export imports routed, not the pruner
+            _tp.prime_initial_channels(self.pruner)
+            history = pruning_history(routed, k)
+            _tp.replay_history(self.pruner.DG, history)
+            _tp.replay_history(self.twin_graph, history)
+            self.pruner.current_step = steps_done
 
     @property
     def steps_done(self) -> int:

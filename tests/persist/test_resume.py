@@ -354,3 +354,27 @@ def test_optimizer_state_roundtrip_without_pickle():
             for k, v in st.items():
                 assert torch.equal(sd["state"][i][k], v) if torch.is_tensor(v) else sd["state"][i][k] == v
         opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_resume_ratio_schedule_channel_mode(tmp_path, make_tiny, make_loader, global_pruning):
+    """torch-pruning's schedule in channel mode: a resumed ticket's tp pruner is rebuilt on the dense model's
+    channel counts and its masks replayed, so the resumed search equals the uninterrupted one."""
+    def setup():
+        torch.manual_seed(0)
+        routed = rtl.wrap(make_tiny(width=8), 2, example_inputs=EX, granularity="channel", adapter="generic",
+                          output_layers=["head"])
+        subsets = {0: make_loader(3, seed=1, shuffle=True), 1: make_loader(3, seed=2, shuffle=True)}
+        return routed, subsets, RTLPruner(routed, pruning_ratio=0.6, iterative_steps=3, progress=False,
+                                          global_pruning=global_pruning)
+    kw = dict(optimizer=None, checkpoint_every=1)
+    routed, subsets, pruner = setup()
+    ref = pruner.find_tickets(subsets, train_step=Flaky(None), **kw)
+    routed, subsets, pruner = setup()
+    with pytest.raises(RuntimeError, match="simulated"):
+        pruner.find_tickets(subsets, train_step=Flaky(3 * 1 + 2), checkpoint_dir=tmp_path, **kw)  # round 2, ticket 0
+    got = pruner.find_tickets(subsets, train_step=Flaky(None), checkpoint_dir=tmp_path, **kw)
+    assert [vars(h) for h in got.history] == [vars(h) for h in ref.history]
+    for t in ref.tickets_at:
+        for n, m in ref.tickets_at[t].masks.items():
+            assert torch.equal(got.tickets_at[t].masks[n], m), (t, n)
