@@ -89,12 +89,15 @@ def _routed_model(model, example_inputs, num_tickets, granularity, ignored) -> R
                 ignored_layers=list(ignored))
 
 
-def _example_inputs(routed: RoutedModel, example_inputs):
+def _example_inputs(routed: RoutedModel, example_inputs, config: PruningConfig):
+    """The tracing input torch-pruning's schedule needs in channel mode (None when nothing traces)."""
     if example_inputs is not None:
         return example_inputs
     shape = routed.space.example_input_shape
     if shape is None:
-        raise SparsityError("the ticket space has no example input shape; pass example_inputs= to RTLPruner.")
+        if routed.granularity == "channel" and config.uses_ratio:
+            raise SparsityError("the ticket space has no example input shape; pass example_inputs= to RTLPruner.")
+        return None
     p = next(routed.model.parameters())
     return torch.zeros(shape, device=p.device, dtype=p.dtype)
 
@@ -152,7 +155,7 @@ class RTLPruner(_tp.BasePruner):
             raise SparsityError(f"granularity must be 'weight' or 'channel', got {gran!r}.")
         config = build_config(names_model, gran, args)
         routed = _routed_model(model, example_inputs, num_tickets, granularity, config.ignored_layers)
-        self._init_base(routed, config, importance, _example_inputs(routed, example_inputs))
+        self._init_base(routed, config, importance, _example_inputs(routed, example_inputs, config))
         self._init_search(routed, config, callbacks, progress, importance_batches)
 
     def _init_base(self, routed: RoutedModel, config: PruningConfig, importance, example_inputs) -> None:
