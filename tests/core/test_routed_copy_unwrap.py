@@ -231,3 +231,42 @@ def test_stock_count_ops_and_params_refuses_the_live_routed_model(granularity):
             tp.utils.count_ops_and_params(target, x[:1])
     with torch.no_grad():
         assert torch.equal(r(x, route=ROUTE), ref)
+
+
+class _Outer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = TinyCNN()
+
+    def forward(self, x):
+        return self.body(x) * 2
+
+
+class _BodyAdapter(rtl.Adapter):
+    """Traces the submodule ``body`` (like the audio adapter, whose traced root is not the whole model)."""
+    name = "body_test"
+
+    def matches(self, model):
+        return False
+
+    def output_layers(self, model):
+        return ["body.head"]
+
+    def trace_root(self, model):
+        return "body"
+
+
+def test_merge_and_count_with_a_traced_submodule():
+    torch.manual_seed(0)
+    r = rtl.wrap(_Outer(), K, example_inputs=torch.randn(1, 3, 8, 8), adapter=_BodyAdapter(), granularity="channel")
+    r.set_tickets(half_tickets(r.space, K, seed=3))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(rtl.SpaceError, match="pass example_inputs="):
+        r.count_ops_and_params(0)
+    assert r.count_ops_and_params(2, x[:1]) == tuple(
+        int(v) for v in tp.utils.count_ops_and_params(rtl.export_ticket(r, 2), x[:1]))
+    with torch.no_grad():
+        want = r.eval()(x, route=2)
+        merged = r.merge(2).eval()
+        assert merged.body.conv2.out_channels == 8
+        assert _rel(merged(x), want) < 1e-5
