@@ -188,6 +188,8 @@ class _ChannelMaskHook:
 def refuse_torch_pruning(root: nn.Module) -> None:
     """Raise LiveRoutedModelError when torch-pruning traces (a pruner, ``build_dependency``) or counts
     (``tp.utils.count_ops_and_params``) the live routed model ``root``; a refused trace's hooks are removed."""
+    if torch.compiler.is_compiling():
+        return  # torch.compile traces the routed forward itself; tp never runs under it
     tool = _tp.active_tool()
     if tool == "trace":
         _tp.remove_trace_hooks(root.modules())

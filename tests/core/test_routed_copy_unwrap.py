@@ -101,6 +101,12 @@ def test_deepcopy_tickets_weights_and_statistics_are_independent(granularity):
         r.set_ticket(0, {n: ~m[0] for n, m in r.tickets.masks.items()} if granularity == "weight"
                      else {n: m[1] for n, m in r.tickets.masks.items()})
         assert torch.equal(c(x, route=ROUTE), before_copy)
+        after = r(x, route=ROUTE)
+    hooks = _our_hooks(r)
+    c.unwrap()  # unwrapping the copy removes the copy's hooks, not the original's
+    assert _our_hooks(r) == hooks and len(hooks) > 0
+    with torch.no_grad():
+        assert torch.equal(r(x, route=ROUTE), after)
 
 
 # ----------------------------------------------------------------------------- unwrap
