@@ -11,8 +11,9 @@ from rtl_plugin.diagnostics import (CollapseMonitor, CollapseWarning, Diagnosis,
                                     diagnose, semantic_alignment, wordnet_similarity)
 from rtl_plugin.diagnostics.report import diagnose_run
 from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, DataError, DistributedError,
-                               FormatVersionError, ImportanceError, MissingDependencyError, OptimizerError, RouteError, RTLError,
-                               SpaceError, SparsityError, TaskHookError, TicketError, UnsupportedLayerError)
+                               FormatVersionError, ImportanceError, LiveRoutedModelError, MissingDependencyError,
+                               OptimizerError, RouteError, RTLError, SpaceError, SparsityError, TaskHookError, TicketError,
+                               UnsupportedLayerError, UnwrappedModelError)
 from rtl_plugin.norms import MaskedLayerNorm, RoutedBatchNorm
 from rtl_plugin.persist import (SlimRoutedModel, export_onnx, export_package, export_ticket, load, load_package,
                                 pruning_history)
@@ -27,10 +28,10 @@ _deprecated.install()
 
 __all__ = [
     "Adapter", "ArchitectureMismatchError", "CollapseMonitor", "CollapseWarning", "CorruptFileError", "DataError",
-    "Diagnosis", "DistributedError", "FormatVersionError", "ImportanceError", "MaskedLayerNorm", "MissingDependencyError", "OptimizerError", "RTLError",
+    "Diagnosis", "DistributedError", "FormatVersionError", "ImportanceError", "LiveRoutedModelError", "MaskedLayerNorm", "MissingDependencyError", "OptimizerError", "RTLError",
     "RTLPruner", "RouteError", "RoutedBatchNorm", "RoutedModel", "SearchResult", "SlimRoutedModel", "SpaceError",
     "SparsityError", "Sweep", "SweepPoint", "SweepRecorder", "TaskHookError", "TicketError", "TicketImportance", "TicketSet",
-    "TicketSpace", "UnsupportedLayerError", "build_space", "create_adapter", "detect_adapter", "diagnose",
+    "TicketSpace", "UnsupportedLayerError", "UnwrappedModelError", "build_space", "create_adapter", "detect_adapter", "diagnose",
     "diagnose_run", "export_onnx", "export_package", "export_ticket", "joint_retrain", "list_adapters", "load",
     "load_package", "mixed_route_retrain", "pruning_history", "register_adapter", "semantic_alignment", "wrap",
     "wordnet_similarity",

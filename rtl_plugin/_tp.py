@@ -5,6 +5,10 @@ Everything else in rtl-plugin goes through these helpers, so a torch-pruning upg
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
+import threading
+import types
 from typing import Iterable, Sequence
 
 import torch
@@ -217,3 +221,57 @@ def prime_initial_channels(pruner) -> None:
         pruner.num_heads.update(saved[2])
         pruner.out_channel_groups.clear()
         pruner.out_channel_groups.update(saved[3])
+
+
+# ---------------------------------------------------------------- refusing the live routed model
+# torch-pruning has no hook to refuse a model: a routed model detects tp on the call stack instead. tp 1.6.1 traces
+# in DependencyGraph.build_dependency -> _trace (every pruner's constructor calls it) and counts in
+# utils.count_ops_and_params (a deep copy run under forward hooks).
+_WATCHED_CODES = (tp.DependencyGraph.build_dependency.__code__, tp.DependencyGraph._trace.__code__,
+                  inspect.unwrap(tp.utils.count_ops_and_params).__code__)
+_RECORD_HOOK_CODE = next(c for c in tp.DependencyGraph._trace.__code__.co_consts
+                         if isinstance(c, types.CodeType) and c.co_name == "_record_grad_fn")
+_allowance = threading.local()
+
+
+@contextlib.contextmanager
+def allow_routed_trace():
+    """rtl-plugin's own code may trace a live routed model inside this block (e.g. to read tp's groups);
+    routed models refuse every other torch-pruning trace (see ``active_tool``)."""
+    _allowance.depth = getattr(_allowance, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _allowance.depth -= 1
+
+
+def active_tool() -> str | None:
+    """``"trace"`` while torch-pruning builds a dependency graph (outside ``allow_routed_trace``), ``"count"``
+    while ``tp.utils.count_ops_and_params`` runs, else None: read from the caller's stack."""
+    build, trace, count = _WATCHED_CODES  # identity tests: hashing a code object hashes its bytecode
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code is trace or code is build:
+            return None if getattr(_allowance, "depth", 0) else "trace"
+        if code is count:
+            return "count"
+        frame = frame.f_back
+    return None
+
+
+def remove_trace_hooks(modules: Iterable[nn.Module]) -> None:
+    """Drop the forward hooks an aborted torch-pruning trace left on ``modules`` (tp removes them only when the
+    traced forward succeeds, so a refused trace would otherwise leave them behind)."""
+    for m in modules:
+        for hid, fn in list(m._forward_hooks.items()):
+            if getattr(fn, "__code__", None) is _RECORD_HOOK_CODE:
+                del m._forward_hooks[hid]
+                m._forward_hooks_with_kwargs.pop(hid, None)
+                m._forward_hooks_always_called.pop(hid, None)
+
+
+def count_ops_and_params(model: nn.Module, example_inputs) -> tuple[int, int]:
+    """torch-pruning's ``(MACs, parameter count)`` of a plain ``model`` on ``example_inputs``."""
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)

@@ -146,13 +146,18 @@ class RoutedBatchNorm(nn.Module):
             bn = copy.deepcopy(self)
         finally:
             object.__setattr__(self, "_state", state)
-        bn.__class__ = self._rtl_base_class
-        for k in ("_rtl_name", "num_tickets"):
-            bn.__dict__.pop(k, None)
-        if bn.track_running_stats:
+        return bn.unroute(ticket)
+
+    def unroute(self, ticket: int) -> nn.modules.batchnorm._BatchNorm:
+        """In place: turn this module back into its original BatchNorm class holding ticket ``ticket``'s
+        statistics (the same module and parameter objects; the buffers become that ticket's rows)."""
+        if self.track_running_stats:
             for b in ("running_mean", "running_var", "num_batches_tracked"):
-                bn.register_buffer(b, getattr(bn, b)[ticket].clone())
-        return bn
+                self.register_buffer(b, getattr(self, b)[ticket].clone())
+        for k in ("_state", "_rtl_name", "num_tickets"):
+            self.__dict__.pop(k, None)
+        self.__class__ = self._rtl_base_class
+        return self
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", tickets={self.num_tickets}"

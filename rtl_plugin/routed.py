@@ -22,7 +22,8 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from rtl_plugin import _tp
-from rtl_plugin.errors import ArchitectureMismatchError, RouteError, TicketError
+from rtl_plugin.errors import (ArchitectureMismatchError, LiveRoutedModelError, RouteError, SpaceError, TicketError,
+                               UnwrappedModelError)
 from rtl_plugin.norms import (MaskedLayerNorm, RoutedBatchNorm, RouteState, require_route, layer_norm_channel_dim,
                     split_by_route)
 from rtl_plugin.space import TicketSpace, architecture_fingerprint
@@ -155,6 +156,68 @@ def run_per_pixel(run_per_sample, args, kwargs, route: torch.Tensor, num_tickets
     return res.index_add(0, b_idx, contrib)
 
 
+def mask_channels(x: torch.Tensor, m: torch.Tensor, dim: int, name: str) -> torch.Tensor:
+    """``x`` times the per-sample channel mask ``m`` [B or 1, C] along ``dim`` (layer ``name`` for errors)."""
+    if m.shape[0] not in (1, x.shape[0]) or x.shape[dim] != m.shape[1]:
+        raise RouteError(f"layer {name!r}: cannot apply a [{m.shape[0]}, {m.shape[1]}] channel mask to a tensor of "
+                         f"shape {tuple(x.shape)} (channel dim {dim}); layers that fold other dims into the batch "
+                         "cannot be routed per sample in channel mode.")
+    shape = [m.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = m.shape[1]
+    return x * m.to(x.dtype).view(shape)
+
+
+class _ChannelMaskHook:
+    """Channel mode: masks a coupled layer's output (``side="out"``, a forward hook) or input (``side="in"``, a
+    forward pre-hook) with the sample's ticket mask. A plain object rather than a closure, so that
+    ``copy.deepcopy`` of the routed model rebinds it to the copy's RouteState."""
+
+    def __init__(self, state: RouteState, name: str, dim: int, side: str):
+        self.state, self.name, self.dim, self.side = state, name, dim, side
+
+    def __call__(self, module, args, *output):
+        require_route(self.state, self.name)
+        m = self.state.sample_mask(self.name, self.side)
+        if self.side == "out":
+            return output[0] if m is None else mask_channels(output[0], m, self.dim, self.name)
+        if m is None or not args:
+            return None
+        return (mask_channels(args[0], m, self.dim, self.name),) + tuple(args[1:])
+
+
+def refuse_torch_pruning(root: nn.Module) -> None:
+    """Raise LiveRoutedModelError when torch-pruning traces (a pruner, ``build_dependency``) or counts
+    (``tp.utils.count_ops_and_params``) the live routed model ``root``; a refused trace's hooks are removed."""
+    if torch.compiler.is_compiling():
+        return  # torch.compile traces the routed forward itself; tp never runs under it
+    tool = _tp.active_tool()
+    if tool == "trace":
+        _tp.remove_trace_hooks(root.modules())
+        raise LiveRoutedModelError(
+            "torch-pruning is tracing the live routed model (a RoutedModel, its .model or a ticket_module(k) view): "
+            "all tickets share its weights and its norms hold per-ticket statistics, so pruning it would cut every "
+            "ticket and break the model. Prune a plain copy instead: plain = routed.plain_copy(k) (rank its "
+            "channels with TicketImportance(routed, k)), or take rtl.export_ticket(routed, k).")
+    if tool == "count":
+        raise LiveRoutedModelError(
+            "tp.utils.count_ops_and_params cannot count the live routed model: every ticket has its own size. "
+            "Use routed.count_ops_and_params(k, example_inputs), or count a plain model: "
+            "tp.utils.count_ops_and_params(rtl.export_ticket(routed, k), example_inputs).")
+
+
+class _ToolGuard:
+    """Forward pre-hook on the wrapped model: when it runs outside a routed forward (called directly, e.g. by a
+    torch-pruning trace of ``routed.model``), refuse torch-pruning. Holds only the RouteState (deepcopy-safe)."""
+
+    def __init__(self, state: RouteState):
+        self.state = state
+
+    def __call__(self, module, args):
+        if self.state.route is None:
+            refuse_torch_pruning(module)
+        return None
+
+
 class RoutedModel(nn.Module):
     """Routed-mask wrapper (PEFT-style: the model is wrapped in place, extra state stays small).
 
@@ -230,45 +293,17 @@ class RoutedModel(nn.Module):
                     continue
                 dim = _channel_dim(m)
                 if "out" in sides:
-                    h = m.register_forward_hook(self._make_out_hook(name, dim))
-                    self._handles.append(h)
-                    self._hook_ids.add(h.id)
+                    self._keep_handle(m.register_forward_hook(_ChannelMaskHook(self._state, name, dim, "out")))
                 if "in" in sides:
-                    h = m.register_forward_pre_hook(self._make_in_hook(name, dim))
-                    self._handles.append(h)
-                    self._hook_ids.add(h.id)
+                    self._keep_handle(m.register_forward_pre_hook(_ChannelMaskHook(self._state, name, dim, "in")))
+        self._keep_handle(self.model.register_forward_pre_hook(_ToolGuard(self._state)))
         self._weight_params = {n: self.model.get_submodule(n).weight for n in self.space.layers}
         # layers whose forward is the stock conv / linear one: their weights may be pre-cast under autocast
         self._plain_layer = {n: type(self.model.get_submodule(n)).forward in _PLAIN_FORWARDS for n in self.space.layers}
 
-    def _mask_like(self, x: torch.Tensor, m: torch.Tensor, dim: int, name: str) -> torch.Tensor:
-        if m.shape[0] not in (1, x.shape[0]) or x.shape[dim] != m.shape[1]:
-            raise RouteError(f"layer {name!r}: cannot apply a [{m.shape[0]}, {m.shape[1]}] channel mask to a tensor of "
-                             f"shape {tuple(x.shape)} (channel dim {dim}); layers that fold other dims into the batch "
-                             "cannot be routed per sample in channel mode.")
-        shape = [m.shape[0]] + [1] * (x.dim() - 1)
-        shape[dim] = m.shape[1]
-        return x * m.to(x.dtype).view(shape)
-
-    def _make_out_hook(self, name: str, dim: int):
-        state = self._state
-
-        def hook(module, inputs, output):
-            require_route(state, name)
-            m = state.sample_mask(name, "out")
-            return output if m is None else self._mask_like(output, m, dim, name)
-        return hook
-
-    def _make_in_hook(self, name: str, dim: int):
-        state = self._state
-
-        def pre_hook(module, args):
-            require_route(state, name)
-            m = state.sample_mask(name, "in")
-            if m is None or not args:
-                return None
-            return (self._mask_like(args[0], m, dim, name),) + tuple(args[1:])
-        return pre_hook
+    def _keep_handle(self, handle) -> None:
+        self._handles.append(handle)
+        self._hook_ids.add(handle.id)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -298,6 +333,7 @@ class RoutedModel(nn.Module):
 
     def set_ticket(self, k: int, masks: dict[str, torch.Tensor]) -> None:
         """Replace ticket ``k``'s masks (``{name: BoolTensor}`` of one ticket) and drop its cached weights."""
+        self._check_live()
         self.tickets.set_ticket(k, masks)
         self._cache.clear()
 
@@ -308,10 +344,17 @@ class RoutedModel(nn.Module):
 
     def prunable_weights(self) -> dict[str, nn.Parameter]:
         """The shared prunable weights by module name, in ticket-space order (the real parameters, not copies)."""
+        self._check_live()
         return dict(self._weight_params)
 
     def ticket_module(self, k: int) -> nn.Module:
-        """An ``nn.Module`` view whose forward runs ticket ``k`` (shares everything with this model)."""
+        """An ``nn.Module`` view whose forward runs ticket ``k``, for training loops and evaluation.
+
+        It shares every weight with this model, so it is not something to prune: torch-pruning pruners and
+        ``TicketImportance`` refuse it (LiveRoutedModelError). Prune ``plain_copy(k)`` or use
+        ``rtl.export_ticket(routed, k)``; count it with ``count_ops_and_params(k, example_inputs)``.
+        """
+        self._check_live()
         self.tickets.check_index(k)
         return _TicketView(self, int(k))
 
@@ -320,6 +363,8 @@ class RoutedModel(nn.Module):
         return check_route(route, x, self.num_tickets)
 
     def forward(self, *args, route=None, **kwargs):
+        self._check_live()
+        refuse_torch_pruning(self)
         if not args or not isinstance(args[0], torch.Tensor):
             raise RouteError("RoutedModel expects the input tensor as its first positional argument.")
         x = args[0]
@@ -387,7 +432,11 @@ class RoutedModel(nn.Module):
 
     # ------------------------------------------------------------------ plain copies
     def plain_copy(self, ticket: int) -> nn.Module:
-        """Deep copy of the wrapped model without routing hooks, norms holding ticket ``ticket``'s statistics."""
+        """Deep copy of the wrapped model without routing hooks, norms holding ticket ``ticket``'s statistics.
+
+        A dense model with the shared weights (no mask applied): what a stock torch-pruning pruner may prune.
+        """
+        self._check_live()
         self.tickets.check_index(ticket)
         # deepcopy without our hooks: detach them temporarily
         saved = []
@@ -408,6 +457,106 @@ class RoutedModel(nn.Module):
                 _set_submodule(base, name, m.base)
         return base
 
+    # ------------------------------------------------------------------ counting, unwrap, merge
+    def count_ops_and_params(self, k: int, example_inputs=None) -> tuple[int, int]:
+        """``tp.utils.count_ops_and_params`` of ticket ``k``: ``(MACs, parameters)`` on ``example_inputs``.
+
+        Channel mode: the counts of ``rtl.export_ticket(routed, k)``, the physically smaller model. Weight mode:
+        the dense MACs (a masked dense layer still multiplies every weight) and the parameters ticket ``k`` keeps
+        (all parameters minus its masked-out prunable weights). ``example_inputs`` defaults to zeros of the
+        ticket space's tracing shape (only when the space was traced from the whole model).
+        """
+        self._check_live()
+        self.tickets.check_index(k)
+        if example_inputs is None:
+            if self.space.trace_root:
+                raise SpaceError(f"the ticket space was traced from submodule {self.space.trace_root!r}, so its example "
+                                 "shape is not the model's input; pass example_inputs= (an input of the whole model).")
+            example_inputs = self._zeros_example(self.model)
+        if self.granularity == "channel":
+            from rtl_plugin.persist.export import export_ticket  # persist imports this module (see save)
+            return _tp.count_ops_and_params(export_ticket(self, k), example_inputs)
+        macs, params = _tp.count_ops_and_params(self.plain_copy(k), example_inputs)
+        dropped = sum(int((~self.tickets.masks[n][k]).sum()) for n in self.space.layers)
+        return macs, params - dropped
+
+    def _zeros_example(self, root: nn.Module) -> torch.Tensor:
+        """Zeros of the space's tracing shape on ``root``'s device and dtype (``root`` is the traced module)."""
+        if self.space.example_input_shape is None:
+            raise SpaceError("the ticket space has no example input shape; pass example_inputs=.")
+        p = next(root.parameters())
+        return torch.zeros(self.space.example_input_shape, device=p.device, dtype=p.dtype)
+
+    def unwrap(self, *, norm_ticket: int = 0) -> nn.Module:
+        """Hand back the plain model (PEFT's ``unload()``); this RoutedModel is unusable afterwards.
+
+        The routing hooks are removed and the routed norms become the original modules again: each
+        RoutedBatchNorm turns back into its original class, in place, holding ticket ``norm_ticket``'s running
+        statistics (default ticket 0; K per-ticket sets cannot fold into one); each MaskedLayerNorm is replaced by
+        the original LayerNorm. Modules and parameters are the very objects of the model that was wrapped; the
+        weights are the shared dense ones (no mask applied; see ``merge(k)``).
+        """
+        self._check_live()
+        self.tickets.check_index(norm_ticket)
+        return self._release(int(norm_ticket), "unwrap")
+
+    def merge(self, k: int, *, example_inputs=None) -> nn.Module:
+        """Hand back the wrapped model computing ticket ``k`` alone (PEFT's ``merge_and_unload()``), in place.
+
+        ``unwrap(norm_ticket=k)`` and then, weight mode: the shared weights are multiplied by ticket ``k``'s masks
+        in place; channel mode: the model is physically pruned in place to ticket ``k`` (torch-pruning replays
+        ``rtl.pruning_history(routed, k)``; ``example_inputs`` is the tracing input of the traced root, default
+        zeros of the space's shape), the same model as ``rtl.export_ticket(routed, k)``. The other tickets are
+        gone and this RoutedModel is unusable afterwards; ``rtl.export_ticket`` gives a copy instead.
+        """
+        self._check_live()
+        self.tickets.check_index(k)
+        k = int(k)
+        if self.granularity == "weight":
+            masked = {n: (w, self.tickets.masks[n][k]) for n, w in self._weight_params.items()}
+            model = self._release(k, "merge")
+            with torch.no_grad():
+                for w, m in masked.values():
+                    w.mul_(m.to(w.dtype))
+            return model
+        from rtl_plugin.persist.export import pruning_history  # persist imports this module (see save)
+        history = pruning_history(self, k)  # checked before anything changes (a ticket may drop a whole group)
+        root_name = self.space.trace_root
+        if example_inputs is None:
+            example_inputs = self._zeros_example(self.model.get_submodule(root_name) if root_name else self.model)
+        model = self._release(k, "merge")
+        root = model.get_submodule(root_name) if root_name else model
+        _tp.replay_history(_tp.build_graph(root, example_inputs), history)
+        return model
+
+    def _release(self, norm_ticket: int, how: str) -> nn.Module:
+        """Remove every routing hook, turn routed norms back into plain ones and let go of the model."""
+        model = self.model
+        for handle in self._handles:
+            handle.remove()
+        for name, m in list(model.named_modules()):
+            if isinstance(m, RoutedBatchNorm):
+                m.unroute(norm_ticket)
+            elif isinstance(m, MaskedLayerNorm):
+                _set_submodule(model, name, m.base)
+        del self._modules["model"]
+        self._handles, self._hook_ids, self._weight_params, self._plain_layer = [], set(), {}, {}
+        self._cache.clear()
+        self.__dict__["_released_by"] = how
+        return model
+
+    def _check_live(self) -> None:
+        how = self.__dict__.get("_released_by")
+        if how is not None:
+            raise UnwrappedModelError(f"this RoutedModel handed its model back with {how}() and no longer routes; "
+                                      "use the model that call returned, or wrap it again with rtl.wrap(model, K, ...) "
+                                      "and routed.set_tickets(...).")
+
+    def __getattr__(self, name: str):
+        if name == "model" and "_released_by" in self.__dict__:
+            self._check_live()
+        return super().__getattr__(name)
+
     def extra_repr(self) -> str:
         return (f"num_tickets={self.num_tickets}, granularity={self.granularity}, shared_norm={self.shared_norm}, "
                 f"prunable_weights={self.space.num_weights}")
@@ -422,7 +571,8 @@ class RoutedModel(nn.Module):
 
 
 class _TicketView(nn.Module):
-    """Forward of one fixed ticket (for tp importance, training loops, export checks)."""
+    """Forward of one fixed ticket (for training loops and evaluation; torch-pruning refuses it, see
+    ``RoutedModel.ticket_module``)."""
 
     def __init__(self, routed: RoutedModel, k: int):
         super().__init__()

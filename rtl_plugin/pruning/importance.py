@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 
 from rtl_plugin import _tp
+from rtl_plugin.errors import LiveRoutedModelError
+from rtl_plugin.routed import RoutedModel
 
 
 class TicketImportance:
     """A torch-pruning importance that ranks channels by what ticket k keeps (interop with stock tp pruners).
 
-    ``tp.pruner.BasePruner(plain_model, example_inputs, importance=TicketImportance(routed, k), ...)``
+    ``tp.pruner.BasePruner(routed.plain_copy(k), example_inputs, importance=TicketImportance(routed, k), ...)``
     hard-prunes first the channels ticket k does not use: channel mode, channels the ticket drops get
     -inf and kept ones the base importance; weight mode, a channel's score is the L1 norm of ticket k's
     kept weights in it (0 when the ticket keeps none).
@@ -19,9 +21,18 @@ class TicketImportance:
         routed: the RoutedModel whose ticket defines the ranking.
         k: ticket id.
         base: a tp importance for kept channels (default ``GroupMagnitudeImportance(p=1)``).
+
+    Raises LiveRoutedModelError when ``routed`` is not the RoutedModel (e.g. ``routed.ticket_module(k)`` or
+    ``routed.model``) and when asked to rank a group of the live routed model itself: prune ``plain_copy(k)``.
     """
 
     def __init__(self, routed, k: int, base=None):
+        if not isinstance(routed, RoutedModel):
+            raise LiveRoutedModelError(
+                f"TicketImportance(routed, k) takes the RoutedModel itself as the source of ticket k, got "
+                f"{type(routed).__name__} (a ticket_module(k) view or routed.model is not accepted); prune a plain "
+                "copy with it: tp.pruner.BasePruner(routed.plain_copy(k), example_inputs, "
+                "importance=TicketImportance(routed, k), ...).")
         routed.tickets.check_index(k)
         self.routed = routed
         self.k = int(k)
@@ -35,6 +46,7 @@ class TicketImportance:
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
+        self._refuse_live_group(group)
         base = self.base(group)
         if base is None:
             return None
@@ -46,6 +58,15 @@ class TicketImportance:
             keep = kv[self.k].to(base.device)
             return torch.where(keep, base, torch.full_like(base, -float("inf")))
         return self._kept_weight_l1(group, n, base.device)
+
+    def _refuse_live_group(self, group) -> None:
+        root, _ = _tp.group_root(group)
+        if any(root is m for m in self.routed.model.modules()):
+            raise LiveRoutedModelError(
+                "TicketImportance was asked to rank a group of the live routed model, whose weights every ticket "
+                "shares: pruning it would cut all tickets. Build the pruner on a plain copy: "
+                "tp.pruner.BasePruner(routed.plain_copy(k), example_inputs, importance=TicketImportance(routed, k), "
+                "...), or take rtl.export_ticket(routed, k).")
 
     def _kept_weight_l1(self, group, n: int, device) -> torch.Tensor:
         """Weight mode: per-channel L1 of the ticket's kept weights over the group's out-channel layers."""

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 
 import rtl_plugin as rtl
@@ -57,6 +58,30 @@ class _NoWeights(nn.Module):
 def _timm_resnet18_wrong_channels(c):
     import timm
     return rtl.wrap(timm.create_model("resnet18", num_classes=4), K, example_inputs=torch.randn(1, 4, 32, 32))
+
+
+def _stock_pruner(model):
+    """A stock torch-pruning pruner built and stepped on ``model`` (tp traces with autograd on)."""
+    with torch.enable_grad():
+        tp.pruner.BasePruner(model, EX, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=0.5).step()
+
+
+def _dependency_graph(model):
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=EX)
+
+
+def _released(c, how: str) -> rtl.RoutedModel:
+    """A fresh routed model that has handed its model back with ``unwrap()`` or ``merge(0)``."""
+    routed = c.make_routed("channel")
+    routed.unwrap() if how == "unwrap" else routed.merge(0)
+    return routed
+
+
+def _drop_group(c) -> rtl.RoutedModel:
+    routed = c.make_routed("channel")
+    routed.set_ticket(1, {n: m[1] & (n != "conv1") for n, m in routed.tickets.masks.items()})
+    return routed
 
 
 # (id, callable(ctx), expected exception class, substring of the message)
@@ -150,6 +175,31 @@ CASES = [
      lambda c: rtl.joint_retrain(c.make_routed("weight"), {0: [(c.x, _long(4))]}, optimizer=None, progress=False),
      OptimizerError, "torch.optim.Adam(routed.parameters()"),
     ("clone_optimizer_not_an_optimizer", lambda c: clone_optimizer("adam"), OptimizerError, "Optimizer instance"),
+    # ---- torch-pruning on the live routed model, unwrap / merge / count_ops_and_params
+    ("stock_pruner_on_routed_model", lambda c: _stock_pruner(c.w), rtl.LiveRoutedModelError, "routed.plain_copy(k)"),
+    ("stock_pruner_on_ticket_module", lambda c: _stock_pruner(c.c.ticket_module(1)), rtl.LiveRoutedModelError,
+     "routed.plain_copy(k)"),
+    ("stock_pruner_on_wrapped_model", lambda c: _stock_pruner(c.c.model), rtl.LiveRoutedModelError,
+     "routed.plain_copy(k)"),
+    ("dependency_graph_on_ticket_module", lambda c: _dependency_graph(c.w.ticket_module(0)), rtl.LiveRoutedModelError,
+     "rtl.export_ticket(routed, k)"),
+    ("tp_count_ops_on_routed_model", lambda c: tp.utils.count_ops_and_params(c.c, EX), rtl.LiveRoutedModelError,
+     "routed.count_ops_and_params(k, example_inputs)"),
+    ("tp_count_ops_on_ticket_module", lambda c: tp.utils.count_ops_and_params(c.w.ticket_module(2), EX),
+     rtl.LiveRoutedModelError, "routed.count_ops_and_params(k, example_inputs)"),
+    ("ticket_importance_on_ticket_module", lambda c: rtl.TicketImportance(c.c.ticket_module(0), 0),
+     rtl.LiveRoutedModelError, "routed.plain_copy(k)"),
+    ("count_ops_ticket_eq_K", lambda c: c.w.count_ops_and_params(K, EX), rtl.TicketError, "ticket index"),
+    ("unwrap_norm_ticket_eq_K", lambda c: c.make_routed("weight").unwrap(norm_ticket=K), rtl.TicketError,
+     "ticket index"),
+    ("merge_ticket_eq_K", lambda c: c.make_routed("weight").merge(K), rtl.TicketError, "ticket index"),
+    ("merge_ticket_drops_a_whole_group", lambda c: _drop_group(c).merge(1), rtl.TicketError, "Keep >=1 channel"),
+    ("forward_after_unwrap", lambda c: _released(c, "unwrap")(c.x, route=0), rtl.UnwrappedModelError,
+     "rtl.wrap(model, K"),
+    ("set_ticket_after_merge", lambda c: _released(c, "merge").set_ticket(0, {}), rtl.UnwrappedModelError,
+     "with merge()"),
+    ("plain_copy_after_unwrap", lambda c: _released(c, "unwrap").plain_copy(0), rtl.UnwrappedModelError,
+     "with unwrap()"),
 ]
 
 
