@@ -302,6 +302,7 @@ class ShardedBatchSampler:
         self.rank = rank_
         self.world = world
         self.sampler = getattr(inner, "sampler", None)  # where checkpoints find the shuffling generator
+        self.generator = getattr(inner, "generator", None)  # ... or here (a batch sampler that shuffles itself)
 
     def __len__(self) -> int:
         return len(self.inner)
