@@ -58,3 +58,7 @@ class OptimizerError(RTLError, TypeError):
 
 class TaskHookError(RTLError, TypeError):
     """A comparison task lacks a hook that one of its requested methods needs."""
+
+
+class CallbackError(RTLError, TypeError):
+    """A ``callbacks=`` argument that is not a callable or a list of callables."""
