@@ -350,8 +350,7 @@ def retrain_tickets(routed, theta: dict, tickets, data, *, epochs: int, optimize
     if optimizer is not None:
         check_optimizer(routed, optimizer)
         if isinstance(optimizer, TicketOptimizer):
-            raise OptimizerError("retrain_tickets clones the optimizer it gets; pass the torch optimizer "
-                                 "(ticket_optimizer.base), not a TicketOptimizer.")
+            optimizer = optimizer.base  # its configuration is what gets cloned
     retrain = joint_retrain if mode == "sequential" else mixed_route_retrain
     routed.model.load_state_dict(theta)
     routed.set_tickets(tickets)
