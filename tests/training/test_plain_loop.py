@@ -333,3 +333,143 @@ def test_plain_mixed_loop_is_bit_identical_to_mixed_route_retrain(make_tiny):
         results.append(snapshot(routed))
     for n in results[0]:
         assert torch.equal(results[0][n], results[1][n]), n
+
+
+# ----------------------------------------------------------------------------- joint_retrain / mixed_route_retrain options
+
+
+def _epoch_snapshots(routed):
+    """A callback recording the weights after every epoch."""
+    snaps = []
+    return snaps, (lambda event: snaps.append(snapshot(routed)))
+
+
+@pytest.mark.parametrize("per_ticket_state", [True, False], ids=["per_ticket", "shared"])
+def test_joint_retrain_scheduler_per_epoch_reaches_every_ticket(per_ticket_state, make_routed, make_loader):
+    routed = make_routed("weight")
+    opt = torch.optim.AdamW(routed.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)  # lr 0 from the second epoch on
+    snaps, record = _epoch_snapshots(routed)
+    hist = joint_retrain(routed, {k: make_loader(2, seed=k) for k in range(3)}, optimizer=opt, epochs=3,
+                         per_ticket_state=per_ticket_state, scheduler=sched, callbacks=record, progress=False)
+    assert hist["steps"] == 18 and opt.param_groups[0]["lr"] == 0.0 and sched.last_epoch == 3
+    start = snapshot(make_routed("weight"))
+    assert not torch.equal(snaps[0]["conv1.weight"], start["conv1.weight"])
+    for n in snaps[0]:
+        assert torch.equal(snaps[0][n], snaps[1][n]) and torch.equal(snaps[1][n], snaps[2][n]), n
+
+
+def test_joint_retrain_honours_lr_changes_made_in_a_callback(make_routed, make_loader):
+    """The issue's case: a scheduler on the user's optimizer stepped by the user (here in a callback)."""
+    routed = make_routed("weight")
+    opt = torch.optim.SGD(routed.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 if e == 0 else 0.0)
+    snaps, record = _epoch_snapshots(routed)
+    joint_retrain(routed, {k: make_loader(2, seed=k) for k in range(3)}, optimizer=opt, epochs=2, progress=False,
+                  callbacks=[lambda event: sched.step(), record])
+    for n in snaps[0]:
+        assert torch.equal(snaps[0][n], snaps[1][n]), n  # momentum alone would have moved them
+
+
+def test_joint_retrain_scheduler_per_step(make_routed, make_loader):
+    routed = make_routed("weight")
+    opt = torch.optim.SGD(routed.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 3 else 0.0)  # 3 ticket steps, then lr 0
+    moved = []
+
+    def step(view, batch, o):
+        before = view.routed.model.conv1.weight.detach().clone()
+        loss = rtl.training.default_train_step()(view, batch, o)
+        moved.append(not torch.equal(before, view.routed.model.conv1.weight))
+        return loss
+
+    joint_retrain(routed, {k: make_loader(2, seed=k) for k in range(3)}, optimizer=opt, epochs=1, train_step=step,
+                  scheduler=sched, scheduler_interval="step", progress=False)
+    assert moved == [True] * 3 + [False] * 3 and sched.last_epoch == 6
+
+
+def test_reduce_lr_on_plateau_gets_the_epoch_loss(make_routed, make_loader):
+    routed = make_routed("weight")
+    opt = torch.optim.SGD(routed.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5)  # loss falls
+    hist = joint_retrain(routed, {0: make_loader(2)}, optimizer=opt, epochs=3, scheduler=sched, progress=False)
+    assert hist["loss"][2][0] < hist["loss"][0][0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 2)  # "worse" after epochs 2 and 3
+    with pytest.raises(rtl.DataError, match="scheduler_interval='epoch'"):
+        joint_retrain(routed, {0: make_loader(1)}, optimizer=opt, scheduler=sched, scheduler_interval="step",
+                      progress=False)
+
+
+def test_joint_retrain_with_scheduler_resumes_bit_identically(make_routed, make_loader, tmp_path):
+    def run(epochs, ck):
+        torch.manual_seed(0)
+        routed = make_routed("weight")
+        opt = torch.optim.Adam(routed.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        hist = joint_retrain(routed, {k: make_loader(2, seed=k, shuffle=True) for k in range(2)}, optimizer=opt,
+                             epochs=epochs, scheduler=sched, checkpoint_dir=ck, progress=False)
+        return snapshot(routed), hist, opt.param_groups[0]["lr"]
+
+    ref, ref_hist, ref_lr = run(3, None)
+    run(1, tmp_path)
+    got, hist, lr = run(3, tmp_path)
+    assert hist == ref_hist and lr == ref_lr == pytest.approx(1e-2 / 8)
+    for n in ref:
+        assert torch.equal(ref[n], got[n]), n
+
+
+def _mixed_loader(seed=0, K=3):
+    g = torch.Generator().manual_seed(seed)
+    routes = torch.randint(0, K, (18,), generator=g)
+    ds = RoutedDataset(TensorDataset(torch.randn(18, 3, 8, 8, generator=g), torch.randint(0, 5, (18,), generator=g)),
+                       routes)
+    return DataLoader(ds, batch_sampler=RouteBalancedSampler(routes, 6, seed=seed, mixed=True))
+
+
+def test_mixed_route_retrain_resumes_bit_identically(make_routed, tmp_path):
+    def run(epochs, ck):
+        routed = make_routed("channel")
+        opt = torch.optim.SGD(routed.parameters(), lr=0.05, momentum=0.9)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+        hist = mixed_route_retrain(routed, _mixed_loader(), optimizer=opt, epochs=epochs, scheduler=sched,
+                                   checkpoint_dir=ck, progress=False)
+        return snapshot(routed), hist
+
+    ref, ref_hist = run(3, None)
+    first, _ = run(2, tmp_path)
+    got, hist = run(3, tmp_path)
+    assert (tmp_path / "mixed_retrain.json").is_file()
+    assert hist == ref_hist and len(hist["loss"]) == 3 and hist["steps"] == 3 * len(_mixed_loader())
+    assert not torch.equal(first["conv1.weight"], got["conv1.weight"])  # the resumed epoch trained
+    for n in ref:
+        assert torch.equal(ref[n], got[n]), n  # including the sampler's generator and the optimizer state
+
+
+def test_retraining_callbacks_single_callable_stop_and_pruning_callbacks(make_routed, make_loader):
+    routed = make_routed("weight")
+    opt = torch.optim.SGD(routed.parameters(), lr=0.1)
+    events, later = [], []
+    hist = mixed_route_retrain(routed, _mixed_loader(), optimizer=opt, epochs=5, progress=False,
+                               callbacks=[lambda e: events.append(e) or ("stop" if e["epoch"] == 1 else None),
+                                          later.append])
+    assert [e["epoch"] for e in events] == [0, 1] and len(hist["loss"]) == 2
+    assert len(later) == 2  # every callback runs in the stopping epoch too
+    assert isinstance(events[0]["loss"], float)
+    one = []
+    joint_retrain(routed, {0: make_loader(1)}, optimizer=opt, epochs=2, callbacks=one.append, progress=False)
+    assert [e["epoch"] for e in one] == [0, 1]
+    with pytest.warns(UserWarning, match="pruning-round callback"):
+        joint_retrain(routed, {0: make_loader(1)}, optimizer=opt, epochs=1, progress=False,
+                      callbacks=rtl.CollapseMonitor())
+
+
+def test_joint_retrain_accepts_a_ticket_optimizer(make_routed, make_loader):
+    routed = make_routed("weight")
+    topt = TicketOptimizer(routed, torch.optim.Adam(routed.parameters(), lr=1e-2))
+    joint_retrain(routed, {k: make_loader(1, seed=k) for k in range(3)}, optimizer=topt, progress=False)
+    p = routed.model.conv1.weight
+    assert all(int(topt.optimizer_for(k).state[p]["step"]) == 1 for k in range(3))  # its own states stepped
+    with pytest.raises(rtl.OptimizerError, match="per_ticket_state=True"):
+        joint_retrain(routed, {0: make_loader(1)}, optimizer=topt, per_ticket_state=False, progress=False)
+    with pytest.raises(rtl.OptimizerError, match="ONE optimizer state"):
+        mixed_route_retrain(routed, _mixed_loader(), optimizer=topt, progress=False)
