@@ -503,8 +503,8 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
     n_local = x.numel() // C if C else 0
     if n_local:
         mean_r, var_r = x.mean(dims), x.var(dims, unbiased=False)
-    else:
-        mean_r = var_r = x.new_zeros(C)
+    else:  # no local sample (a mixed-route batch's ticket): zeros that keep x's graph, so this rank's backward
+        mean_r = var_r = x.sum(dims)  # also reaches the all-reduce of _AllGather that the other ranks run
     stats = _AllGather.apply(torch.cat([mean_r, var_r, x.new_full((1,), float(n_local))]))  # [W, 2C + 1]
     counts = stats[:, 2 * C:].detach()  # [W, 1]
     n = float(counts.sum())
