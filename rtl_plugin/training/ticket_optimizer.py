@@ -77,6 +77,11 @@ class TicketOptimizer(torch.optim.Optimizer):
     does not snapshot again), for a train step that may write parameters itself. A step over several
     tickets at once (``step(ticket=[0, 2])``, e.g. a mixed-route batch) needs ``per_ticket_state=False``;
     it may change what any of them owns.
+
+    Per-ticket states live in ``optimizer_for(k).state``; ``state`` is the selected ticket's.
+    ``state_dict()`` / ``load_state_dict()`` cover every ticket's state. Under torchrun the gradients must
+    be averaged by the forward you use (``joint_retrain`` / ``mixed_route_retrain`` do it, or the views of
+    :func:`rtl_plugin.training.distributed.ticket_views`); this class only steps.
     """
 
     def __init__(self, routed, optimizer: torch.optim.Optimizer, *, per_ticket_state: bool = True,
