@@ -128,7 +128,7 @@ class TicketOptimizer(torch.optim.Optimizer):
     @property
     def write_back(self) -> bool:
         """Whether the next step snapshots and restores the entries the stepping ticket does not own."""
-        return self._write_back
+        return self._write_back or (self._auto and self._current_masks() != self._masks_version)
 
     def optimizer_for(self, ticket: int) -> torch.optim.Optimizer:
         """The torch optimizer that takes ticket ``ticket``'s steps (the user's one without per-ticket state)."""
