@@ -10,7 +10,7 @@ from rtl_plugin.adapters import Adapter, create_adapter, detect_adapter, list_ad
 from rtl_plugin.diagnostics import (CollapseMonitor, CollapseWarning, Diagnosis, Sweep, SweepPoint, SweepRecorder,
                                     diagnose, semantic_alignment, wordnet_similarity)
 from rtl_plugin.diagnostics.report import diagnose_run
-from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, DataError, DistributedError,
+from rtl_plugin.errors import (ArchitectureMismatchError, CallbackError, CorruptFileError, DataError, DistributedError,
                                FormatVersionError, ImportanceError, LiveRoutedModelError, MissingDependencyError,
                                OptimizerError, RouteError, RTLError, SpaceError, SparsityError, TaskHookError, TicketError,
                                UnsupportedLayerError, UnwrappedModelError)
@@ -21,16 +21,17 @@ from rtl_plugin.pruning import RTLPruner, SearchResult, TicketImportance
 from rtl_plugin.routed import RoutedModel
 from rtl_plugin.space import TicketSpace, build_space
 from rtl_plugin.tickets import TicketSet
-from rtl_plugin.training import joint_retrain, mixed_route_retrain
+from rtl_plugin.training import (RouteBalancedSampler, RoutedDataset, TicketOptimizer, joint_retrain,
+                                 mixed_route_retrain)
 from rtl_plugin.wrapping import wrap
 
 _deprecated.install()
 
 __all__ = [
-    "Adapter", "ArchitectureMismatchError", "CollapseMonitor", "CollapseWarning", "CorruptFileError", "DataError",
+    "Adapter", "ArchitectureMismatchError", "CallbackError", "CollapseMonitor", "CollapseWarning", "CorruptFileError", "DataError",
     "Diagnosis", "DistributedError", "FormatVersionError", "ImportanceError", "LiveRoutedModelError", "MaskedLayerNorm", "MissingDependencyError", "OptimizerError", "RTLError",
-    "RTLPruner", "RouteError", "RoutedBatchNorm", "RoutedModel", "SearchResult", "SlimRoutedModel", "SpaceError",
-    "SparsityError", "Sweep", "SweepPoint", "SweepRecorder", "TaskHookError", "TicketError", "TicketImportance", "TicketSet",
+    "RTLPruner", "RouteBalancedSampler", "RouteError", "RoutedDataset", "RoutedBatchNorm", "RoutedModel", "SearchResult", "SlimRoutedModel", "SpaceError",
+    "SparsityError", "Sweep", "SweepPoint", "SweepRecorder", "TaskHookError", "TicketError", "TicketImportance", "TicketOptimizer", "TicketSet",
     "TicketSpace", "UnsupportedLayerError", "UnwrappedModelError", "build_space", "create_adapter", "detect_adapter", "diagnose",
     "diagnose_run", "export_onnx", "export_package", "export_ticket", "joint_retrain", "list_adapters", "load",
     "load_package", "mixed_route_retrain", "pruning_history", "register_adapter", "semantic_alignment", "wrap",

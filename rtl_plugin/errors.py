@@ -63,6 +63,7 @@ class TaskHookError(RTLError, TypeError):
 class ImportanceError(RTLError, TypeError):
     """An importance criterion that cannot rank this granularity, or one that needs gradients it did not get."""
 
+
 class LiveRoutedModelError(RTLError, TypeError):
     """torch-pruning (a pruner, a dependency graph, an op counter) or ``TicketImportance`` was given the live routed
     model, whose weights all K tickets share: work on ``routed.plain_copy(k)`` or ``rtl.export_ticket(routed, k)``."""
@@ -70,3 +71,7 @@ class LiveRoutedModelError(RTLError, TypeError):
 
 class UnwrappedModelError(RTLError, RuntimeError):
     """A RoutedModel was used after ``unwrap()`` or ``merge(k)`` handed its model back."""
+
+
+class CallbackError(RTLError, TypeError):
+    """A ``callbacks=`` argument that is not a callable or a list of callables."""

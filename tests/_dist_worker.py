@@ -126,6 +126,42 @@ def channel_scenario(out: Path) -> dict:
             "final": {k: v.clone() for k, v in routed.model.state_dict().items()}}
 
 
+def mixed_loader(seed: int = 3):
+    """(x, y, route) batches of 5 (shards 3 + 2 over two ranks) from a RouteBalancedSampler(mixed=True)."""
+    from rtl_plugin.training import RouteBalancedSampler, RoutedDataset
+    g = torch.Generator().manual_seed(seed)
+    routes = torch.tensor([0, 1] * 6 + [0] * 3)
+    ds = RoutedDataset(TensorDataset(torch.randn(15, 3, 8, 8, generator=g, dtype=torch.float64),
+                                     torch.randint(0, 5, (15,), generator=g)), routes)
+    return DataLoader(ds, batch_sampler=RouteBalancedSampler(routes, 5, seed=seed, mixed=True))
+
+
+def mixed_scenario(out: Path) -> dict:
+    """mixed_route_retrain: 1 epoch with a checkpoint, then resumed to 2 (scheduler and callbacks attached)."""
+    from rtl_plugin.training import mixed_route_retrain
+    torch.manual_seed(2)
+    routed = build()
+    routed.set_tickets(rtl.TicketSet.random(routed.space, 2, keep=0.6, seed=4))
+    before = {k: v.clone() for k, v in routed.model.state_dict().items()}
+    epochs_seen, sizes = [], []
+    hists = []
+
+    def step(view, batch, opt):  # records this rank's share of each global batch
+        sizes.append(int(batch[0].shape[0]))
+        return default_train_step()(view, batch, opt)
+
+    for epochs in (1, 2):
+        opt = torch.optim.SGD(routed.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        hists.append(mixed_route_retrain(routed, mixed_loader(), optimizer=opt, epochs=epochs, scheduler=sched,
+                                         train_step=step,
+                                         callbacks=lambda e: epochs_seen.append(e["epoch"]), progress=False,
+                                         checkpoint_dir=out / "mixed"))
+    return {"before": before, "final": {k: v.clone() for k, v in routed.model.state_dict().items()},
+            "loss": hists[-1]["loss"], "steps": hists[-1]["steps"], "epochs_seen": epochs_seen, "sizes": sizes,
+            "masks": {n: m.clone() for n, m in routed.tickets.masks.items()}}
+
+
 def nan_shard_check() -> str:
     """Rank 1's shard holds a NaN sample: every rank must stop with the same error (no rank left waiting)."""
     from rtl_plugin.errors import RTLError
@@ -212,6 +248,7 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
     try:
         res = scenario(out)
         res["channel"] = channel_scenario(out)
+        res["mixed"] = mixed_scenario(out)
         res["shards"] = shard_check()
         res["nan"] = nan_shard_check()
         res["errors"] = wrapper_errors()

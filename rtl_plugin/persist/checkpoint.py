@@ -158,9 +158,11 @@ def decode(obj, tensors: dict[str, torch.Tensor]):
 
 # ----------------------------------------------------------------------------- RNG and loader state
 def loader_generators(loader) -> list[torch.Generator]:
-    """The distinct torch.Generators that drive a DataLoader's shuffling (loader, sampler, batch sampler)."""
+    """The distinct torch.Generators that drive a DataLoader's shuffling (loader, sampler, batch sampler's sampler,
+    batch sampler)."""
     cands = [getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None),
-             getattr(getattr(getattr(loader, "batch_sampler", None), "sampler", None), "generator", None)]
+             getattr(getattr(getattr(loader, "batch_sampler", None), "sampler", None), "generator", None),
+             getattr(getattr(loader, "batch_sampler", None), "generator", None)]  # e.g. RouteBalancedSampler
     out: list[torch.Generator] = []
     for g in cands:
         if isinstance(g, torch.Generator) and all(g is not o for o in out):

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from rtl_plugin import _tp
-from rtl_plugin.errors import DataError, RTLError, SparsityError, TicketError
+from rtl_plugin.errors import CallbackError, DataError, RTLError, SparsityError, TicketError
 from rtl_plugin.persist.checkpoint import loaders_config
 from rtl_plugin.pruning.config import PruningConfig, build_config, validate_sparsities
 from rtl_plugin.pruning.element import check_element_importance, element_scores, prune_weights_per_layer
@@ -61,6 +61,21 @@ class _RoundTraining:
     make_optimizer: Callable[[], torch.optim.Optimizer]
     loss_fn: Callable | None
     importance_batches: int
+
+
+def _pruner_callbacks(callbacks) -> list:
+    """``callbacks`` as a list: one callback or a sequence of them (callables and/or objects with
+    ``on_round_end`` / ``on_trained``)."""
+    def ok(cb) -> bool:
+        return callable(cb) or hasattr(cb, "on_round_end") or hasattr(cb, "on_trained")
+    if callbacks is None:
+        return []
+    cbs = [callbacks] if ok(callbacks) else callbacks
+    if isinstance(cbs, (str, bytes)) or not isinstance(cbs, Sequence) or not all(ok(cb) for cb in cbs):
+        raise CallbackError(f"RTLPruner: callbacks must be a callback cb(event) -> 'stop' | None (or an object with "
+                            f"on_round_end / on_trained, such as CollapseMonitor) or a list of them, got "
+                            f"{type(callbacks).__name__}.")
+    return list(cbs)
 
 
 def _routed_model(model, example_inputs, num_tickets, granularity, ignored) -> RoutedModel:
@@ -184,8 +199,7 @@ class RTLPruner(_tp.BasePruner):
         self.current_step = 0
 
     def _init_search(self, routed, config, callbacks, progress, importance_batches) -> None:
-        if callable(callbacks):
-            callbacks = [callbacks]
+        callbacks = _pruner_callbacks(callbacks)
         if not _is_int(importance_batches) or importance_batches < 1:
             raise DataError(f"importance_batches must be a positive int, got {importance_batches!r}.")
         self.routed = routed
@@ -526,7 +540,7 @@ class RTLPruner(_tp.BasePruner):
         event = {"ticket": k, "round": prog.rounds, "sparsity": sp, "loss": loss, "target": target,
                  "model": self.routed, "masks": {n: m[k].clone() for n, m in self.routed.tickets.masks.items()}
                  } if self.callbacks else {}
-        if any(cb(event) == "stop" for cb in self.callbacks):
+        if any(cb(event) == "stop" for cb in self.callbacks if callable(cb)):
             self.stop_ticket(k)
         return True
 

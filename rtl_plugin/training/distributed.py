@@ -54,7 +54,8 @@ from rtl_plugin.routed import RoutedModel
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "barrier", "init_from_env", "shutdown",
            "launched_by_torchrun", "check_not_sharded", "shard_loader", "prepare", "ticket_view", "ticket_views",
            "broadcast_masks", "broadcast_state", "all_mean", "any_rank", "on_main_process", "local_device",
-           "ShardedBatchSampler", "SlicedLoader", "SyncBatchNormMode", "DistributedTicketView", "DDP_OPTIONS"]
+           "ShardedBatchSampler", "SlicedLoader", "SyncBatchNormMode", "DistributedTicketView", "DDP_OPTIONS",
+           "mixed_route_view", "DistributedMixedRouteView"]
 
 
 # ----------------------------------------------------------------------------- process group helpers
@@ -302,6 +303,7 @@ class ShardedBatchSampler:
         self.rank = rank_
         self.world = world
         self.sampler = getattr(inner, "sampler", None)  # where checkpoints find the shuffling generator
+        self.generator = getattr(inner, "generator", None)  # ... or here (a batch sampler that shuffles itself)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -501,8 +503,8 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
     n_local = x.numel() // C if C else 0
     if n_local:
         mean_r, var_r = x.mean(dims), x.var(dims, unbiased=False)
-    else:
-        mean_r = var_r = x.new_zeros(C)
+    else:  # no local sample (a mixed-route batch's ticket): zeros that keep x's graph, so this rank's backward
+        mean_r = var_r = x.sum(dims)  # also reaches the all-reduce of _AllGather that the other ranks run
     stats = _AllGather.apply(torch.cat([mean_r, var_r, x.new_full((1,), float(n_local))]))  # [W, 2C + 1]
     counts = stats[:, 2 * C:].detach()  # [W, 1]
     n = float(counts.sum())
@@ -589,7 +591,7 @@ class DistributedTicketView(nn.Module):
                 return routed(*args, route=self.k, **kwargs)
             scale = self.loss_weight = self._shard_scale(args)
             out = self.ddp(*args, route=self.k, **kwargs)
-        _check_finite_everywhere(out, self.k)
+        _check_finite_everywhere(out, f"ticket {self.k}")
         return out if scale == 1.0 else _scale_grads(out, scale)
 
     def _shard_scale(self, args) -> float:
@@ -605,7 +607,7 @@ class DistributedTicketView(nn.Module):
         return 1.0 if W * squares == total * total else n * W / total
 
 
-def _check_finite_everywhere(out, k: int) -> None:
+def _check_finite_everywhere(out, what: str) -> None:
     """Raise on every rank when any rank's output holds NaN/inf (a rank raising alone would leave the others
     waiting in DDP's gradient all-reduce)."""
     bad = []
@@ -613,7 +615,7 @@ def _check_finite_everywhere(out, k: int) -> None:
     flag = torch.tensor([1 if any(bad) else 0], dtype=torch.int64, device=_comm_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
-        raise RTLError(f"non-finite model output while training ticket {k} on "
+        raise RTLError(f"non-finite model output while training {what} on "
                        f"{'this rank' if any(bad) else 'another rank'}; lower the learning rate or check the data "
                        "for NaN/inf (every rank stops).")
 
@@ -651,6 +653,12 @@ def ticket_views(routed, tickets) -> dict[int, nn.Module]:
     ks = [int(k) for k in ks]
     if not is_distributed():
         return {k: routed.ticket_module(k) for k in ks}
+    ddp = _create_ddp(routed, routed)
+    return {k: DistributedTicketView(ddp, routed, k) for k in ks}
+
+
+def _create_ddp(module: nn.Module, routed) -> DistributedDataParallel:
+    """A DDP over ``module`` (whose parameters are ``routed``'s), without per-forward buffer broadcasts."""
     check_not_sharded(routed.model)
     p = next((q for q in routed.parameters() if q.requires_grad), None)
     if p is None:
@@ -663,11 +671,68 @@ def ticket_views(routed, tickets) -> dict[int, nn.Module]:
     if not isinstance(DDP_OPTIONS, dict):
         raise DistributedError(f"rtl_plugin.training.distributed.DDP_OPTIONS must be a dict of DDP keyword arguments, got "
                                f"{type(DDP_OPTIONS).__name__}.")
-    ddp = DistributedDataParallel(routed, device_ids=dev_ids, **{**no_sync, **DDP_OPTIONS})
-    return {k: DistributedTicketView(ddp, routed, k) for k in ks}
+    return DistributedDataParallel(module, device_ids=dev_ids, **{**no_sync, **DDP_OPTIONS})
 
 
 def ticket_view(routed, k: int) -> nn.Module:
     """One ticket's training view (see :func:`ticket_views`)."""
     return ticket_views(routed, [k])[int(k)]
 
+
+
+# ----------------------------------------------------------------------------- mixed-route batches
+class _PerTicketForward(nn.Module):
+    """A mixed-route batch's forward as one routed forward per ticket of ``tickets`` (outputs put back in sample
+    order). Every rank runs the same tickets in the same order, some of them on zero local samples, so the
+    synchronised batch norms of all ranks meet in the same collectives."""
+
+    def __init__(self, routed):
+        super().__init__()
+        self.routed = routed
+
+    def forward(self, x, route, tickets):
+        parts, where = [], []
+        for t in tickets:
+            idx = torch.nonzero(route == t).flatten()
+            out = self.routed(x.index_select(0, idx), route=int(t))
+            if not isinstance(out, torch.Tensor):
+                raise DistributedError("mixed-route training under torchrun needs a model whose output is one tensor "
+                                       f"[B, ...], got {type(out).__name__}.")
+            parts.append(out)
+            where.append(idx)
+        return torch.cat(parts).index_select(0, torch.argsort(torch.cat(where)))
+
+
+class DistributedMixedRouteView(DistributedTicketView):
+    """``view(x, route=route)`` of a mixed-route batch through a DDP shared by all ranks (see
+    :func:`mixed_route_view`); ``loss_weight`` as in :class:`DistributedTicketView`."""
+
+    def __init__(self, ddp, routed):
+        super().__init__(ddp, routed, 0)
+
+    def forward(self, x, *, route):
+        routed = self.routed
+        if not routed.training:
+            return routed(x, route=route)
+        present = torch.zeros(routed.num_tickets, dtype=torch.int64, device=_comm_device())
+        present[route.to(present.device).unique()] = 1
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)  # the tickets of the global batch, on every rank
+        tickets = torch.nonzero(present.cpu()).flatten().tolist()
+        with SyncBatchNormMode():
+            if not torch.is_grad_enabled():
+                return self.ddp.module(x, route, tickets)
+            scale = self.loss_weight = self._shard_scale((x,))
+            out = self.ddp(x, route, tickets)
+        _check_finite_everywhere(out, "a mixed-route batch")
+        return out if scale == 1.0 else _scale_grads(out, scale)
+
+
+def mixed_route_view(routed) -> nn.Module:
+    """``view(x, route=route)`` for mixed-route training: ``routed`` itself with one process; under torchrun a
+    :class:`DistributedMixedRouteView` (DDP over the per-ticket forwards of the tickets present in the global
+    batch, synchronised batch norms; created here: it broadcasts rank 0's parameters and buffers)."""
+    if not isinstance(routed, RoutedModel):
+        raise TypeError(f"mixed_route_view() needs a RoutedModel, got {type(routed).__name__}.")
+    if not is_distributed():
+        return routed
+    return DistributedMixedRouteView(_create_ddp(_PerTicketForward(routed), routed), routed)

@@ -98,11 +98,11 @@ def ticket_param_masks(routed, ticket: int) -> list[tuple[torch.Tensor, torch.Te
     return pairs
 
 
-def union_param_masks(routed) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``[(parameter, bool mask)]``: the entries at least one ticket owns, for parameters some entries of
-    which no ticket owns (the OR over tickets of :func:`ticket_param_masks`)."""
+def union_param_masks(routed, tickets=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(parameter, bool mask)]``: the entries at least one of ``tickets`` (default: every ticket) owns, for
+    parameters some entries of which none of them owns (the OR over tickets of :func:`ticket_param_masks`)."""
     owned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for k in range(routed.num_tickets):
+    for k in (range(routed.num_tickets) if tickets is None else tickets):
         for p, m in ticket_param_masks(routed, k):
             prev = owned.get(id(p))
             owned[id(p)] = (p, m if prev is None else prev[1] | m)

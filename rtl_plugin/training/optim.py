@@ -13,13 +13,17 @@ from rtl_plugin.errors import OptimizerError
 
 
 def clone_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """A fresh optimizer of the same class and hyper-parameters over the same parameters (empty state).
+    """A fresh optimizer of the same class and hyper-parameters over the same parameters (empty state); for a
+    TicketOptimizer, a clone of the torch optimizer it wraps.
 
     Hyper-parameters travel in the param groups; only constructor arguments the class accepts are passed
     (e.g. AdamW's ``defaults`` hold keys its constructor rejects).
     """
+    from rtl_plugin.training.ticket_optimizer import TicketOptimizer  # here: that module imports this one
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise OptimizerError(f"clone_optimizer needs a torch.optim.Optimizer instance, got {type(optimizer).__name__}.")
+    if isinstance(optimizer, TicketOptimizer):
+        optimizer = optimizer.base  # a clone of the configuration it wraps
     groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
               for g in optimizer.param_groups]
     try:

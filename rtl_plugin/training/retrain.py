@@ -1,4 +1,6 @@
-"""Training loops: the default train step, balanced cyclic batching and joint retraining with masked updates.
+"""Stage-2 retraining conveniences (``joint_retrain``, ``mixed_route_retrain``, ``retrain_tickets``) built on the
+public pieces: :class:`~rtl_plugin.training.TicketOptimizer` (masked steps), balanced cyclic batching and the
+resumable epoch loop of :mod:`rtl_plugin.training.epochs`.
 
 Masked-update guarantee: during ticket k's optimizer step, every prunable weight outside ticket k (and,
 in channel mode, the biases and norm affine parameters of channels ticket k drops) is bit-identical
@@ -32,16 +34,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from rtl_plugin.errors import CorruptFileError, DataError, OptimizerError, RTLError, TicketError
-from rtl_plugin.persist.checkpoint import (CheckpointMismatchError, capture_rng, decode, encode, load_bundle,
-                                           loaders_config, masks_sha256, restore_rng, save_bundle)
+from rtl_plugin.errors import DataError, OptimizerError, RTLError, TicketError
+from rtl_plugin.persist.checkpoint import CheckpointMismatchError
 from rtl_plugin.routed import RoutedModel
 from rtl_plugin.training import distributed
+from rtl_plugin.training.epochs import Checkpoint, as_callbacks, check_epochs, check_scheduler, run_epochs
 from rtl_plugin.training.loop import (TrainStep, apply_loss, balanced_cyclic_batches, default_train_step,
-                                      normalize_subsets, progress_bar, to_device)
+                                      normalize_subsets, to_device)
 from rtl_plugin.training.masked import (MaskedUpdate, ticket_param_masks, union_param_masks,
                                         write_back_needed)
 from rtl_plugin.training.optim import check_optimizer, clone_optimizer
+from rtl_plugin.training.ticket_optimizer import TicketOptimizer
 
 # names this module exported before the training loop pieces got their own modules
 __all__ = ["joint_retrain", "mixed_route_retrain", "retrain_tickets", "RETRAIN_MODES", "TrainStep", "apply_loss",
@@ -55,61 +58,72 @@ def _prepared_loaders(routed, subsets, optimizer, epochs) -> dict:
     """joint_retrain's checked ``{ticket: loader}`` (torchrun: rank 0's state everywhere, this rank's shards)."""
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"joint_retrain() needs a RoutedModel, got {type(routed).__name__}.")
-    if not isinstance(epochs, int) or epochs < 0:
-        raise DataError(f"epochs must be an int >= 0, got {epochs!r}.")
+    check_epochs(epochs, where="joint_retrain")
+    check_optimizer(routed, optimizer)
     loaders = normalize_subsets(subsets)
     bad = [k for k in loaders if k >= routed.num_tickets]
     if bad:
         raise TicketError(f"subsets name tickets {bad} but the model routes {routed.num_tickets} tickets (0..{routed.num_tickets - 1}).")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise OptimizerError(f"optimizer must be a torch.optim.Optimizer over routed.parameters() (e.g. "
-                             f"torch.optim.Adam(routed.parameters(), lr=1e-3)), got {type(optimizer).__name__}.")
     return distributed.prepare(routed, loaders)
 
 
-def _write_back_setting(routed, opts: dict, per_ticket_state: bool, write_back, custom_step: bool) -> bool:
-    """The write-back decision, made before a checkpoint fills the optimizer states (None: automatic)."""
-    if write_back is None:
-        return custom_step or write_back_needed(routed, list(opts.values()), per_ticket_state)
-    if not isinstance(write_back, bool):
-        raise TypeError(f"write_back must be True, False or None (auto), got {write_back!r}.")
-    if not write_back and write_back_needed(routed, list(opts.values()), per_ticket_state):
+def _joint_optimizer(routed, optimizer, loaders, per_ticket_state, write_back, custom_step: bool) -> TicketOptimizer:
+    """The TicketOptimizer joint_retrain steps with (``optimizer`` itself when it already is one).
+
+    ``write_back=None`` is automatic: always for a custom step (it could add a loss on raw weights, e.g. an L2
+    term, or write weights itself), else TicketOptimizer's automatic mode (skipped while provably a no-op)."""
+    if isinstance(optimizer, TicketOptimizer):
+        if optimizer.routed is not routed:
+            raise OptimizerError("the TicketOptimizer was built for another RoutedModel; build it over this one.")
+        if optimizer.per_ticket_state != per_ticket_state or write_back is not None:
+            raise OptimizerError(f"a TicketOptimizer brings its own state layout (per_ticket_state="
+                                 f"{optimizer.per_ticket_state}) and write-back setting; pass per_ticket_state="
+                                 f"{optimizer.per_ticket_state} and leave write_back unset, or pass its base optimizer.")
+        return optimizer
+    if write_back is not None and not isinstance(write_back, bool):
+        raise OptimizerError(f"write_back must be True, False or None (auto), got {write_back!r}.")
+    topt = TicketOptimizer(routed, optimizer, per_ticket_state=per_ticket_state,
+                           write_back=write_back if write_back is not None else (True if custom_step else None))
+    inner = [topt.optimizer_for(k) for k in loaders]
+    if write_back is False and write_back_needed(routed, inner, per_ticket_state):
         warnings.warn("joint_retrain(write_back=False) with an optimizer setup that can move weights outside the "
                       "stepping ticket (shared state, weight decay, channel mode or a non-listed optimizer): the "
                       "masked-update guarantee does not hold; use write_back=None.", UserWarning, stacklevel=3)
-    return write_back
+    return topt
 
 
-class _TicketUpdates:
-    """One MaskedUpdate per ticket sharing one snapshot buffer per parameter; rebuilt when the masks change
-    (with the automatic write-back it is then switched on: the states hold moments on entries the tickets no
-    longer own)."""
-
-    def __init__(self, routed, write_back: bool, auto: bool):
-        self.routed, self.write_back, self.auto = routed, write_back, auto
-        self.updates: dict[int, MaskedUpdate] = {}
-        self.buffers: dict = {}
-        self.version = (id(routed.tickets), routed.tickets.version)
-
-    def get(self, k: int) -> MaskedUpdate:
-        version = (id(self.routed.tickets), self.routed.tickets.version)
-        if version != self.version:
-            self.updates, self.version = {}, version
-            if self.auto:
-                self.write_back = True
-        if k not in self.updates:
-            self.updates[k] = MaskedUpdate(self.routed, k, buffers=self.buffers, write_back=self.write_back)
-        return self.updates[k]
+def _saved_optimizers(topt: TicketOptimizer, loaders) -> dict:
+    """``{name: state dict}`` as checkpoints store them: per ticket ``"0", "1", ...``; one shared optimizer is
+    ``"shared"`` (with a single ticket: that ticket's id)."""
+    if topt.per_ticket_state:
+        return {str(k): topt.optimizer_for(k).state_dict() for k in sorted(loaders)}
+    name = "shared" if len(loaders) > 1 else str(next(iter(loaders)))
+    return {name: topt.base.state_dict()}
 
 
-def _joint_epoch(loaders, views, opts, step, device, updates: _TicketUpdates, bar) -> tuple[list[float], int]:
+def _load_optimizers(topt: TicketOptimizer, saved: dict, loaders, directory) -> None:
+    want = _saved_optimizers(topt, loaders)
+    if set(saved) != set(want):
+        raise CheckpointMismatchError(f"the retraining checkpoint in {directory} holds optimizers {sorted(saved)}, "
+                                      f"this run has {sorted(want)}.")
+    states = saved if topt.per_ticket_state else {"shared": next(iter(saved.values()))}
+    try:
+        topt.load_state_dict({"per_ticket_state": topt.per_ticket_state, "optimizers": states})
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointMismatchError(f"the retraining checkpoint in {directory} does not fit this model/optimizer "
+                                      f"({e}); use another checkpoint_dir.") from e
+
+
+def _joint_epoch(loaders, views, topt: TicketOptimizer, step, device, bar, after_step) -> tuple[list[float], int]:
     """One epoch of balanced cyclic batching; ``([mean loss per ticket], steps)``."""
     sums = {k: 0.0 for k in loaders}
     counts = {k: 0 for k in loaders}
     for _, k, batch in balanced_cyclic_batches(loaders):
         batch = to_device(batch, device)
-        with updates.get(k):
-            loss = step(views[k], batch, opts[k])
+        with topt.select(k):  # the whole train step is ticket k's masked update
+            loss = step(views[k], batch, topt)
+        if after_step is not None:
+            after_step()
         if loss is not None and not math.isfinite(float(loss)):
             raise RTLError(f"non-finite loss in ticket {k}; lower the learning rate or check the data.")
         sums[k] += float(loss or 0.0) * getattr(views[k], "loss_weight", 1.0)  # torchrun: shard share
@@ -121,24 +135,35 @@ def _joint_epoch(loaders, views, opts, step, device, updates: _TicketUpdates, ba
 def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: int = 1,
                   train_step: TrainStep | None = None, loss_fn: Callable | None = None,
                   per_ticket_state: bool = True, device=None, progress: bool = True,
-                  callbacks: Sequence[Callable[[dict], object]] = (), checkpoint_dir=None,
-                  write_back: bool | None = None) -> dict:
+                  callbacks: Sequence[Callable[[dict], object]] | Callable[[dict], object] | None = (),
+                  checkpoint_dir=None, write_back: bool | None = None, scheduler=None,
+                  scheduler_interval: str = "epoch") -> dict:
     """Stage 2: retrain all tickets jointly over the shared weights (masks frozen).
+
+    A convenience over the public pieces: a :class:`~rtl_plugin.training.TicketOptimizer` over ``optimizer``
+    takes ticket k's masked steps on balanced cyclic batches of the subsets.
 
     Args:
         routed: the RoutedModel (its current tickets are used).
         subsets: ``{ticket: DataLoader}`` (or a list); ticket ids must be in [0, K).
-        optimizer: an optimizer instance over ``routed.parameters()``; with ``per_ticket_state`` it is cloned
-            K times (same class and hyper-parameters, separate state).
+        optimizer: an optimizer instance over ``routed.parameters()``; with ``per_ticket_state`` each ticket
+            steps a fresh clone of it (same class and hyper-parameters, separate state) whose param groups
+            are the optimizer's own, so learning-rate changes (``scheduler``, or any LR scheduler built on
+            it) reach every ticket. A TicketOptimizer is used as it is.
         epochs: passes of balanced cyclic batching (M batch indices x K tickets per epoch).
-        train_step: ``step(model, batch, optimizer) -> loss`` (default: cross-entropy on (x, y)).
-        callbacks: called after each epoch with ``{"epoch", "loss"}``; returning "stop" ends training.
+        train_step: ``step(model, batch, optimizer) -> loss`` (default: cross-entropy on (x, y)); it gets
+            the TicketOptimizer, whose ``step()`` is the ticket's masked step.
+        callbacks: one callable or a list, called after each epoch with ``{"epoch", "loss"}``; returning
+            "stop" ends training.
+        scheduler: a torch LR scheduler built on ``optimizer``, stepped after every epoch
+            (``scheduler_interval="epoch"``; ReduceLROnPlateau gets the epoch's mean loss) or after every
+            optimizer step, i.e. every ticket's step (``"step"``: M x K steps per epoch).
         checkpoint_dir: opt-in crash safety: after every epoch the model state (shared weights, per-ticket
-            norm statistics), every optimizer's state, the RNG states (torch/numpy/python global, every
-            loader's ``generator``), the history and the epoch count are written atomically to this folder;
-            if it holds a checkpoint of the same configuration (model, masks, tickets, loader sizes,
-            optimizer class) training resumes after the last completed epoch (bit-identical to an
-            uninterrupted run on a deterministic device). ``epochs`` may grow between runs.
+            norm statistics), every optimizer's state, the scheduler's state, the RNG states
+            (torch/numpy/python global, every loader's ``generator``), the history and the epoch count are
+            written atomically to this folder; if it holds a checkpoint of the same configuration (model,
+            masks, tickets, loader sizes, optimizer class) training resumes after the last completed epoch
+            (bit-identical to an uninterrupted run on a deterministic device). ``epochs`` may grow between runs.
         write_back: snapshot the entries outside ticket k before its step and restore them after.
             None (default): only when needed: skipped when ``train_step`` and ``loss_fn`` are the defaults
             and :func:`write_back_needed` is False (e.g. per-ticket Adam without weight decay in weight
@@ -154,47 +179,36 @@ def joint_retrain(routed, subsets, *, optimizer: torch.optim.Optimizer, epochs: 
         ``{"loss": [[mean loss per ticket] per epoch], "steps": int}``
     """
     loaders = _prepared_loaders(routed, subsets, optimizer, epochs)
+    cbs = as_callbacks(callbacks, where="joint_retrain")
+    scheduler = check_scheduler(scheduler, optimizer, scheduler_interval, where="joint_retrain")
     step = train_step or default_train_step(loss_fn)
-    opts = {k: clone_optimizer(optimizer) for k in loaders} if per_ticket_state else {k: optimizer for k in loaders}
-    write_back_now = _write_back_setting(routed, opts, per_ticket_state, write_back,
-                                         custom_step=train_step is not None or loss_fn is not None)
+    topt = _joint_optimizer(routed, optimizer, loaders, per_ticket_state, write_back,
+                            custom_step=train_step is not None or loss_fn is not None)
     views = distributed.ticket_views(routed, loaders)  # torchrun: DDP (gradients averaged over ranks, synced norms)
     history: dict = {"loss": [], "steps": 0}
-    first, finished = 0, False
-    ck = None if checkpoint_dir is None else (checkpoint_dir, _retrain_config(routed, loaders, optimizer, per_ticket_state))
-    got = None if ck is None else _load_retrain(ck, routed, loaders, opts)
-    if got is not None:
-        first, finished, history = got
-        if write_back is None:  # restored optimizer state/settings are not known to be safe: keep the guarantee
-            write_back_now = True
-    updates = _TicketUpdates(routed, write_back_now, auto=write_back is None)
+    first, finished, ck = 0, False, None
+    if checkpoint_dir is not None:
+        ck = Checkpoint(checkpoint_dir, "retrain", Checkpoint.config_of(
+            "joint_retrain", routed, loaders, topt.base, scheduler, per_ticket_state=bool(topt.per_ticket_state)))
+        got = ck.load(routed, loaders, scheduler)
+        if got is not None:
+            saved, first, finished, history = got
+            _load_optimizers(topt, saved, loaders, checkpoint_dir)
     M = max(len(dl) for dl in loaders.values())
-    bar = progress_bar(total=max(epochs - first, 0) * M * len(loaders), desc="joint retrain", enabled=progress)
-    was = routed.training
-    routed.train()
-    try:
-        for epoch in range(first, 0 if finished else epochs):
-            losses, steps = _joint_epoch(loaders, views, opts, step, device, updates, bar)
-            history["steps"] += steps
-            history["loss"].append(distributed.all_mean(losses))
-            bar.set_postfix(loss=f"{sum(history['loss'][-1]) / len(loaders):.4f}")
-            stop = distributed.any_rank(any(cb({"epoch": epoch, "loss": history["loss"][-1]}) == "stop"
-                                            for cb in callbacks))
-            if ck is not None:
-                _save_retrain(ck, routed, loaders, opts, history, epoch + 1, stop)
-            if stop:
-                break
-    finally:
-        bar.close()
-        routed.train(was)
-    return history
+    save = None if ck is None else \
+        (lambda h, done, stop: ck.save(routed, loaders, _saved_optimizers(topt, loaders), scheduler, h, done, stop))
+    return run_epochs(routed, lambda bar, after: _joint_epoch(loaders, views, topt, step, device, bar, after),
+                      epochs=epochs, first=first, finished=finished, history=history, callbacks=cbs,
+                      scheduler=scheduler, scheduler_interval=scheduler_interval,
+                      progress_total=max(epochs - first, 0) * M * len(loaders), desc="joint retrain",
+                      progress=progress, save=save, mean_loss=lambda losses: sum(losses) / len(losses))
 
 
 def _mixed_batch(batch, device, K: int):
     """``(x, y, route)`` of one mixed-route batch, checked, on ``device``, route as int64."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 3:
         raise DataError("mixed_route_retrain needs (x, y, route) batches; add each sample's ticket id "
-                        "as a third tensor (e.g. TensorDataset(x, y, context)).")
+                        "as a third tensor (e.g. TensorDataset(x, y, context) or rtl.training.RoutedDataset).")
     x, y, route = to_device(tuple(batch), device)
     if not isinstance(route, torch.Tensor) or route.dim() != 1 or route.shape[0] != x.shape[0] \
             or route.dtype not in (torch.int64, torch.int32):
@@ -205,13 +219,57 @@ def _mixed_batch(batch, device, K: int):
     return x, y, route.long()
 
 
+def _mixed_optimizer(routed, optimizer) -> TicketOptimizer:
+    if isinstance(optimizer, TicketOptimizer):
+        if optimizer.routed is not routed or optimizer.per_ticket_state:
+            raise OptimizerError("mixed_route_retrain steps every ticket at once with ONE optimizer state; pass a "
+                                 "torch optimizer (or a TicketOptimizer over this model with per_ticket_state=False).")
+        return optimizer
+    # every step may change what any ticket owns; entries no ticket owns are restored after it
+    return TicketOptimizer(routed, optimizer, per_ticket_state=False, write_back=True)
+
+
+def _mixed_epoch(loader, view, topt: TicketOptimizer, step, device, bar, after_step) -> tuple[float, int]:
+    """One pass over the (x, y, route) batches; ``(mean loss, steps)``."""
+    K = topt.routed.num_tickets
+    every = range(K)
+    total, n = 0.0, 0
+    for batch in loader:
+        x, y, route = _mixed_batch(batch, device, K)
+        with topt.select(every):
+            loss = step(lambda inp, route=route: view(inp, route=route), (x, y), topt)
+        if after_step is not None:
+            after_step()
+        if loss is not None and not math.isfinite(float(loss)):
+            raise RTLError("non-finite loss in mixed-route retraining; lower the learning rate or check the data.")
+        total += float(loss or 0.0) * getattr(view, "loss_weight", 1.0)  # torchrun: shard share
+        n += 1
+        bar.update(1)
+    return total / max(n, 1), n
+
+
+def _mixed_loader(routed, loader) -> object:
+    """The checked loader (torchrun: rank 0's state everywhere, this rank's shards)."""
+    try:
+        n = len(loader)
+    except TypeError:
+        raise DataError(f"mixed_route_retrain needs a loader with a length (a DataLoader over a map-style dataset "
+                        f"or a list of batches), got {type(loader).__name__}.") from None
+    if n == 0:
+        raise DataError("mixed_route_retrain got an empty loader; it needs at least one (x, y, route) batch.")
+    return distributed.prepare(routed, {0: loader})[0]
+
+
 def mixed_route_retrain(routed, loader, *, optimizer: torch.optim.Optimizer, epochs: int = 1,
                         train_step: TrainStep | None = None, loss_fn: Callable | None = None, device=None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True,
+                        callbacks: Sequence[Callable[[dict], object]] | Callable[[dict], object] | None = (),
+                        checkpoint_dir=None, scheduler=None, scheduler_interval: str = "epoch") -> dict:
     """Stage 2 on mixed-route batches: every sample trains its own ticket, one optimizer step per batch.
 
     ``loader`` yields ``(x, y, route)`` with ``route`` a LongTensor ``[B]`` of ticket ids in [0, K) (e.g. a
-    shuffled loader over the union of the tickets' data with each sample's context label). Per batch:
+    shuffled loader over the union of the tickets' data with each sample's context label, or
+    ``DataLoader(RoutedDataset(...), batch_sampler=RouteBalancedSampler(..., mixed=True))``). Per batch:
     ``train_step(view, (x, y), optimizer)`` where ``view(x)`` is ``routed(x, route=route)`` (each ticket runs
     once on its own samples), one backward, one ``optimizer.step()``: a weight shared by several tickets gets
     the sum of its owners' gradients and ONE optimizer state (there is no per-ticket state here). So the
@@ -221,92 +279,42 @@ def mixed_route_retrain(routed, loader, *, optimizer: torch.optim.Optimizer, epo
 
     Guarantee: entries that no ticket owns (pruned everywhere, and in channel mode the biases / norm affine
     of channels every ticket drops) are restored after every step, so they never change with any optimizer.
+
+    ``callbacks``, ``scheduler`` / ``scheduler_interval`` ("step": after every batch) and ``checkpoint_dir``
+    work as in :func:`joint_retrain` (the checkpoint also saves the loader's generators, e.g. the
+    sampler's). Under ``torchrun`` every rank trains on its shard of each global batch through DDP
+    (gradients averaged over ranks); batch-norm statistics are those of the global batch (every rank runs
+    the tickets present anywhere in the batch one after another, on its own samples of each), rank 0
+    writes the checkpoints, and the result equals one process up to floating-point rounding.
     Returns ``{"loss": [mean loss per epoch], "steps": int}``.
     """
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"mixed_route_retrain() needs a RoutedModel, got {type(routed).__name__}.")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer over routed.parameters(), got {type(optimizer).__name__}.")
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-        raise DataError(f"epochs must be an int >= 0, got {epochs!r}.")
-    if len(loader) == 0:
-        raise DataError("mixed_route_retrain got an empty loader; it needs at least one (x, y, route) batch.")
+    check_optimizer(routed, optimizer)
+    check_epochs(epochs, where="mixed_route_retrain")
+    cbs = as_callbacks(callbacks, where="mixed_route_retrain")
+    scheduler = check_scheduler(scheduler, optimizer, scheduler_interval, where="mixed_route_retrain")
+    loader = _mixed_loader(routed, loader)
     step = train_step or default_train_step(loss_fn)
-    guard = MaskedUpdate(routed, None, owned=union_param_masks(routed))
+    topt = _mixed_optimizer(routed, optimizer)
+    view = distributed.mixed_route_view(routed)  # torchrun: DDP over the per-ticket forwards, synced norms
     history: dict = {"loss": [], "steps": 0}
-    bar = progress_bar(total=epochs * len(loader), desc="mixed-route retrain", enabled=progress)
-    was = routed.training
-    routed.train()
-    try:
-        for _ in range(epochs):
-            total, n = 0.0, 0
-            for batch in loader:
-                x, y, route = _mixed_batch(batch, device, routed.num_tickets)
-                with guard:
-                    loss = step(lambda inp, route=route: routed(inp, route=route), (x, y), optimizer)
-                if loss is not None and not math.isfinite(float(loss)):
-                    raise RTLError("non-finite loss in mixed-route retraining; lower the learning rate or check the data.")
-                total += float(loss or 0.0)
-                n += 1
-                history["steps"] += 1
-                bar.update(1)
-            history["loss"].append(total / max(n, 1))
-    finally:
-        bar.close()
-        routed.train(was)
-    return history
-
-
-def _retrain_config(routed, loaders, optimizer, per_ticket_state) -> dict:
-    return {"kind": "joint_retrain", "fingerprint": routed.space.fingerprint, "granularity": routed.granularity,
-            "num_tickets": routed.num_tickets, "masks_sha256": masks_sha256(routed.tickets),
-            "tickets": sorted(loaders), "loaders": loaders_config(loaders),
-            "optimizer": type(optimizer).__qualname__, "per_ticket_state": bool(per_ticket_state)}
-
-
-def _distinct_opts(opts: dict) -> dict[str, torch.optim.Optimizer]:
-    """``{"0": opt, "1": opt, ...}`` per ticket, or ``{"shared": opt}`` without per-ticket state."""
-    if len({id(o) for o in opts.values()}) == 1 and len(opts) > 1:
-        return {"shared": next(iter(opts.values()))}
-    return {str(k): o for k, o in opts.items()}
-
-
-def _save_retrain(ck, routed, loaders, opts, history, epochs_done: int, stopped: bool) -> None:
-    tensors = {f"model/{k}": v for k, v in routed.model.state_dict().items()}
-    optim = {name: encode(o.state_dict(), tensors, f"optim/{name}") for name, o in _distinct_opts(opts).items()}
-    meta = {"epochs_done": epochs_done, "stopped": stopped, "history": history, "optimizers": optim,
-            "rng": capture_rng(loaders, tensors)}
-    distributed.on_main_process(save_bundle, ck[0], "retrain", tensors, meta, config=ck[1])  # rank 0 writes, all wait
-
-
-def _load_retrain(ck, routed, loaders, opts):
-    """Restore model, optimizers and RNG states from ``ck``'s folder; ``(epochs_done, stopped, history)`` or None."""
-    got = load_bundle(ck[0], "retrain", config=ck[1])
-    if got is None:
-        return None
-    tensors, meta = got
-    try:
-        state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-        optim = {name: decode(sd, tensors) for name, sd in meta["optimizers"].items()}
-        history = {"loss": [list(map(float, row)) for row in meta["history"]["loss"]],
-                   "steps": int(meta["history"]["steps"])}
-        epochs_done, stopped = int(meta["epochs_done"]), bool(meta["stopped"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptFileError(f"the retraining checkpoint in {ck[0]} is damaged ({e!r}); delete it to start over.") from e
-    targets = _distinct_opts(opts)
-    if set(optim) != set(targets):
-        raise CheckpointMismatchError(f"the retraining checkpoint in {ck[0]} holds optimizers {sorted(optim)}, "
-                                      f"this run has {sorted(targets)}.")
-    try:
-        with torch.no_grad():
-            routed.model.load_state_dict(state, strict=True)
-        for name, o in targets.items():
-            o.load_state_dict(optim[name])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointMismatchError(f"the retraining checkpoint in {ck[0]} does not fit this model/optimizer "
-                                      f"({e}); use another checkpoint_dir.") from e
-    restore_rng(loaders, tensors, meta["rng"])
-    return epochs_done, stopped, history
+    first, finished, ck = 0, False, None
+    if checkpoint_dir is not None:
+        ck = Checkpoint(checkpoint_dir, "mixed_retrain",
+                        Checkpoint.config_of("mixed_route_retrain", routed, {0: loader}, topt.base, scheduler))
+        got = ck.load(routed, {0: loader}, scheduler)
+        if got is not None:
+            saved, first, finished, history = got
+            _load_optimizers(topt, saved, {0: loader}, checkpoint_dir)
+    save = None if ck is None else \
+        (lambda h, done, stop: ck.save(routed, {0: loader}, _saved_optimizers(topt, {0: loader}), scheduler, h,
+                                       done, stop))
+    return run_epochs(routed, lambda bar, after: _mixed_epoch(loader, view, topt, step, device, bar, after),
+                      epochs=epochs, first=first, finished=finished, history=history, callbacks=cbs,
+                      scheduler=scheduler, scheduler_interval=scheduler_interval,
+                      progress_total=max(epochs - first, 0) * len(loader), desc="mixed-route retrain",
+                      progress=progress, save=save, mean_loss=float)
 
 
 def _retrain_mode(retrain_mode: str | None, schedule: str | None) -> str:
@@ -341,11 +349,17 @@ def retrain_tickets(routed, theta: dict, tickets, data, *, epochs: int, optimize
                              "routed.parameters(), cloned here) or lr= (Adam with that learning rate).")
     if optimizer is not None:
         check_optimizer(routed, optimizer)
+        if isinstance(optimizer, TicketOptimizer):
+            optimizer = optimizer.base  # its configuration is what gets cloned
     retrain = joint_retrain if mode == "sequential" else mixed_route_retrain
     routed.model.load_state_dict(theta)
     routed.set_tickets(tickets)
     t = time.perf_counter()
-    opt = torch.optim.Adam(routed.parameters(), lr=lr) if optimizer is None else clone_optimizer(optimizer)
+    if optimizer is None:
+        opt = torch.optim.Adam(routed.parameters(), lr=lr)
+    else:  # fresh state; the same param groups, so a scheduler= built on ``optimizer`` drives the clone
+        opt = clone_optimizer(optimizer)
+        opt.param_groups = optimizer.param_groups
     retrain(routed, data, optimizer=opt, epochs=epochs, **kw)
     seconds = time.perf_counter() - t
     routed.eval()

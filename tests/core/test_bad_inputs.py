@@ -8,8 +8,8 @@ import torch_pruning as tp
 from torch import nn
 
 import rtl_plugin as rtl
-from rtl_plugin.errors import OptimizerError
-from rtl_plugin.training import clone_optimizer
+from rtl_plugin.errors import CallbackError, OptimizerError
+from rtl_plugin.training import RoutedDataset, RouteBalancedSampler, TicketOptimizer, clone_optimizer
 
 K = 3
 EX = torch.randn(1, 3, 8, 8)
@@ -37,6 +37,20 @@ def _wrap_tiny(c, num_tickets=K, **kw):
     kw.setdefault("example_inputs", EX)
     kw.setdefault("adapter", "generic")
     return rtl.wrap(c.make_tiny(), num_tickets, **kw)
+
+
+def _sgd(c):
+    return torch.optim.SGD(c.w.parameters(), lr=0.1)
+
+
+def _xy(c):
+    """A one-batch loader of (x, y) for the weight-mode model."""
+    return [(c.x, _long(4))]
+
+
+def _xyr(c):
+    """A one-batch loader of (x, y, route)."""
+    return (c.x, _long(4), torch.tensor([0, 1, 2, 0]))
 
 
 def _masks(c, **change):
@@ -174,6 +188,50 @@ CASES = [
     ("joint_retrain_optimizer_none",
      lambda c: rtl.joint_retrain(c.make_routed("weight"), {0: [(c.x, _long(4))]}, optimizer=None, progress=False),
      OptimizerError, "torch.optim.Adam(routed.parameters()"),
+    # ---- retraining and the plain-loop pieces (rtl.training)
+    ("joint_retrain_foreign_optimizer", lambda c: rtl.joint_retrain(c.w, {0: _xy(c)}, progress=False,
+     optimizer=torch.optim.SGD(c.make_tiny().parameters(), lr=0.1)), OptimizerError, "build it over routed.parameters()"),
+    ("joint_retrain_epochs_bool", lambda c: rtl.joint_retrain(c.w, {0: _xy(c)}, optimizer=_sgd(c), epochs=True,
+     progress=False), rtl.DataError, "epochs must be an int >= 0"),
+    ("joint_retrain_callbacks_not_callable", lambda c: rtl.joint_retrain(c.w, {0: _xy(c)}, optimizer=_sgd(c),
+     callbacks=3, progress=False), CallbackError, "a callable cb(event) or a list of them"),
+    ("joint_retrain_callbacks_entry_not_callable", lambda c: rtl.joint_retrain(c.w, {0: _xy(c)}, optimizer=_sgd(c),
+     callbacks=[print, "stop"], progress=False), CallbackError, "must be callable"),
+    ("joint_retrain_scheduler_other_optimizer", lambda c: rtl.joint_retrain(c.w, {0: _xy(c)}, optimizer=_sgd(c),
+     scheduler=torch.optim.lr_scheduler.StepLR(_sgd(c), 1), progress=False), OptimizerError,
+     "build it on the optimizer you pass"),
+    ("joint_retrain_scheduler_not_a_scheduler", lambda c: rtl.joint_retrain(c.w, {0: _xy(c)}, optimizer=_sgd(c),
+     scheduler="cosine", progress=False), OptimizerError, "torch.optim.lr_scheduler"),
+    ("joint_retrain_scheduler_interval", lambda c: rtl.joint_retrain(c.w, {0: _xy(c)}, optimizer=_sgd(c),
+     scheduler_interval="batch", progress=False), rtl.DataError, "'epoch' or 'step'"),
+    ("mixed_route_retrain_foreign_optimizer", lambda c: rtl.mixed_route_retrain(c.w, [_xyr(c)], progress=False,
+     optimizer=torch.optim.SGD(c.make_tiny().parameters(), lr=0.1)), OptimizerError, "build it over routed.parameters()"),
+    ("mixed_route_retrain_epochs_bool", lambda c: rtl.mixed_route_retrain(c.w, [_xyr(c)], optimizer=_sgd(c),
+     epochs=True, progress=False), rtl.DataError, "epochs must be an int >= 0"),
+    ("mixed_route_retrain_unsized_loader", lambda c: rtl.mixed_route_retrain(c.w, iter([_xyr(c)]), optimizer=_sgd(c),
+     progress=False), rtl.DataError, "a loader with a length"),
+    ("ticket_optimizer_foreign_optimizer", lambda c: TicketOptimizer(c.w, torch.optim.SGD(c.make_tiny().parameters(),
+     lr=0.1)), OptimizerError, "build it over routed.parameters()"),
+    ("ticket_optimizer_wraps_itself", lambda c: TicketOptimizer(c.w, TicketOptimizer(c.w, _sgd(c))), OptimizerError,
+     "ticket_optimizer.base"),
+    ("ticket_optimizer_per_ticket_state_str", lambda c: TicketOptimizer(c.w, _sgd(c), per_ticket_state="yes"),
+     OptimizerError, "True or False"),
+    ("ticket_optimizer_no_ticket", lambda c: TicketOptimizer(c.w, _sgd(c)).step(), rtl.TicketError,
+     "step(ticket=k) or select(k)"),
+    ("ticket_optimizer_ticket_eq_K", lambda c: TicketOptimizer(c.w, _sgd(c)).step(ticket=K), rtl.TicketError,
+     "ints in [0, 3)"),
+    ("ticket_optimizer_ticket_float_tensor", lambda c: TicketOptimizer(c.w, _sgd(c)).select(torch.zeros(2)),
+     rtl.TicketError, "integer tensor of ticket ids"),
+    ("ticket_optimizer_several_tickets_per_ticket_state", lambda c: TicketOptimizer(c.w, _sgd(c)).select([0, 1]),
+     OptimizerError, "per_ticket_state=False"),
+    ("sampler_float_routes", lambda c: RouteBalancedSampler(torch.zeros(4), 2), rtl.DataError, "1-D integer tensor"),
+    ("sampler_batch_size_0", lambda c: RouteBalancedSampler([0, 1], 0), rtl.DataError, "batch_size must be an int >= 1"),
+    ("sampler_drop_last_leaves_no_batch", lambda c: RouteBalancedSampler([0, 0, 0, 1], 2, drop_last=True),
+     rtl.DataError, "use drop_last=False or a smaller batch_size"),
+    ("sampler_ticket_without_samples", lambda c: RouteBalancedSampler([0, 0, 1], 2, tickets=[0, 2]), rtl.DataError,
+     "no sample in routes"),
+    ("routed_dataset_wrong_length", lambda c: RoutedDataset(torch.utils.data.TensorDataset(c.x), [0, 1]),
+     rtl.DataError, "give one per sample"),
     ("clone_optimizer_not_an_optimizer", lambda c: clone_optimizer("adam"), OptimizerError, "Optimizer instance"),
     # ---- torch-pruning on the live routed model, unwrap / merge / count_ops_and_params
     ("stock_pruner_on_routed_model", lambda c: _stock_pruner(c.w), rtl.LiveRoutedModelError, "routed.plain_copy(k)"),

@@ -72,6 +72,7 @@ def ref_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
     res = W.scenario(out)
     res["channel"] = W.channel_scenario(out)
+    res["mixed"] = W.mixed_scenario(out)
     return res
 
 
@@ -132,6 +133,22 @@ def test_channel_granularity_two_processes_equal_one(dist_run, ref_run):
     _assert_state_close(r0["channel"]["final"], ref_run["channel"]["final"])
     sp = {n: float(m.float().mean()) for n, m in r0["channel"]["masks"][0.5].items()}
     assert all(v < 1.0 for v in sp.values())  # channels were really pruned
+
+
+def test_mixed_route_retrain_two_processes_equal_one(dist_run, ref_run):
+    """mixed_route_retrain under torchrun: ranks stay bit-identical, match one process (global-batch norm
+    statistics, shard-weighted losses), and resume from rank 0's checkpoint with the sampler's generator."""
+    out, (r0, r1) = dist_run
+    m0, m1, ref = r0["mixed"], r1["mixed"], ref_run["mixed"]
+    for n in m0["final"]:
+        assert torch.equal(m0["final"][n], m1["final"][n]), n
+    _assert_state_close(m0["final"], ref["final"])
+    assert float((ref["final"]["conv1.weight"] - ref["before"]["conv1.weight"]).abs().max()) > 1e-3  # it trained
+    assert m0["loss"] == m1["loss"] and m0["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert m0["steps"] == ref["steps"] == 2 * 4 and m0["epochs_seen"] == ref["epochs_seen"] == [0, 1]
+    assert (out / "mixed" / "mixed_retrain.json").is_file()
+    # global batches of 5, 5, 5, 3 per epoch (the resumed run trains epoch 2 only): each rank got its shard
+    assert ref["sizes"] == [5, 5, 5, 3] * 2 and m0["sizes"] == [3, 3, 3, 2] * 2 and m1["sizes"] == [2, 2, 2, 1] * 2
 
 
 def test_search_resumes_after_a_crash_on_every_rank(dist_run, ref_run):

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 import rtl_plugin as rtl
 from _helpers import half_tickets
 from rtl_plugin.training import retrain as training
+from rtl_plugin.training import ticket_optimizer  # where joint_retrain's steps build their MaskedUpdate
 from rtl_plugin.training.retrain import (MaskedUpdate, balanced_cyclic_batches, clone_optimizer, default_train_step,
                                  joint_retrain)
 
@@ -82,7 +83,7 @@ def snapshot(routed):
 
 
 class StepLog:
-    """Replaces ``training.MaskedUpdate`` inside ``joint_retrain``: records the parameters right before and
+    """Replaces ``MaskedUpdate`` inside ``joint_retrain``'s TicketOptimizer: records the parameters right before and
     right after every ticket step (after the masked write-back, i.e. what the next step sees)."""
 
     def __init__(self):
@@ -148,7 +149,7 @@ def test_joint_retrain_masked_update_guarantee(granularity, opt_name, per_ticket
                                                make_loader, monkeypatch):
     routed = wrap(model_for(granularity, make_tiny, make_grouped), granularity)
     log = StepLog()
-    monkeypatch.setattr(training, "MaskedUpdate", log.cls)
+    monkeypatch.setattr(ticket_optimizer, "MaskedUpdate", log.cls)
     subsets = {k: make_loader(2, seed=k) for k in range(3)}
     opt = OPTIMIZERS[opt_name](routed.parameters())
     hist = joint_retrain(routed, subsets, optimizer=opt, epochs=2, per_ticket_state=per_ticket_state, progress=False)
@@ -509,7 +510,7 @@ def test_skipped_write_back_is_bit_identical(opt_name, make_tiny, make_loader, m
                 flags.append(self.write_back)
                 return super().__enter__()
 
-        monkeypatch.setattr(training, "MaskedUpdate", Flagged)
+        monkeypatch.setattr(ticket_optimizer, "MaskedUpdate", Flagged)
         subsets = {k: make_loader(2, seed=k) for k in range(3)}
         joint_retrain(routed, subsets, optimizer=OPTIMIZERS[opt_name](routed.parameters()), epochs=2,
                       progress=False, write_back=wb)
@@ -535,7 +536,7 @@ def _flags_of(monkeypatch):
             flags.append(self.write_back)
             return super().__enter__()
 
-    monkeypatch.setattr(training, "MaskedUpdate", Flagged)
+    monkeypatch.setattr(ticket_optimizer, "MaskedUpdate", Flagged)
     return flags
 
 
