@@ -275,3 +275,9 @@ def count_ops_and_params(model: nn.Module, example_inputs) -> tuple[int, int]:
     """torch-pruning's ``(MACs, parameter count)`` of a plain ``model`` on ``example_inputs``."""
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs), int(params)
+
+
+def tracing(model: nn.Module):
+    """Context for building a tp pruner over ``model``: autograd on (tp traces with it, even inside a caller's
+    ``torch.no_grad()``), training and requires_grad flags restored afterwards."""
+    return _tracing_state(model)

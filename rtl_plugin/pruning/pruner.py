@@ -187,8 +187,9 @@ class RTLPruner(_tp.BasePruner):
             root = template.get_submodule(routed.space.trace_root) if routed.space.trace_root else template
             excluded = list(routed.space.output_layers) + list(routed.space.ignored_layers)
             prefix = routed.space.trace_root + "." if routed.space.trace_root else ""
-            super().__init__(root, example_inputs, importance=importance,
-                             **tp_arguments(config, root, prefix, excluded))
+            with _tp.tracing(root):
+                super().__init__(root, example_inputs, importance=importance,
+                                 **tp_arguments(config, root, prefix, excluded))
             return
         self.model, self.importance, self.DG = routed.model, importance, None
         self.pruning_ratio, self.iterative_steps = config.pruning_ratio, config.iterative_steps

@@ -68,8 +68,9 @@ class TicketTpState:
         self.root = plain.get_submodule(space.trace_root) if space.trace_root else plain
         self.twin = _index_twin(self.root)
         excluded = list(space.output_layers) + list(space.ignored_layers)
-        self.pruner = _tp.BasePruner(self.root, example_inputs, importance=importance,
-                                     **tp_arguments(config, self.root, self.prefix, excluded))
+        with _tp.tracing(self.root):
+            self.pruner = _tp.BasePruner(self.root, example_inputs, importance=importance,
+                                         **tp_arguments(config, self.root, self.prefix, excluded))
         self.twin_graph = _tp.build_graph(self.twin, _tp_double(example_inputs))
         self.roots = {g.root for g in space.groups}
         if steps_done:

@@ -29,6 +29,11 @@ def ctx(make_tiny, make_tiny_seg, make_routed):
     return c
 
 
+def _begun(pruner):
+    pruner.begin(0)
+    return pruner
+
+
 def _long(*shape, fill=0, device="cpu"):
     return torch.full(shape, fill, dtype=torch.long, device=device)
 
@@ -185,6 +190,26 @@ CASES = [
     ("pruner_sparsities_and_deprecated_alias",
      lambda c: rtl.RTLPruner(c.make_routed("weight"), sparsities=[0.5], target_sparsity=[0.5]), rtl.SparsityError,
      "not both"),
+    ("pruner_plain_model_without_K", lambda c: rtl.RTLPruner(c.make_tiny(), EX, pruning_ratio=0.5), rtl.TicketError,
+     "num_tickets=K"),
+    ("pruner_weight_mode_group_importance", lambda c: rtl.RTLPruner(c.make_routed("weight"), pruning_ratio=0.5,
+     importance=tp.importance.BNScaleImportance()), rtl.ImportanceError, "granularity='channel'"),
+    ("pruner_channel_mode_activation_importance", lambda c: rtl.RTLPruner(c.make_routed("channel"), pruning_ratio=0.5,
+     importance=tp.importance.ActivationImportance()), rtl.ImportanceError, "hooks"),
+    ("pruner_taylor_without_gradients", lambda c: _begun(rtl.RTLPruner(c.make_routed("channel"), pruning_ratio=0.5,
+     importance=tp.importance.GroupTaylorImportance(), progress=False)).step(), rtl.ImportanceError, "loss.backward()"),
+    ("pruner_step_without_begin", lambda c: rtl.RTLPruner(c.make_routed("weight"), pruning_ratio=0.5).step(),
+     rtl.RTLError, "pruner.begin(k)"),
+    ("pruner_ratio_and_sparsities", lambda c: rtl.RTLPruner(c.make_routed("weight"), pruning_ratio=0.5,
+     sparsities=[0.5]), rtl.SparsityError, "drop it"),
+    ("pruner_round_to_in_weight_mode", lambda c: rtl.RTLPruner(c.make_routed("weight"), pruning_ratio=0.5, round_to=8),
+     rtl.SparsityError, "granularity='channel'"),
+    ("pruner_unknown_tp_option", lambda c: rtl.RTLPruner(c.make_routed("channel"), pruning_ratio=0.5, ch_sparsity=0.5),
+     rtl.SparsityError, "unknown torch-pruning option"),
+    ("pruner_callbacks_not_callable", lambda c: rtl.RTLPruner(c.make_routed("weight"), callbacks=3), CallbackError,
+     "list of them"),
+    ("pruner_granularity_differs_from_routed", lambda c: rtl.RTLPruner(c.make_routed("weight"), granularity="channel"),
+     rtl.SparsityError, "fixed at wrap"),
     ("joint_retrain_optimizer_none",
      lambda c: rtl.joint_retrain(c.make_routed("weight"), {0: [(c.x, _long(4))]}, optimizer=None, progress=False),
      OptimizerError, "torch.optim.Adam(routed.parameters()"),
