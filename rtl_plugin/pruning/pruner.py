@@ -31,7 +31,7 @@ from rtl_plugin.pruning.element import check_element_importance, element_scores,
 from rtl_plugin.pruning.gradients import (check_channel_importance, copy_gradients, estimate_gradients,
                                           needs_gradients, require_gradients)
 from rtl_plugin.pruning.importance import TicketImportance
-from rtl_plugin.pruning.ranking import (kth_smallest, magnitude_scores, prune_weights_global,
+from rtl_plugin.pruning.ranking import (channel_weight_sparsity, kth_smallest, magnitude_scores, prune_weights_global,
                                         prune_weights_layerwise, select_channels)
 from rtl_plugin.pruning.search_state import (RoundRecord, SearchResult, SearchState, TicketProgress, load_search,
                                              save_search)
@@ -310,7 +310,7 @@ class RTLPruner(_tp.BasePruner):
         self.routed.tickets.check_index(k)
         ts = self.routed.tickets
         if self.routed.granularity != "weight":
-            return float(ts.sparsity()[k])
+            return channel_weight_sparsity(self.routed.space, {n: m[k] for n, m in ts.masks.items()})
         kept = sum(int(m[k].sum()) for m in ts.masks.values())
         return 1.0 - kept / self.routed.space.num_weights
 

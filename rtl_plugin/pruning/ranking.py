@@ -126,11 +126,26 @@ def drop_channels(groups, keep: dict[str, torch.Tensor], cands, alive_of: dict[s
     return {r: per[r].repeat(g.ch_groups).to(keep[r].device) for r, g in by_root.items()}
 
 
+def channel_kept_weights(space, masks: dict[str, torch.Tensor]) -> int:
+    """How many prunable weights one ticket's channel keep-vectors ``{group root: [C]}`` keep: per layer and
+    channel group, kept rows x kept columns x kernel size (what ``space.weight_element_masks`` would count,
+    without building the element masks)."""
+    lm = space.channel_layer_masks({n: v.unsqueeze(0) for n, v in masks.items()})
+    kept = 0
+    for name, shape in space.layers.items():
+        sides, g = lm.get(name, {}), space.conv_groups.get(name, 1)
+        row_side, col_side = ("in", "out") if space.layer_kinds[name] == "convT" else ("out", "in")
+        n_rows, per_g_cols = shape[0], shape[1]
+        rows = sides[row_side][0] if row_side in sides else torch.ones(n_rows, dtype=torch.bool)
+        cols = sides[col_side][0] if col_side in sides else torch.ones(per_g_cols * g, dtype=torch.bool)
+        per_group = rows.view(g, n_rows // g).sum(1).cpu() * cols.view(g, per_g_cols).sum(1).cpu()
+        kept += int(per_group.sum()) * math.prod(shape[2:])
+    return kept
+
+
 def channel_weight_sparsity(space, masks: dict[str, torch.Tensor]) -> float:
     """The weight sparsity one ticket's channel keep-vectors ``{group root: [C]}`` give."""
-    lm = space.channel_layer_masks({n: v.unsqueeze(0) for n, v in masks.items()})
-    em = space.weight_element_masks(lm, 1, device=next(iter(masks.values())).device)
-    return 1.0 - sum(int(m.sum()) for m in em.values()) / space.num_weights
+    return 1.0 - channel_kept_weights(space, masks) / space.num_weights
 
 
 def select_channels(space, keep: dict[str, torch.Tensor], imps: dict[str, torch.Tensor], fraction: float,

@@ -241,3 +241,15 @@ def test_pruning_ratio_dict_and_routed_input(make_tiny):
     assert int(keep["conv1"][0].sum()) == 6 and int(keep["conv2"][0].sum()) == 4  # 8*(1-.25), 16*(1-.75)
     with pytest.raises(SparsityError, match="granularity"):
         rtl.RTLPruner(routed, granularity="weight", pruning_ratio=0.5)
+
+
+def test_ticket_sparsity_counts_like_the_element_masks(make_tiny):
+    """The per-ticket count without element masks equals TicketSet.sparsity() (grouped convs included)."""
+    for model in (make_tiny(), GroupedCNN()):
+        routed = rtl.wrap(model, 3, example_inputs=_ex(), granularity="channel", adapter="generic",
+                          output_layers=["head"])
+        routed.set_tickets(rtl.TicketSet.random(routed.space, 3, keep=0.5, seed=3))
+        p = rtl.RTLPruner(routed, pruning_ratio=0.5)
+        expected = routed.tickets.sparsity()
+        for k in range(3):
+            assert p.ticket_sparsity(k) == pytest.approx(float(expected[k]), abs=1e-12)
