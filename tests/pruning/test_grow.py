@@ -123,9 +123,14 @@ def test_grown_model_saves_loads_and_packages(make_tiny, make_routed, tmp_path):
     assert loaded.num_tickets == 3
     assert torch.equal(loaded(x, route=torch.tensor([0, 1, 2])), want)
     from rtl_plugin.persist.package import export_package, load_package
-    export_package(routed, tmp_path / "pkg", example_inputs=EX)
+    from rtl_plugin.routing.grow import grow_router
+    from rtl_plugin.routing.routers import create_router
+    xs, ids = torch.randn(12, 3, 8, 8), torch.arange(12) % 2
+    router = grow_router(create_router("centroid", num_tickets=2).fit(xs, ids), xs[:4] + 2.0)
+    export_package(routed, tmp_path / "pkg", example_inputs=EX, router=router)
     pkg = load_package(tmp_path / "pkg", make_tiny()).eval()
-    assert pkg.num_tickets == 3
+    assert pkg.num_tickets == 3 and pkg.router.num_tickets == 3
+    assert torch.equal(pkg.router(x), router(x))
     torch.testing.assert_close(pkg(x, route=torch.tensor([0, 1, 2])), want, rtol=1e-5, atol=1e-5)
 
 
