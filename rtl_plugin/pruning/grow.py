@@ -12,12 +12,14 @@ keeps (:class:`GrowthReport`).
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import torch
 
-from rtl_plugin.errors import DataError, TicketError
+from rtl_plugin.errors import DataError, SparsityError, TicketError
 from rtl_plugin.pruning.gradients import estimate_gradients, needs_gradients
 from rtl_plugin.pruning.pruner import RTLPruner, SearchResult
 from rtl_plugin.routed import RoutedModel
@@ -25,7 +27,8 @@ from rtl_plugin.training.loop import TrainStep, default_train_step, normalize_su
 from rtl_plugin.training.masked import MaskedUpdate, ticket_param_masks
 from rtl_plugin.training.optim import fresh_optimizers
 
-__all__ = ["GrowthReport", "GrownTicket", "free_entries", "growth_report", "newcomer_train_step", "grow_ticket"]
+__all__ = ["GrowthReport", "GrownTicket", "free_entries", "growth_report", "newcomer_train_step", "apply_reuse_budget",
+           "grow_ticket"]
 
 
 @dataclass(frozen=True)
@@ -126,8 +129,43 @@ def newcomer_train_step(routed: RoutedModel, ticket: int, base_step: TrainStep |
     return step
 
 
+def _flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in d.values()])
+
+
+def apply_reuse_budget(routed: RoutedModel, ticket: int, before: dict[str, torch.Tensor], max_reuse: float, *,
+                       earlier: Sequence[int] | None = None) -> int:
+    """Weight mode: rebalance ``ticket``'s masks, keeping their count, so that at most ``max_reuse`` of its kept
+    weights are owned by an earlier ticket: the lowest-|w| reused entries are swapped for the highest-|w| free
+    entries of ``before`` (its masks before the last pruning round), so the masks stay nested. Returns how
+    many reused entries remain over the budget (0 unless ``before`` held too few free entries)."""
+    earlier = _earlier(routed, ticket, earlier)
+    masks = routed.tickets.masks
+    names = list(routed.space.layers)
+    cur = _flat({n: masks[n][ticket] for n in names})
+    taken = _flat({n: masks[n][earlier].any(0) if earlier else torch.zeros_like(masks[n][ticket]) for n in names})
+    prev = _flat({n: before[n].to(cur.device) for n in names})
+    mag = _flat({n: w.detach().abs() for n, w in routed.prunable_weights().items()}).float()
+    excess = int((cur & taken).sum()) - math.floor(max_reuse * int(cur.sum()) + 1e-9)
+    if excess <= 0:
+        return 0
+    candidates = prev & ~cur & ~taken
+    swap = min(excess, int(candidates.sum()))
+    if swap:
+        drop = torch.where(cur & taken, mag, torch.full_like(mag, math.inf)).topk(swap, largest=False).indices
+        add = torch.where(candidates, mag, torch.full_like(mag, -math.inf)).topk(swap).indices
+        cur[drop], cur[add] = False, True
+        new, at = {}, 0
+        for n in names:
+            size = masks[n][ticket].numel()
+            new[n] = cur[at:at + size].view_as(masks[n][ticket])
+            at += size
+        routed.set_ticket(ticket, new)
+    return excess - swap
+
+
 def _search_newcomer(pruner: RTLPruner, k: int, loader, step: TrainStep, make_opt, epochs: int,
-                     loss_fn, device) -> SearchResult:
+                     loss_fn, device, max_reuse: float | None) -> SearchResult:
     """Per-ticket IMP of ticket k alone with the pruner's public steps (each rewind reloads θ, the weights at
     the search start: the earlier tickets' entries are the same there, since no step changed them)."""
     pruner.begin_search([k])
@@ -138,14 +176,34 @@ def _search_newcomer(pruner: RTLPruner, k: int, loader, step: TrainStep, make_op
             if needs_gradients(pruner.importance):
                 estimate_gradients(pruner.routed, k, loader, importance=pruner.importance, loss_fn=loss_fn,
                                    batches=pruner.importance_batches, device=device)
+            before = {n: m[k].clone() for n, m in pruner.routed.tickets.masks.items()}
             pruner.prune_round(k, loss=loss)
+            if max_reuse is not None and apply_reuse_budget(pruner.routed, k, before, max_reuse):
+                warnings.warn(f"ticket {k}: too few free weights left to keep reuse <= {max_reuse}; the masks "
+                              "reuse more (raise max_reuse or prune less per round).", RuntimeWarning, stacklevel=3)
     except BaseException:
         pruner.abandon_search()
         raise
     return pruner.finish_search()
 
 
+def _check_grow_args(routed, loader, epochs_per_round, retrain_epochs, max_reuse, search) -> None:
+    if not isinstance(routed, RoutedModel):
+        raise TypeError(f"grow_ticket needs a RoutedModel (rtl.wrap(model, K)), got {type(routed).__name__}.")
+    normalize_subsets({0: loader})  # a loader with batches
+    for name, v in (("epochs_per_round", epochs_per_round), ("retrain_epochs", retrain_epochs)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (v == 0 and name == "epochs_per_round"):
+            raise DataError(f"{name} must be an int >= {0 if name == 'retrain_epochs' else 1}, got {v!r}.")
+    if max_reuse is not None:
+        if isinstance(max_reuse, bool) or not isinstance(max_reuse, (int, float)) or not 0.0 <= max_reuse <= 1.0:
+            raise SparsityError(f"max_reuse must be a fraction in [0, 1] or None, got {max_reuse!r}.")
+        if routed.granularity != "weight" or not search:
+            raise SparsityError("max_reuse= applies to the search in weight granularity; drop it (channel tickets "
+                                "or search=False) or wrap the model with granularity='weight'.")
+
+
 def grow_ticket(routed: RoutedModel, loader, *, masks: dict | None = None, norm_init="mean", search: bool = True,
+                max_reuse: float | None = None,
                 epochs_per_round: int = 1, retrain_epochs: int = 1, optimizer: torch.optim.Optimizer | None = None,
                 train_step: TrainStep | None = None, loss_fn: Callable | None = None, device=None,
                 **pruner_options) -> GrownTicket:
@@ -155,23 +213,23 @@ def grow_ticket(routed: RoutedModel, loader, *, masks: dict | None = None, norm_
     Args:
         masks: the newcomer's starting masks (default dense); with ``search=False`` they are its final masks.
         norm_init: its norm statistics' start, see :meth:`RoutedModel.add_ticket`.
+        max_reuse: weight mode, an overlap budget: at most this fraction of the newcomer's kept weights may be
+            ones an earlier ticket owns (read-only reuse); after each pruning round the lowest-magnitude reused
+            weights are swapped for free ones (see :func:`apply_reuse_budget`). None: no budget (magnitude
+            pruning then tends to keep the earlier tickets' trained weights and add few).
         search: run per-ticket IMP with rewinding on ``loader`` (``pruner_options`` go to :class:`RTLPruner`,
             e.g. ``sparsities=[0.5, 0.75]``, ``prune_fraction=``, ``importance=``; default: the pruner's).
         epochs_per_round, retrain_epochs: passes over ``loader`` per pruning round, and after the search.
         optimizer: an optimizer instance over ``routed.parameters()`` cloned fresh for every round and for the
             retraining (default Adam lr 1e-3); ``train_step``/``loss_fn``: as in ``find_tickets``.
     """
-    if not isinstance(routed, RoutedModel):
-        raise TypeError(f"grow_ticket needs a RoutedModel (rtl.wrap(model, K)), got {type(routed).__name__}.")
-    normalize_subsets({0: loader})  # a loader with batches
-    for name, v in (("epochs_per_round", epochs_per_round), ("retrain_epochs", retrain_epochs)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (v == 0 and name == "epochs_per_round"):
-            raise DataError(f"{name} must be an int >= {0 if name == 'retrain_epochs' else 1}, got {v!r}.")
+    _check_grow_args(routed, loader, epochs_per_round, retrain_epochs, max_reuse, search)
     make_opt = fresh_optimizers(routed, optimizer)
     k = routed.add_ticket(masks, norm_init=norm_init)
     step = newcomer_train_step(routed, k, train_step, loss_fn=loss_fn)
     pruner = RTLPruner(routed, **{"progress": False, **pruner_options})
-    result = _search_newcomer(pruner, k, loader, step, make_opt, epochs_per_round, loss_fn, device) if search else None
+    result = _search_newcomer(pruner, k, loader, step, make_opt, epochs_per_round, loss_fn, device,
+                                max_reuse) if search else None
     opt = make_opt()  # one optimizer (one state) over the whole retraining
     losses = [pruner.train_ticket(k, loader, train_step=step, optimizer=opt, device=device)
               for _ in range(retrain_epochs)]

@@ -163,3 +163,24 @@ def test_bad_growth_inputs(make_routed, make_loader):
         growth_report(routed, 1, earlier=[1])
     with pytest.raises(TicketError, match="K changes only"):
         routed.set_tickets(rtl.TicketSet.full(routed.space, 3))
+
+
+def test_reuse_budget_keeps_old_tickets_and_caps_reuse(make_tiny, make_loader):
+    routed = searched(make_tiny, make_loader, "weight")
+    x = torch.randn(4, 3, 8, 8)
+    before = outputs(routed, x, [0, 1])
+    grown = grow_ticket(routed, make_loader(2, seed=7), sparsities=[0.5, 0.75], prune_fraction=0.5, max_reuse=0.25,
+                        optimizer=torch.optim.Adam(routed.parameters(), lr=1e-2))
+    r = grown.report
+    assert r.reused <= 0.25 * r.kept + 1 and r.added >= 0.75 * r.kept - 1
+    assert abs(r.sparsity - 0.75) < 1e-3
+    at = grown.search.tickets_at
+    for n in at[0.75].masks:  # the swaps keep the trajectory nested
+        assert not bool((at[0.75].masks[n][2] & ~at[0.5].masks[n][2]).any())
+    for a, b in zip(before, outputs(routed, x, [0, 1])):
+        assert torch.equal(a, b)
+    with pytest.raises(rtl.errors.SparsityError, match="max_reuse"):
+        grow_ticket(routed, make_loader(1), max_reuse=1.5)
+    with pytest.raises(rtl.errors.SparsityError, match="weight"):
+        grow_ticket(rtl.wrap(make_tiny(), 1, example_inputs=EX, granularity="channel", adapter="generic",
+                             output_layers=["head"]), make_loader(1), max_reuse=0.5)
