@@ -55,7 +55,7 @@ def retrained(make, args, ex, tickets, subsets):
     routed = rtl.wrap(make(args.seed), tickets.num_tickets, example_inputs=ex, granularity="weight")
     routed.set_tickets(tickets)  # the search's θ0 is make(seed)'s weights
     joint_retrain(routed, subsets, optimizer=torch.optim.Adam(routed.parameters(), lr=args.lr),
-                  epochs=args.retrain_epochs, progress=False)
+                  epochs=args.retrain_epochs, per_ticket_state=not args.shared_state, progress=False)
     return routed
 
 
@@ -85,6 +85,8 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared-state", action="store_true",
+                   help="joint retraining with one optimizer state for all tickets (default: one per ticket)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/grow/budget_routing.json"))
     return p.parse_args(argv)
 
