@@ -323,7 +323,8 @@ class RoutedModel(nn.Module):
             raise TicketError("the TicketSet belongs to another ticket space (architecture or granularity differ).")
         if tickets.num_tickets != self.num_tickets:
             raise TicketError(f"the TicketSet holds {tickets.num_tickets} tickets, this model routes {self.num_tickets}; "
-                              "routed norm statistics are per ticket, so K changes only through routed.add_ticket(...).")
+                              "routed norm statistics are per ticket, so K cannot change through set_tickets; "
+                              "grow it with routed.add_ticket(...).")
         try:
             tickets.to(next(self.model.parameters()).device)
         except StopIteration:

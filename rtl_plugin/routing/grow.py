@@ -6,8 +6,8 @@
 * ``CentroidRouter``: extended without the old data: its K centroids and feature standardisation are kept and
   the new ticket's centroid is the mean of ``x_new``'s standardised features (an input keeps its old route
   unless the new centroid is nearer);
-* ``LearnedRouter`` (or a CentroidRouter given ``x=`` instead of ``x_new``): refitted from scratch over K + 1 tickets, which needs
-  samples of every ticket: ``x=`` and ``ticket_ids=`` (old and new data, ids in [0, K]).
+* ``LearnedRouter`` (or a CentroidRouter given ``x=`` instead of ``x_new``): refitted from scratch over K + 1
+  tickets, which needs samples of every ticket: ``x=`` and ``ticket_ids=`` (old and new data, ids in [0, K]).
 """
 from __future__ import annotations
 

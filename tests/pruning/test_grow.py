@@ -161,7 +161,7 @@ def test_bad_growth_inputs(make_routed, make_loader):
         grow_ticket(routed.model, make_loader(1))
     with pytest.raises(TicketError, match="its own earlier"):
         growth_report(routed, 1, earlier=[1])
-    with pytest.raises(TicketError, match="K changes only"):
+    with pytest.raises(TicketError, match="K cannot change"):
         routed.set_tickets(rtl.TicketSet.full(routed.space, 3))
 
 
