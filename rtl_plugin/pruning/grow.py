@@ -22,6 +22,7 @@ import torch
 from rtl_plugin.errors import DataError, SparsityError, TicketError
 from rtl_plugin.pruning.gradients import estimate_gradients, needs_gradients
 from rtl_plugin.pruning.pruner import RTLPruner, SearchResult
+from rtl_plugin.norms import RoutedBatchNorm
 from rtl_plugin.routed import RoutedModel
 from rtl_plugin.training.loop import TrainStep, default_train_step, normalize_subsets
 from rtl_plugin.training.masked import MaskedUpdate, ticket_param_masks
@@ -109,10 +110,36 @@ def growth_report(routed: RoutedModel, ticket: int, *, earlier: Sequence[int] | 
                         free_before=free, num_weights=total, sparsity=1.0 - kept / total)
 
 
+class _BufferGuard:
+    """Restores every buffer a training step changed except the newcomer's own rows of routed norm statistics:
+    shared buffers (``shared_norm=True`` norms, any other running state) belong to the earlier tickets too."""
+
+    def __init__(self, routed: RoutedModel, ticket: int):
+        self.ticket = ticket
+        self.items = [(m, name) for m in routed.model.modules() for name, b in m._buffers.items() if b is not None]
+
+    def __enter__(self):
+        self.saved = [b.detach().clone() for b in (m._buffers[n] for m, n in self.items)]
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for (m, name), old in zip(self.items, self.saved):
+                b = m._buffers[name]
+                keep = b[self.ticket].clone() if isinstance(m, RoutedBatchNorm) and b.dim() and \
+                    b.shape[0] == m.num_tickets else None
+                b.copy_(old)
+                if keep is not None:
+                    b[self.ticket] = keep
+        return False
+
+
 def newcomer_train_step(routed: RoutedModel, ticket: int, base_step: TrainStep | None = None, *,
                         loss_fn: Callable | None = None, earlier: Sequence[int] | None = None) -> TrainStep:
     """``base_step`` (default: cross-entropy on ``(x, y)``) run inside a MaskedUpdate that lets it change only
-    :func:`free_entries` of ``ticket``; the free entries follow the ticket's masks as its search prunes them."""
+    :func:`free_entries` of ``ticket`` (the free entries follow the ticket's masks as its search prunes them);
+    buffers are restored after the step except ``ticket``'s own rows of routed norm statistics (with
+    ``shared_norm=True`` the newcomer therefore keeps the shared running statistics unchanged)."""
     if base_step is not None and not callable(base_step):
         raise DataError(f"train_step must be callable (model, batch, optimizer) -> loss, got {type(base_step).__name__}.")
     earlier = _earlier(routed, ticket, earlier)
@@ -124,7 +151,7 @@ def newcomer_train_step(routed: RoutedModel, ticket: int, base_step: TrainStep |
         key = (routed.tickets.version, id(routed.tickets))
         if cache.get("key") != key:
             cache["key"], cache["owned"] = key, free_entries(routed, ticket, earlier=earlier)
-        with MaskedUpdate(routed, ticket, buffers, owned=cache["owned"]):
+        with _BufferGuard(routed, ticket), MaskedUpdate(routed, ticket, buffers, owned=cache["owned"]):
             return base(model, batch, optimizer)
     return step
 

@@ -184,3 +184,17 @@ def test_reuse_budget_keeps_old_tickets_and_caps_reuse(make_tiny, make_loader):
     with pytest.raises(rtl.errors.SparsityError, match="weight"):
         grow_ticket(rtl.wrap(make_tiny(), 1, example_inputs=EX, granularity="channel", adapter="generic",
                              output_layers=["head"]), make_loader(1), max_reuse=0.5)
+
+
+def test_shared_norm_statistics_stay_unchanged(make_tiny, make_loader):
+    routed = rtl.wrap(make_tiny(), 2, example_inputs=EX, granularity="weight", adapter="generic",
+                      output_layers=["head"], shared_norm=True)
+    routed.set_tickets(rtl.TicketSet.random(routed.space, 2, keep=0.5, seed=1))
+    x = torch.randn(4, 3, 8, 8)
+    before = outputs(routed, x, [0, 1])
+    stats = routed.model.bn1.running_mean.clone()
+    grow_ticket(routed, make_loader(2, seed=3), sparsities=[0.5], prune_fraction=0.5,
+                optimizer=torch.optim.Adam(routed.parameters(), lr=1e-2))
+    assert torch.equal(routed.model.bn1.running_mean, stats)
+    for a, b in zip(before, outputs(routed, x, [0, 1])):
+        assert torch.equal(a, b)
