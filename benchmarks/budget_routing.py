@@ -2,7 +2,8 @@
 
 One search (per-domain IMP, weight granularity) records every domain's masks at several sparsities. The ladder
 model holds all K x L tickets (``ladder_tickets``) and is retrained jointly; each single-sparsity RTL model holds
-the K tickets of one sparsity, retrained the same number of epochs. Costs are counted kept-weight MACs per input
+the K tickets of one sparsity, retrained the same number of epochs; single IMP is one ticket searched and
+retrained on all domains' data at each sparsity. Costs are counted kept-weight MACs per input
 (``ticket_costs``); quality per ticket is its accuracy on a validation split of its domain's training data. At
 test time a centroid router predicts the domain and ``BudgetRouter`` picks the ticket under the budget:
 ``budget=`` caps every input, ``mean_budget=`` caps the test set's mean cost. The budget router's largest
@@ -126,6 +127,15 @@ def main(argv=None) -> int:
         model = retrained(make, args, ex, res.tickets_at[s], subsets)
         c = ticket_costs(model, test.x[:1])
         single[str(s)] = {**point(model, dom_pred, c, test.x, test.y), "costs_macs": c.tolist()}
+    single_imp = {}  # one ticket searched and retrained on all domains' data (routing not needed)
+    everything = loaders_of(xtr, ytr, torch.zeros_like(dtr), 1, args.batch_size, args.seed)
+    imp_search = rtl.wrap(make(args.seed), 1, example_inputs=ex, granularity="weight")
+    imp = RTLPruner(imp_search, sparsities=list(args.sparsities), prune_fraction=args.prune_fraction,
+                    progress=False).find_tickets(everything, optimizer=torch.optim.Adam(imp_search.parameters(), lr=args.lr))
+    for s in args.sparsities:
+        model = retrained(make, args, ex, imp.tickets_at[s], everything)
+        c = ticket_costs(model, test.x[:1])
+        single_imp[str(s)] = point(model, torch.zeros_like(test.y), c, test.x, test.y)
     capped, mean = [], []
     for b in sorted({float(v) for v in costs.tolist()}):  # the quality-cost curve of the per-input cap
         ids = budget_router(test.x, budget=b)
@@ -140,12 +150,12 @@ def main(argv=None) -> int:
         capped.append({"budget": r["max_macs"], "equal_to_single_sparsity": float(s),
                        **point(ladder_model, ids, costs, test.x, test.y), "single_accuracy": r["accuracy"]})
         capped[-1]["within_budget"] = capped[-1]["max_macs"] <= r["max_macs"]
-    record.update(single_sparsity_rtl=single, budget_capped=capped, budget_mean=mean,
+    record.update(single_sparsity_rtl=single, single_imp=single_imp, budget_capped=capped, budget_mean=mean,
                   all_within_budget=all(r["within_budget"] for r in capped),
                   total_time_s=round(time.perf_counter() - t0, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
-    print(json.dumps({k: record[k] for k in ("router_accuracy", "single_sparsity_rtl", "budget_capped", "budget_mean",
+    print(json.dumps({k: record[k] for k in ("router_accuracy", "single_sparsity_rtl", "single_imp", "budget_capped", "budget_mean",
                                              "all_within_budget", "total_time_s")}, indent=1))
     return 0
 
