@@ -195,8 +195,10 @@ def _search_newcomer(pruner: RTLPruner, k: int, loader, step: TrainStep, make_op
                      loss_fn, device, max_reuse: float | None) -> SearchResult:
     """Per-ticket IMP of ticket k alone with the pruner's public steps (each rewind reloads θ, the weights at
     the search start: the earlier tickets' entries are the same there, since no step changed them)."""
+    start = {n: m[k].clone() for n, m in pruner.routed.tickets.masks.items()}
     pruner.begin_search([k])
     try:
+        pruner.routed.set_ticket(k, start)  # begin_search made it dense: search from the given masks
         while pruner.record_targets(k) is not None:
             pruner.rewind(k)
             loss = pruner.train_ticket(k, loader, train_step=step, optimizer=make_opt(), epochs=epochs, device=device)
@@ -238,7 +240,8 @@ def grow_ticket(routed: RoutedModel, loader, *, masks: dict | None = None, norm_
     0..K-1: their outputs stay bit-identical (same weights, same norm statistics).
 
     Args:
-        masks: the newcomer's starting masks (default dense); with ``search=False`` they are its final masks.
+        masks: the newcomer's starting masks (default dense): the search prunes from them (its masks stay
+            inside them); with ``search=False`` they are its final masks.
         norm_init: its norm statistics' start, see :meth:`RoutedModel.add_ticket`.
         max_reuse: weight mode, an overlap budget: at most this fraction of the newcomer's kept weights may be
             ones an earlier ticket owns (read-only reuse); after each pruning round the lowest-magnitude reused
@@ -252,9 +255,9 @@ def grow_ticket(routed: RoutedModel, loader, *, masks: dict | None = None, norm_
     """
     _check_grow_args(routed, loader, epochs_per_round, retrain_epochs, max_reuse, search)
     make_opt = fresh_optimizers(routed, optimizer)
+    pruner = RTLPruner(routed, **{"progress": False, **pruner_options})  # options checked before K grows
     k = routed.add_ticket(masks, norm_init=norm_init)
     step = newcomer_train_step(routed, k, train_step, loss_fn=loss_fn)
-    pruner = RTLPruner(routed, **{"progress": False, **pruner_options})
     result = _search_newcomer(pruner, k, loader, step, make_opt, epochs_per_round, loss_fn, device,
                                 max_reuse) if search else None
     opt = make_opt()  # one optimizer (one state) over the whole retraining

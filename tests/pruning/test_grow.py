@@ -198,3 +198,14 @@ def test_shared_norm_statistics_stay_unchanged(make_tiny, make_loader):
     assert torch.equal(routed.model.bn1.running_mean, stats)
     for a, b in zip(before, outputs(routed, x, [0, 1])):
         assert torch.equal(a, b)
+
+
+def test_search_starts_from_given_masks_and_bad_options_leave_k(make_routed, make_loader):
+    routed = make_routed("weight", num_tickets=2)
+    start = {n: m[0].clone() for n, m in routed.tickets.masks.items()}
+    grow_ticket(routed, make_loader(2, seed=4), masks=start, sparsities=[0.7], prune_fraction=0.3)
+    for n, m in start.items():
+        assert not bool((routed.tickets.masks[n][2] & ~m).any())
+    with pytest.raises(rtl.errors.SparsityError):
+        grow_ticket(routed, make_loader(1), sparsities=[1.5])
+    assert routed.num_tickets == 3
