@@ -12,7 +12,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from rtl_plugin.errors import RouteError
+from rtl_plugin.errors import RouteError, TicketError
 
 
 class RouteState:
@@ -138,6 +138,27 @@ class RoutedBatchNorm(nn.Module):
             return self._ticket_forward(x, tickets[0])
         parts = torch.split(x.index_select(0, perm), counts)
         return torch.cat([self._ticket_forward(p, t) for p, t in zip(parts, tickets)]).index_select(0, inverse)
+
+    def add_ticket(self, init="mean") -> None:
+        """Grow the statistics by one ticket (row K), initialised from ``init``: "mean" (the average of the K
+        tickets' running means and variances), an int ticket id (a copy of its statistics) or "fresh"
+        (mean 0, variance 1, as a new BatchNorm). ``num_batches_tracked`` of the new row starts at 0."""
+        K = self.num_tickets
+        if self.track_running_stats:
+            mean, var = self.running_mean, self.running_var
+            if init == "mean":
+                new_mean, new_var = mean.mean(0, keepdim=True), var.mean(0, keepdim=True)
+            elif init == "fresh":
+                new_mean, new_var = torch.zeros_like(mean[:1]), torch.ones_like(var[:1])
+            elif isinstance(init, int) and not isinstance(init, bool) and 0 <= init < K:
+                new_mean, new_var = mean[init:init + 1].clone(), var[init:init + 1].clone()
+            else:
+                raise TicketError(f"norm_init must be 'mean', 'fresh' or a ticket id in [0, {K}), got {init!r}.")
+            self.register_buffer("running_mean", torch.cat([mean, new_mean], 0))
+            self.register_buffer("running_var", torch.cat([var, new_var], 0))
+            nbt = self.num_batches_tracked
+            self.register_buffer("num_batches_tracked", torch.cat([nbt, torch.zeros_like(nbt[:1])], 0))
+        object.__setattr__(self, "num_tickets", K + 1)
 
     def to_batchnorm(self, ticket: int) -> nn.modules.batchnorm._BatchNorm:
         """A plain copy of the original BatchNorm class carrying ticket ``ticket``'s statistics."""

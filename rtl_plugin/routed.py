@@ -323,7 +323,8 @@ class RoutedModel(nn.Module):
             raise TicketError("the TicketSet belongs to another ticket space (architecture or granularity differ).")
         if tickets.num_tickets != self.num_tickets:
             raise TicketError(f"the TicketSet holds {tickets.num_tickets} tickets, this model routes {self.num_tickets}; "
-                              "routed norm statistics are per ticket, so K cannot change after wrapping.")
+                              "routed norm statistics are per ticket, so K cannot change through set_tickets; "
+                              "grow it with routed.add_ticket(...).")
         try:
             tickets.to(next(self.model.parameters()).device)
         except StopIteration:
@@ -336,6 +337,35 @@ class RoutedModel(nn.Module):
         self._check_live()
         self.tickets.set_ticket(k, masks)
         self._cache.clear()
+
+    def add_ticket(self, masks: dict[str, torch.Tensor] | None = None, *, norm_init="mean") -> int:
+        """Grow the model by one ticket, K -> K + 1, and return its id K; the earlier tickets are untouched.
+
+        ``masks``: the new ticket's masks (one ticket's ``{key: BoolTensor}``), default dense. Every routed
+        BatchNorm gets a K-th row of running statistics, initialised from ``norm_init``: "mean" (the average of
+        the existing tickets' statistics: a neutral start that the new ticket's training overwrites; default),
+        an int ticket id (a copy of that ticket's statistics, e.g. the ticket whose domain is closest) or
+        "fresh" (mean 0, variance 1). Norm affine parameters and LayerNorms stay shared. Search and train the
+        newcomer without touching the other tickets with :func:`rtl_plugin.pruning.grow.grow_ticket`.
+        """
+        self._check_live()
+        K = self.num_tickets
+        valid = norm_init in ("mean", "fresh") if isinstance(norm_init, str) else False
+        if isinstance(norm_init, (int, np.integer)) and not isinstance(norm_init, bool):
+            valid, norm_init = 0 <= int(norm_init) < K, int(norm_init)
+        if not valid:
+            raise TicketError(f"norm_init must be 'mean', 'fresh' or a ticket id in [0, {K}), got {norm_init!r}.")
+        grown = self.tickets.appended(masks)  # validates the masks before anything changes
+        for m in self.model.modules():
+            if isinstance(m, RoutedBatchNorm):
+                m.add_ticket(norm_init)
+        try:
+            grown.to(next(self.model.parameters()).device)
+        except StopIteration:
+            pass
+        object.__setattr__(self, "tickets", grown)
+        self._cache.clear()
+        return K
 
     def masks_changed(self) -> None:
         """Tell the model that its ticket masks were edited in place (drops cached masked weights)."""

@@ -73,6 +73,28 @@ class TicketSet:
     def copy(self) -> "TicketSet":
         return TicketSet(self.space, {k: v.clone() for k, v in self.masks.items()})
 
+    def appended(self, masks: dict[str, torch.Tensor] | None = None) -> "TicketSet":
+        """A new TicketSet holding these K tickets (copied, unchanged) and one more, ticket K: ``masks`` (one
+        ticket's ``{key: BoolTensor}``, every key of the space) or, by default, dense (all-ones)."""
+        new = {}
+        for n, m in self.masks.items():
+            row = torch.ones_like(m[:1]) if masks is None else None
+            if masks is not None:
+                if n not in masks:
+                    raise TicketError(f"the new ticket's masks lack key {n!r}; give one mask per key of the ticket "
+                                      "space (e.g. a ticket of another TicketSet of this space), or None for dense.")
+                row = torch.as_tensor(masks[n], device=m.device)
+                if row.dtype != torch.bool or tuple(row.shape) != tuple(m.shape[1:]):
+                    raise TicketError(f"the new ticket's mask {n!r} is {row.dtype} {tuple(row.shape)}; expected "
+                                      f"torch.bool {tuple(m.shape[1:])} (one ticket's mask of this space).")
+                row = row.unsqueeze(0)
+            new[n] = torch.cat([m, row], 0)
+        if masks is not None:
+            extra = sorted(set(masks) - set(self.masks))[:3]
+            if extra:
+                raise TicketError(f"the new ticket's masks have unknown keys {extra}; they come from another space.")
+        return TicketSet(self.space, new)
+
     # ------------------------------------------------------------------ access
     @property
     def num_tickets(self) -> int:
