@@ -239,9 +239,9 @@ def matched_accuracy(pred, true, num_tickets: int) -> tuple[float, list[int]]:
     """``(accuracy, matching)``: routing accuracy of ``pred`` against group ids ``true`` under the one-to-one
     ticket -> group matching that maximises it (``matching[ticket] = group``); exhaustive for K <= 8."""
     K = _pos_int(num_tickets, "num_tickets")
-    pred = torch.as_tensor(pred).cpu().long()
-    true = torch.as_tensor(true).cpu().long()
+    pred, true = torch.as_tensor(pred).cpu(), torch.as_tensor(true).cpu()
     route_accuracy(pred, true)  # validates dtype, shape, non-empty
+    pred, true = pred.long(), true.long()
     if K > 8:
         raise RouteError(f"matched_accuracy searches all K! matchings; K={K} is too many (at most 8)")
     G = max(K, int(true.max()) + 1)

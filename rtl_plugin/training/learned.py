@@ -15,8 +15,9 @@ Routing while training:
   known contexts or k-means clusters of backbone features: see :mod:`rtl_plugin.routing.partition`) and the gate,
   if given, learns the groups with cross-entropy (weight ``gate_weight``) beside the task loss.
 * ``routing="gate"`` (label-free): batches are ``(x, y)`` (a third element, if present, is used only to report
-  the matched routing accuracy); the gate routes every sample (straight-through Gumbel-softmax), the task loss
-  reaches the gate through the chosen ticket, plus ``balance_weight`` x the load-balancing term and
+  the matched routing accuracy); the gate routes every sample (hard argmax, straight-through factor; ``gumbel=True``
+  adds Gumbel noise, which routed less reliably on the tests' toy task), the task loss reaches the gate through
+  the chosen ticket, plus ``balance_weight`` x the load-balancing term and
   ``entropy_weight`` x the routing entropy.
 
 The result's masks are an ordinary :class:`~rtl_plugin.tickets.TicketSet` set on the routed model: diagnostics,
@@ -379,7 +380,7 @@ def learn_tickets(routed: RoutedModel, data, *, sparsity: float, steps: int | No
                   anneal_fraction: float = 0.5, scope: str = "global", backbone: str = "frozen",
                   trainable: Sequence[str] = (), lr: float = 1e-2, gate_lr: float = 1e-2, backbone_lr: float = 1e-4,
                   gate_weight: float = 1.0, balance_weight: float = 0.01, entropy_weight: float = 0.0,
-                  tau: float = 1.0, gumbel: bool = True, loss_fn: Callable | None = None, norm_stats: str = "ticket",
+                  tau: float = 1.0, gumbel: bool = False, loss_fn: Callable | None = None, norm_stats: str = "ticket",
                   recalibrate_batches: int = 20, seed: int = 0, device=None) -> LearnedTickets:
     """Learn K tickets' masks (and a gate) on a frozen or co-trained backbone; see the module docstring.
 
