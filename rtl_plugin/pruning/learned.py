@@ -155,8 +155,8 @@ class TicketScores(nn.Module):
     """Per-ticket real-valued scores over a :class:`TicketSpace` (one ``nn.Parameter`` per ticket and mask key,
     so a ticket absent from a batch gets no gradient and no optimizer update).
 
-    Build with :meth:`from_magnitude` (scores = |W| / mean |W| per layer: the first binarisation is layer-normalised
-    magnitude pruning) or :meth:`random`. ``scores[k][key]`` is ticket k's score tensor for one mask key.
+    Build with :meth:`from_magnitude` (scores = |W| / mean |W|: the first binarisation is global magnitude
+    pruning) or :meth:`random`. ``scores[k][key]`` is ticket k's score tensor for one mask key.
     """
 
     def __init__(self, space: TicketSpace, values: Sequence[dict[str, torch.Tensor]]):
@@ -191,9 +191,13 @@ class TicketScores(nn.Module):
         return {g.root: (g.period,) for g in space.groups}
 
     @classmethod
-    def from_magnitude(cls, routed, *, num_tickets: int | None = None) -> "TicketScores":
-        """Every ticket starts at |W| / mean |W| of its layer (channel mode: the root layer's per-channel L2 norm
-        over its mean, averaged over channel groups)."""
+    def from_magnitude(cls, routed, *, normalize: str = "global", num_tickets: int | None = None) -> "TicketScores":
+        """Every ticket starts at |W| (channel mode: the root layer's per-channel L2 norm, averaged over channel
+        groups) divided by its mean over all layers (``normalize="global"``: the first binarisation is global
+        magnitude pruning) or over its own layer (``"layer"``: layers compete on relative magnitude, so every
+        layer keeps about the same share; worse for small first layers)."""
+        if normalize not in ("global", "layer"):
+            raise TicketError(f"normalize must be 'global' or 'layer', got {normalize!r}.")
         space = routed.space
         K = routed.num_tickets if num_tickets is None else num_tickets
         if not _is_int(K) or K < 1:
@@ -201,15 +205,18 @@ class TicketScores(nn.Module):
         base = {}
         if space.granularity == "weight":
             for n, w in routed.prunable_weights().items():
-                a = w.detach().abs().float()
-                base[n] = a / a.mean().clamp_min(1e-12)
+                base[n] = w.detach().abs().float()
         else:
             for g in space.groups:
                 w = routed.model.get_submodule(g.root).weight.detach().float()
                 dim = 1 if space.layer_kinds.get(g.root) == "convT" else 0
                 norms = w.transpose(0, dim).reshape(w.shape[dim], -1).norm(dim=1)[:g.size]
-                per = norms.view(g.ch_groups, g.period).mean(0)
-                base[g.root] = per / per.mean().clamp_min(1e-12)
+                base[g.root] = norms.view(g.ch_groups, g.period).mean(0)
+        if normalize == "layer":
+            base = {n: v / v.mean().clamp_min(1e-12) for n, v in base.items()}
+        else:
+            scale = torch.cat([v.flatten() for v in base.values()]).mean().clamp_min(1e-12)
+            base = {n: v / scale for n, v in base.items()}
         return cls(space, [dict(base) for _ in range(K)])
 
     @classmethod

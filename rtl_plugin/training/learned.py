@@ -183,33 +183,49 @@ def _scale_output(out, factor: torch.Tensor):
 @torch.no_grad()
 def recalibrate_norms(routed: RoutedModel, batches: Iterable, route_fn: Callable) -> list[int]:
     """Recompute every ticket's batch-norm running statistics as the average over ``batches`` (train-mode forwards
-    without gradients, weights untouched). ``route_fn(batch) -> (x, route)``. A ticket that receives no sample keeps
-    its previous statistics. Returns the samples seen per ticket."""
+    without gradients, weights untouched). ``route_fn(batch) -> (x, route [B])``. Each ticket's samples are
+    gathered and run in batches of the largest input batch (a single trailing sample joins the previous chunk, so
+    1-D norms always see two); a ticket with fewer than two samples keeps its previous statistics. Returns the
+    samples used per ticket."""
     if not isinstance(routed, RoutedModel):
         raise TicketError(f"recalibrate_norms needs a RoutedModel, got {type(routed).__name__}.")
+    per_ticket: dict[int, list[torch.Tensor]] = {}
+    size = 1
+    for batch in batches:
+        x, route = route_fn(batch)
+        route = torch.as_tensor(route).reshape(-1).to(x.device)
+        size = max(size, x.shape[0])
+        for t in route.unique().tolist():
+            per_ticket.setdefault(int(t), []).append(x[route == t])
     bns = [m for m in routed.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     was = routed.training
-    seen = torch.zeros(routed.num_tickets, dtype=torch.long)
+    seen = [0] * routed.num_tickets
     try:
         for m in bns:
             m.reset_running_stats()
             m.momentum = None
         routed.train()
-        for batch in batches:
-            x, route = route_fn(batch)
-            routed(x, route=route)
-            seen += torch.bincount(torch.as_tensor(route).reshape(-1).cpu(), minlength=routed.num_tickets)
+        for t, parts in sorted(per_ticket.items()):
+            xs = torch.cat(parts)
+            if xs.shape[0] < 2:
+                continue
+            bounds = list(range(0, xs.shape[0], size)) + [xs.shape[0]]
+            if bounds[-1] - bounds[-2] == 1:
+                bounds.pop(-2)
+            for a, b in zip(bounds, bounds[1:]):
+                routed(xs[a:b], route=t)
+            seen[t] = int(xs.shape[0])
     finally:
         for m, (mom, mean, var, count) in zip(bns, saved):
             m.momentum = mom
             if m.running_mean.dim() == 2:  # per-ticket statistics: restore the tickets that saw nothing
-                for t in (seen == 0).nonzero().flatten().tolist():
+                for t in [t for t in range(routed.num_tickets) if seen[t] == 0]:
                     m.running_mean[t], m.running_var[t], m.num_batches_tracked[t] = mean[t], var[t], count[t]
-            elif int(seen.sum()) == 0:
+            elif sum(seen) == 0:
                 m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
         routed.train(was)
-    return seen.tolist()
+    return seen
 
 
 # --------------------------------------------------------------------------- the loop
@@ -257,6 +273,8 @@ class _Trainer:
             groups.append({"params": extra, "lr": cfg.backbone_lr})
         self.opt = torch.optim.Adam(groups)
         self.trainable = trainable
+        self.needs_pairs = cfg.norm_stats == "ticket" and any(
+            isinstance(m, nn.BatchNorm1d) and m.track_running_stats for m in routed.model.modules())
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.history: list[Binarisation] = []
         self.losses: list[float] = []
@@ -289,10 +307,15 @@ class _Trainer:
     def step(self, ste: StraightThrough, batch) -> None:
         x, y, g = _unpack(batch, self.cfg.routing, self.device)
         ids, factor, extra = self._route(x, g)
-        out = ste(x, route=ids)
+        keep = self._trainable_samples(ids)
+        if keep is not None and not bool(keep.any()):
+            self.losses.append(float("nan"))  # every sample alone on its ticket: nothing a 1-D norm can train on
+            return
+        sel = (lambda v: v) if keep is None else (lambda v: v[keep] if isinstance(v, torch.Tensor) else v)
+        out = ste(sel(x), route=sel(ids))
         if factor is not None:
-            out = _scale_output(out, factor)
-        task = self.loss_fn(out, y)
+            out = _scale_output(out, sel(factor))
+        task = self.loss_fn(out, sel(y))
         if not isinstance(task, torch.Tensor) or task.dim() != 0:
             raise DataError("loss_fn(output, y) must return a scalar tensor.")
         self.opt.zero_grad(set_to_none=True)
@@ -302,6 +325,15 @@ class _Trainer:
         pred = ids if self.gate is None else self.gate_pred(x)
         self.window.append((pred.detach().cpu(), None if g is None else g.cpu()))
         self.window = self.window[-self.window_len:]
+
+    def _trainable_samples(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """With 1-D batch norms in train mode a ticket's bucket needs two samples: samples alone on their ticket
+        in this batch are left out of the task loss (None: keep all)."""
+        if not self.needs_pairs:
+            return None
+        counts = torch.bincount(ids, minlength=self.routed.num_tickets)
+        keep = counts[ids] > 1
+        return None if bool(keep.all()) else keep
 
     @torch.no_grad()
     def gate_pred(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +394,7 @@ def _check_gate(routed: RoutedModel, gate, routing: str) -> Gate | None:
 
 def _initial_scores(routed: RoutedModel, scores, init: str, seed: int) -> TicketScores:
     if scores is None:
-        _choice(init, INITS, "init", "'magnitude': the first masks are layer-normalised magnitude pruning; 'random'")
+        _choice(init, INITS, "init", "'magnitude': the first masks are global magnitude pruning; 'random'")
         if init == "magnitude":
             return TicketScores.from_magnitude(routed)
         return TicketScores.random(routed.space, routed.num_tickets, seed=seed)

@@ -10,7 +10,7 @@ from rtl_plugin.errors import DataError, RouteError, SparsityError, TicketError
 from rtl_plugin.pruning import StraightThrough, TicketScores, sparsity_schedule
 from rtl_plugin.pruning.ranking import channel_weight_sparsity
 from rtl_plugin.routing import Gate
-from rtl_plugin.training import learn_tickets
+from rtl_plugin.training import learn_tickets, recalibrate_norms
 from conftest import GroupedCNN, TINY_INPUT
 
 
@@ -133,6 +133,20 @@ def test_weight_binarisation_is_exact(make_tiny, scope, target):
     kept = torch.cat([ts.masks[k][0].flatten() for k in scores.keys])
     if scope == "global" and 0 < target < 0.99:
         assert float(flat[kept].min()) >= float(flat[~kept].max()), "kept scores must be the highest"
+
+
+def test_magnitude_scores_start_at_global_magnitude_pruning(make_tiny):
+    routed = _wrap(make_tiny(), "weight")
+    ts = TicketScores.from_magnitude(routed).binarize(0.7)
+    mags = torch.cat([w.detach().abs().flatten() for w in routed.prunable_weights().values()])
+    kept = torch.cat([ts.masks[n][1].flatten() for n in routed.space.layers])
+    assert float(mags[kept].min()) >= float(mags[~kept].max())
+    assert all(torch.equal(m[0], m[1]) for m in ts.masks.values()), "every ticket starts from the same scores"
+    by_layer = TicketScores.from_magnitude(routed, normalize="layer").binarize(0.7)
+    shares = [float(m[0].float().mean()) for m in by_layer.masks.values()]
+    assert max(shares) - min(shares) < 0.15  # layer-normalised scores spread the budget evenly
+    with pytest.raises(TicketError, match="normalize"):
+        TicketScores.from_magnitude(routed, normalize="max")
 
 
 def test_per_ticket_targets_and_validation(make_tiny):
@@ -277,3 +291,30 @@ def test_learn_tickets_validation(make_tiny):
         learn_tickets(make_tiny(), _loader(), sparsity=0.5)
     with pytest.raises(SparsityError, match="binarize_every"):
         learn_tickets(routed, _loader(), sparsity=0.5, binarize_every=0)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.head = torch.nn.Linear(12, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc(x))))
+
+
+def test_recalibrate_norms_per_ticket_and_singletons():
+    """Per-ticket statistics are the average over each ticket's samples; a ticket with no sample keeps its own;
+    1-D norms never see a lone sample (in recalibration, or in training where a lone sample sits out)."""
+    torch.manual_seed(0)
+    routed = rtl.wrap(_MLP(), 3, example_inputs=torch.randn(2, 12), adapter="generic", output_layers=["head"])
+    before = routed.model.bn.running_mean.clone()
+    x = torch.randn(9, 12) + 3.0
+    route = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1])  # ticket 1: a lone sample; ticket 2: none
+    seen = recalibrate_norms(routed, [(x, route)], lambda b: b)
+    assert seen == [8, 0, 0]
+    expected = routed.model.fc(x[:8]).detach().mean(0)
+    torch.testing.assert_close(routed.model.bn.running_mean[0], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(routed.model.bn.running_mean[1:], before[1:])
+    data = [(torch.randn(5, 12), torch.randint(0, 3, (5,)), torch.tensor([0, 0, 1, 1, 2]))]
+    res = learn_tickets(routed, data, sparsity=0.5, epochs=2, binarize_every=1)  # ticket 2 alone: no crash
+    assert len(res.losses) == 2
