@@ -105,3 +105,23 @@ def test_matched_accuracy_finds_the_ticket_numbering():
     assert acc == pytest.approx(5 / 6) and match == [1, 2, 0]
     with pytest.raises(RouteError, match="integer"):
         matched_accuracy(pred.float(), true, 3)
+
+
+def test_gate_packages_with_learned_tickets(make_tiny, tmp_path):
+    """export_package(router=gate): the loaded package routes with the same gate and the same tickets."""
+    import rtl_plugin as rtl
+    from torch.utils.data import DataLoader, TensorDataset
+    from rtl_plugin.training import learn_tickets
+    x, ids = _domains(24)
+    y = torch.randint(0, 5, (24,), generator=torch.Generator().manual_seed(1))
+    routed = rtl.wrap(make_tiny(), 3, example_inputs=x[:1], granularity="channel", adapter="generic",
+                      output_layers=["head"])
+    gate = Gate(3)
+    with pytest.raises(RouteError, match="no layers"):
+        rtl.export_package(routed, tmp_path / "unbuilt", router=gate, example_inputs=x[:2])
+    learn_tickets(routed, DataLoader(TensorDataset(x, y, ids), batch_size=8), sparsity=0.4, epochs=2, gate=gate)
+    rtl.export_package(routed, tmp_path / "pkg", router=gate, example_inputs=x[:4])
+    pkg = rtl.load_package(tmp_path / "pkg", make_tiny())
+    assert torch.equal(pkg.router(x), gate(x))
+    routed.eval()
+    torch.testing.assert_close(pkg(x), routed(x, route=gate(x)), rtol=1e-4, atol=1e-5)
