@@ -21,19 +21,19 @@ from rtl_plugin.pruning import RTLPruner, SearchResult, TicketImportance
 from rtl_plugin.routed import RoutedModel
 from rtl_plugin.space import TicketSpace, build_space
 from rtl_plugin.tickets import TicketSet
-from rtl_plugin.training import (RouteBalancedSampler, RoutedDataset, TicketOptimizer, joint_retrain,
-                                 mixed_route_retrain)
+from rtl_plugin.training import (LearnedTickets, RouteBalancedSampler, RoutedDataset, TicketOptimizer, joint_retrain,
+                                 learn_tickets, mixed_route_retrain)
 from rtl_plugin.wrapping import wrap
 
 _deprecated.install()
 
 __all__ = [
     "Adapter", "ArchitectureMismatchError", "CallbackError", "CollapseMonitor", "CollapseWarning", "CorruptFileError", "DataError",
-    "Diagnosis", "DistributedError", "FormatVersionError", "ImportanceError", "LiveRoutedModelError", "MaskedLayerNorm", "MissingDependencyError", "OptimizerError", "RTLError",
+    "Diagnosis", "DistributedError", "LearnedTickets", "FormatVersionError", "ImportanceError", "LiveRoutedModelError", "MaskedLayerNorm", "MissingDependencyError", "OptimizerError", "RTLError",
     "RTLPruner", "RouteBalancedSampler", "RouteError", "RoutedDataset", "RoutedBatchNorm", "RoutedModel", "SearchResult", "SlimRoutedModel", "SpaceError",
     "SparsityError", "Sweep", "SweepPoint", "SweepRecorder", "TaskHookError", "TicketError", "TicketImportance", "TicketOptimizer", "TicketSet",
     "TicketSpace", "UnsupportedLayerError", "UnwrappedModelError", "build_space", "create_adapter", "detect_adapter", "diagnose",
-    "diagnose_run", "export_onnx", "export_package", "export_ticket", "joint_retrain", "list_adapters", "load",
+    "diagnose_run", "export_onnx", "export_package", "export_ticket", "joint_retrain", "learn_tickets", "list_adapters", "load",
     "load_package", "mixed_route_retrain", "pruning_history", "register_adapter", "semantic_alignment", "wrap",
     "wordnet_similarity",
 ]

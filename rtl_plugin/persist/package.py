@@ -48,6 +48,7 @@ _ROUTER_CONFIG = {  # registered router name -> constructor arguments stored in 
     "context": ("names",),
     "learned": ("pool", "bins", "hidden", "lr", "epochs", "batch_size", "weight_decay", "input_shape"),
     "centroid": ("pool", "bins", "input_shape"),
+    "gate": ("pool", "bins", "input_shape", "seed"),
     "all": (),
 }
 
@@ -290,6 +291,8 @@ def _router_entry(router, K: int) -> tuple[dict, bytes | None]:
         raise RouteError(f"the router routes {router.num_tickets} tickets, the model {K}; fit it with num_tickets={K}.")
     if name in ("learned", "centroid") and not bool(router.fitted):
         raise RouteError(f"the {name} router is not fitted; call router.fit(x, ticket_ids) before packaging.")
+    if name == "gate" and not router.built:
+        raise RouteError("the gate has no layers yet; train it (learn_tickets or gate.fit) before packaging.")
     if name == "all" and router.score_fn is not positive_score:
         raise RouteError("a run-all router with a custom score_fn cannot be serialised; package it without "
                          "router= and build RunAllRouter(K, model=slim, score_fn=...) after load_package().")

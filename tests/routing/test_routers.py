@@ -221,7 +221,7 @@ def test_positive_score():
 
 
 def test_registry():
-    assert list_routers() == ["all", "centroid", "context", "learned"]
+    assert list_routers() == ["all", "centroid", "context", "gate", "learned"]
     r = create_router("learned", num_tickets=2, hidden=8, pool=2)
     assert isinstance(r, LearnedRouter) and r.hidden == 8 and r.pool == 2 and r.name == "learned"
     with pytest.raises(RouteError, match="unknown router"):

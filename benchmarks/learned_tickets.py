@@ -1,0 +1,377 @@
+"""Learned tickets + a jointly trained gate (issue #20, an extension) against IMP-RTL, single masks, K independent
+models and dense fine-tuning, on the offline heterogeneous multi-domain image task (``rtl demo``'s digits / MNIST /
+LFW domains plus Fashion-MNIST), K = 4 tickets (one per domain, label-free at test time).
+
+Every method starts from the same "pretrained" backbone: a dense model trained first on the mixed training set
+(``--pretrain-epochs``); no pretrained download exists offline except EfficientNet-Lite0 (``--backbone lite0``, too
+slow for a CPU run of this benchmark: ~4 s per K=4 step at 32 x 32 on the shared 2-core machine). Then, per
+sparsity and seed, with about the same number of optimizer steps (``--epochs`` passes over the training set):
+
+* ``learned_gate``     learned tickets + joint gate, label-free (``learn_tickets(routing="gate")``), frozen backbone;
+* ``learned_groups``   learned tickets trained on the domain ids + gate trained jointly by cross-entropy, frozen
+                       backbone; the gate routes at test time;
+* ``imp_rtl``          the paper's RTL: per-domain IMP (3 rounds, rewind to the pretrained weights) then joint
+                       retraining of the shared weights; a Gate fitted afterwards on the domain ids routes;
+* ``single_magnitude`` one global magnitude mask on the pretrained weights, then masked fine-tuning;
+* ``single_learned``   one learned mask (K = 1 learned ticket), frozen backbone;
+* ``multi_models``     K independent models: a copy of the backbone per domain, magnitude-pruned to the sparsity and
+                       fine-tuned on its domain only; the fitted gate routes;
+* ``dense``            the pretrained model fine-tuned densely (sparsity 0), once per seed.
+
+Rows record test accuracy (all test images), the mean of the per-domain accuracies, the routing accuracy (matched
+to the domains for the label-free gate), the accuracy with oracle (domain id) routing, the per-input prunable
+weights (cost) and the stored prunable weights (union of the tickets / sum over the K models): compare rows at
+equal per-input cost (same sparsity) or at equal storage (stored weights).
+
+Usage::
+
+    python benchmarks/learned_tickets.py --out benchmarks/results/learned_tickets/cnn16.json
+    python benchmarks/learned_tickets.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import rtl_plugin as rtl  # noqa: E402
+from rtl_plugin.persist.io import atomic_write_json  # noqa: E402
+from rtl_plugin.pruning import TicketScores  # noqa: E402
+from rtl_plugin.routing import Gate, matched_accuracy  # noqa: E402
+from rtl_plugin.routing.routers import flops_share  # noqa: E402
+from rtl_plugin.tasks.classification.data import load_domains  # noqa: E402
+from rtl_plugin.training import joint_retrain, learn_tickets  # noqa: E402
+
+DOMAINS = ("digits", "mnist", "lfw", "fashion")
+K = len(DOMAINS)
+IMP_ROUNDS = 3
+GATE_POOL = 8  # 8 x 8 pooled pixels: 64 features, routing accuracy 0.94 fitted on 16 x 16 domains (0.82 with 4)
+METHODS = ("learned_gate", "learned_gate_cotrain", "learned_groups", "imp_rtl", "single_magnitude", "single_learned",
+           "multi_models")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class SmallCNN(nn.Module):
+    """4 x (conv 3x3 - BN - ReLU), two of them strided, global pool, linear ``head``."""
+
+    def __init__(self, in_ch: int, num_classes: int, width: int = 32):
+        super().__init__()
+        chans = [in_ch, width // 2, width, 2 * width, 2 * width]
+        layers = []
+        for i in range(4):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2 if i in (1, 2) else 1, padding=1, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(chans[-1], num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def build_model(backbone: str, num_classes: int, seed: int) -> tuple[nn.Module, int]:
+    torch.manual_seed(seed)
+    if backbone == "cnn":
+        return SmallCNN(1, num_classes), 1
+    import timm
+    from rtl_plugin.integrations.timm import load_efficientnet_lite0_imagenet
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=num_classes)
+    return load_efficientnet_lite0_imagenet(model), 3
+
+
+def wrap(model: nn.Module, num_tickets: int, x: torch.Tensor):
+    return rtl.wrap(copy.deepcopy(model), num_tickets, example_inputs=x[:1], granularity="weight", adapter="generic",
+                    output_layers=["head"] if hasattr(model, "head") and isinstance(model.head, nn.Linear) else None)
+
+
+def loader(*tensors, batch_size: int, seed: int, shuffle: bool = True):
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def train_dense(model: nn.Module, data, epochs: int, lr: float) -> int:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    steps = 0
+    for _ in range(epochs):
+        for x, y, *_ in data:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            steps += 1
+    return steps
+
+
+@torch.no_grad()
+def accuracy(fn, x, y, dom) -> dict:
+    pred = torch.cat([fn(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)])
+    hit = (pred == y).float()
+    return {"acc": float(hit.mean()), "domain_acc": float(np.mean([float(hit[dom == d].mean()) for d in range(K)]))}
+
+
+def routed_eval(routed, gate, data: dict, *, matched: bool) -> dict:
+    """Gate-routed accuracy, oracle-routed accuracy (domain id -> its ticket; label-free tickets are matched to the
+    domains first), routing accuracy, per-input and stored prunable weights."""
+    xt, yt, dt = data["test"]
+    routed.eval()
+    routes = gate(xt)
+    out = accuracy(lambda x: routed(x, route=gate(x)), xt, yt, dt)
+    if matched:
+        out["gate_acc"], match = matched_accuracy(routes, dt, K)
+        ticket_of = torch.tensor([match.index(d) for d in range(K)])
+    else:
+        out["gate_acc"], ticket_of = float((routes == dt).float().mean()), torch.arange(K)
+    with torch.no_grad():
+        oracle = torch.cat([routed(xt[i:i + 512], route=ticket_of[dt[i:i + 512]]).argmax(1)
+                            for i in range(0, len(xt), 512)])
+    out["oracle_acc"] = float((oracle == yt).float().mean())
+    out["active"] = float(routed.tickets.kept().double().mean())
+    out["stored"] = int(routed.tickets.union_count())
+    return out
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def run_learned(pre, data, s, a, seed, *, label_free: bool, backbone: str = "frozen") -> dict:
+    x, y, d = data["train"]
+    routed, gate = wrap(pre, K, x), Gate(K, pool=GATE_POOL, seed=seed)
+    res = learn_tickets(routed, loader(x, y, d, batch_size=a.batch, seed=seed), sparsity=s, epochs=a.epochs,
+                        routing="gate" if label_free else "groups", gate=gate, binarize_every=a.binarize_every,
+                        lr=a.score_lr, backbone=backbone, backbone_lr=a.lr, seed=seed)
+    out = routed_eval(routed, gate, data, matched=label_free)
+    out.update(steps=res.steps, gate_flops_share=flops_share(gate, pre, x[:1]),
+               binarisations=len(res.history), final_sparsity=[round(v, 6) for v in res.history[-1].sparsity])
+    return out
+
+
+def run_single_learned(pre, data, s, a, seed) -> dict:
+    x, y, _ = data["train"]
+    routed = wrap(pre, 1, x)
+    res = learn_tickets(routed, loader(x, y, torch.zeros_like(y), batch_size=a.batch, seed=seed), sparsity=s,
+                        epochs=a.epochs, binarize_every=a.binarize_every, lr=a.score_lr, seed=seed)
+    xt, yt, dt = data["test"]
+    out = accuracy(lambda v: routed.eval()(v, route=0), xt, yt, dt)
+    out.update(active=float(routed.tickets.kept()[0]), stored=int(routed.tickets.union_count()), steps=res.steps)
+    return out
+
+
+def magnitude_tickets(routed, s):
+    scores = TicketScores(routed.space, [{n: w.detach().abs() for n, w in routed.prunable_weights().items()}]
+                          * routed.num_tickets)
+    return scores.binarize(s)
+
+
+def run_single_magnitude(pre, data, s, a, seed) -> dict:
+    x, y, _ = data["train"]
+    routed = wrap(pre, 1, x)
+    routed.set_tickets(magnitude_tickets(routed, s))
+    dl = loader(x, y, batch_size=a.batch, seed=seed)
+    joint_retrain(routed, {0: dl}, optimizer=torch.optim.Adam(routed.parameters(), lr=a.lr), epochs=a.epochs,
+                  progress=False)
+    xt, yt, dt = data["test"]
+    out = accuracy(lambda v: routed.eval()(v, route=0), xt, yt, dt)
+    out.update(active=float(routed.tickets.kept()[0]), stored=int(routed.tickets.union_count()),
+               steps=a.epochs * len(dl))
+    return out
+
+
+def domain_loaders(data, a, seed) -> dict:
+    x, y, d = data["train"]
+    return {k: loader(x[d == k], y[d == k], batch_size=a.batch, seed=seed + 100 * k) for k in range(K)}
+
+
+def run_imp_rtl(pre, data, s, a, seed, gate) -> dict:
+    x, _, _ = data["train"]
+    routed = wrap(pre, K, x)
+    subsets = domain_loaders(data, a, seed)
+    fraction = 1.0 - (1.0 - s) ** (1.0 / IMP_ROUNDS)
+    pruner = rtl.RTLPruner(routed, sparsities=[s], prune_fraction=fraction, progress=False)
+    search = pruner.find_tickets(subsets, optimizer=torch.optim.Adam(routed.parameters(), lr=a.lr))
+    search_steps = sum(len(subsets[r.ticket]) for r in search.history)  # one pass over the subset per round
+    # joint retraining: M batch indices x K tickets per epoch (M = the longest domain loader)
+    # joint retraining with the fine-tuning budget of the other methods (the search is extra cost, in `steps`):
+    # M batch indices x K tickets per epoch (M = the longest domain loader)
+    m = max(len(v) for v in subsets.values())
+    retrain_epochs = max(1, round(a.epochs * len(loader(x, batch_size=a.batch, seed=0)) / (m * K)))
+    joint_retrain(routed, subsets, optimizer=torch.optim.Adam(routed.parameters(), lr=a.lr), epochs=retrain_epochs,
+                  progress=False)
+    out = routed_eval(routed, gate, data, matched=False)
+    out.update(steps=search_steps + retrain_epochs * m * K)
+    return out
+
+
+def run_multi_models(pre, data, s, a, seed, gate) -> dict:
+    subsets = domain_loaders(data, a, seed)
+    x, _, _ = data["train"]
+    models, steps, stored = [], 0, 0
+    for k in range(K):
+        routed = wrap(pre, 1, x)
+        routed.set_tickets(magnitude_tickets(routed, s))
+        joint_retrain(routed, {0: subsets[k]}, optimizer=torch.optim.Adam(routed.parameters(), lr=a.lr),
+                      epochs=a.epochs, progress=False)
+        steps += a.epochs * len(subsets[k])
+        stored += int(routed.tickets.kept()[0])
+        models.append(routed.eval())
+    xt, yt, dt = data["test"]
+
+    def forward(v):
+        r = gate(v)
+        out = torch.zeros(len(v), models[0](v[:1], route=0).shape[1])
+        for k in range(K):
+            if bool((r == k).any()):
+                out[r == k] = models[k](v[r == k], route=0)
+        return out
+
+    res = accuracy(forward, xt, yt, dt)
+    with torch.no_grad():
+        hits = sum(int((models[k](xt[dt == k], route=0).argmax(1) == yt[dt == k]).sum()) for k in range(K))
+    res["oracle_acc"] = hits / len(xt)
+    res.update(gate_acc=float((gate(xt) == dt).float().mean()), active=float(stored / K), stored=stored, steps=steps)
+    return res
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def load_data(a, seed: int, channels: int) -> dict:
+    train, test = load_domains(image_size=a.image_size, channels=channels, domains=DOMAINS, seed=seed,
+                               max_per_domain=a.max_per_domain, label_mode="global")
+    return {"train": (train.x, train.y, train.domain), "test": (test.x, test.y, test.domain),
+            "num_classes": train.num_classes}
+
+
+def run_seed(a, seed: int) -> list[dict]:
+    torch.manual_seed(seed)
+    backbone, channels = build_model(a.backbone, 1, seed)  # probe the channels
+    data = load_data(a, seed, channels)
+    x, y, d = data["train"]
+    pre, _ = build_model(a.backbone, data["num_classes"], seed)
+    t0 = time.perf_counter()
+    train_dense(pre, loader(x, y, batch_size=a.batch, seed=seed), a.pretrain_epochs, a.lr)
+    pre.eval()
+    log(f"seed {seed}: {len(x)} train / {len(data['test'][0])} test images, pretrained in {time.perf_counter() - t0:.0f}s")
+    rows = []
+
+    def add(method, sparsity, fn):
+        t = time.perf_counter()
+        torch.manual_seed(seed)
+        row = {"seed": seed, "method": method, "sparsity": sparsity, **fn()}
+        row["wall_s"] = round(time.perf_counter() - t, 2)
+        rows.append(row)
+        log(f"  {method:17s} s={sparsity:.2f} acc={row['acc']:.4f} dom={row['domain_acc']:.4f} "
+            f"oracle={row.get('oracle_acc', float('nan')):.4f} gate={row.get('gate_acc', float('nan')):.3f} "
+            f"stored={row['stored']} ({row['wall_s']}s)")
+
+    n_weights = wrap(pre, 1, x).space.num_weights
+    dense = copy.deepcopy(pre)
+    steps = train_dense(dense, loader(x, y, batch_size=a.batch, seed=seed), a.epochs, a.lr)
+    add("dense", 0.0, lambda: {**accuracy(dense.eval(), *data["test"]), "active": n_weights, "stored": n_weights,
+                               "steps": steps})
+    gate = Gate(K, pool=GATE_POOL, seed=seed).fit(x, d, epochs=100, seed=seed)
+    methods = {
+        "learned_gate": lambda s: run_learned(pre, data, s, a, seed, label_free=True),
+        "learned_gate_cotrain": lambda s: run_learned(pre, data, s, a, seed, label_free=True, backbone="train"),
+        "learned_groups": lambda s: run_learned(pre, data, s, a, seed, label_free=False),
+        "imp_rtl": lambda s: run_imp_rtl(pre, data, s, a, seed, gate),
+        "single_magnitude": lambda s: run_single_magnitude(pre, data, s, a, seed),
+        "single_learned": lambda s: run_single_learned(pre, data, s, a, seed),
+        "multi_models": lambda s: run_multi_models(pre, data, s, a, seed, gate),
+    }
+    for s in a.sparsities:
+        for name in a.methods:
+            add(name, s, lambda: methods[name](s))
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    keys = sorted({(r["method"], r["sparsity"]) for r in rows}, key=lambda k: (k[1], k[0]))
+    out = []
+    for method, s in keys:
+        sel = [r for r in rows if r["method"] == method and r["sparsity"] == s]
+        item = {"method": method, "sparsity": s, "seeds": len(sel)}
+        for m in ("acc", "domain_acc", "oracle_acc", "gate_acc", "active", "stored", "steps", "wall_s"):
+            vals = [r[m] for r in sel if m in r]
+            if vals:
+                item[m] = round(float(np.mean(vals)), 4)
+                item[m + "_std"] = round(float(np.std(vals)), 4)
+        out.append(item)
+    return out
+
+
+def machine_info(threads: int) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = None
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "torch_threads": threads, "commit": commit,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def lite0_gate_share(num_tickets: int = K) -> dict:
+    """The gate's FLOPs share of EfficientNet-Lite0 (random weights: only the count matters) at 32 and 224 px."""
+    import timm
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=10).eval()
+    return {str(px): flops_share(Gate(num_tickets, pool=GATE_POOL), model, torch.zeros(1, 3, px, px)) for px in (32, 224)}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", choices=("cnn", "lite0"), default="cnn")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--image-size", type=int, default=16)
+    ap.add_argument("--max-per-domain", type=int, default=600)
+    ap.add_argument("--pretrain-epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--score-lr", type=float, default=1e-2)
+    ap.add_argument("--binarize-every", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "learned_groups"])
+    ap.add_argument("--quick", action="store_true", help="one seed, sparsity 0.9, 1 epoch, 200 images per domain")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.seeds, a.sparsities, a.epochs, a.pretrain_epochs, a.max_per_domain = [0], [0.9], 1, 1, 200
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    torch.set_num_threads(a.threads)
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows = []
+    for seed in a.seeds:
+        rows += run_seed(a, seed)
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "settings": vars(a),
+              "machine": machine_info(a.threads), "domains": list(DOMAINS), "num_tickets": K,
+              "gate_flops_share_lite0": lite0_gate_share(), "rows": rows, "summary": summarise(rows),
+              "wall_time_s": round(time.perf_counter() - t0, 1), "cpu_time_s": round(time.process_time() - c0, 1)}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(a.out), result)
+        log(f"wrote {a.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
