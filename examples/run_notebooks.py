@@ -27,7 +27,8 @@ def execute(path: Path, *, quick: bool, workdir: Path) -> tuple[object, float]:
     import nbclient
     import nbformat
     nb = nbformat.read(path, as_version=4)
-    env = {"RTL_NOTEBOOK_QUICK": "1" if quick else "0", "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"RTL_NOTEBOOK_QUICK": "1" if quick else "0", "TQDM_DISABLE": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "PYTHONWARNINGS": "ignore:IProgress not found"}  # tqdm.auto's note that no notebook widgets exist
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     t = time.perf_counter()

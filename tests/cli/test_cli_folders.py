@@ -68,6 +68,14 @@ def test_checkpoint_val_folder_and_class_partition(digits, tmp_path, capsys):
     assert res["num_tickets"] == 3 and res["ticket_names"] == list(DIGITS)
 
 
+def test_kmeans_partition_on_a_folder(digits, tmp_path, capsys):
+    out = tmp_path / "km"
+    assert main(["prune", "--data", str(digits), "--partition", "kmeans", "--clusters", "2", "--baselines", "",
+                 "--routers", "", "--out", str(out), *FAST]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["partition"] == "kmeans" and res["num_tickets"] == 2 and res["data"]["contexts"] == ["all"]
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--partition", "domain"], "needs the contexts"),
     (["--model", "timm:test_efficientnet", "--checkpoint", "CKPT"], "another architecture"),
