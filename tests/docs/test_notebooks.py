@@ -145,3 +145,13 @@ def test_kernel_is_this_interpreter():
     from jupyter_client.kernelspec import KernelSpecManager
     exe = KernelSpecManager().get_kernel_spec("python3").argv[0]
     assert exe in ("python", f"python{sys.version_info[0]}") or Path(exe).resolve() == Path(sys.executable).resolve(), exe
+
+
+def test_run_notebooks_refuses_unknown_names_and_unchecked_quick_outputs(capsys):
+    """examples/run_notebooks.py regenerates the committed notebooks; it never writes quick-mode outputs back."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("run_notebooks", EXAMPLES / "run_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["no_such.ipynb"]) == 2 and "no such notebook" in capsys.readouterr().err
+    assert module.main(["--quick", NOTEBOOKS[0].name]) == 2 and "--check" in capsys.readouterr().err
