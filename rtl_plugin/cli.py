@@ -126,7 +126,7 @@ def _run(args, *, demo: bool, _replica: bool = False) -> int:
         return _run_segmentation(args)
     cfg = _classification_config(args, demo=demo)
     out = args.out or _default_out()
-    source = (f"{cfg.data_dir} ({'contexts ' + Path(cfg.contexts).name if cfg.contexts else 'no contexts'})"
+    source = (f"{args.data} ({'contexts ' + Path(cfg.contexts).name if cfg.contexts else 'no contexts'})"
               if cfg.data_dir else f"{cfg.dataset} ({', '.join(cfg.domains)})")
     print(f"rtl {'demo' if demo else 'prune'}: RTL vs baselines on {source}, partition {cfg.partition}, "
           f"model {cfg.model}, sparsities {list(cfg.sparsities)}, output {out}", flush=True)
@@ -196,7 +196,7 @@ def _run_segmentation(args) -> int:
     from rtl_plugin.tasks.segmentation import run_segmentation
     cfg = _segmentation_config(args)
     out = args.out or _default_out()
-    print(f"rtl prune: segmentation, RTL vs baselines on {cfg.data_dir}, smp U-Net {cfg.encoder}, partition "
+    print(f"rtl prune: segmentation, RTL vs baselines on {args.data}, smp U-Net {cfg.encoder}, partition "
           f"{cfg.partition}, sparsities {list(cfg.sparsities)}, output {out}", flush=True)
     res = run_segmentation(cfg, out)
     print()
