@@ -22,7 +22,6 @@ resize to ``size x size``, nearest for masks). Hidden files and folders (``.ipyn
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,7 +40,7 @@ NO_CONTEXT = "all"
 MAX_MASK_CLASSES = 64
 
 __all__ = ["IMAGE_EXTENSIONS", "FolderScan", "FolderData", "MaskFolder", "scan_image_folder", "read_contexts",
-           "split_holdout", "read_images", "load_image_folder", "load_mask_folder"]
+           "split_holdout", "cap_per_group", "read_images", "load_image_folder", "load_mask_folder"]
 
 
 # --------------------------------------------------------------------------- scanning
