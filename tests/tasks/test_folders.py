@@ -206,3 +206,12 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ArchitectureMismatchError, match="lacks 1 tensors"):
         create_from_checkpoint("test_resnet", inspect_checkpoint("test_resnet", tmp_path / "bb2.safetensors"),
                                num_classes=3)
+
+
+def test_folder_transform_defaults_to_the_models_own_input_size():
+    transform, size = folder_transform("timm:test_resnet", None)
+    cfg = timm.models.get_pretrained_cfg("test_resnet")
+    assert size == cfg.input_size[-1]
+    x = transform(Image.new("RGB", (300, 200), (255, 0, 0)))
+    assert x.shape == (3, size, size)
+    assert torch.allclose(x[0], torch.full((size, size), (1 - cfg.mean[0]) / cfg.std[0]), atol=1e-5)
