@@ -41,10 +41,17 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if demo:
         return
-    p.add_argument("--model", default="timm:test_resnet", help="timm:NAME (any timm classifier)")
+    _add_data_args(p)
+    p.add_argument("--model", default=None, help="timm:NAME (any timm classifier; default timm:test_resnet) or, "
+                   "with --task segmentation, smp:ENCODER (resnet18 or tu-tf_efficientnet_lite0)")
+    p.add_argument("--checkpoint", default=None, help="timm weights for --model: .safetensors or a weights-only "
+                   "torch file; the classifier is reset when the data has another number of classes")
     p.add_argument("--domains", default="digits,mnist,lfw", help="comma-separated: digits, mnist, lfw, fashion")
-    p.add_argument("--partition", default="domain", choices=["domain", "class", "kmeans"])
-    p.add_argument("--clusters", type=int, default=3, help="number of k-means clusters (--partition kmeans)")
+    p.add_argument("--partition", default=None, choices=["domain", "class", "kmeans", "composition"],
+                   help="tickets: one per domain / context (default with --contexts or built-in domains), per "
+                        "class (default for --data without --contexts), per k-means cluster of features; "
+                        "segmentation: class (default) or composition")
+    p.add_argument("--clusters", type=int, default=None, help="number of clusters (kmeans: default 3)")
     p.add_argument("--granularity", default="weight", choices=["weight", "channel"])
     p.add_argument("--sparsities", type=_floats, default=(0.5, 0.75, 0.9))
     p.add_argument("--schedule", default="fraction", choices=["fraction", "count"])
@@ -55,10 +62,13 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--epochs-per-round", type=int, default=1, help="training epochs per pruning round")
     add_deprecated_flag(p, "--search-epochs", "--epochs-per-round", type=int)
     p.add_argument("--retrain-epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--max-per-domain", type=int, default=1500, help="cap per domain (0 = all data)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (segmentation 16)")
+    p.add_argument("--lr", type=float, default=None, help="default 2e-3 (segmentation 1e-3)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size: built-in domains 32; --data: the model's own (timm data config); "
+                        "segmentation 64 (a multiple of 32)")
+    p.add_argument("--max-per-domain", type=int, default=1500,
+                   help="cap of images per domain / context (0 = all); segmentation: per folder")
     p.add_argument("--baselines", default="dense,single_imp,single_imp_balanced,single_imp_context,multi_imp")
     p.add_argument("--routers", default="learned,centroid")
     p.add_argument("--shared-norm", action="store_true", help="one set of BN statistics for all tickets (the paper)")
@@ -67,26 +77,66 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
                         "predicted collapse and keep the last healthy masks, or off")
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="classification", choices=["classification", "segmentation"])
+    p.add_argument("--data", default=None, help="your images: an ImageFolder tree DIR/<class>/<image> "
+                   "(segmentation: DIR/images/ + DIR/masks/ integer class maps); default: the built-in domains")
+    p.add_argument("--val-data", default=None, help="test images in the same layout (default: a seeded split)")
+    p.add_argument("--val-fraction", type=float, default=0.25, help="share of --data held out when no --val-data")
+    p.add_argument("--contexts", default=None, help="CSV of 'relative path,context' rows: one ticket per context")
+    p.add_argument("--unreadable", default="skip", choices=["skip", "error"],
+                   help="image files that cannot be read: skip them (counted) or stop with their list")
+
+
+def _classification_config(args, *, demo: bool):
+    from rtl_plugin.tasks.classification.runner import ClassificationConfig
+    kw = dict(seed=args.seed, device=args.device, progress=not args.no_progress)
+    if not demo:
+        folder = args.data is not None
+        partition = args.partition or ("class" if folder and args.contexts is None else "domain")
+        if partition == "composition":
+            raise RTLError("--partition composition is for --task segmentation; classification takes domain, "
+                           "class or kmeans.")
+        kw.update(model=args.model or "timm:test_resnet", domains=tuple(d for d in args.domains.split(",") if d),
+                  partition=partition, num_clusters=args.clusters or 3, granularity=args.granularity,
+                  sparsities=args.sparsities, schedule=args.schedule, prune_fraction=args.prune_fraction,
+                  prune_count=args.prune_count, scope=args.scope, epochs_per_round=args.epochs_per_round,
+                  retrain_epochs=args.retrain_epochs, batch_size=args.batch_size or 64, lr=args.lr or 2e-3,
+                  max_per_domain=args.max_per_domain or None, baselines=tuple(b for b in args.baselines.split(",") if b),
+                  routers=tuple(r for r in args.routers.split(",") if r), shared_norm=args.shared_norm,
+                  collapse=args.collapse, checkpoint=args.checkpoint, unreadable=args.unreadable)
+        if args.image_size is not None or (folder and not args.quick):
+            kw["image_size"] = args.image_size  # None on a folder: the model's own input size
+        if folder:
+            kw.update(domains=(), dataset=f"folder:{Path(args.data).resolve().name}", data_dir=str(Path(args.data).resolve()),
+                      val_dir=None if args.val_data is None else str(Path(args.val_data).resolve()),
+                      val_fraction=args.val_fraction,
+                      contexts=None if args.contexts is None else str(Path(args.contexts).resolve()))
+        elif args.val_data or args.contexts:
+            raise RTLError("--val-data and --contexts describe your own images: pass --data DIR as well.")
+    return ClassificationConfig.quick(**kw) if args.quick else ClassificationConfig(**kw)
+
+
 def _run(args, *, demo: bool, _replica: bool = False) -> int:
-    from rtl_plugin.tasks.classification.runner import ClassificationConfig, format_table, run_classification
+    from rtl_plugin.tasks.classification.runner import run_classification
     args.device = local_device(args.device)  # torchrun: --device cuda means this rank's GPU
     if not is_main_process() and not _replica:
         return _run_replica(args, demo=demo)
-    kw = dict(seed=args.seed, device=args.device, progress=not args.no_progress)
-    if not demo:
-        kw.update(model=args.model, domains=tuple(d for d in args.domains.split(",") if d), partition=args.partition,
-                  num_clusters=args.clusters, granularity=args.granularity, sparsities=args.sparsities,
-                  schedule=args.schedule, prune_fraction=args.prune_fraction, prune_count=args.prune_count, scope=args.scope,
-                  epochs_per_round=args.epochs_per_round, retrain_epochs=args.retrain_epochs, batch_size=args.batch_size,
-                  lr=args.lr, image_size=args.image_size, max_per_domain=args.max_per_domain or None,
-                  baselines=tuple(b for b in args.baselines.split(",") if b),
-                  routers=tuple(r for r in args.routers.split(",") if r), shared_norm=args.shared_norm,
-                  collapse=args.collapse)
-    cfg = ClassificationConfig.quick(**kw) if args.quick else ClassificationConfig(**kw)
+    if not demo and args.task == "segmentation":
+        return _run_segmentation(args)
+    cfg = _classification_config(args, demo=demo)
     out = args.out or _default_out()
-    print(f"rtl {'demo' if demo else 'prune'}: RTL vs baselines on {cfg.dataset} ({', '.join(cfg.domains)}), "
+    source = (f"{args.data} ({'contexts ' + Path(cfg.contexts).name if cfg.contexts else 'no contexts'})"
+              if cfg.data_dir else f"{cfg.dataset} ({', '.join(cfg.domains)})")
+    print(f"rtl {'demo' if demo else 'prune'}: RTL vs baselines on {source}, partition {cfg.partition}, "
           f"model {cfg.model}, sparsities {list(cfg.sparsities)}, output {out}", flush=True)
     res = run_classification(cfg, out)
+    _print_classification(res, out)
+    return 0
+
+
+def _print_classification(res: dict, out: str) -> None:
+    from rtl_plugin.tasks.classification.runner import format_table
     print()
     print(format_table(res, "balanced_accuracy"))
     print()
@@ -110,6 +160,56 @@ def _run(args, *, demo: bool, _replica: bool = False) -> int:
           f"joint retrain {w['joint_retrain']:.1f}s, total {res['total_time_s']:.1f}s")
     print(f"results: {Path(out) / 'results.json'}; figures: {', '.join(res.get('figures', []))}; "
           f"tickets: {Path(out) / 'tickets'}")
+
+
+def _segmentation_config(args):
+    from rtl_plugin.tasks.segmentation import SegConfig
+    if args.data is None:
+        raise RTLError("--task segmentation needs --data DIR with images/ and masks/ (integer class maps); the "
+                       "built-in texture mosaics run with python benchmarks/segmentation_mosaic.py.")
+    if args.contexts or args.checkpoint:
+        raise RTLError("--contexts and --checkpoint are for classification; segmentation routes pixels by class "
+                       "(--partition class) or images by class composition (--partition composition).")
+    family, _, encoder = (args.model or "smp:resnet18").partition(":")
+    if family != "smp" or not encoder:
+        raise RTLError(f"--task segmentation takes --model smp:ENCODER (resnet18 or tu-tf_efficientnet_lite0), "
+                       f"got {args.model!r}.")
+    partition = args.partition or "class"
+    if partition not in ("class", "composition"):
+        raise RTLError(f"--task segmentation takes --partition class or composition, got {partition!r}.")
+    methods = ("rtl", "single_imp") + (("multi_imp",) if "multi_imp" in args.baselines.split(",") else ())
+    kw = dict(encoder=encoder, data_dir=str(Path(args.data).resolve()),
+              val_dir=None if args.val_data is None else str(Path(args.val_data).resolve()),
+              val_fraction=args.val_fraction, max_images=args.max_per_domain or None, unreadable=args.unreadable,
+              size=args.image_size or 64, sparsities=tuple(sorted(args.sparsities)), prune_fraction=args.prune_fraction,
+              epochs_per_round=args.epochs_per_round, retrain_epochs=args.retrain_epochs,
+              batch_size=args.batch_size or 16, lr=args.lr or 1e-3, methods=methods, partition=partition,
+              num_clusters=args.clusters, seed=args.seed, device=args.device, progress=not args.no_progress,
+              save_tickets=True)
+    if args.quick:
+        kw.update(size=args.image_size or 32, max_images=min(kw["max_images"] or 24, 24))
+        return SegConfig.quick(**kw)
+    return SegConfig(**kw)
+
+
+def _run_segmentation(args) -> int:
+    from rtl_plugin.tasks.segmentation import run_segmentation
+    cfg = _segmentation_config(args)
+    out = args.out or _default_out()
+    print(f"rtl prune: segmentation, RTL vs baselines on {args.data}, smp U-Net {cfg.encoder}, partition "
+          f"{cfg.partition}, sparsities {list(cfg.sparsities)}, output {out}", flush=True)
+    res = run_segmentation(cfg, out)
+    print()
+    for method, by_routing in res["miou"].items():
+        for routing, by_sp in by_routing.items():
+            cells = "  ".join(f"{int(100 * s)}%: {v:.4f}" for s, v in sorted(by_sp.items()))
+            print(f"mIoU {method:<11s}{routing:<12s}{cells}")
+    for s, a in sorted(res["router_pixel_acc"].items()):
+        print(f"label-free router (single IMP) pixel accuracy at {int(100 * s)}%: {a:.4f}")
+    print(f"mean ticket Jaccard: " + ", ".join(f"{int(s['sparsity'] * 100)}%: {s['mean_jaccard']:.3f} "
+                                                f"(chance {s['chance']:.3f})" for s in res["similarity"]))
+    print(f"results: {Path(out) / 'results.json'}; figures: {', '.join(res.get('figures', []))}; "
+          f"tickets: {Path(out) / 'tickets'}; total {res['total_time_s']:.1f}s")
     return 0
 
 
@@ -197,8 +297,6 @@ def _refit_router(name: str, cfg: dict, train, num_tickets: int):
 
 def _export(args) -> int:
     """Package one sparsity of a run folder: slim tickets (channel mode) or shared weights + masks, a router."""
-    from rtl_plugin.tasks.classification.data import load_domains
-    from rtl_plugin.tasks.classification.runner import make_model_factory
     run = Path(args.run)
     res = read_results(run)
     cfg = res.get("config") or {}
@@ -207,19 +305,45 @@ def _export(args) -> int:
                        "sparsity).")
     saved = saved_tickets(run, res)  # folders inside this run folder, wherever it was moved or copied to
     sp = _pick_sparsity(saved, args.sparsity)
-    train, _ = load_domains(image_size=cfg.get("image_size", 32), channels=3, domains=tuple(cfg.get("domains", ())),
-                            seed=cfg.get("seed", 0), max_per_domain=cfg.get("max_per_domain"))
-    model = make_model_factory(cfg.get("model", res.get("model")), train.num_classes, 3)(cfg.get("seed", 0))
-    routed = load(saved[sp], model)
-    routed.eval()
-    router = _refit_router(args.router, cfg, train, routed.num_tickets)
-    ex = train.x[:4].to(next(routed.parameters()).device)
+    if str(res.get("task", "")).startswith("segmentation"):
+        routed, router, ex, model_name = _segmentation_export_model(args, res, saved[sp])
+    else:
+        routed, router, ex, model_name = _classification_export_model(args, cfg, saved[sp])
     out = export_package(routed, args.out, router=router, example_inputs=ex, onnx=args.onnx)
     print(f"exported {saved[sp].name} ({100 * sp:.0f}% sparsity, {routed.granularity} mode, K={routed.num_tickets}"
           f"{', router ' + args.router if router is not None else ''}{', ONNX' if args.onnx else ''}) -> {out}")
-    print("load it with: rtl_plugin.load_package(PKG, fresh_model)  (the run's model, e.g. "
-          f"{cfg.get('model', res.get('model'))})")
+    print(f"load it with: rtl_plugin.load_package(PKG, fresh_model)  (the run's model, e.g. {model_name})")
     return 0
+
+
+def _classification_export_model(args, cfg: dict, folder: Path):
+    """The run's routed model from its saved tickets, the refit router and example inputs."""
+    from rtl_plugin.tasks.classification.runner import config_from_dict, load_task_data, make_model_factory
+    config = config_from_dict(cfg)
+    train, _, _ = load_task_data(config, log=lambda msg: None)
+    # the tickets hold every weight: the architecture alone is built (no checkpoint file needed)
+    model = make_model_factory(config.model, train.num_classes, 3)(config.seed)
+    routed = load(folder, model)
+    routed.eval()
+    router = _refit_router(args.router, cfg, train, routed.num_tickets)
+    return routed, router, train.x[:4].to(next(routed.parameters()).device), config.model
+
+
+def _segmentation_export_model(args, res: dict, folder: Path):
+    """A segmentation run's routed U-Net from its saved tickets (per-pixel routes: no packaged router)."""
+    import torch
+    from rtl_plugin.tasks.segmentation import build_unet
+    if args.router != "none":
+        raise RTLError("a segmentation run routes pixels by class (or images by composition): its label-free "
+                       "router is the single-IMP model, not a packaged router; export with --router none.")
+    cfg = res.get("config") or {}
+    classes = len((res.get("data") or {}).get("classes") or cfg.get("classes") or ())
+    model = build_unet(cfg.get("encoder", "resnet18"), classes, imagenet=False, seed=cfg.get("seed", 0),
+                       decoder_channels=tuple(cfg.get("decoder_channels", (128, 64, 32, 16, 16))))
+    routed = load(folder, model)
+    routed.eval()
+    size = int(cfg.get("size", 64))
+    return routed, None, torch.zeros(2, 3, size, size), f"smp.Unet({cfg.get('encoder')!r}, classes={classes})"
 
 
 def build_parser() -> argparse.ArgumentParser:

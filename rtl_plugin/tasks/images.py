@@ -411,7 +411,8 @@ def make_fashion_canvas(seed: int = 0, size: int = 64, n_garments: int = 4, *, l
         labels: "compact": ids 0 (background), 1..n_garments (garment classes in ascending class order),
             ready for ``run_inr``; "class": 0 (background) or 1 + the Fashion-MNIST class index (0..10).
         root: folder of the IDX files (default ``/usr/share/datasets/fashion-mnist``).
-        cache_dir / cache: as in :func:`make_mosaic`.
+        cache_dir: as in :func:`make_mosaic`.
+        cache: as in :func:`make_mosaic`.
         return_classes: also return the class name of every region id (``"background"`` first).
     Returns:
         ``(image, regions)``: float32 [3, size, size] in [0, 1] and int64 [size, size]; plus the names with

@@ -476,6 +476,14 @@ class SegConfig:
     num_clusters: int | None = None      # "composition": number of tickets (default: the number of classes)
     device: str = "cpu"
     progress: bool = False
+    # the user's own data (rtl_plugin.tasks.folders.load_mask_folder) instead of the mosaics; classes, n_regions,
+    # n_train, n_test and test_first_seed are then unused
+    data_dir: str | None = None          # DIR/images/<name>.<ext> + DIR/masks/<name>.png (integer class maps)
+    val_dir: str | None = None           # test images (same layout); default: a seeded val_fraction of data_dir
+    val_fraction: float = 0.25
+    max_images: int | None = None        # cap per folder (seeded random subset)
+    unreadable: str = "skip"             # unreadable files: skip the pair (counted) | error
+    save_tickets: bool = False           # with out_dir: save RTL's tickets per sparsity (tickets/sparsity_XX)
 
     @classmethod
     def quick(cls, **kw) -> "SegConfig":
@@ -495,7 +503,10 @@ def _validate(cfg: SegConfig) -> None:
                         "run_segmentation(SegConfig.quick()).")
     if cfg.encoder not in ENCODERS:
         raise DataError(f"encoder must be one of {ENCODERS}, got {cfg.encoder!r}.")
-    _check_classes(cfg.classes)
+    if cfg.data_dir is None:
+        _check_classes(cfg.classes)
+    elif cfg.unreadable not in ("skip", "error"):
+        raise DataError(f"unreadable must be 'skip' or 'error', got {cfg.unreadable!r}.")
     for name in ("n_train", "n_test", "batch_size", "epochs_per_round", "retrain_epochs"):
         v = getattr(cfg, name)
         if not _is_int(v) or v < 1:
@@ -553,10 +564,10 @@ class SegmentationTask(ComparisonTask):
         self.cfg = cfg
         self.dev = dev = torch.device(cfg.device)
         self.t_start = time.perf_counter()
-        self.num_classes = K = len(cfg.classes)
         t = time.perf_counter()
-        self.train = SegMosaicDataset(cfg.n_train, cfg.seed, cfg.classes, cfg.n_regions, cfg.size)
-        self.test = SegMosaicDataset(cfg.n_test, cfg.test_first_seed, cfg.classes, cfg.n_regions, cfg.size)
+        self.train, self.test = self._load_data()
+        self.class_names = tuple(self.train.classes)
+        self.num_classes = K = len(self.class_names)
         self.wall = {"data": time.perf_counter() - t}
         # the model sees (x - 0.5) / 0.5 (the EfficientNet-Lite0 ImageNet convention; harmless for resnet18)
         self.train_x, test_x = (self.train.images - 0.5) / 0.5, (self.test.images - 0.5) / 0.5
@@ -576,6 +587,27 @@ class SegmentationTask(ComparisonTask):
         self.router_acc, self.router_train_acc = {}, {}
         self.num_single_weights = None
 
+    def log(self, message: str) -> None:
+        """Messages of runs on the user's folders (the command line); mosaic runs stay silent."""
+        if self.cfg.data_dir is not None:
+            from tqdm.auto import tqdm
+            tqdm.write(message)
+
+    def _load_data(self):
+        cfg = self.cfg
+        if cfg.data_dir is None:
+            return (SegMosaicDataset(cfg.n_train, cfg.seed, cfg.classes, cfg.n_regions, cfg.size),
+                    SegMosaicDataset(cfg.n_test, cfg.test_first_seed, cfg.classes, cfg.n_regions, cfg.size))
+        from rtl_plugin.tasks.folders import load_mask_folder
+        train, test, notes = load_mask_folder(cfg.data_dir, size=cfg.size, val_dir=cfg.val_dir,
+                                              val_fraction=cfg.val_fraction, seed=cfg.seed, max_images=cfg.max_images,
+                                              unreadable=cfg.unreadable, progress=cfg.progress, log=self.log)
+        for note in notes:
+            self.log(note)
+        self.log(f"data: {len(train)} train / {len(test)} test images of {cfg.size}x{cfg.size}, "
+                 f"{len(train.classes)} classes {list(train.classes)}")
+        return train, test
+
     def _subsets(self) -> dict:
         cfg, train = self.cfg, self.train
         subsets = {}
@@ -586,7 +618,8 @@ class SegmentationTask(ComparisonTask):
         for k in range(self.num_classes):
             idx = train.contains(k)
             if idx.numel() == 0:
-                raise DataError(f"no training mosaic contains class {k} ({cfg.classes[k]}); raise n_train.")
+                raise DataError(f"no training image contains class {k} ({self.class_names[k]}); "
+                                f"{'add images that show it' if cfg.data_dir else 'raise n_train'}.")
             subsets[k] = MosaicBatches(self.train_x[idx], train.labels[idx], cfg.batch_size, seed=cfg.seed + k)
         return subsets
 
@@ -663,16 +696,34 @@ class SegmentationTask(ComparisonTask):
     def evaluate_multi(self, outputs: list, sparsity: float) -> list[Evaluation]:
         return self._routed_evaluations(torch.stack(outputs), sparsity)  # [KT, N, K, H, W]
 
+    def ticket_metadata(self, sparsity: float) -> dict | None:
+        if not self.cfg.save_tickets:
+            return None
+        return {"sparsity": sparsity, "ticket_names": self._ticket_names(), "config": _config_dict(self.cfg)}
+
+    def _ticket_names(self) -> list[str]:
+        return list(self.class_names) if self.clusters is None else [f"cluster_{k}" for k in self.subsets]
+
+    def _source(self) -> dict:
+        cfg, train, test = self.cfg, self.train, self.test
+        if cfg.data_dir is None:
+            return {"n_regions": cfg.n_regions, "train_seeds": [train.seeds[0], train.seeds[-1]],
+                    "test_seeds": [test.seeds[0], test.seeds[-1]]}
+        return {"folder": cfg.data_dir, "val_folder": cfg.val_dir, "train_images": len(train),
+                "test_images": len(test), "test_files": test.files[:50]}
+
     def describe(self, results: dict) -> dict:
-        cfg, train, test, K = self.cfg, self.train, self.test, self.num_classes
+        cfg, train, K = self.cfg, self.train, self.num_classes
         table: dict = {}
         for r in results["rows"]:
             table.setdefault(r["method"], {}).setdefault(r["routing"], {})[r["sparsity"]] = r["miou"]
         counts = torch.bincount(train.labels.reshape(-1), minlength=K)
+        folder = cfg.data_dir is not None
         return {
-            "task": "segmentation_mosaic", "dataset": "texture-mosaics", "granularity": "weight", "seed": cfg.seed,
-            "data": {"classes": list(cfg.classes), "n_regions": cfg.n_regions, "size": cfg.size,
-                     "train_seeds": [train.seeds[0], train.seeds[-1]], "test_seeds": [test.seeds[0], test.seeds[-1]],
+            "task": "segmentation" if folder else "segmentation_mosaic",
+            "dataset": f"folder:{Path(cfg.data_dir).name}" if folder else "texture-mosaics", "granularity": "weight",
+            "seed": cfg.seed, "ticket_names": self._ticket_names(),
+            "data": {"classes": list(self.class_names), "size": cfg.size, **self._source(),
                      "train_pixels_per_class": [int(v) for v in counts],
                      "train_mosaics_per_class": [int(train.contains(k).numel()) for k in range(K)],
                      "partition": cfg.partition, "tickets": len(self.subsets),
@@ -684,12 +735,16 @@ class SegmentationTask(ComparisonTask):
             "budget": {"batches_per_epoch_rtl_total": self.n_batches, "batches_per_epoch_single": len(self.single_loader),
                        "batches_per_ticket": {k: len(v) for k, v in self.subsets.items()}},
             "wall_time_s": self.wall, "total_time_s": round(time.perf_counter() - self.t_start, 2),
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "config": _config_dict(cfg),
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu_threads": torch.get_num_threads(), "device": str(self.dev)}}
 
     def plot(self, results: dict, out_dir: Path) -> list[str]:
         return [Path(plot_metric_vs_sparsity(results, out_dir / "miou.png", metric="miou")).name]
+
+
+def _config_dict(cfg: SegConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
 
 
 def comparison_config(cfg: SegConfig) -> ComparisonConfig:

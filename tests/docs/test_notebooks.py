@@ -1,4 +1,5 @@
-"""Execute every ``examples/*.ipynb`` end to end in quick mode (``RTL_NOTEBOOK_QUICK=1``).
+"""Every ``examples/*.ipynb`` is committed executed (outputs and figure, full settings) and still runs end to end
+in quick mode (``RTL_NOTEBOOK_QUICK=1``).
 
 Notebooks read ``RTL_NOTEBOOK_QUICK`` in their first code cell and pick tiny sizes when it is "1". Each one
 runs in a fresh ``python3`` kernel (this interpreter's ipykernel) with a temporary working directory, so
@@ -40,6 +41,11 @@ EXPECTED_OUTPUT = {
         r"RESULT routing=learned\s+si_snri=-?\d+\.\d{3} dB",
         r"router accuracy on unseen test noise: \d\.\d{3}",
     ],
+    "own_image_folder.ipynb": [
+        r"RESULT method=rtl\s+routing=context\s+sparsity=0\.50 balanced_accuracy=\d\.\d{3}",
+        r"RESULT method=rtl\s+routing=learned\s+sparsity=0\.50 balanced_accuracy=\d\.\d{3}",
+        r"packaged predictions correct: \d+ of \d+",
+    ],
     "segmentation_smp.ipynb": [
         r"routed == composed per ticket: True",
         r"RESULT method=rtl\s+routing=label_free sparsity=0\.75 miou=\d\.\d{4}",
@@ -71,15 +77,25 @@ def test_examples_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_committed_notebook_is_clean(path):
+def test_committed_notebook_is_executed_with_its_figure(path):
+    """Notebooks are committed executed (readable without running them): every code cell ran, in order, in one
+    kernel, with the full settings (not the quick smoke run), no error, and at least one figure.
+    Regenerate them with ``python examples/run_notebooks.py``."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code, f"{path.name} has no code cell"
     assert "RTL_NOTEBOOK_QUICK" in code[0].source, \
         f"{path.name}: the first code cell must set its sizes from the RTL_NOTEBOOK_QUICK environment variable"
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
-    assert not dirty, f"{path.name}: clear the outputs of cells {dirty} before committing"
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), \
+        f"{path.name}: cells ran out of order or not at all ({counts}); run python examples/run_notebooks.py {path.name}"
+    errors = [o for c in code for o in c.outputs if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: committed with errors {[e.get('ename') for e in errors]}"
+    assert re.search(r"quick=False", _text_outputs(nb)), \
+        f"{path.name}: committed outputs must come from the full settings (quick=False), not RTL_NOTEBOOK_QUICK=1"
+    figures = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert figures, f"{path.name}: committed without a figure; it must show its headline figure"
 
 
 @pytest.mark.slow
@@ -129,3 +145,13 @@ def test_kernel_is_this_interpreter():
     from jupyter_client.kernelspec import KernelSpecManager
     exe = KernelSpecManager().get_kernel_spec("python3").argv[0]
     assert exe in ("python", f"python{sys.version_info[0]}") or Path(exe).resolve() == Path(sys.executable).resolve(), exe
+
+
+def test_run_notebooks_refuses_unknown_names_and_unchecked_quick_outputs(capsys):
+    """examples/run_notebooks.py regenerates the committed notebooks; it never writes quick-mode outputs back."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("run_notebooks", EXAMPLES / "run_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["no_such.ipynb"]) == 2 and "no such notebook" in capsys.readouterr().err
+    assert module.main(["--quick", NOTEBOOKS[0].name]) == 2 and "--check" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import json
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -55,7 +55,7 @@ class ClassificationConfig:
     per_ticket_state: bool = True        # RTL joint retraining: one Adam state per ticket, or one shared (False)
     batch_size: int = 64
     lr: float = 2e-3
-    image_size: int = 32
+    image_size: int | None = 32          # None (image folders only): the model's own input size
     max_per_domain: int | None = 1500    # caps MNIST-5k so the demo fits in a few CPU minutes
     seed: int = 0
     baselines: tuple[str, ...] = ("dense", "single_imp", "single_imp_balanced", "single_imp_context", "multi_imp")
@@ -65,6 +65,13 @@ class ClassificationConfig:
     device: str = "cpu"
     progress: bool = True
     collapse: str = "warn"               # collapse monitor during the search: off | warn | stop | relax
+    # the user's own data (rtl_plugin.tasks.folders): an ImageFolder tree instead of the built-in domains
+    data_dir: str | None = None          # DIR/<class>/<image>; domains are then the contexts (or one "all")
+    val_dir: str | None = None           # test images (same layout); default: a seeded val_fraction of data_dir
+    val_fraction: float = 0.25
+    contexts: str | None = None          # CSV "relative path,context": one domain (ticket) per context
+    unreadable: str = "skip"             # unreadable image files: skip (counted) | error
+    checkpoint: str | None = None        # timm weights file (safetensors / weights-only torch) for the model
 
     @classmethod
     def quick(cls, **kw) -> "ClassificationConfig":
@@ -76,8 +83,10 @@ class ClassificationConfig:
 
 
 # --------------------------------------------------------------------------- model factory
-def make_model_factory(spec: str, num_classes: int, in_chans: int):
-    """``"timm:NAME"`` -> a function ``(seed, extra_in_chans=0) -> nn.Module`` giving the same θ0 per seed."""
+def make_model_factory(spec: str, num_classes: int, in_chans: int, *, checkpoint=None):
+    """``"timm:NAME"`` -> a function ``(seed, extra_in_chans=0) -> nn.Module`` giving the same θ0 per seed;
+    with ``checkpoint`` (a :class:`~rtl_plugin.tasks.classification.checkpoints.CheckpointInfo`) θ0 is the
+    checkpoint's weights with a ``num_classes`` classifier."""
     if ":" in spec:
         family, name = spec.split(":", 1)
     else:
@@ -92,12 +101,60 @@ def make_model_factory(spec: str, num_classes: int, in_chans: int):
         raise SpaceError(f"unknown timm model {name!r}; see timm.list_models().")
 
     def make(seed: int, extra_in_chans: int = 0) -> nn.Module:
+        if checkpoint is not None:
+            from rtl_plugin.tasks.classification.checkpoints import create_from_checkpoint
+            return create_from_checkpoint(name, checkpoint, num_classes=num_classes,
+                                          in_chans=in_chans + extra_in_chans, seed=seed)
         torch.manual_seed(seed)
         return timm.create_model(name, num_classes=num_classes, in_chans=in_chans + extra_in_chans)
     return make
 
 
 # --------------------------------------------------------------------------- data
+def _timm_name(spec: str) -> str:
+    return spec.split(":", 1)[1] if ":" in spec else spec
+
+
+def checkpoint_info(cfg: ClassificationConfig):
+    """The run's checkpoint (None without one); read once, its class count decides the classifier."""
+    if cfg.checkpoint is None:
+        return None
+    from rtl_plugin.tasks.classification.checkpoints import inspect_checkpoint
+    make_model_factory(cfg.model, 2, 3)  # validates the model name before the file is read
+    return inspect_checkpoint(_timm_name(cfg.model), cfg.checkpoint)
+
+
+def folder_transform(model: str, image_size: int | None):
+    """timm's evaluation transform for ``model`` (resize, centre crop, normalisation of its data config) at
+    ``image_size`` (None: the model's own input size), and the image size it yields."""
+    from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
+    pre = get_pretrained_cfg(_timm_name(model))
+    args = {} if image_size is None else {"input_size": (3, int(image_size), int(image_size))}
+    data_cfg = resolve_data_config(args, pretrained_cfg=pre.to_dict() if pre is not None else None)
+    return create_transform(**data_cfg, is_training=False), int(data_cfg["input_size"][-1])
+
+
+def load_task_data(cfg: ClassificationConfig, *, progress: bool = False, log=print):
+    """``(train, test, data info or None)``: the built-in domains, or the ImageFolder ``cfg.data_dir``."""
+    if cfg.data_dir is None:
+        train, test = load_domains(image_size=cfg.image_size, channels=3, domains=cfg.domains, seed=cfg.seed,
+                                   max_per_domain=cfg.max_per_domain)
+        return train, test, None
+    from rtl_plugin.tasks.folders import load_image_folder
+    make_model_factory(cfg.model, 2, 3)  # a clean error for an unknown model before any image is read
+    if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or cfg.image_size < 8):
+        raise DataError(f"image_size must be an integer >= 8 or None (the model's own), got {cfg.image_size!r}.")
+    transform, size = folder_transform(cfg.model, cfg.image_size)
+    data = load_image_folder(cfg.data_dir, transform=transform, image_size=size, val_dir=cfg.val_dir,
+                             val_fraction=cfg.val_fraction, contexts=cfg.contexts, seed=cfg.seed,
+                             max_per_context=cfg.max_per_domain, unreadable=cfg.unreadable, progress=progress,
+                             log=log)
+    for note in data.notes:
+        log(note)
+    return data.train, data.test, {**data.info(), "image_size": size}
+
+
 def _loaders(x, y, subsets_idx, batch_size, seed):
     from torch.utils.data import DataLoader, TensorDataset
     out = {}
@@ -141,10 +198,12 @@ class ClassificationTask(ComparisonTask):
     # ---- data
     def _load_data(self) -> None:
         cfg = self.cfg
-        self.train, self.test = load_domains(image_size=cfg.image_size, channels=3, domains=cfg.domains,
-                                             seed=cfg.seed, max_per_domain=cfg.max_per_domain)
+        self.checkpoint = checkpoint_info(cfg)
+        self.train, self.test, self.data_info = load_task_data(cfg, progress=cfg.progress, log=self.log)
         self.num_classes = self.train.num_classes
-        self.make = make_model_factory(cfg.model, self.num_classes, 3)
+        self.make = make_model_factory(cfg.model, self.num_classes, 3, checkpoint=self.checkpoint)
+        if self.checkpoint is not None:
+            self.log(self.checkpoint.head_message(self.num_classes))
         self.assign_train, assign_test, self.names = self._partition()
         K = int(self.assign_train.max()) + 1
         subsets_idx = [(self.assign_train == k).nonzero().flatten() for k in range(K)]
@@ -159,6 +218,9 @@ class ClassificationTask(ComparisonTask):
     def _partition(self):
         """Subset ids of the train and test images, and the subsets' names."""
         cfg, train, test = self.cfg, self.train, self.test
+        if cfg.partition == "domain" and cfg.data_dir is not None and cfg.contexts is None:
+            raise DataError("partition 'domain' on an image folder needs the contexts: pass --contexts FILE.csv "
+                            "('relative path,context' rows), or --partition class / --partition kmeans.")
         if cfg.partition == "domain":
             return train.domain, test.domain, list(train.domain_names)
         if cfg.partition == "class":
@@ -284,7 +346,12 @@ class ClassificationTask(ComparisonTask):
 
     def describe(self, results: dict) -> dict:
         cfg = self.cfg
-        return {"task": "classification", "dataset": cfg.dataset, "model": cfg.model, "granularity": cfg.granularity,
+        extra = {} if self.data_info is None else {"data": self.data_info}
+        if self.checkpoint is not None:
+            extra["checkpoint"] = {**self.checkpoint.to_dict(),
+                                   "classifier_reset": self.checkpoint.num_classes != self.num_classes}
+        return {**extra, "task": "classification", "dataset": cfg.dataset, "model": cfg.model,
+                "granularity": cfg.granularity,
                 "seed": cfg.seed, "ticket_names": self.names, "partition": cfg.partition, "collapse": self.collapse,
                 "routers": {n: {"accuracy": round(i["accuracy"], 6), "flops_share": i["flops_share"]}
                             for n, i in self.routers.items()},
@@ -334,6 +401,14 @@ def comparison_config(cfg: ClassificationConfig) -> ComparisonConfig:
                             epochs_per_round=cfg.epochs_per_round, retrain_epochs=cfg.retrain_epochs, lr=cfg.lr,
                             per_ticket_state=cfg.per_ticket_state, equal_storage=cfg.equal_storage,
                             device=torch.device(cfg.device), progress=cfg.progress)
+
+
+def config_from_dict(d: dict) -> ClassificationConfig:
+    """The ClassificationConfig a run recorded (``results["config"]``); unknown keys are ignored."""
+    if not isinstance(d, dict):
+        raise DataError(f"a run's config must be a dict (results.json 'config'), got {type(d).__name__}.")
+    names = {f.name for f in fields(ClassificationConfig)}
+    return ClassificationConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
 
 def run_classification(config: ClassificationConfig | None = None, out_dir: str | Path = "rtl-runs/classification",
@@ -423,4 +498,5 @@ def _short(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
 
 
-__all__ = ["ClassificationConfig", "run_classification", "format_table", "make_model_factory"]
+__all__ = ["ClassificationConfig", "run_classification", "format_table", "make_model_factory", "load_task_data",
+           "folder_transform", "checkpoint_info", "config_from_dict"]
