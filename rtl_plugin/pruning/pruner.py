@@ -128,17 +128,30 @@ class RTLPruner(_tp.BasePruner):
             reduction), Taylor, Hessian, BN-scale, LAMP, FPGM, random (default group L1 magnitude). Weight mode:
             an element-level one (magnitude, Taylor, random; default |w|). Taylor/Hessian rank with gradients of
             the current ticket's loss (call ``loss.backward()`` before ``step()``; find_tickets estimates them).
-        pruning_ratio, pruning_ratio_dict, iterative_steps, iterative_pruning_ratio_scheduler, max_pruning_ratio,
-        global_pruning, round_to, num_heads, ignored_layers: as in torch-pruning (schedule "ratio"). In channel
-            mode ``pruning_ratio`` is the fraction of channels removed, exactly as in tp; the weight sparsity it
-            gives is reported by :meth:`ticket_sparsity`. In weight mode it is the fraction of weights removed.
+        pruning_ratio: torch-pruning's schedule ("ratio"): the fraction of channels removed at the last step,
+            exactly as in tp (weight mode: of weights). :meth:`ticket_sparsity` reports the weight sparsity.
+        pruning_ratio_dict: per-layer ratios ``{module or tuple of modules: ratio}``, as in tp.
+        iterative_steps: steps to reach ``pruning_ratio``, as in tp.
+        iterative_pruning_ratio_scheduler: ``(ratio, steps) -> ratios``, as in tp (default linear).
+        max_pruning_ratio: the most any layer loses, as in tp.
+        global_pruning: one ranking over all groups (True) or per layer (False, tp's default).
+        round_to: channel counts rounded to a multiple of this, as in tp (channel mode only).
+        num_heads: ``{qkv module: heads}`` for attention layers, as in tp.
+        ignored_layers: modules never pruned (the output layers are always excluded).
         granularity: "channel" (default for a plain model, as tp prunes channels) or "weight" (the paper).
         rewind: "init" (θ0: the weights when the search begins) or an int t (find_tickets trains dense for t
             steps first and rewinds to θ_t).
-        sparsities, schedule, prune_fraction, prune_count, scope: the paper's IMP schedule ("fraction" or
-            "count"), used when no pruning_ratio / iterative_steps is given: masks recorded at each weight
-            sparsity, ``prune_fraction`` of the survivors removed per round. ``target_sparsity=`` is deprecated.
-        callbacks, order, max_relaxations, progress: see :meth:`find_tickets`.
+        sparsities: the paper's IMP schedule, used when no pruning_ratio / iterative_steps is given: masks
+            recorded at each of these weight sparsities. ``target_sparsity=`` is its deprecated name.
+        schedule: "auto" (ratio when a tp schedule argument is given, else "fraction"), "ratio", "fraction"
+            (remove ``prune_fraction`` of the surviving weights per round) or "count" (``prune_count`` per round).
+        prune_fraction: IMP: the fraction of the survivors removed per round.
+        prune_count: IMP with schedule "count": weights removed per round (the paper: 4,096).
+        scope: IMP, weight mode: "global" ranking (the paper) or "layer".
+        order: find_tickets: "ticket" (each ticket's search in turn) or "round" (all tickets advance together).
+        max_relaxations: find_tickets, round order: how often a round-end callback may halve the fraction.
+        callbacks: find_tickets: a callback or a list (see :meth:`find_tickets`).
+        progress: show progress bars.
         importance_batches: batches of ticket k's data find_tickets uses for gradient importances.
         **tp_options: further torch-pruning options (``isomorphic``, ``prune_num_heads``, ``prune_head_dims``,
             ``head_pruning_ratio``, ``customized_pruners``, ``forward_fn``, ``output_transform``).
