@@ -13,6 +13,7 @@ from rtl_plugin.diagnostics.report import diagnose_run
 from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, DataError, DistributedError,
                                FormatVersionError, MissingDependencyError, OptimizerError, RouteError, RTLError,
                                SpaceError, SparsityError, TaskHookError, TicketError, UnsupportedLayerError)
+from rtl_plugin.errors import ExportError, ExportMismatchError, GraphTimeoutError
 from rtl_plugin.norms import MaskedLayerNorm, RoutedBatchNorm
 from rtl_plugin.persist import (SlimRoutedModel, export_onnx, export_package, export_ticket, load, load_package,
                                 pruning_history)
@@ -33,5 +34,5 @@ __all__ = [
     "TicketSpace", "UnsupportedLayerError", "build_space", "create_adapter", "detect_adapter", "diagnose",
     "diagnose_run", "export_onnx", "export_package", "export_ticket", "joint_retrain", "list_adapters", "load",
     "load_package", "mixed_route_retrain", "pruning_history", "register_adapter", "semantic_alignment", "wrap",
-    "wordnet_similarity",
+    "wordnet_similarity", "ExportError", "ExportMismatchError", "GraphTimeoutError",
 ]

@@ -58,3 +58,15 @@ class OptimizerError(RTLError, TypeError):
 
 class TaskHookError(RTLError, TypeError):
     """A comparison task lacks a hook that one of its requested methods needs."""
+
+
+class GraphTimeoutError(UnsupportedLayerError):
+    """Building torch-pruning's channel groups passed the time limit or does not converge for this model."""
+
+
+class ExportError(RTLError, RuntimeError):
+    """An exported ticket cannot be built or cannot run."""
+
+
+class ExportMismatchError(ExportError):
+    """An exported ticket computes something else than the routed ticket it was exported from."""
