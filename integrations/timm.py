@@ -98,11 +98,14 @@ def _bake_standardised_conv(m: nn.Module) -> nn.Module | None:
 
 
 def _fix_pruned_sizes(m: nn.Module) -> None:
-    """Python attributes a pruned timm module reads in forward: MixedConv2d's split sizes, attention heads."""
+    """Python attributes a pruned timm module reads in forward: MixedConv2d's split sizes, Res2Net's chunk
+    width, attention heads."""
     if _is_timm(m, "MixedConv2d"):
         convs = list(m.values())
         m.splits = [c.in_channels for c in convs]
         m.in_channels, m.out_channels = sum(m.splits), sum(c.out_channels for c in convs)
+    elif _is_timm(m, "Bottle2neck"):  # Res2Net: torch.split(x, self.width); chunks are tied position-wise
+        m.width = m.convs[0].in_channels
     elif _head_attention_pruned(m):
         m.num_heads = m.qkv.out_features // (3 * m.head_dim)
         if hasattr(m, "attn_dim"):

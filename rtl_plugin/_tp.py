@@ -186,9 +186,20 @@ def _watched_grouping(deadline: float | None, max_items: int | None, watch: dict
             Group.add_dep, Group.add_and_merge = orig_add, orig_merge
 
 
+def _equal_chunk_size(node) -> int | None:
+    """The chunk size of a channel split by a Python int (``torch.split(x, size, 1)``, ``x.chunk(n, 1)``): the
+    model re-splits a pruned tensor with one size, so all chunks must keep the same count."""
+    grad_fn = getattr(node, "grad_fn", None)
+    if getattr(node, "type", None) != tp.ops.OPTYPE.SPLIT or grad_fn is None:
+        return None
+    size = getattr(grad_fn, "_saved_split_size", None)
+    return int(size) if size and getattr(grad_fn, "_saved_dim", None) == 1 else None
+
+
 def _tied_root_classes(records: list) -> list[list[int]]:
     """Root channels that tp maps onto one channel of one layer (tp's merge keeps only the first of them):
-    pruning either prunes that channel, so they must be kept or dropped together."""
+    pruning either prunes that channel, so they must be kept or dropped together. Likewise the same position
+    of every chunk of a split by a fixed size."""
     parent: dict[int, int] = {}
 
     def find(a: int) -> int:
@@ -199,15 +210,19 @@ def _tied_root_classes(records: list) -> list[list[int]]:
 
     first: dict[tuple, int] = {}
     for target, handler, idxs in records:
+        chunk = _equal_chunk_size(target)
         for hi in idxs:
-            key = (id(target), id(handler), int(hi.idx))
             r = int(hi.root_idx)
-            if key in first:
-                ra, rb = find(first[key]), find(r)
-                if ra != rb:
-                    parent[ra] = rb
-            else:
-                first[key] = r
+            keys = [(id(target), id(handler), int(hi.idx))]
+            if chunk:  # torch.split(x, size) / chunk(): every chunk must keep the same positions
+                keys.append((id(target), "chunk-position", int(hi.idx) % chunk))
+            for key in keys:
+                if key in first:
+                    ra, rb = find(first[key]), find(r)
+                    if ra != rb:
+                        parent[ra] = rb
+                else:
+                    first[key] = r
     classes: dict[int, list[int]] = {}
     for r in parent:
         classes.setdefault(find(r), []).append(r)
@@ -329,3 +344,10 @@ def refresh_split_offsets(dg: tp.DependencyGraph) -> None:
             for c in sizes:
                 offsets.append(offsets[-1] + c)
             node.module.offsets = offsets
+
+
+def failing_step(exc: BaseException) -> str | None:
+    """The innermost torch-pruning function in ``exc``'s traceback (e.g. "update_reshape_index_mapping")."""
+    import traceback
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "torch_pruning" in f.filename.replace("\\", "/")]
+    return frames[-1].name if frames else None

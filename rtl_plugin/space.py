@@ -303,6 +303,15 @@ def _run_forward(root: nn.Module, example_inputs, hooks_on: Sequence[nn.Module] 
     return ran
 
 
+_TRACE_CAUSES = {  # torch-pruning step that failed -> the pattern behind it
+    "update_reshape_index_mapping": ": a reshape of the channel dimension it cannot map, such as ShuffleNet's "
+                                    "channel shuffle view(B, groups, C // groups, H, W)",
+    "update_concat_index_mapping": ": a concat whose input widths it cannot infer (sliced or dual-path "
+                                   "features, as in DPN or CSP-DarkNet blocks)",
+    "update_split_index_mapping": ": a split whose chunk widths it cannot infer",
+}
+
+
 def _trace(root: nn.Module, example_inputs, customized_pruners, label: str, granularity: str):
     """tp's dependency graph of ``root``. When tp fails, the forward is run alone to tell a bad input
     (SpaceError about example_inputs) from a model tp cannot trace (UnsupportedLayerError naming weight mode)."""
@@ -310,10 +319,11 @@ def _trace(root: nn.Module, example_inputs, customized_pruners, label: str, gran
         return _tp.build_graph(root, example_inputs, customized_pruners=customized_pruners)
     except Exception as e:  # tp raises many exception types while tracing
         _run_forward(root, example_inputs)
+        cause = _TRACE_CAUSES.get(_tp.failing_step(e), "")
         raise UnsupportedLayerError(
-            f"torch-pruning cannot trace {label} ({type(e).__name__}: {e}); the model itself runs on the example "
-            f"input, so {granularity} granularity is unavailable for it. Use granularity='weight' (element masks "
-            "need no dependency graph), or register a customized pruner for the layer tp fails on.") from e
+            f"torch-pruning cannot trace {label} ({type(e).__name__}: {e}){cause}; the model itself runs on the "
+            f"example input, so {granularity} granularity is unavailable for it. Use granularity='weight' (element "
+            "masks need no dependency graph), or register a customized pruner for the layer tp fails on.") from e
 
 
 def _collect_weight_layers(mods: Iterable[nn.Module], name_of: dict,
@@ -422,6 +432,11 @@ def _index_error(root_name: str, tname: str, idx: int, n_ch: int, kinds: set[str
             f"channel group {root_name!r} maps to channel {idx} of layer {tname!r}, which has only {n_ch} "
             f"channels: torch-pruning's index mapping through {'/'.join(sorted(kinds & {'split', 'concat', 'slice'}))} "
             f"(a split + concat pattern such as CSP or Res2Net blocks) sends channels to the wrong layer. {fix}")
+    if kinds & {"reshape", "unbind", "expand"}:
+        return UnsupportedLayerError(
+            f"channel group {root_name!r} maps to channel {idx} of layer {tname!r}, which has only {n_ch} channels: "
+            "torch-pruning's index mapping through a reshape/broadcast (attention that folds heads into another "
+            f"dimension or shares keys/values across heads) sends channels to the wrong layer. {fix}")
     return UnsupportedLayerError(
         f"channel group {root_name!r} maps to channel {idx} of layer {tname!r}, which has only {n_ch} channels: a "
         f"broadcast multiply (an attention gate such as SCSE) couples a 1-channel tensor to C channels. {fix}")

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from rtl_plugin import _tp
-from rtl_plugin.errors import ExportError, SpaceError, TicketError, UnsupportedLayerError
-from rtl_plugin.persist.verify import verify_export
+from rtl_plugin.errors import ExportError, RouteError, SpaceError, TicketError, UnsupportedLayerError
+from rtl_plugin.persist.verify import default_check_inputs, rel_error, verify_export
 from rtl_plugin.routed import RoutedModel
 from rtl_plugin.tickets import TicketSet
 
@@ -68,8 +68,10 @@ def prune_copy(base: nn.Module, trace_root: str, history: list, trace_inputs) ->
     try:
         _tp.replay_history(_tp.build_graph(root, trace_inputs), history)
     except Exception as e:  # tp raises assorted errors on a history that does not fit the graph
-        raise ExportError(f"replaying the ticket's pruning history failed ({type(e).__name__}: {e}); the model "
-                          "must be the architecture the ticket space was built from.") from e
+        raise ExportError(f"replaying the ticket's pruning history failed ({type(e).__name__}: {e}): torch-pruning "
+                          "cannot prune this pattern consistently (or, when loading, the model is not the "
+                          "architecture the ticket space was built from). Use granularity='weight', put the block "
+                          "in ignored_layers, or register a customized pruner.") from e
     for m in base.modules():
         for fn in _FIXUPS:
             fn(m)
@@ -153,10 +155,37 @@ def export_ticket(routed: RoutedModel, ticket: int, *, example_inputs=None, chec
     return base
 
 
+def _probe_mixed_routes(routed: RoutedModel, x: torch.Tensor, label: str) -> None:
+    """A 2-sample batch routed to tickets 0 and 1 must equal each sample run alone with its ticket."""
+    xb = torch.cat([x[:1], x[:1]])
+    was = routed.training
+    routed.eval()
+    try:
+        with torch.no_grad():
+            y = routed(xb, route=torch.tensor([0, 1], device=xb.device))
+            alone = [routed(xb[i:i + 1], route=i) for i in range(2)]
+    except RouteError as e:
+        raise UnsupportedLayerError(
+            f"channel granularity cannot route {label} per sample: {e} Channel masks are applied per sample, and "
+            "a layer that folds other dimensions (patches, tokens) into the batch breaks that. Use "
+            "granularity='weight' (routes per sample by bucketing), or pass check_export=False and route one "
+            "ticket per call.") from e
+    finally:
+        routed.train(was)
+    err = max(rel_error(y[i:i + 1], alone[i]) for i in range(2))
+    if err > 1e-4:
+        raise UnsupportedLayerError(
+            f"channel granularity routes {label} per sample incorrectly: a mixed batch differs from each sample "
+            f"run alone by {err:.3g} (a layer mixes samples). Use granularity='weight', or pass "
+            "check_export=False and route one ticket per call.")
+
+
 def probe_channel_export(routed: RoutedModel, *, check_inputs=None, label: str = "the model", seeds=range(4)) -> None:
-    """Export one random coupled ticket (keep 0.7) of a freshly wrapped channel model and verify it, so a
-    model whose physical pruning cannot reproduce its masks is refused at wrap time. The routed model's
-    tickets are restored. Draws that would empty a layer are redrawn (up to ``len(seeds)`` draws)."""
+    """Export one random coupled ticket (keep 0.7) of a freshly wrapped channel model and verify it, and route
+    a mixed two-ticket batch, so a model whose physical pruning cannot reproduce its masks, or that cannot be
+    routed per sample, is refused at wrap time. The routed model's tickets are restored. Draws that would
+    empty a layer are redrawn (up to ``len(seeds)`` draws)."""
+    x = default_check_inputs(routed) if check_inputs is None else check_inputs
     original = routed.tickets
     try:
         for seed in seeds:
@@ -166,9 +195,11 @@ def probe_channel_export(routed: RoutedModel, *, check_inputs=None, label: str =
             except TicketError:
                 continue  # this draw empties a small layer: draw again
             try:
-                export_ticket(routed, 0, check_inputs=check_inputs)
+                export_ticket(routed, 0, check_inputs=x)
             except ExportError as e:
                 raise UnsupportedLayerError(f"channel granularity cannot export {label} exactly: {e}") from e
+            if routed.num_tickets > 1 and isinstance(x, torch.Tensor) and x.dim() > 0:
+                _probe_mixed_routes(routed, x, label)
             return
     finally:
         routed.set_tickets(original)
