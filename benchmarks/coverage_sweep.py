@@ -37,7 +37,10 @@ TABLE_FILE = OUT_DIR / "support.md"
 README = ROOT / "README.md"
 TABLE_START, TABLE_END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 K = 3
-GRAPH_TIMEOUT = 10.0  # seconds; the models here that group at all do so in < 5 s (shared 2-core CPU)
+# seconds: the models here that group at all do so in < 5 s on a shared 2-core CPU. The refusals of
+# non-converging models come from the deterministic group-size bound, not from this clock (a model that is
+# merely slow, like ResNeSt at ~50 s, would be refused or not depending on the machine: it is not in the list).
+GRAPH_TIMEOUT = 30.0
 TOL = 1e-4
 
 
@@ -72,7 +75,7 @@ SPECS: list[Spec] = [
     # ---------------------------------------------------------------- timm
     _t("resnet18", "ResNet"), _t("resnet10t", "ResNet"), _t("resnet26d", "ResNet"),
     _t("seresnet18", "SE-ResNet"), _t("resnext26ts", "ResNeXt"),
-    _t("resnest14d", "ResNeSt"), _t("skresnet18", "SKNet"),
+    _t("skresnet18", "SKNet"),
     _t("nf_resnet26", "NF-Net", depths=(1, 1, 1, 1)), _t("nf_regnet_b0", "NF-Net"),
     _t("cspresnet50", "CSPNet"), _t("cs3darknet_s", "CSPNet"),
     _t("res2net50_14w_8s", "Res2Net", layers=(1, 1, 1, 1)), _t("res2next50", "Res2Net", layers=(1, 1, 1, 1)),
@@ -82,7 +85,7 @@ SPECS: list[Spec] = [
     _t("ghostnet_050", "GhostNet"), _t("ghostnetv2_100", "GhostNet", size=64), _t("repghostnet_050", "GhostNet"),
     _t("mixnet_s", "MixNet"), _t("rexnet_100", "ReXNet"),
     _t("regnetx_002", "RegNet"), _t("regnety_002", "RegNet"),
-    _t("repvgg_a0", "RepVGG"), _t("mobileone_s0", "MobileOne"),
+    _t("repvgg_a0", "RepVGG"), _t("mobileone_s0", "MobileOne", slow=True),
     _t("ese_vovnet19b_slim_dw", "VoVNet"), _t("hgnet_tiny", "HGNet"), _t("hgnetv2_b0", "HGNet"),
     _t("fastvit_t8", "FastViT"),
     _t("mobilenetv4_conv_small", "MobileNetV4"), _t("mobilenetv4_hybrid_medium", "MobileNetV4", size=64),
@@ -92,19 +95,19 @@ SPECS: list[Spec] = [
     _t("vit_tiny_patch16_224", "ViT", img_size=32, patch_size=8, depth=2),
     _t("deit_tiny_patch16_224", "DeiT", img_size=32, patch_size=8, depth=2),
     _t("mobilevit_xxs", "MobileViT", size=64),
-    _t("levit_128s", "LeViT", size=64, img_size=64), _t("levit_conv_128s", "LeViT", size=64, img_size=64),
+    _t("levit_128s", "LeViT", size=64, img_size=64),
     _t("efficientvit_b0", "EfficientViT", size=64), _t("efficientvit_m0", "EfficientViT", size=64, slow=True),
     _t("densenet121", "DenseNet", block_config=(2, 2, 2, 2)), _t("xception41", "Xception"),
     _t("selecsls42b", "SelecSLS"), _t("gernet_s", "GENet"), _t("inception_next_atto", "InceptionNeXt"),
     _t("poolformer_s12", "PoolFormer"),
     # ---------------------------------------------------------------- torchvision (torch-pruning's examples)
     _tv("resnet18", "ResNet"), _tv("resnext50_32x4d", "ResNeXt"), _tv("wide_resnet50_2", "Wide ResNet", slow=True),
-    _tv("densenet121", "DenseNet"), _tv("mobilenet_v2", "MobileNetV2"),
+    _tv("densenet121", "DenseNet", slow=True), _tv("mobilenet_v2", "MobileNetV2"),
     _tv("mobilenet_v3_small", "MobileNetV3"), _tv("efficientnet_b0", "EfficientNet"),
     _tv("efficientnet_v2_s", "EfficientNetV2", slow=True), _tv("mnasnet0_5", "MNASNet"),
     _tv("regnet_y_400mf", "RegNet"), _tv("googlenet", "GoogLeNet", aux_logits=False, init_weights=True),
     _tv("inception_v3", "Inception", size=75, aux_logits=False, init_weights=True), _tv("squeezenet1_1", "SqueezeNet", size=64),
-    _tv("vgg11_bn", "VGG"), _tv("alexnet", "AlexNet", size=64), _tv("convnext_tiny", "ConvNeXt", slow=True),
+    _tv("vgg11_bn", "VGG", slow=True), _tv("alexnet", "AlexNet", size=64), _tv("convnext_tiny", "ConvNeXt", slow=True),
     _tv("vit_b_16", "ViT", image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128),
     _tv("shufflenet_v2_x0_5", "ShuffleNetV2"),
     # ---------------------------------------------------------------- smp
@@ -199,7 +202,7 @@ def reason_of(err: Exception) -> str:
              ("index mapping through", "split/concat index mapping"),
              ("broadcast multiply", "broadcast multiply (attention gate)"),
              ("reshape", "attention reshape / broadcast"),
-             ("GroupNorm", "GroupNorm"),
+             ("GroupNorm", "GroupNorm (no masked group norm yet)"),
              ("cannot run", "export cannot run"),
              ("replaying", "pruning-history replay fails"),
              ("per sample", "per-sample routing (layer folds patches into the batch)"),

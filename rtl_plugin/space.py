@@ -362,6 +362,11 @@ def _walked_weight_layers(root: nn.Module, example_inputs, name_of: dict, exclud
 def _check_channel_target(target: nn.Module, tname: str, root_name: str, custom: tuple) -> bool:
     """True when ``target`` needs a channel mask; raises for layers channel mode cannot mask."""
     is_custom = any((target is c) or (isinstance(c, type) and isinstance(target, c)) for c in custom)
+    if isinstance(target, nn.GroupNorm) and not is_custom:
+        raise UnsupportedLayerError(
+            f"channel mode does not support GroupNorm yet ({tname!r}, {type(target).__name__}): a physically "
+            "pruned group norm normalises over fewer channels per group. Use granularity='weight', or put the "
+            "layer in ignored_layers.")
     if not (_tp.is_conv(target) or _tp.is_linear(target) or isinstance(target, _NORM_TYPES + _ELEMENTWISE_OK)
             or is_custom):
         if not list(target.parameters(recurse=False)):
@@ -373,9 +378,6 @@ def _check_channel_target(target: nn.Module, tname: str, root_name: str, custom:
         raise UnsupportedLayerError(
             f"channel mode supports LayerNorm over one (channel) dimension only; {tname!r} normalises "
             f"over {tuple(target.normalized_shape)}. Use granularity='weight' or ignore it.")
-    if isinstance(target, nn.GroupNorm):
-        raise UnsupportedLayerError(
-            f"channel mode does not support GroupNorm yet ({tname!r}). Use granularity='weight'.")
     return True
 
 
@@ -487,8 +489,8 @@ def _stopped_error(e: _tp.GroupingStopped, name_of: dict, label: str, timeout: f
     if e.reason == "explosion":
         return GraphTimeoutError(
             f"building the channel groups of {label} does not converge: the group of layer {where!r} grew to "
-            f"{e.items} dependencies (a partial residual such as cat([x[:, :c] + s, x[:, c:]]) makes "
-            f"torch-pruning's index propagation loop). {alt}, or put that block in ignored_layers.")
+            f"{e.items} dependencies: torch-pruning's index propagation loops on this model (as on ReXNet's "
+            f"partial residual cat([x[:, :c] + s, x[:, c:]])). {alt}, or put that block in ignored_layers.")
     cause = e.__cause__
     return UnsupportedLayerError(
         f"torch-pruning failed to build the channel group of layer {where!r} in {label} "
