@@ -9,6 +9,11 @@ Granularities
             layers and ``ignored_layers`` (the paper's setting).
 ``channel`` one keep-vector per coupled channel group ``[K, C_root]``; per-layer masks are gathers
             through each group item's ``root_idxs``, ANDed where a layer belongs to several groups.
+            Couplings torch-pruning enforces when it prunes are enforced on the keep-vectors too
+            (``ChannelGroup.effective_keep``): the same position in every channel group (grouped /
+            depthwise convs), and tie classes (``ChannelGroup.ties``): root channels tp maps onto one
+            channel (GhostNet), the same position of every chunk of a fixed-size split (Res2Net), whole
+            attention heads (``num_heads``).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import sys
 
 import pytest
 
@@ -16,6 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def _sweep():
     spec = importlib.util.spec_from_file_location("coverage_sweep", ROOT / "benchmarks" / "coverage_sweep.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["coverage_sweep"] = mod  # dataclasses resolve the module's annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
 
