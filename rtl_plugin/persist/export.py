@@ -197,7 +197,9 @@ def probe_channel_export(routed: RoutedModel, *, check_inputs=None, label: str =
             try:
                 export_ticket(routed, 0, check_inputs=x)
             except ExportError as e:
-                raise UnsupportedLayerError(f"channel granularity cannot export {label} exactly: {e}") from e
+                hint = (" For multi-head attention, pass wrap(..., num_heads={'<qkv layer>': heads}) so tickets "
+                        "keep whole heads." if "attention" in str(e).lower() else "")
+                raise UnsupportedLayerError(f"channel granularity cannot export {label} exactly: {e}{hint}") from e
             if routed.num_tickets > 1 and isinstance(x, torch.Tensor) and x.dim() > 0:
                 _probe_mixed_routes(routed, x, label)
             return

@@ -13,6 +13,7 @@ from torch import nn
 import rtl_plugin as rtl
 
 K = 3
+NF_SMALL = dict(depths=(1, 1, 1, 1), channels=(32, 64, 96, 128), stem_chs=16)  # a 56K-weight NF-ResNet
 
 
 def _rel(a, b) -> float:
@@ -277,12 +278,12 @@ def test_vit_channel_tickets_keep_whole_heads_and_export_exactly():
 def test_weight_standardised_convs_export_exactly_and_reload(tmp_path):
     import timm
     torch.manual_seed(0)
-    m = timm.create_model("nf_resnet26", num_classes=3, depths=(1, 1, 1, 1))
+    m = timm.create_model("nf_resnet26", num_classes=3, **NF_SMALL)
     r = rtl.wrap(m, K, granularity="channel", example_inputs=torch.randn(1, 3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
     _exact(r, x, rtl.TicketSet.random(r.space, K, keep=0.6, seed=2), tol=1e-4)
     rtl.export_package(r, tmp_path / "pkg", example_inputs=x)
     torch.manual_seed(1)
-    slim = rtl.load_package(tmp_path / "pkg", timm.create_model("nf_resnet26", num_classes=3, depths=(1, 1, 1, 1)))
+    slim = rtl.load_package(tmp_path / "pkg", timm.create_model("nf_resnet26", num_classes=3, **NF_SMALL))
     with torch.no_grad():
         assert _rel(slim(x, route=torch.tensor([1, 2])), r(x, route=torch.tensor([1, 2]))) < 1e-4
