@@ -25,3 +25,7 @@ class SmpAdapter(Adapter):
     def example_inputs(self, model: nn.Module) -> torch.Tensor:
         c = getattr(model.encoder, "_in_channels", 3)
         return torch.randn(1, c, 64, 64)
+
+    def attention_heads(self, model: nn.Module) -> dict[str, int]:
+        from rtl_plugin.integrations.timm import timm_attention_heads
+        return timm_attention_heads(model)  # timm ("tu-") encoders with multi-head attention

@@ -11,6 +11,7 @@ import torch.nn as nn
 from rtl_plugin.adapters import Adapter, register_adapter
 from rtl_plugin.errors import MissingDependencyError, SpaceError
 from rtl_plugin.norms import RoutedBatchNorm
+from rtl_plugin.persist.export import register_export_hooks
 
 
 def is_timm_model(model: nn.Module) -> bool:
@@ -34,8 +35,91 @@ class TimmAdapter(Adapter):
     def example_inputs(self, model: nn.Module) -> torch.Tensor:
         cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
         c, h, w = cfg.get("input_size", (3, 224, 224))
-        h, w = min(h, 64), min(w, 64)  # small trace input: channel structure does not depend on resolution
+        if not _fixed_input_size(model):
+            h, w = min(h, 64), min(w, 64)  # small trace input: channel structure does not depend on resolution
         return torch.randn(1, c, h, w)
+
+    def attention_heads(self, model: nn.Module) -> dict[str, int]:
+        return timm_attention_heads(model)
+
+
+def _fixed_input_size(model: nn.Module) -> bool:
+    """True for timm models built for one input size (ViT-style patch embeddings with a fixed grid)."""
+    for m in model.modules():
+        if type(m).__name__ == "PatchEmbed" and getattr(m, "strict_img_size", False) and \
+                not getattr(m, "dynamic_img_pad", False):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- channel-mode couplings and export
+def _is_timm(m: nn.Module, *names: str) -> bool:
+    return type(m).__module__.startswith("timm.") and type(m).__name__ in names
+
+
+def _head_attention(m: nn.Module) -> bool:
+    """timm's multi-head attention layout: a fused ``qkv`` Linear read as ``[3, num_heads, head_dim]``."""
+    qkv = getattr(m, "qkv", None)
+    return (type(m).__module__.startswith("timm.") and isinstance(qkv, nn.Linear)
+            and isinstance(getattr(m, "num_heads", None), int) and isinstance(getattr(m, "head_dim", None), int)
+            and qkv.out_features == 3 * m.num_heads * m.head_dim)
+
+
+def timm_attention_heads(model: nn.Module) -> dict[str, int]:
+    """``{"<attn>.qkv": num_heads}`` for every timm attention with a fused qkv projection in ``model``
+    (channel tickets then keep or drop whole heads)."""
+    return {f"{n}.qkv" if n else "qkv": m.num_heads for n, m in model.named_modules() if _head_attention(m)}
+
+
+def _bake_standardised_conv(m: nn.Module) -> nn.Module | None:
+    """timm's StdConv2d / ScaledStdConv2d (NF-Nets, BiT) standardise their weight over the input channels on
+    every call; a physically pruned copy would standardise over fewer channels (and keep an unpruned gain).
+    Export replaces them by a plain conv holding the standardised weight they compute, which prunes exactly."""
+    if not _is_timm(m, "StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"):
+        return None
+    gain = getattr(m, "gain", None)
+    with torch.no_grad():
+        w = nn.functional.batch_norm(
+            m.weight.reshape(1, m.out_channels, -1), None, None,
+            weight=None if gain is None else (gain * m.scale).view(-1), training=True, momentum=0.,
+            eps=m.eps).reshape_as(m.weight)
+    kw = dict(stride=m.stride, dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
+              device=m.weight.device, dtype=m.weight.dtype)
+    if getattr(m, "same_pad", False):
+        from timm.layers import Conv2dSame
+        conv = Conv2dSame(m.in_channels, m.out_channels, m.kernel_size, padding=0, **kw)
+    else:
+        conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, padding=m.padding, **kw)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        if m.bias is not None:
+            conv.bias.copy_(m.bias)
+    return conv.train(m.training)
+
+
+def _fix_pruned_sizes(m: nn.Module) -> None:
+    """Python attributes a pruned timm module reads in forward: MixedConv2d's split sizes, Res2Net's chunk
+    width, attention heads."""
+    if _is_timm(m, "MixedConv2d"):
+        convs = list(m.values())
+        m.splits = [c.in_channels for c in convs]
+        m.in_channels, m.out_channels = sum(m.splits), sum(c.out_channels for c in convs)
+    elif _is_timm(m, "Bottle2neck"):  # Res2Net: torch.split(x, self.width); chunks are tied position-wise
+        m.width = m.convs[0].in_channels
+    elif _head_attention_pruned(m):
+        m.num_heads = m.qkv.out_features // (3 * m.head_dim)
+        if hasattr(m, "attn_dim"):
+            m.attn_dim = m.num_heads * m.head_dim
+
+
+def _head_attention_pruned(m: nn.Module) -> bool:
+    qkv = getattr(m, "qkv", None)
+    return (type(m).__module__.startswith("timm.") and isinstance(qkv, nn.Linear)
+            and isinstance(getattr(m, "num_heads", None), int) and isinstance(getattr(m, "head_dim", None), int)
+            and qkv.out_features % (3 * m.head_dim) == 0)
+
+
+register_export_hooks(replace=_bake_standardised_conv, fixup=_fix_pruned_sizes)
 
 
 # --------------------------------------------------------------------------- pretrained weights

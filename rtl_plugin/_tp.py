@@ -57,6 +57,7 @@ def build_graph(model: nn.Module, example_inputs, *, customized_pruners=None,
         dg = tp.DependencyGraph().build_dependency(
             model, example_inputs=example_inputs, customized_pruners=customized_pruners,
             unwrapped_parameters=unwrapped_parameters, verbose=False)
+    repair_splits(dg)
     return dg
 
 
@@ -89,8 +90,13 @@ def in_channels(dg: tp.DependencyGraph, m: nn.Module):
 
 
 def replay_history(dg: tp.DependencyGraph, history: list) -> None:
-    """Physically prune by replaying ``[[root_name, is_out_channel, idxs], ...]``."""
-    dg.load_pruning_history(history)
+    """Physically prune by replaying ``[[root_name, is_out_channel, idxs], ...]``.
+
+    tp 1.6.1's split pruner updates a split's sizes but stores the new offsets on itself instead of the split,
+    so later groups would map channels through stale offsets: they are refreshed before every step."""
+    for entry in history:
+        refresh_split_offsets(dg)
+        dg.load_pruning_history([entry])
 
 
 def default_importance():
@@ -281,3 +287,211 @@ def tracing(model: nn.Module):
     """Context for building a tp pruner over ``model``: autograd on (tp traces with it, even inside a caller's
     ``torch.no_grad()``), training and requires_grad flags restored afterwards."""
     return _tracing_state(model)
+
+
+# --------------------------------------------------------------------------- guarded group building, tied channels
+class GroupingStopped(Exception):
+    """Group building was stopped: ``reason`` is "timeout", "explosion" or "error" (tp raised, see
+    ``__cause__``); ``module`` is the root being grouped."""
+
+    def __init__(self, reason: str, module, items: int):
+        super().__init__(reason)
+        self.reason, self.module, self.items = reason, module, items
+
+
+_GROUP_PATCH_LOCK = __import__("threading").Lock()
+
+
+@contextlib.contextmanager
+def _watched_grouping(deadline: float | None, max_items: int | None, watch: dict):
+    """While active, every dependency tp adds to a group checks the deadline and the group size, and every
+    item merged into a final group is recorded (before tp's merge drops duplicate channel indices)."""
+    import time
+
+    from torch_pruning.dependency.group import Group
+    orig_add, orig_merge = Group.add_dep, Group.add_and_merge
+
+    def add_dep(self, dep, idxs):
+        if deadline is not None and time.monotonic() > deadline:
+            raise GroupingStopped("timeout", watch.get("root"), len(self._group))
+        if max_items is not None and len(self._group) >= max_items:
+            raise GroupingStopped("explosion", watch.get("root"), len(self._group))
+        return orig_add(self, dep, idxs)
+
+    def add_and_merge(self, dep, idxs):
+        watch.setdefault(id(self), []).append((dep.target, dep.handler, list(idxs)))
+        return orig_merge(self, dep, idxs)
+
+    with _GROUP_PATCH_LOCK:
+        Group.add_dep, Group.add_and_merge = add_dep, add_and_merge
+        try:
+            yield
+        finally:
+            Group.add_dep, Group.add_and_merge = orig_add, orig_merge
+
+
+def _equal_chunk_size(node) -> int | None:
+    """The chunk size of a channel split by a Python int (``torch.split(x, size, 1)``, ``x.chunk(n, 1)``): the
+    model re-splits a pruned tensor with one size, so all chunks must keep the same count."""
+    grad_fn = getattr(node, "grad_fn", None)
+    if getattr(node, "type", None) != tp.ops.OPTYPE.SPLIT or grad_fn is None:
+        return None
+    size = getattr(grad_fn, "_saved_split_size", None)
+    return int(size) if size and getattr(grad_fn, "_saved_dim", None) == 1 else None
+
+
+def _tied_root_classes(records: list) -> list[list[int]]:
+    """Root channels that tp maps onto one channel of one layer (tp's merge keeps only the first of them):
+    pruning either prunes that channel, so they must be kept or dropped together. Likewise the same position
+    of every chunk of a split by a fixed size."""
+    parent: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    first: dict[tuple, int] = {}
+    for target, handler, idxs in records:
+        chunk = _equal_chunk_size(target)
+        for hi in idxs:
+            r = int(hi.root_idx)
+            keys = [(id(target), id(handler), int(hi.idx))]
+            if chunk:  # torch.split(x, size) / chunk(): every chunk must keep the same positions
+                keys.append((id(target), "chunk-position", int(hi.idx) % chunk))
+            for key in keys:
+                if key in first:
+                    ra, rb = find(first[key]), find(r)
+                    if ra != rb:
+                        parent[ra] = rb
+                else:
+                    first[key] = r
+    classes: dict[int, list[int]] = {}
+    for r in parent:
+        classes.setdefault(find(r), []).append(r)
+    return sorted(sorted(c) for c in classes.values() if len(c) > 1)
+
+
+def all_groups_tied(dg: tp.DependencyGraph, ignored: Sequence[nn.Module], *, deadline: float | None = None,
+                    max_items: int | None = None) -> list[tuple[object, list[list[int]]]]:
+    """``[(group, tied root-channel classes)]`` for all groups rooted at conv/linear layers.
+
+    Raises GroupingStopped when ``time.monotonic()`` passes ``deadline`` or one group's propagation adds more
+    than ``max_items`` dependencies (tp's index propagation loops on some slice/concat patterns)."""
+    watch: dict = {}
+    out = []
+    cls_get = type(dg).get_pruning_group
+
+    def get_pruning_group(module, pruning_fn, idxs):  # remember which root is being grouped, for messages
+        watch["root"] = module
+        return cls_get(dg, module, pruning_fn, idxs)
+
+    dg.get_pruning_group = get_pruning_group
+    try:
+        with _watched_grouping(deadline, max_items, watch):
+            for grp in dg.get_all_groups(ignored_layers=list(ignored), root_module_types=(CONV_TYPES, LINEAR_TYPES)):
+                out.append((grp, _tied_root_classes(watch.pop(id(grp), []))))
+    except (IndexError, RuntimeError, ValueError, KeyError) as e:  # tp's index mapping fails on some patterns
+        raise GroupingStopped("error", watch.get("root"), 0) from e
+    finally:
+        del dg.get_pruning_group
+    return out
+
+
+def node_count(dg: tp.DependencyGraph) -> int:
+    """Number of nodes (modules and tp virtual ops) in the traced graph."""
+    return len(dg.module2node)
+
+
+_VIRTUAL_KINDS = {tp.ops.OPTYPE.CONCAT: "concat", tp.ops.OPTYPE.SPLIT: "split", tp.ops.OPTYPE.SLICE: "slice",
+                  tp.ops.OPTYPE.UNBIND: "unbind", tp.ops.OPTYPE.RESHAPE: "reshape", tp.ops.OPTYPE.EXPAND: "expand",
+                  tp.ops.OPTYPE.ELEMENTWISE: "elementwise"}
+
+
+def group_op_kinds(group) -> set[str]:
+    """Kinds of tp virtual ops ("concat", "split", "slice", "unbind", "reshape", "expand", "elementwise")
+    a group's channels pass through."""
+    kinds = set()
+    for item in group.items:
+        for node in (item.dep.source, item.dep.target):
+            kind = _VIRTUAL_KINDS.get(node.type)
+            if kind is not None:
+                kinds.add(kind)
+    return kinds
+
+
+def _split_chunk_sizes(grad_fn) -> list[int] | None:
+    """Chunk sizes of a channel (dim 1) split from its autograd node, or None for another dim / unknown."""
+    dim = getattr(grad_fn, "_saved_dim", None)
+    shape = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if dim is None or shape is None or not 0 <= dim < len(shape) or dim != 1:
+        return None
+    sizes = getattr(grad_fn, "_saved_split_sizes", None)
+    if sizes is not None:
+        return [int(c) for c in sizes]
+    size, total = getattr(grad_fn, "_saved_split_size", None), int(shape[dim])
+    if not size:
+        return None
+    n = -(-total // int(size))
+    return [int(size)] * (n - 1) + [total - int(size) * (n - 1)]
+
+
+def _chunk_of_outputs(node) -> list[int] | None:
+    """For each consumer of a split node, the chunk it reads (the ``output_nr`` of its autograd edge)."""
+    chunks = []
+    for out in node.outputs:
+        nrs = [nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn]
+        if len(nrs) != 1:
+            return None
+        chunks.append(nrs[0])
+    return chunks
+
+
+def repair_splits(dg: tp.DependencyGraph) -> int:
+    """Fix tp 1.6.1's view of channel splits; returns how many split nodes changed.
+
+    tp lists a split's consumers in the order its graph walk meets them, but maps chunk ``i`` to
+    ``outputs[i]``; and for ``torch.split(x, int)`` it infers chunk sizes from the consumers (a concat
+    consumer reports the concat's full width). In Res2Net, CSP and MixNet blocks the chunks then reach the
+    wrong layers. The sizes are read from the autograd node, the consumers put in chunk order (the
+    ``output_nr`` of their edge to the split). Splits whose chunks do not have one consumer each keep tp's
+    order (the export check refuses what they break); index mappings are then rebuilt."""
+    from torch_pruning.dependency import index_mapping
+    changed = 0
+    for node in dg.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT or node.grad_fn is None:
+            continue
+        sizes, chunks = _split_chunk_sizes(node.grad_fn), _chunk_of_outputs(node)
+        if sizes is None or chunks is None or sorted(chunks) != list(range(len(sizes))):
+            continue
+        ordered = [o for _, o in sorted(zip(chunks, node.outputs), key=lambda t: t[0])]
+        if ordered != node.outputs or node.module.split_sizes != sizes:
+            node.outputs[:] = ordered
+            node.module.split_sizes = sizes
+            changed += 1
+    if changed:
+        refresh_split_offsets(dg)
+        for node in dg.module2node.values():
+            if node.type == tp.ops.OPTYPE.CONCAT:
+                node.module.concat_sizes = None  # inferred from the wrong split sizes: infer again
+        index_mapping.update_index_mapping(dg)
+    return changed
+
+
+def refresh_split_offsets(dg: tp.DependencyGraph) -> None:
+    """Recompute every split node's chunk offsets from its (pruned) chunk sizes."""
+    for node in dg.module2node.values():
+        sizes = getattr(node.module, "split_sizes", None) if node.type == tp.ops.OPTYPE.SPLIT else None
+        if sizes and all(isinstance(c, int) for c in sizes):
+            offsets = [0]
+            for c in sizes:
+                offsets.append(offsets[-1] + c)
+            node.module.offsets = offsets
+
+
+def failing_step(exc: BaseException) -> str | None:
+    """The innermost torch-pruning function in ``exc``'s traceback (e.g. "update_reshape_index_mapping")."""
+    import traceback
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "torch_pruning" in f.filename.replace("\\", "/")]
+    return frames[-1].name if frames else None

@@ -45,6 +45,11 @@ class Adapter(abc.ABC):
     def prepare(self, model: nn.Module) -> None:
         """Hook to normalise a model before tracing (default: nothing)."""
 
+    def attention_heads(self, model: nn.Module) -> dict[str, int]:
+        """``{q/k/v or fused qkv layer name: number of heads}`` the family knows (channel tickets then keep whole
+        heads); default none."""
+        return {}
+
 
 _ADAPTERS: Registry[type[Adapter]] = Registry("adapter", SpaceError, set_name=True)
 

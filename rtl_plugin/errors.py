@@ -75,3 +75,15 @@ class UnwrappedModelError(RTLError, RuntimeError):
 
 class CallbackError(RTLError, TypeError):
     """A ``callbacks=`` argument that is not a callable or a list of callables."""
+
+
+class GraphTimeoutError(UnsupportedLayerError):
+    """Building torch-pruning's channel groups passed the time limit or does not converge for this model."""
+
+
+class ExportError(RTLError, RuntimeError):
+    """An exported ticket cannot be built or cannot run."""
+
+
+class ExportMismatchError(ExportError):
+    """An exported ticket computes something else than the routed ticket it was exported from."""

@@ -9,11 +9,17 @@ Granularities
             layers and ``ignored_layers`` (the paper's setting).
 ``channel`` one keep-vector per coupled channel group ``[K, C_root]``; per-layer masks are gathers
             through each group item's ``root_idxs``, ANDed where a layer belongs to several groups.
+            Couplings torch-pruning enforces when it prunes are enforced on the keep-vectors too
+            (``ChannelGroup.effective_keep``): the same position in every channel group (grouped /
+            depthwise convs), and tie classes (``ChannelGroup.ties``): root channels tp maps onto one
+            channel (GhostNet), the same position of every chunk of a fixed-size split (Res2Net), whole
+            attention heads (``num_heads``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
@@ -21,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from rtl_plugin import _tp
-from rtl_plugin.errors import SpaceError, UnsupportedLayerError
+from rtl_plugin.errors import GraphTimeoutError, SpaceError, UnsupportedLayerError
 
 GRANULARITIES = ("weight", "channel")
 
@@ -52,10 +58,48 @@ class ChannelGroup:
     size: int               # C_root
     ch_groups: int          # >1: grouped conv / group norm in the group; keep positions tile with period size // ch_groups
     items: list[ChannelItem] = field(default_factory=list)
+    ties: list[list[int]] | None = None  # classes of root channels kept or dropped together (tied channels, heads)
 
     @property
     def period(self) -> int:
         return self.size // self.ch_groups
+
+    def effective_keep(self, keep: torch.Tensor) -> torch.Tensor:
+        """The keep-vectors ``[K, C_root]`` torch-pruning can realise: a root channel is kept only when every
+        channel it is coupled to is kept (the same position in every channel group, every member of its tie
+        class). Masks that already respect the couplings are returned unchanged."""
+        K = keep.shape[0]
+        kv = keep
+        if self.ch_groups > 1:
+            kv = kv.view(K, self.ch_groups, self.period).all(1, keepdim=True).expand(K, self.ch_groups, self.period)
+            kv = kv.reshape(K, self.size)
+        if self.ties:
+            cls = torch.arange(self.size, device=kv.device)
+            for c in self.ties:
+                cls[torch.as_tensor(c, dtype=torch.long, device=kv.device)] = c[0]
+            idx = cls.expand(K, self.size)
+            per_class = torch.ones(K, self.size, dtype=torch.uint8, device=kv.device)
+            per_class = per_class.scatter_reduce(1, idx, kv.to(torch.uint8), reduce="amin")
+            kv = per_class.gather(1, idx).bool()
+        return kv
+
+    def coupled_classes(self) -> torch.Tensor:
+        """``[C_root]`` id of each root channel's coupled class (channel-group tiling and ties), its smallest member."""
+        cls = torch.arange(self.size)
+        if self.ch_groups > 1:
+            cls = cls % self.period
+        for c in self.ties or ():
+            members = torch.as_tensor(c, dtype=torch.long)
+            cls = torch.where(torch.isin(cls, cls[members]), cls[members].min(), cls)
+        return cls
+
+    def random_keep(self, num_tickets: int, keep: float, generator: torch.Generator) -> torch.Tensor:
+        """Random coupled keep-vectors ``[K, C_root]``: one draw per coupled class, >= 1 class kept per ticket."""
+        cls = self.coupled_classes()
+        draw = torch.rand(num_tickets, self.size, generator=generator) < keep
+        first = cls[torch.randint(self.size, (num_tickets,), generator=generator)]
+        draw[torch.arange(num_tickets), first] = True
+        return draw[:, cls]
 
 
 @dataclass
@@ -115,7 +159,7 @@ class TicketSpace:
             raise SpaceError("channel_layer_masks() needs a channel-granularity space; build it with granularity='channel'.")
         out: dict[str, dict[str, torch.Tensor]] = {}
         for g in self.groups:
-            kv = keep[g.root]
+            kv = g.effective_keep(keep[g.root])
             for it in g.items:
                 side = "out" if it.out else "in"
                 slot = out.setdefault(it.module, {})
@@ -159,7 +203,8 @@ class TicketSpace:
     def from_dict(cls, d: dict) -> "TicketSpace":
         try:
             groups = [ChannelGroup(root=g["root"], size=int(g["size"]), ch_groups=int(g["ch_groups"]),
-                                   items=[ChannelItem(**it) for it in g["items"]]) for g in d["groups"]]
+                                   items=[ChannelItem(**it) for it in g["items"]], ties=g.get("ties"))
+                      for g in d["groups"]]
             return cls(granularity=d["granularity"], layers={k: list(v) for k, v in d["layers"].items()},
                        output_layers=list(d["output_layers"]), ignored_layers=list(d["ignored_layers"]),
                        groups=groups, layer_kinds=dict(d["layer_kinds"]), conv_groups=dict(d["conv_groups"]),
@@ -232,23 +277,68 @@ def _layer_kind(m: nn.Module) -> str:
     return "convT" if getattr(m, "transposed", False) else "conv"
 
 
-def _trace(root: nn.Module, example_inputs, customized_pruners):
+def model_label(model: nn.Module) -> str:
+    """A short name of the architecture for messages (timm's architecture name when there is one)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return f"{type(model).__name__} ({arch})" if arch else type(model).__name__
+
+
+def _as_args(example_inputs) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _run_forward(root: nn.Module, example_inputs, hooks_on: Sequence[nn.Module] = ()) -> list[nn.Module]:
+    """Run ``root`` once in eval mode without gradients; returns the ``hooks_on`` modules that ran, in order.
+    A failing forward is the caller's input problem: SpaceError naming it."""
+    ran: list[nn.Module] = []
+    handles = [m.register_forward_hook(lambda mod, i, o: ran.append(mod)) for m in hooks_on]
+    was = root.training
+    try:
+        root.eval()
+        with torch.no_grad():
+            root(*_as_args(example_inputs))
+    except Exception as e:  # any model error: the input does not fit forward()
+        raise SpaceError(f"the model failed on example_inputs ({type(e).__name__}: {e}); pass an input that "
+                         f"matches its forward() (got {getattr(example_inputs, 'shape', type(example_inputs))}).") from e
+    finally:
+        root.train(was)
+        for h in handles:
+            h.remove()
+    return ran
+
+
+_TRACE_CAUSES = {  # torch-pruning step that failed -> the pattern behind it
+    "update_reshape_index_mapping": ": a reshape of the channel dimension it cannot map, such as ShuffleNet's "
+                                    "channel shuffle view(B, groups, C // groups, H, W)",
+    "update_concat_index_mapping": ": a concat whose input widths it cannot infer (sliced or dual-path "
+                                   "features, as in DPN or CSP-DarkNet blocks)",
+    "update_split_index_mapping": ": a split whose chunk widths it cannot infer",
+}
+
+
+def _trace(root: nn.Module, example_inputs, customized_pruners, label: str, granularity: str):
+    """tp's dependency graph of ``root``. When tp fails, the forward is run alone to tell a bad input
+    (SpaceError about example_inputs) from a model tp cannot trace (UnsupportedLayerError naming weight mode)."""
     try:
         return _tp.build_graph(root, example_inputs, customized_pruners=customized_pruners)
     except Exception as e:  # tp raises many exception types while tracing
-        raise SpaceError(f"torch-pruning could not trace the model ({type(e).__name__}: {e}). Check that "
-                         f"example_inputs match the model's forward() (got "
-                         f"{getattr(example_inputs, 'shape', type(example_inputs))}).") from e
+        _run_forward(root, example_inputs)
+        cause = _TRACE_CAUSES.get(_tp.failing_step(e), "")
+        raise UnsupportedLayerError(
+            f"torch-pruning cannot trace {label} ({type(e).__name__}: {e}){cause}; the model itself runs on the "
+            f"example input, so {granularity} granularity is unavailable for it. Use granularity='weight' (element "
+            "masks need no dependency graph), or register a customized pruner for the layer tp fails on.") from e
 
 
-def _weight_layers(dg, name_of: dict, excluded: set) -> tuple[dict[str, list[int]], dict[str, str], dict[str, int]]:
-    """``(layers, kinds, conv_groups)`` of the prunable conv/linear layers in the graph, in module order."""
-    graph_mods = [m for m in _tp.graph_modules(dg) if m in name_of]
+def _collect_weight_layers(mods: Iterable[nn.Module], name_of: dict,
+                           excluded: set) -> tuple[dict[str, list[int]], dict[str, str], dict[str, int]]:
+    """``(layers, kinds, conv_groups)`` of the prunable conv/linear layers among ``mods``, in module order."""
     layers: dict[str, list[int]] = {}
     kinds: dict[str, str] = {}
     conv_groups: dict[str, int] = {}
     order = {m: i for i, m in enumerate(name_of)}
-    for m in sorted(graph_mods, key=order.__getitem__):
+    for m in sorted(set(m for m in mods if m in name_of), key=order.__getitem__):
         n = name_of[m]
         if not _tp.is_prunable_weight_layer(m) or n in excluded:
             continue
@@ -262,9 +352,26 @@ def _weight_layers(dg, name_of: dict, excluded: set) -> tuple[dict[str, list[int
     return layers, kinds, conv_groups
 
 
+def _weight_layers(dg, name_of: dict, excluded: set) -> tuple[dict[str, list[int]], dict[str, str], dict[str, int]]:
+    """``(layers, kinds, conv_groups)`` of the prunable conv/linear layers in tp's graph, in module order."""
+    return _collect_weight_layers(_tp.graph_modules(dg), name_of, excluded)
+
+
+def _walked_weight_layers(root: nn.Module, example_inputs, name_of: dict, excluded: set):
+    """Weight mode without a dependency graph: the conv/linear modules the forward runs, found by walking
+    the modules (element masks need no channel coupling)."""
+    candidates = [m for m in root.modules() if _tp.is_prunable_weight_layer(m)]
+    return _collect_weight_layers(_run_forward(root, example_inputs, candidates), name_of, excluded)
+
+
 def _check_channel_target(target: nn.Module, tname: str, root_name: str, custom: tuple) -> bool:
     """True when ``target`` needs a channel mask; raises for layers channel mode cannot mask."""
     is_custom = any((target is c) or (isinstance(c, type) and isinstance(target, c)) for c in custom)
+    if isinstance(target, nn.GroupNorm) and not is_custom:
+        raise UnsupportedLayerError(
+            f"channel mode does not support GroupNorm yet ({tname!r}, {type(target).__name__}): a physically "
+            "pruned group norm normalises over fewer channels per group. Use granularity='weight', or put the "
+            "layer in ignored_layers.")
     if not (_tp.is_conv(target) or _tp.is_linear(target) or isinstance(target, _NORM_TYPES + _ELEMENTWISE_OK)
             or is_custom):
         if not list(target.parameters(recurse=False)):
@@ -276,13 +383,74 @@ def _check_channel_target(target: nn.Module, tname: str, root_name: str, custom:
         raise UnsupportedLayerError(
             f"channel mode supports LayerNorm over one (channel) dimension only; {tname!r} normalises "
             f"over {tuple(target.normalized_shape)}. Use granularity='weight' or ignore it.")
-    if isinstance(target, nn.GroupNorm):
-        raise UnsupportedLayerError(
-            f"channel mode does not support GroupNorm yet ({tname!r}). Use granularity='weight'.")
     return True
 
 
-def _channel_group(dg, grp, name_of: dict, custom: tuple) -> ChannelGroup | None:
+def _merge_classes(classes: Iterable[Iterable[int]]) -> list[list[int]]:
+    """Union of overlapping index classes (classes of one element are dropped)."""
+    parent: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for c in classes:
+        c = list(c)
+        for b in c[1:]:
+            ra, rb = find(c[0]), find(b)
+            if ra != rb:
+                parent[ra] = rb
+        if c:
+            find(c[0])
+    out: dict[int, list[int]] = {}
+    for a in parent:
+        out.setdefault(find(a), []).append(a)
+    return sorted(sorted(c) for c in out.values() if len(c) > 1)
+
+
+def _head_chunks(name: str, out_ch: int, heads: int) -> int:
+    """1 for a per-projection layer (q, k or v: ``[heads, head_dim]``), 3 for a fused qkv layer
+    (``[3, heads, head_dim]``, recognised by "qkv" in its name)."""
+    chunks = 3 if "qkv" in name.rsplit(".", 1)[-1].lower() else 1
+    if out_ch % (chunks * heads):
+        raise SpaceError(f"num_heads: layer {name!r} has {out_ch} output channels, not divisible into "
+                         f"{chunks} x {heads} heads; give the number of heads of that attention layer.")
+    return chunks
+
+
+def _head_ties(name: str, out_ch: int, heads: int, idxs: list[int], roots: list[int]) -> list[list[int]]:
+    """Root channels of one attention head of layer ``name`` (its q, k and v parts) form one tie class, so a
+    ticket keeps or drops whole heads: exported attention then keeps its head size and its softmax scale."""
+    head_dim = out_ch // (_head_chunks(name, out_ch, heads) * heads)
+    by_head: dict[int, list[int]] = {}
+    for i, r in zip(idxs, roots):
+        by_head.setdefault((i // head_dim) % heads, []).append(r)
+    return list(by_head.values())
+
+
+def _index_error(root_name: str, tname: str, idx: int, n_ch: int, kinds: set[str]) -> UnsupportedLayerError:
+    """The true cause of a group index beyond a layer's channels: split/concat mapping or a broadcast."""
+    fix = (f"Use granularity='weight', put {tname!r} (or the block around it) in ignored_layers, or register a "
+           "customized pruner for it.")
+    if kinds & {"split", "concat", "slice"}:
+        return UnsupportedLayerError(
+            f"channel group {root_name!r} maps to channel {idx} of layer {tname!r}, which has only {n_ch} "
+            f"channels: torch-pruning's index mapping through {'/'.join(sorted(kinds & {'split', 'concat', 'slice'}))} "
+            f"(a split + concat pattern such as CSP or Res2Net blocks) sends channels to the wrong layer. {fix}")
+    if kinds & {"reshape", "unbind", "expand"}:
+        return UnsupportedLayerError(
+            f"channel group {root_name!r} maps to channel {idx} of layer {tname!r}, which has only {n_ch} channels: "
+            "torch-pruning's index mapping through a reshape/broadcast (attention that folds heads into another "
+            f"dimension or shares keys/values across heads) sends channels to the wrong layer. {fix}")
+    return UnsupportedLayerError(
+        f"channel group {root_name!r} maps to channel {idx} of layer {tname!r}, which has only {n_ch} channels: a "
+        f"broadcast multiply (an attention gate such as SCSE) couples a 1-channel tensor to C channels. {fix}")
+
+
+def _channel_group(dg, grp, tp_ties: list[list[int]], name_of: dict, custom: tuple,
+                   heads: dict[str, int]) -> ChannelGroup | None:
     """One tp group as a ChannelGroup (None when its root is outside the traced names)."""
     root_module, size = _tp.group_root(grp)
     root_name = name_of.get(root_module)
@@ -290,6 +458,7 @@ def _channel_group(dg, grp, name_of: dict, custom: tuple) -> ChannelGroup | None
         return None
     chg = 1
     items: list[ChannelItem] = []
+    ties = list(tp_ties)
     for target, is_out, idxs, root_idxs in _tp.group_items(dg, grp):
         if not isinstance(target, nn.Module) or target not in name_of:
             continue  # tp virtual ops (concat, split, add) and unwrapped nn.Parameters
@@ -300,40 +469,86 @@ def _channel_group(dg, grp, name_of: dict, custom: tuple) -> ChannelGroup | None
         if n_ch is None:
             continue
         if idxs and (max(idxs) >= n_ch or min(idxs) < 0):
-            raise UnsupportedLayerError(
-                f"channel group {root_name!r} maps to channel {max(idxs)} of layer {tname!r} which has only "
-                f"{n_ch} channels: a broadcast multiply (attention gate such as SCSE) falsely couples "
-                "channels. Use granularity='weight', put that attention module in ignored_layers, or "
-                "register a customized pruner.")
+            raise _index_error(root_name, tname, max(idxs), n_ch, _tp.group_op_kinds(grp))
         if root_idxs and max(root_idxs) >= size:
             raise UnsupportedLayerError(f"inconsistent root indices in group {root_name!r} at {tname!r}.")
+        if is_out and tname in heads:
+            ties += _head_ties(tname, int(n_ch), heads[tname], idxs, root_idxs)
         chg = max(chg, _channel_groups_of(target))
         full = idxs == list(range(n_ch))
         items.append(ChannelItem(module=tname, out=is_out, size=int(n_ch), idxs=None if full else idxs,
                                  root_idxs=None if root_idxs == idxs else root_idxs))
     if size % chg:
         raise UnsupportedLayerError(f"group {root_name!r} has {size} channels, not divisible by its {chg} channel groups.")
-    return ChannelGroup(root=root_name, size=size, ch_groups=chg, items=items)
+    return ChannelGroup(root=root_name, size=size, ch_groups=chg, items=items, ties=_merge_classes(ties) or None)
 
 
-def _channel_groups(dg, name_of: dict, ignored_mods: list, customized_pruners) -> list[ChannelGroup]:
-    try:
-        tp_groups = _tp.all_groups(dg, ignored_mods)
-    except (IndexError, RuntimeError, ValueError) as e:
-        raise UnsupportedLayerError(
-            f"torch-pruning failed to build channel groups ({type(e).__name__}: {e}). This usually comes from a "
-            "broadcast multiply (e.g. smp's SCSE attention) coupling a 1-channel tensor to C channels. Use "
-            "granularity='weight', put the attention module in ignored_layers, or register a customized pruner.") from e
+def _stopped_error(e: _tp.GroupingStopped, name_of: dict, label: str, timeout: float) -> UnsupportedLayerError:
+    where = name_of.get(e.module, type(e.module).__name__ if e.module is not None else "?")
+    alt = "Use granularity='weight' (element masks need no channel groups)"
+    if e.reason == "timeout":
+        return GraphTimeoutError(
+            f"building the channel groups of {label} passed the {timeout:g} s limit (at layer {where!r}); "
+            f"torch-pruning's index propagation does not converge on this model. {alt}, or raise graph_timeout= "
+            "if the model is just very large.")
+    if e.reason == "explosion":
+        return GraphTimeoutError(
+            f"building the channel groups of {label} does not converge: the group of layer {where!r} grew to "
+            f"{e.items} dependencies: torch-pruning's index propagation loops on this model (as on ReXNet's "
+            f"partial residual cat([x[:, :c] + s, x[:, c:]])). {alt}, or put that block in ignored_layers.")
+    cause = e.__cause__
+    return UnsupportedLayerError(
+        f"torch-pruning failed to build the channel group of layer {where!r} in {label} "
+        f"({type(cause).__name__}: {cause}); its index mapping cannot follow this pattern (a broadcast multiply "
+        f"such as smp's SCSE attention, or a split/concat). {alt}, put the block in ignored_layers, or register "
+        "a customized pruner.")
+
+
+def _channel_groups(dg, name_of: dict, ignored_mods: list, customized_pruners, heads: dict[str, int], *,
+                    deadline: float, timeout: float, label: str) -> list[ChannelGroup]:
+    if time.monotonic() > deadline:
+        raise GraphTimeoutError(f"tracing {label} took longer than the {timeout:g} s graph limit. Use "
+                                "granularity='weight', or raise graph_timeout= if the model is just very large.")
+    try:  # a legitimate group adds each graph node a few times at most (measured <= 1x on timm models)
+        tp_groups = _tp.all_groups_tied(dg, ignored_mods, deadline=deadline, max_items=4 * _tp.node_count(dg) + 256)
+    except _tp.GroupingStopped as e:
+        raise _stopped_error(e, name_of, label, timeout) from e.__cause__
     custom = tuple(customized_pruners or ())
-    groups = [g for g in (_channel_group(dg, grp, name_of, custom) for grp in tp_groups) if g is not None]
+    groups = [g for g in (_channel_group(dg, grp, ties, name_of, custom, heads) for grp, ties in tp_groups)
+              if g is not None]
     if not groups:
         raise SpaceError("no prunable channel groups found (every group touches an output or ignored layer).")
+    missing = sorted(set(heads) - {it.module for g in groups for it in g.items if it.out})
+    if missing:
+        raise SpaceError(f"num_heads names {missing}, which no channel group prunes on its output side; give the "
+                         "attention's q/k/v (or fused qkv) projection layers.")
     return groups
+
+
+def _check_heads(model: nn.Module, num_heads) -> dict[str, int]:
+    by_name = dict(model.named_modules())
+    by_obj = {m: n for n, m in by_name.items()}
+    if num_heads is None:
+        return {}
+    if not isinstance(num_heads, dict):
+        raise SpaceError(f"num_heads must be a dict {{qkv layer (name or module): number of heads}}, got "
+                         f"{type(num_heads).__name__}.")
+    out = {}
+    for k, h in num_heads.items():
+        name = by_obj.get(k) if isinstance(k, nn.Module) else k
+        if name not in by_name or not _tp.is_linear(by_name[name]) and not _tp.is_conv(by_name[name]):
+            raise SpaceError(f"num_heads key {k!r} is not a linear/conv layer of the model; use the name of the "
+                             "attention's qkv (or q/k/v) projection from model.named_modules().")
+        if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+            raise SpaceError(f"num_heads[{name!r}] must be a positive int, got {h!r}.")
+        out[name] = h
+    return out
 
 
 def build_space(model: nn.Module, example_inputs, *, granularity: str = "weight",
                 output_layers: Sequence[str | nn.Module] = (), ignored_layers: Sequence[str | nn.Module] = (),
-                customized_pruners: dict | None = None, trace_root: str = "") -> TicketSpace:
+                customized_pruners: dict | None = None, trace_root: str = "", num_heads: dict | None = None,
+                graph_timeout: float = 120.0) -> TicketSpace:
     """Build the ticket space of ``model`` from torch-pruning's dependency graph.
 
     Args:
@@ -346,13 +561,23 @@ def build_space(model: nn.Module, example_inputs, *, granularity: str = "weight"
             cannot handle; those layers are then trusted in channel mode.
         trace_root: trace only this submodule (e.g. "unet" for the audio U-Net behind an STFT);
             names are still given relative to ``model``.
+        num_heads: channel mode, ``{attention q/k/v or fused qkv layer: number of heads}``; tickets then keep
+            or drop whole heads (an exported attention keeps its head size).
+        graph_timeout: channel mode, seconds allowed for tracing and building the channel groups.
+    Weight mode uses tp's graph when tp can trace the model, and otherwise the conv/linear modules the
+    forward runs (found by walking the modules).
     Raises:
-        SpaceError / UnsupportedLayerError with the offending module's name.
+        SpaceError / UnsupportedLayerError (GraphTimeoutError past ``graph_timeout``) naming the module and the fix.
     """
     if granularity not in GRANULARITIES:
         raise SpaceError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     if not isinstance(model, nn.Module):
         raise SpaceError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(graph_timeout, (int, float)) or isinstance(graph_timeout, bool) or not graph_timeout > 0:
+        raise SpaceError(f"graph_timeout must be a positive number of seconds, got {graph_timeout!r}.")
+    heads = _check_heads(model, num_heads)
+    if heads and granularity != "channel":
+        raise SpaceError("num_heads= aligns channel tickets with attention heads; it needs granularity='channel'.")
     root = model
     prefix = ""
     if trace_root:
@@ -366,11 +591,19 @@ def build_space(model: nn.Module, example_inputs, *, granularity: str = "weight"
     excluded = set(out_names) | set(ign_names)
     name_of = {m: prefix + n if n else trace_root for n, m in root.named_modules()}
     by_name = dict(model.named_modules())
-    dg = _trace(root, example_inputs, customized_pruners)
-    layers, kinds, conv_groups = _weight_layers(dg, name_of, excluded)
+    label = model_label(model)
+    deadline = time.monotonic() + float(graph_timeout)
     groups: list[ChannelGroup] = []
+    try:
+        dg = _trace(root, example_inputs, customized_pruners, label, granularity)
+        layers, kinds, conv_groups = _weight_layers(dg, name_of, excluded)
+    except UnsupportedLayerError:
+        if granularity == "channel":
+            raise
+        layers, kinds, conv_groups = _walked_weight_layers(root, example_inputs, name_of, excluded)
     if granularity == "channel":
-        groups = _channel_groups(dg, name_of, [by_name[n] for n in excluded if n in by_name], customized_pruners)
+        groups = _channel_groups(dg, name_of, [by_name[n] for n in excluded if n in by_name], customized_pruners,
+                                 heads, deadline=deadline, timeout=float(graph_timeout), label=label)
     shape = list(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else None
     return TicketSpace(granularity=granularity, layers=layers, output_layers=out_names, ignored_layers=ign_names,
                        groups=groups, layer_kinds=kinds, conv_groups=conv_groups, example_input_shape=shape,

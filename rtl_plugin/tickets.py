@@ -64,6 +64,9 @@ class TicketSet:
                 masks[k] = torch.rand(num_tickets, *s, generator=g) < keep
         else:
             for grp in space.groups:
+                if grp.ties:  # tied channels / attention heads: draw once per coupled class
+                    masks[grp.root] = grp.random_keep(num_tickets, keep, g)
+                    continue
                 base = torch.rand(num_tickets, grp.period, generator=g) < keep
                 first = torch.randint(grp.period, (num_tickets,), generator=g)
                 base[torch.arange(num_tickets), first] = True

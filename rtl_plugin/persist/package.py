@@ -26,12 +26,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from rtl_plugin import _tp
-from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, MissingDependencyError, RouteError,
-                               RTLError, SpaceError, TicketError)
+from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, ExportError, MissingDependencyError,
+                               RouteError, RTLError, SpaceError, TicketError)
 from rtl_plugin.norms import RoutedBatchNorm
 from rtl_plugin.persist.atomic import atomic_write_bytes
-from rtl_plugin.persist.export import export_ticket, pruning_history
+from rtl_plugin.persist.export import export_ticket, prune_copy, pruning_history
 from rtl_plugin.persist.io import load, save
 from rtl_plugin.persist.manifest import (PACKAGE, check_fingerprint, read_manifest, read_verified, sha256,
                                          tensors_from_bytes, tensors_to_bytes, write_manifest)
@@ -326,10 +325,6 @@ def _rebuild_router(entry: dict, K: int, data: bytes | None, model: nn.Module, w
 
 
 # --------------------------------------------------------------------------- package export
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
-
-
 def _example_inputs(routed: RoutedModel, example_inputs) -> torch.Tensor:
     if example_inputs is None:
         if routed.space.example_input_shape is None or routed.space.trace_root:
@@ -357,13 +352,9 @@ def _write_slim_tickets(routed: RoutedModel, path: Path, example_inputs: torch.T
         trace_ex = torch.zeros(routed.space.example_input_shape, device=p.device, dtype=p.dtype)
     tickets_meta = []
     for k in range(routed.num_tickets):
-        slim = export_ticket(routed, k, example_inputs=trace_ex).eval()
-        if verify:
-            with torch.no_grad():
-                err = _rel_err(slim(example_inputs), routed(example_inputs, route=k))
-            if err > tol:
-                raise RTLError(f"ticket {k}'s slim model differs from the routed ticket by {err:.3g} "
-                               f"(relative); the pruning history does not reproduce the ticket: report it.")
+        # export_ticket verifies the slim model on the package's inputs (ExportMismatchError beyond tol)
+        slim = export_ticket(routed, k, example_inputs=trace_ex, check_inputs=example_inputs, verify=verify,
+                             tol=tol).eval()
         name = _ticket_file(k)
         _write_file(path, name, tensors_to_bytes(slim.state_dict()), files)
         tickets_meta.append({"ticket": k, "file": name, "history": pruning_history(routed, k),
@@ -407,8 +398,9 @@ def export_package(routed: RoutedModel, path, *, router=None, example_inputs=Non
             ticket space's example shape).
         onnx: also write ``ticket_<k>.onnx`` (channel mode) and ``router.onnx`` (learned / centroid),
             each checked against PyTorch with onnxruntime.
-        verify: check every slim ticket against ``routed(x, route=k)`` (eval mode) on ``example_inputs``;
-            a relative difference above ``tol`` raises RTLError.
+        verify: check every slim ticket against ``routed(x, route=k)`` (eval mode) on ``example_inputs``
+            (``export_ticket``'s check): a slim model that cannot run raises ExportError, a relative difference
+            above ``tol`` ExportMismatchError naming the first diverging layer.
     """
     if not isinstance(routed, RoutedModel):
         raise TypeError(f"export_package() needs a RoutedModel, got {type(routed).__name__}.")
@@ -476,9 +468,9 @@ def _load_slim_ticket(path: Path, m: dict, space: TicketSpace, k: int, model: nn
         raise CorruptFileError(f"the packaged ticket space has no example input shape; {PACKAGE.fix}.")
     ex = torch.zeros(space.example_input_shape, device=p.device, dtype=p.dtype)
     try:
-        _tp.replay_history(_tp.build_graph(root, ex), entry["history"])
+        prune_copy(base, space.trace_root, entry["history"], ex)  # the export's own pruning path
         base.load_state_dict(state, strict=True)
-    except (RuntimeError, KeyError, IndexError, ValueError) as e:
+    except (ExportError, RuntimeError, KeyError, IndexError, ValueError) as e:
         raise ArchitectureMismatchError(f"ticket {k} of {path} does not fit this model after replaying its "
                                         f"pruning history ({type(e).__name__}: {e}); create the same model "
                                         "(name, num_classes, encoder) before loading.") from e
