@@ -505,7 +505,7 @@ class RoutedModel(nn.Module):
             example_inputs = self._zeros_example(self.model)
         if self.granularity == "channel":
             from rtl_plugin.persist.export import export_ticket  # persist imports this module (see save)
-            return _tp.count_ops_and_params(export_ticket(self, k), example_inputs)
+            return _tp.count_ops_and_params(export_ticket(self, k, check_inputs=example_inputs), example_inputs)
         macs, params = _tp.count_ops_and_params(self.plain_copy(k), example_inputs)
         dropped = sum(int((~self.tickets.masks[n][k]).sum()) for n in self.space.layers)
         return macs, params - dropped

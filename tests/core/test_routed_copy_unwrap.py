@@ -270,7 +270,7 @@ def test_merge_and_count_with_a_traced_submodule():
     with pytest.raises(rtl.SpaceError, match="pass example_inputs="):
         r.count_ops_and_params(0)
     assert r.count_ops_and_params(2, x[:1]) == tuple(
-        int(v) for v in tp.utils.count_ops_and_params(rtl.export_ticket(r, 2), x[:1]))
+        int(v) for v in tp.utils.count_ops_and_params(rtl.export_ticket(r, 2, check_inputs=x[:1]), x[:1]))
     with torch.no_grad():
         want = r.eval()(x, route=2)
         merged = r.merge(2).eval()
