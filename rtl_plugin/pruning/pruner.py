@@ -536,7 +536,6 @@ class RTLPruner(_tp.BasePruner):
         target = self.record_targets(k)
         if target is None:
             return False
-        prog = self.state.progress[k]
         before = self.ticket_sparsity(k)
         self.rewind(k)
         loss = self.train_ticket(k, loader, train_step=train.train_step, optimizer=train.make_optimizer(),
@@ -544,19 +543,28 @@ class RTLPruner(_tp.BasePruner):
         if needs_gradients(self.importance):
             estimate_gradients(self.routed, k, loader, importance=self.importance, loss_fn=train.loss_fn,
                                batches=train.importance_batches, device=train.device)
+        sp = self.close_round(k, loss=loss, target=target, before=before)
+        bar.update(1)
+        bar.set_postfix(ticket=k, sparsity=f"{sp:.3f}")
+        return True
+
+    def close_round(self, k: int, *, loss: float, target: float, before: float, callbacks=None) -> float:
+        """The end of ticket k's trained round (find_tickets and trainer callbacks): the callbacks'
+        ``on_trained``, one pruning round (:meth:`prune_round`), then the round callbacks (a "stop" ends ticket k's
+        search). ``before``: the sparsity the round trained at. Returns the new sparsity."""
+        callbacks = self.callbacks if callbacks is None else callbacks
+        prog = self._progress_of(k)
         trained = {"ticket": k, "round": prog.rounds + 1, "sparsity": before, "target": target, "model": self.routed}
-        for cb in self.callbacks:
+        for cb in callbacks:
             if hasattr(cb, "on_trained"):
                 cb.on_trained(trained)
         sp = self.prune_round(k, loss=loss)
-        bar.update(1)
-        bar.set_postfix(ticket=k, sparsity=f"{sp:.3f}")
         event = {"ticket": k, "round": prog.rounds, "sparsity": sp, "loss": loss, "target": target,
                  "model": self.routed, "masks": {n: m[k].clone() for n, m in self.routed.tickets.masks.items()}
-                 } if self.callbacks else {}
-        if any(cb(event) == "stop" for cb in self.callbacks if callable(cb)):
+                 } if callbacks else {}
+        if any(cb(event) == "stop" for cb in callbacks if callable(cb)):
             self.stop_ticket(k)
-        return True
+        return sp
 
     def _ticket_order(self, which, loaders, train, bar, ck, checkpoint_every) -> None:
         for k in which:
@@ -571,30 +579,36 @@ class RTLPruner(_tp.BasePruner):
             moved = [k for k in which if self._search_round(k, loaders[k], train, bar)]
             if not moved:
                 break
-            state.sweep += 1
-            action = self._round_end(state.sweep, which, moved)
-            if action in ("stop", "relax"):
-                # back to the last healthy masks: every ticket that moved this round is rewound one round
-                for k in moved:
-                    self.routed.set_ticket(k, {n: m[k].clone() for n, m in snapshot.masks.items()})
-                if action == "relax" and self.schedule == "fraction" and state.relaxations < self.max_relaxations:
-                    state.relaxations += 1
-                else:
-                    for k in which:
-                        if not state.progress[k].stopped:
-                            self.stop_ticket(k)
-            snapshot = self.routed.tickets.copy()
+            snapshot = self.end_sweep(moved, which, snapshot)
             if ck and state.rounds_done % checkpoint_every == 0:
                 save_search(ck, loaders, state, self.routed.tickets, self.sparsities)
 
-    def _round_end(self, sweep: int, which, moved) -> str | None:
+    def end_sweep(self, moved, searched, snapshot: TicketSet, *, callbacks=None) -> TicketSet:
+        """Round order, after every searched ticket moved one round: the round-end callbacks; "stop" / "relax"
+        give the ``moved`` tickets back their masks in ``snapshot`` (the last healthy sweep end), "relax" halves
+        the prune fraction (at most ``max_relaxations`` times, then acts as "stop"). Returns the new snapshot."""
+        state = self.state
+        state.sweep += 1
+        action = self._round_end(state.sweep, searched, moved, self.callbacks if callbacks is None else callbacks)
+        if action in ("stop", "relax"):
+            for k in moved:
+                self.routed.set_ticket(k, {n: m[k].clone() for n, m in snapshot.masks.items()})
+            if action == "relax" and self.schedule == "fraction" and state.relaxations < self.max_relaxations:
+                state.relaxations += 1
+            else:
+                for k in searched:
+                    if not state.progress[k].stopped:
+                        self.stop_ticket(k)
+        return self.routed.tickets.copy()
+
+    def _round_end(self, sweep: int, which, moved, callbacks) -> str | None:
         """Round-end callbacks; the strongest action asked for ("stop" > "relax" > None)."""
         routed = self.routed
         event = {"round": sweep, "tickets": routed.tickets, "active": list(moved), "searched": list(which),
                  "sparsity": [float(s) for s in routed.tickets.sparsity()], "model": routed,
                  "relaxations": self.state.relaxations}
         actions = set()
-        for cb in self.callbacks:
+        for cb in callbacks:
             if hasattr(cb, "on_round_end"):
                 a = cb.on_round_end(event)
                 if a not in (None, "stop", "relax"):

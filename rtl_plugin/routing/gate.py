@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rtl_plugin import _tp
 from rtl_plugin.errors import DataError, RouteError
-from rtl_plugin.routing.routers import Router, pooled_features, register_router, route_accuracy
+from rtl_plugin.routing.routers import Router, pooled_features, register_router, route_accuracy, sample_shape
 
 __all__ = ["Gate", "straight_through_route", "load_balance_loss", "routing_entropy", "matched_accuracy"]
 
@@ -48,16 +48,6 @@ def _pos_float(v, what: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isinf(v):
         raise RouteError(f"{what} must be a positive number, got {v!r}")
     return float(v)
-
-
-def _sample_shape(input_shape) -> tuple[int, ...]:
-    if isinstance(input_shape, torch.Size):
-        input_shape = tuple(input_shape)
-    if not isinstance(input_shape, (tuple, list)) or not input_shape or \
-            not all(_is_int(s) and s >= 1 for s in input_shape):
-        raise DataError(f"input_shape must be one sample's shape without the batch dim, e.g. (3, 32, 32), "
-                        f"got {input_shape!r}")
-    return tuple(int(s) for s in input_shape)
 
 
 def _float_batch(x, what: str = "x") -> torch.Tensor:
@@ -105,12 +95,12 @@ class Gate(Router):
 
     # ------------------------------------------------------------------ layers
     def feature_dim(self, input_shape) -> int:
-        shape = _sample_shape(input_shape)
+        shape = sample_shape(input_shape)
         return int(pooled_features(torch.zeros((1,) + shape), pool=self.pool, bins=self.bins).shape[1])
 
     def build(self, input_shape) -> "Gate":
         """Create the standardisation and linear layer for samples of ``input_shape`` (no-op when built for it)."""
-        shape = _sample_shape(input_shape)
+        shape = sample_shape(input_shape)
         if self.linear is not None:
             if shape != self.input_shape:
                 raise DataError(f"the gate was built for inputs {self.input_shape}, got {shape}; use inputs shaped "
@@ -184,7 +174,7 @@ class Gate(Router):
     def flops_per_sample(self, input_shape) -> int:
         """Pooling adds (every input element once) + 2 x torch-pruning's MACs of the standardisation and linear
         layer on one sample + K (softmax / argmax)."""
-        shape = _sample_shape(input_shape)
+        shape = sample_shape(input_shape)
         d = self.feature_dim(shape)
         head = nn.Sequential(nn.BatchNorm1d(d, affine=False), nn.Linear(d, self.num_tickets)).eval()
         macs = _tp.count_macs(head, torch.zeros(1, d))

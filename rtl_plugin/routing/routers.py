@@ -114,7 +114,8 @@ def _check_ids(ids, k: int, n: int | None, what: str = "ticket_ids") -> torch.Te
     return ids.long()
 
 
-def _shape(input_shape) -> tuple[int, ...]:
+def sample_shape(input_shape) -> tuple[int, ...]:
+    """One sample's input shape (no batch dim), checked."""
     if isinstance(input_shape, torch.Size):
         input_shape = tuple(input_shape)
     if not isinstance(input_shape, (tuple, list)) or not input_shape or \
@@ -258,7 +259,7 @@ class ContextRouter(Router):
         return super().accuracy(x, ticket_ids, context=ticket_ids if context is None else context)
 
     def flops_per_sample(self, input_shape) -> int:
-        _shape(input_shape)
+        sample_shape(input_shape)
         return 0
 
 
@@ -277,7 +278,7 @@ class _PooledRouter(Router):
         self.register_buffer("fitted", torch.tensor(False))
         for b in self._stat_buffers:
             self.register_buffer(b, None)
-        self.input_shape = None if input_shape is None else _shape(input_shape)
+        self.input_shape = None if input_shape is None else sample_shape(input_shape)
 
     def _maybe_allocate(self) -> None:
         """Build buffers / layers up front when ``input_shape`` is known (so ``load_state_dict`` works)."""
@@ -384,7 +385,7 @@ class LearnedRouter(_PooledRouter):
 
     def flops_per_sample(self, input_shape) -> int:
         """Pooling adds + standardisation (2D) + 2 x MACs of both Linears + bias adds + ReLU + argmax (K)."""
-        shape = _shape(input_shape)
+        shape = sample_shape(input_shape)
         d, h, k = _feature_dim(shape, self.pool, self.bins), self.hidden, self.num_tickets
         return _pool_flops(shape, self.pool, self.bins) + 2 * d + 2 * (d * h + h * k) + (h + k) + h + k
 
@@ -434,7 +435,7 @@ class CentroidRouter(_PooledRouter):
 
     def flops_per_sample(self, input_shape) -> int:
         """Pooling + standardisation (2D) + K distances (3D each: sub, square, add) + argmin (K)."""
-        shape = _shape(input_shape)
+        shape = sample_shape(input_shape)
         d, k = _feature_dim(shape, self.pool, self.bins), self.num_tickets
         return _pool_flops(shape, self.pool, self.bins) + 2 * d + 3 * d * k + k
 
@@ -540,7 +541,7 @@ class RunAllRouter(Router):
 
     def flops_per_sample(self, input_shape) -> int:
         """K x the model's FLOPs on one sample of ``input_shape`` (+ K for the argmax)."""
-        shape = _shape(input_shape)
+        shape = sample_shape(input_shape)
         if shape not in self._flops:
             p = next(self.model.parameters(), None)
             ex = torch.zeros((1,) + shape, device=p.device if p is not None else "cpu")

@@ -416,44 +416,12 @@ class RTLCallback(Callback):
         if needs_gradients(pruner.importance):
             estimate_gradients(routed, k, self.subsets[k], importance=pruner.importance, loss_fn=self.loss_fn,
                                batches=pruner.importance_batches, device=pl_module.device)
-        prog = pruner.state.progress[k]
-        trained = {"ticket": k, "round": prog.rounds + 1, "sparsity": self._before, "target": self._target,
-                   "model": routed}
-        for cb in self.callbacks:
-            if hasattr(cb, "on_trained"):
-                cb.on_trained(trained)
-        sp = pruner.prune_round(k, loss=loss)
-        event = {"ticket": k, "round": prog.rounds, "sparsity": sp, "loss": loss, "target": self._target,
-                 "model": routed, "masks": {n: m[k].clone() for n, m in routed.tickets.masks.items()}}
-        if any(cb(event) == "stop" for cb in self.callbacks):
-            pruner.stop_ticket(k)
+        pruner.close_round(k, loss=loss, target=self._target, before=self._before, callbacks=self.callbacks)
         self._moved.append(k)
         self._advance(trainer)
 
     def _end_sweep(self) -> None:
         """Round order: the round-end callbacks after every ticket moved once; "stop" / "relax" give the moved
         tickets back their masks of the last healthy sweep end (as find_tickets)."""
-        pruner, routed, state = self.pruner, self.pruner.routed, self.pruner.state
-        which = sorted(self.subsets)
-        state.sweep += 1
-        event = {"round": state.sweep, "tickets": routed.tickets, "active": list(self._moved), "searched": which,
-                 "sparsity": [float(s) for s in routed.tickets.sparsity()], "model": routed,
-                 "relaxations": state.relaxations}
-        actions = set()
-        for cb in self.callbacks:
-            if hasattr(cb, "on_round_end"):
-                a = cb.on_round_end(event)
-                if a not in (None, "stop", "relax"):
-                    raise RTLError(f"on_round_end returned {a!r}; return None, 'stop' or 'relax'.")
-                actions.add(a)
-        action = "stop" if "stop" in actions else "relax" if "relax" in actions else None
-        if action is not None:
-            for k in self._moved:
-                routed.set_ticket(k, {n: m[k].clone() for n, m in self._snapshot.masks.items()})
-            if action == "relax" and pruner.schedule == "fraction" and state.relaxations < pruner.max_relaxations:
-                state.relaxations += 1
-            else:
-                for k in which:
-                    if not state.progress[k].stopped:
-                        pruner.stop_ticket(k)
-        self._snapshot = routed.tickets.copy()
+        self._snapshot = self.pruner.end_sweep(self._moved, sorted(self.subsets), self._snapshot,
+                                               callbacks=self.callbacks)
