@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from rtl_plugin._classes import merge_classes
+
 CONV_TYPES = tp.ops.TORCH_CONV
 LINEAR_TYPES = tp.ops.TORCH_LINEAR
 
@@ -344,15 +346,8 @@ def _tied_root_classes(records: list) -> list[list[int]]:
     """Root channels that tp maps onto one channel of one layer (tp's merge keeps only the first of them):
     pruning either prunes that channel, so they must be kept or dropped together. Likewise the same position
     of every chunk of a split by a fixed size."""
-    parent: dict[int, int] = {}
-
-    def find(a: int) -> int:
-        while parent.setdefault(a, a) != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
     first: dict[tuple, int] = {}
+    pairs: list[tuple[int, int]] = []
     for target, handler, idxs in records:
         chunk = _equal_chunk_size(target)
         for hi in idxs:
@@ -362,15 +357,10 @@ def _tied_root_classes(records: list) -> list[list[int]]:
                 keys.append((id(target), "chunk-position", int(hi.idx) % chunk))
             for key in keys:
                 if key in first:
-                    ra, rb = find(first[key]), find(r)
-                    if ra != rb:
-                        parent[ra] = rb
+                    pairs.append((first[key], r))
                 else:
                     first[key] = r
-    classes: dict[int, list[int]] = {}
-    for r in parent:
-        classes.setdefault(find(r), []).append(r)
-    return sorted(sorted(c) for c in classes.values() if len(c) > 1)
+    return merge_classes(pairs)
 
 
 def all_groups_tied(dg: tp.DependencyGraph, ignored: Sequence[nn.Module], *, deadline: float | None = None,

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from rtl_plugin import _tp
+from rtl_plugin._classes import merge_classes
 from rtl_plugin.errors import GraphTimeoutError, SpaceError, UnsupportedLayerError
 
 GRANULARITIES = ("weight", "channel")
@@ -386,30 +387,6 @@ def _check_channel_target(target: nn.Module, tname: str, root_name: str, custom:
     return True
 
 
-def _merge_classes(classes: Iterable[Iterable[int]]) -> list[list[int]]:
-    """Union of overlapping index classes (classes of one element are dropped)."""
-    parent: dict[int, int] = {}
-
-    def find(a: int) -> int:
-        while parent.setdefault(a, a) != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for c in classes:
-        c = list(c)
-        for b in c[1:]:
-            ra, rb = find(c[0]), find(b)
-            if ra != rb:
-                parent[ra] = rb
-        if c:
-            find(c[0])
-    out: dict[int, list[int]] = {}
-    for a in parent:
-        out.setdefault(find(a), []).append(a)
-    return sorted(sorted(c) for c in out.values() if len(c) > 1)
-
-
 def _head_chunks(name: str, out_ch: int, heads: int) -> int:
     """1 for a per-projection layer (q, k or v: ``[heads, head_dim]``), 3 for a fused qkv layer
     (``[3, heads, head_dim]``, recognised by "qkv" in its name)."""
@@ -480,7 +457,7 @@ def _channel_group(dg, grp, tp_ties: list[list[int]], name_of: dict, custom: tup
                                  root_idxs=None if root_idxs == idxs else root_idxs))
     if size % chg:
         raise UnsupportedLayerError(f"group {root_name!r} has {size} channels, not divisible by its {chg} channel groups.")
-    return ChannelGroup(root=root_name, size=size, ch_groups=chg, items=items, ties=_merge_classes(ties) or None)
+    return ChannelGroup(root=root_name, size=size, ch_groups=chg, items=items, ties=merge_classes(ties) or None)
 
 
 def _stopped_error(e: _tp.GroupingStopped, name_of: dict, label: str, timeout: float) -> UnsupportedLayerError:
