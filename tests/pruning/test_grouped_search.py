@@ -35,15 +35,16 @@ def optimizer(kind, params):
     return torch.optim.Adam(params, lr=1e-2)
 
 
-def search(execution, K, *, opt="adam", order="round", model=None, data=None, epochs=2, pruner_kw=None, **kw):
+def search(execution, K, *, opt="adam", order="round", model=None, data=None, epochs=2, pruner_kw=None, device=None,
+           **kw):
     torch.manual_seed(0)
     model = (model or (lambda: TinyCNN()))().to(D)
     r = rtl.wrap(model, K, example_inputs=torch.randn(1, 3, 8, 8, dtype=D), granularity="weight", adapter="generic",
-                 output_layers=["head"])
+                 output_layers=["head"]).to(device or "cpu")
     pruner_kw = pruner_kw or dict(sparsities=[0.4, 0.7], prune_fraction=0.3)
     p = RTLPruner(r, progress=False, order=order, search_execution=execution, **pruner_kw)
     res = p.find_tickets(data if data is not None else loaders(K), optimizer=optimizer(opt, r.parameters()),
-                         epochs_per_round=epochs, **kw)
+                         epochs_per_round=epochs, device=device, **kw)
     return res, r
 
 
@@ -88,6 +89,11 @@ def test_grouped_equals_sequential_ratio_schedule_and_timm_model():
         data = loaders(2, sizes=[8, 8], batch=4, shape=(3, 16, 16))  # fresh: same generator seeds in both runs
         runs.append((p.find_tickets(data, optimizer=optimizer("sgd", r.parameters())), r))
     assert_same_search(*runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grouped_masks_equal_sequential_on_cuda_float64():
+    assert_same_search(search("sequential", 3, device="cuda"), search("grouped", 3, device="cuda"))
 
 
 def test_grouped_runs_all_tickets_in_one_call_per_step(monkeypatch):
