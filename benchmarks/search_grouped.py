@@ -1,6 +1,6 @@
 """Ticket search time: sequential vs grouped (vectorised) vs one single-mask IMP, in ONE run (issue 19, part 3).
 
-    python benchmarks/search_grouped.py [--device cpu|cuda] [--threads 1] [--out benchmarks/results/search_grouped_cpu.json]
+    python benchmarks/search_grouped.py [--device cpu|cuda] [--threads 1] [--out FILE.json]
 
 Three searches with the same schedule (``--sparsities``, ``--prune-fraction``, rewind to θ0, one epoch per round),
 the same batch size and optimizer (Adam, lr 1e-3, fresh per round): ``RTLPruner.find_tickets`` over K subsets of

@@ -33,6 +33,7 @@ state, so the search stays exact, only less vectorised.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -128,7 +129,7 @@ class _Group:
     @classmethod
     def start(cls, routed, tickets: list[int], template_optimizer: torch.optim.Optimizer) -> "_Group":
         """Every ticket at the shared model's current weights (θ), with its own row of norm statistics."""
-        n, rows = len(tickets), set()
+        n = len(tickets)
         idx = torch.as_tensor(tickets, dtype=torch.long)
         params, by_id = {}, {}
         for name, p in routed.model.named_parameters():
@@ -174,7 +175,7 @@ class _Group:
         losses = vmap(ticket_loss, randomness="different")(self.params, self.buffers, masks, x, y)
         values = losses.detach().tolist()
         for k, v in zip(self.tickets, values):
-            if v != v or v in (float("inf"), float("-inf")):
+            if not math.isfinite(v):
                 raise RTLError(f"ticket {k}: non-finite loss ({v}); lower the learning rate or check the data for "
                                "NaN/inf.")
         losses.sum().backward()  # d(sum)/d(loss_k) = 1: every stacked copy gets exactly its own ticket's gradient

@@ -77,6 +77,29 @@ def test_grouped_equals_sequential_ticket_order_and_global_rng_shuffle():
     assert_same_search(a, b)
 
 
+def test_grouped_searches_some_tickets_and_resumes_from_a_checkpoint(tmp_path):
+    kw = dict(pruner_kw=dict(sparsities=[0.4, 0.7], prune_fraction=0.3), tickets=[0, 2])
+    assert_same_search(search("sequential", 3, **kw), search("grouped", 3, **kw))
+
+    class DieOnce:
+        def __init__(self, at):
+            self.n, self.at = 0, at
+
+        def on_trained(self, event):
+            self.n += 1
+            if self.n == self.at:
+                raise RuntimeError("simulated crash")
+    ref = search("grouped", 3)
+    die = DieOnce(at=4)  # the first ticket of the second sweep: one sweep was checkpointed
+    ck = dict(checkpoint_dir=tmp_path / "ck", pruner_kw=dict(sparsities=[0.4, 0.7], prune_fraction=0.3, callbacks=[die]))
+    with pytest.raises(RuntimeError, match="simulated"):
+        search("grouped", 3, **ck)
+    die.at = None
+    got = search("grouped", 3, **ck)
+    assert die.n == 4 + len(ref[0].history) - 3  # resumed after the checkpointed sweep, not started over
+    assert_same_search(ref, got)
+
+
 def test_grouped_equals_sequential_ratio_schedule_and_timm_model():
     kw = dict(pruner_kw=dict(pruning_ratio=0.6, iterative_steps=2), opt="sgd")
     assert_same_search(search("sequential", 2, **kw), search("grouped", 2, **kw))
