@@ -135,6 +135,26 @@ def test_grouped_runs_all_tickets_in_one_call_per_step(monkeypatch):
     assert calls[:3] == [3, 2, 1]  # the first round: both steps together until the last batches differ in shape
 
 
+KERNELS = ("aten::_convolution", "aten::convolution_backward", "aten::native_batch_norm_backward")
+
+
+def test_grouped_search_makes_one_convolution_call_per_layer_for_all_tickets():
+    counts = {}
+    for ex in ("sequential", "grouped"):
+        r = routed_tiny(K=3)
+        p = RTLPruner(r, sparsities=[0.5], prune_fraction=0.5, progress=False, search_execution=ex)
+        data = {k: DataLoader(TensorDataset(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))), batch_size=6)
+                for k in range(3)}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            p.find_tickets(data)
+        counts[ex] = {e.key: e.count for e in prof.key_averages()
+                      if e.key in KERNELS}
+    # TinyCNN: 2 convolutions + 2 batch norms (kernel-level ops: vmap's outer aten::convolution dispatches to one
+    # aten::_convolution for all tickets); one round of one batch per ticket
+    assert counts["sequential"] == {k: 2 * 3 for k in KERNELS}
+    assert counts["grouped"] == {k: 2 for k in KERNELS}
+
+
 def test_grouped_round_end_sees_each_tickets_trained_weights():
     seen = {}
 
