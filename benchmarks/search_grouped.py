@@ -145,6 +145,15 @@ def weight_difference(seq: dict, grp: dict) -> dict:
             "fraction_above_1e-4": float((diff > 1e-4).double().mean())}
 
 
+def commit() -> str:
+    """HEAD of the repository this script lives in, marked when tracked files have uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+uncommitted-changes" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -162,6 +171,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/search_grouped_cpu.json")
     a = ap.parse_args()
     a.sparsities = [float(s) for s in a.sparsities.split(",")]
+    started_at = commit()  # the code that runs (a commit made during the run would not be it)
     torch.set_num_threads(a.threads)
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
     kinds = ("single", "sequential", "grouped")
@@ -182,7 +192,7 @@ def main() -> None:
         "command": "python benchmarks/search_grouped.py " + " ".join(
             f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(a).items()),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": started_at,
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
                     "threads": torch.get_num_threads(), "load_average_at_end": list(os.getloadavg()),
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,

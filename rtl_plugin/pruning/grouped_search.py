@@ -12,15 +12,23 @@ trained weights are loaded into the shared model and pruned by the sequential pr
 (:meth:`RTLPruner.close_round`: same importance, schedule, callbacks).
 
 Exactness. The data order per ticket is the sequential one: each ticket's loader is iterated once per epoch, the
-iterators are started (and their first batch drawn) in ascending ticket order, as the sequential round order does.
-The arithmetic is the same except for the summation order inside the batched kernels (vmap turns K convolutions
-into one grouped convolution and K matrix products into one batched product; batch-norm statistics are
-reduced in another order), so the trained weights differ from the sequential ones by rounding only: ~1e-16
-relative in float64, ~1e-7 in float32. A mask differs only where two weights' magnitudes are that close at the
-pruning threshold. Measured (``tests/pruning/test_grouped_search.py``, ``benchmarks/search_grouped.py``):
-float64 on CPU, masks equal (``torch.equal``) to the sequential search for SGD with momentum and Adam, K = 2..4;
-float32, see ``benchmarks/RESULTS.md`` (section 3c) for the count of differing mask entries; on a GPU, float32
-kernels (TF32 off) differ in the same way, so expect a few entries per million at the threshold to flip.
+iterators are started (and their first batch drawn) in ascending ticket order, as the sequential round order does
+(a loader shuffling with the global RNG therefore matches the round order when ``epochs_per_round == 1``; with a
+loader ``generator=`` or no shuffling every order matches). The arithmetic is the same except for the summation
+order inside the batched kernels (vmap turns K convolutions into one grouped convolution and K matrix products
+into one batched product; batch-norm statistics are reduced in another order), so the trained weights differ from
+the sequential ones by rounding, which Adam amplifies for entries whose gradient is itself at rounding level (it
+normalises the gradient). A mask entry differs only where such a difference reorders two weights at the pruning
+threshold. Measured: float64 on CPU, masks equal (``torch.equal``) to the sequential search in every test
+(``tests/pruning/test_grouped_search.py``: K = 2..4, SGD with momentum and Adam, a BatchNorm CNN and timm's
+test_resnet) and on resnet18 (11.2M weights, K = 10); float32 on CPU, resnet18, K = 10, one round to 50%:
+about 1 mask entry in 10^5 differs (``benchmarks/RESULTS.md`` section 10b, ``benchmarks/search_grouped.py``).
+On a GPU float32 (and TF32 convolutions, PyTorch's cuDNN default) rounds differently in the two paths as well;
+``benchmarks/search_grouped.py --device cuda`` counts the differing entries.
+
+Speed. One kernel call per layer serves all K tickets, which is what a GPU needs (one ticket's batch leaves it
+launch-bound). On a CPU the grouped search is slower than the sequential one (resnet18: ~2.5x; oneDNN runs the
+grouped convolutions, mostly their weight gradient, slower than K plain ones), so the default stays sequential.
 
 Scope: weight granularity (any schedule: fraction, count, tp's ratio) with the default train step (``loss_fn``
 on ``(x, y)`` batches), a single process. Channel granularity, a custom ``train_step``, other optimizers and
