@@ -28,9 +28,9 @@ from rtl_plugin.errors import CallbackError, DataError, RTLError, SparsityError,
 from rtl_plugin.persist.checkpoint import loaders_config
 from rtl_plugin.pruning.config import PruningConfig, build_config, validate_sparsities
 from rtl_plugin.pruning.element import check_element_importance, element_scores, prune_weights_per_layer
-from rtl_plugin.pruning.grouped_search import check_grouped_run, check_search_execution, run_grouped_search
 from rtl_plugin.pruning.gradients import (check_channel_importance, copy_gradients, estimate_gradients,
                                           needs_gradients, require_gradients)
+from rtl_plugin.pruning.grouped_search import check_grouped_run, check_search_execution, run_grouped_search
 from rtl_plugin.pruning.importance import TicketImportance
 from rtl_plugin.pruning.ranking import (channel_weight_sparsity, kth_smallest, magnitude_scores, prune_weights_global,
                                         prune_weights_layerwise, select_channels)
@@ -455,6 +455,9 @@ class RTLPruner(_tp.BasePruner):
                      tickets: Sequence[int] | None = None, checkpoint_dir=None, checkpoint_every: int = 1,
                      optimizer_factory: Callable | None = None) -> SearchResult:
         """Run per-subset IMP for every ticket; sets the routed model's masks to the last target.
+
+        With ``RTLPruner(search_execution="grouped")`` every round of all searched tickets trains as one vectorised
+        network (:mod:`rtl_plugin.pruning.grouped_search`); ``train_step=`` is refused there.
 
         Args:
             subsets: ``{ticket: DataLoader}`` (or a list), one per ticket.
