@@ -75,6 +75,9 @@ def test_grouped_equals_sequential_ticket_order_and_global_rng_shuffle():
     a = search("sequential", 3, data=loaders(3, generators=False), epochs=1)
     b = search("grouped", 3, data=loaders(3, generators=False), epochs=1)
     assert_same_search(a, b)
+    # rewind to θ_t: the dense warm-up is the sequential one, the rounds after it grouped
+    kw = dict(pruner_kw=dict(sparsities=[0.5], prune_fraction=0.5, rewind=3), epochs=1)
+    assert_same_search(search("sequential", 3, **kw), search("grouped", 3, **kw))
 
 
 def test_grouped_searches_some_tickets_and_resumes_from_a_checkpoint(tmp_path):
