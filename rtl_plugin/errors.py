@@ -87,3 +87,7 @@ class ExportError(RTLError, RuntimeError):
 
 class ExportMismatchError(ExportError):
     """An exported ticket computes something else than the routed ticket it was exported from."""
+
+
+class SearchExecutionError(RTLError, ValueError):
+    """``search_execution=`` asks the grouped (vectorised) ticket search for something it cannot run exactly."""

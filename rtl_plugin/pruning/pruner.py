@@ -30,6 +30,7 @@ from rtl_plugin.pruning.config import PruningConfig, build_config, validate_spar
 from rtl_plugin.pruning.element import check_element_importance, element_scores, prune_weights_per_layer
 from rtl_plugin.pruning.gradients import (check_channel_importance, copy_gradients, estimate_gradients,
                                           needs_gradients, require_gradients)
+from rtl_plugin.pruning.grouped_search import check_grouped_run, check_search_execution, run_grouped_search
 from rtl_plugin.pruning.importance import TicketImportance
 from rtl_plugin.pruning.ranking import (channel_weight_sparsity, kth_smallest, magnitude_scores, prune_weights_global,
                                         prune_weights_layerwise, select_channels)
@@ -151,6 +152,11 @@ class RTLPruner(_tp.BasePruner):
         order: find_tickets: "ticket" (each ticket's search in turn) or "round" (all tickets advance together).
         max_relaxations: find_tickets, round order: how often a round-end callback may halve the fraction.
         callbacks: find_tickets: a callback or a list (see :meth:`find_tickets`).
+        search_execution: find_tickets: "sequential" (each ticket's round in turn, the default) or "grouped" (every
+            round of all tickets trained as ONE vectorised network: stacked weights, ``torch.func.vmap``, one
+            optimizer over the stacked state; weight granularity, default train step, SGD / Adam / AdamW /
+            Adamax / RMSprop). Masks equal the sequential search's up to float rounding at the pruning threshold
+            (float64 on CPU: equal in the tests); see :mod:`rtl_plugin.pruning.grouped_search`.
         progress: show progress bars.
         importance_batches: batches of ticket k's data find_tickets uses for gradient importances.
         **tp_options: further torch-pruning options (``isomorphic``, ``prune_num_heads``, ``prune_head_dims``,
@@ -167,7 +173,7 @@ class RTLPruner(_tp.BasePruner):
                  prune_count: int | None = None, scope: str = "global", order: str = "ticket",
                  max_relaxations: int = 2, callbacks: Sequence[Callable[[dict], object]] | Callable = (),
                  progress: bool = True, importance_batches: int = 4, target_sparsity: Sequence[float] | None = None,
-                 **tp_options):
+                 search_execution: str = "sequential", **tp_options):
         names_model = model.model if isinstance(model, RoutedModel) else model
         if not isinstance(names_model, nn.Module):
             raise TypeError(f"RTLPruner needs an nn.Module or a RoutedModel (rtl.wrap(model, K)), got "
@@ -185,6 +191,7 @@ class RTLPruner(_tp.BasePruner):
         routed = _routed_model(model, example_inputs, num_tickets, granularity, config.ignored_layers)
         self._init_base(routed, config, importance, _example_inputs(routed, example_inputs, config))
         self._init_search(routed, config, callbacks, progress, importance_batches)
+        self.search_execution = check_search_execution(search_execution, routed.granularity)
 
     def _init_base(self, routed: RoutedModel, config: PruningConfig, importance, example_inputs) -> None:
         """torch-pruning's own state over a dense plain copy (channel mode, tp's schedule): ``self.DG``,
@@ -449,6 +456,9 @@ class RTLPruner(_tp.BasePruner):
                      optimizer_factory: Callable | None = None) -> SearchResult:
         """Run per-subset IMP for every ticket; sets the routed model's masks to the last target.
 
+        With ``RTLPruner(search_execution="grouped")`` every round of all searched tickets trains as one vectorised
+        network (:mod:`rtl_plugin.pruning.grouped_search`); ``train_step=`` is refused there.
+
         Args:
             subsets: ``{ticket: DataLoader}`` (or a list), one per ticket.
             train_step: ``step(model, batch, optimizer) -> loss`` (default cross-entropy).
@@ -475,6 +485,8 @@ class RTLPruner(_tp.BasePruner):
             warn_factory_deprecated(stacklevel=3)
         loaders, which = self._search_loaders(subsets, tickets, epochs_per_round, checkpoint_every)
         make_optimizer = fresh_optimizers(self.routed, optimizer, optimizer_factory)
+        if self.search_execution == "grouped":
+            check_grouped_run(self.routed, train_step=train_step, make_optimizer=make_optimizer)
         train = _RoundTraining(train_step or default_train_step(loss_fn), epochs_per_round, device, make_optimizer,
                                loss_fn, self.importance_batches)
         ck = None if checkpoint_dir is None else (checkpoint_dir, self._checkpoint_config(loaders, which, epochs_per_round))
@@ -491,7 +503,11 @@ class RTLPruner(_tp.BasePruner):
         bar = progress_bar(total=len(which) * self._estimate_rounds(), desc="ticket search", enabled=self.progress)
         bar.update(len(state.history))
         try:
-            if self.order == "ticket":
+            if self.search_execution == "grouped":
+                run_grouped_search(self, which, loaders, loss_fn=loss_fn, make_optimizer=make_optimizer,
+                                   epochs=epochs_per_round, device=device, bar=bar, checkpoint=ck,
+                                   checkpoint_every=checkpoint_every)
+            elif self.order == "ticket":
                 self._ticket_order(which, loaders, train, bar, ck, checkpoint_every)
             else:
                 self._round_order(which, loaders, train, bar, ck, checkpoint_every)

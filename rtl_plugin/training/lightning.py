@@ -36,7 +36,7 @@ from collections.abc import Mapping
 import torch
 
 from rtl_plugin.errors import DataError, DistributedError, MissingDependencyError, OptimizerError, RTLError, \
-    TicketError
+    SearchExecutionError, TicketError
 from rtl_plugin.pruning.gradients import estimate_gradients, needs_gradients
 from rtl_plugin.pruning.pruner import RTLPruner
 from rtl_plugin.tickets import TicketSet
@@ -138,6 +138,10 @@ class RTLCallback(Callback):
         if not isinstance(pruner, RTLPruner):
             raise TicketError(f"RTLCallback needs an rtl.RTLPruner, got {type(pruner).__name__}; build one with "
                               "rtl.RTLPruner(model, example_inputs, num_tickets=K, ...).")
+        if pruner.search_execution != "sequential":
+            raise SearchExecutionError("RTLCallback trains one ticket at a time through the Trainer; the grouped search "
+                                       "is RTLPruner.find_tickets only: build the pruner with "
+                                       "search_execution='sequential' (the default).")
         loaders = normalize_subsets(subsets)
         K = pruner.routed.num_tickets
         if sorted(loaders) != list(range(K)):

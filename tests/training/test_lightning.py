@@ -275,6 +275,8 @@ CONSTRUCTOR_CASES = [
     ("loss_fn_not_callable", lambda p, s: RTLCallback(p, s, loss_fn="ce"), DataError, "loss_fn"),
     ("loader_outside_fit", lambda p, s: len(RTLCallback(p, s).train_dataloader()), DataError,
      "callbacks=\\[callback\\]"),
+    ("grouped_search", lambda p, s: RTLCallback(rtl.RTLPruner(p.routed, sparsities=[0.5], search_execution="grouped"),
+                                                s), RTLError, "search_execution='sequential'"),
 ]
 
 
