@@ -87,3 +87,7 @@ class ExportError(RTLError, RuntimeError):
 
 class ExportMismatchError(ExportError):
     """An exported ticket computes something else than the routed ticket it was exported from."""
+
+
+class ExecutionError(RTLError, ValueError):
+    """An ``execution=`` path (auto / grouped / bucketed) that is unknown or that this model cannot run."""
