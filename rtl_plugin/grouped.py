@@ -108,16 +108,17 @@ def _check_rows(x: torch.Tensor, T: int, what: str) -> int:
 
 
 def grouped_conv(m: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 output_size=None) -> torch.Tensor:
+                 output_size=None, *, groups: int | None = None) -> torch.Tensor:
     """Plain conv / transposed conv ``m`` for T tickets at once: ``weight`` [T, *m.weight.shape] (stacked per
-    ticket), ``bias`` None, [O] (shared) or [T, O]; ``x`` [N * T, C, ...] in the grouped layout."""
+    ticket), ``bias`` None, [O] (shared) or [T, O]; ``x`` [N * T, C, ...] in the grouped layout; ``groups``
+    per ticket (default ``m.groups``)."""
     T = weight.shape[0]
     conv, transposed = _CONV[type(m).forward]
     n = _check_rows(x, T, f"{type(m).__name__}")
     xg = x.reshape(n, T * x.shape[1], *x.shape[2:])
     w = weight.reshape(T * weight.shape[1], *weight.shape[2:])
     b = None if bias is None else (bias.repeat(T) if bias.dim() == 1 else bias.reshape(-1))
-    groups = m.groups * T
+    groups = (m.groups if groups is None else groups) * T
     if transposed:
         if output_size is not None:
             raise ExecutionError("grouped execution does not take output_size= for transposed convolutions; "
@@ -148,9 +149,10 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def layer_forward(m: nn.Module, weight_fn: Callable[[], torch.Tensor],
-                  bias_fn: Callable[[], torch.Tensor | None] | None = None) -> Callable:
+                  bias_fn: Callable[[], torch.Tensor | None] | None = None, *, groups: int | None = None) -> Callable:
     """A grouped ``forward`` for the plain conv / linear ``m`` whose stacked weights [T, ...] ``weight_fn()``
-    returns (and stacked biases ``bias_fn()``, default: the module's shared bias)."""
+    returns (and stacked biases ``bias_fn()``, default: the module's shared bias; ``groups`` per ticket, default
+    ``m.groups``)."""
     kind = layer_kind(m)
     if kind is None:
         raise ExecutionError(f"{type(m).__name__} is not a plain conv or linear layer; grouped execution cannot "
@@ -160,7 +162,7 @@ def layer_forward(m: nn.Module, weight_fn: Callable[[], torch.Tensor],
         bias = m.bias if bias_fn is None else bias_fn()
         if kind == "linear":
             return grouped_linear(x, weight_fn(), bias)
-        return grouped_conv(m, x, weight_fn(), bias, *rest, **kw)
+        return grouped_conv(m, x, weight_fn(), bias, *rest, groups=groups, **kw)
     return forward
 
 
