@@ -568,6 +568,13 @@ class RoutedModel(nn.Module):
         finally:
             self._state.clear()
 
+    def execution_on(self, device) -> str:
+        """The path a mixed batch on ``device`` takes now ("auto" resolved): "grouped" or "bucketed" (weight
+        mode); "single-pass" in channel mode."""
+        if self.granularity != "weight":
+            return "single-pass"
+        return "grouped" if self._grouped_now(torch.device(device)) else "bucketed"
+
     def _grouped_now(self, device: torch.device) -> bool:
         if self.granularity != "weight" or self._execution == "bucketed":
             return False

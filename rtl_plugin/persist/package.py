@@ -117,6 +117,16 @@ class SlimRoutedModel(nn.Module):
                                  "execution='auto' (falls back to one slim model per ticket) or 'bucketed'.")
         object.__setattr__(self, "_execution", value)
 
+    def execution_on(self, device) -> str:
+        """The path a mixed batch on ``device`` takes now: "grouped" or "bucketed" (channel mode: the first-batch
+        check of the grouped path runs on the first grouped call, so call this after one batch)."""
+        if self.routed is not None:
+            return self.routed.execution_on(device)
+        wanted = self._execution == "grouped" or (self._execution == "auto" and torch.device(device).type == "cuda")
+        if not wanted or self.training:
+            return "bucketed"
+        return "grouped" if self._stacked_tickets().blocker is None else "bucketed"
+
     def _stacked_tickets(self) -> StackedTickets:
         if self._stacked is None or self._stacked.stale():
             object.__setattr__(self, "_stacked", StackedTickets(list(self.tickets)))
