@@ -218,3 +218,59 @@ def test_bounded_cache_holds_at_most_n_copies_and_follows_changes(make_routed, e
     with torch.no_grad():
         r(x, route=route)
     assert (("stack", None) in r._cache) == (execution == "grouped")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["timm_test_resnet", "timm_test_efficientnet", "smp_unet", "audio_unet"])
+def test_cuda_grouped_equals_bucketed_and_auto_groups(family, no_tf32):
+    make_model, make_input = _families()[family]
+    torch.manual_seed(0)
+    b, g = _pair(make_model(), make_input(1))
+    b.cuda().eval(), g.cuda().eval()
+    g.execution = "auto"
+    assert g.execution_on("cuda") == "grouped" and g.execution_on("cpu") == "bucketed"
+    x, route = make_input(len(EVAL_ROUTE)).double().cuda(), torch.tensor(EVAL_ROUTE).cuda()
+    with torch.no_grad():
+        assert _close(g(x, route=route), b(x, route=route))
+    b.float(), g.float()  # float32 on the GPU (TF32 off): summation order only
+    with torch.no_grad():
+        assert _close(g(x.float(), route=route), b(x.float(), route=route), 1e-4)
+    b.train(), g.train()
+    route = torch.tensor(TRAIN_ROUTE).cuda()
+    yb, yg = b(x.float(), route=route), g(x.float(), route=route)
+    assert _close(yg, yb, 1e-4)
+    yb.square().mean().backward()
+    yg.square().mean().backward()
+    for (n, pb), pg in zip(b.named_parameters(), g.parameters()):
+        if pb.grad is not None:
+            assert _close(pg.grad, pb.grad, 1e-3), n
+
+
+@needs_cuda
+def test_cuda_grouped_one_conv_per_layer_and_bounded_cache_memory(make_routed):
+    r = make_routed("weight", num_tickets=K).cuda().eval()
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in r.model.modules())
+    x, route = torch.randn(6, 3, 8, 8, device="cuda"), torch.tensor([0, 1, 2, 2, 1, 0], device="cuda")
+    with torch.no_grad():
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            r(x, route=route)
+        assert sum(e.count for e in prof.key_averages() if e.key == "aten::convolution") == n_convs
+        r(x, route=route)
+        assert ("stack", None) in r._cache  # the K-ticket stack, cached
+        r.cache_masked_weights = 0
+        assert len(r._cache) == 0
+        y0 = r(x, route=route)
+        assert len(r._cache) == 0
+        r.cache_masked_weights = True
+        assert torch.allclose(r(x, route=route), y0, atol=1e-5)

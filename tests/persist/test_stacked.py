@@ -145,3 +145,16 @@ def test_concatenation_of_unequal_widths_is_caught_on_the_first_batch(tmp_path):
     grouped.execution = "auto"
     with torch.no_grad():
         assert _rel(grouped(x, route=route), bucketed(x, route=route)) < 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_grouped_package_equals_per_ticket_and_auto_groups(tmp_path):
+    import timm
+    bucketed, grouped = _package(tmp_path, lambda: timm.create_model("test_resnet", num_classes=4),
+                                 torch.randn(1, 3, 32, 32), (0.5, 0.75, 0.25))
+    bucketed.cuda(), grouped.cuda()
+    grouped.execution = "auto"
+    x, route = torch.randn(len(ROUTE), 3, 32, 32, device="cuda"), ROUTE.cuda()
+    with torch.no_grad():
+        assert _rel(grouped(x, route=route), bucketed(x, route=route)) < 1e-4
+    assert grouped.execution_on("cuda") == "grouped" and bucketed.execution_on("cuda") == "bucketed"
