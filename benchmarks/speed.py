@@ -623,6 +623,9 @@ def parse(argv=None):
     p.add_argument("--search-sparsities", default="0.5", help="targets of the search (rounds: prune-fraction each)")
     p.add_argument("--prune-fraction", type=float, default=0.5)
     p.add_argument("--storage-sparsity", type=float, default=0.75)
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: keep cuDNN's default algorithm choice "
+                   "(default: torch.backends.cudnn.benchmark = True for dense and routed runs alike; the grouped "
+                   "convolutions of the grouped path depend on it)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: inference,training,search,storage")
     a = p.parse_args(argv)
     quick = a.quick
@@ -653,6 +656,8 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda but no CUDA device is available; use --device cpu.")
     if dev.type == "cpu":
         torch.set_num_threads(a.threads)
+    else:
+        torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
     t0 = time.perf_counter()
     out = {"device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
            "device_info": device_info(dev), "threads": torch.get_num_threads(),
@@ -661,7 +666,8 @@ def main(argv=None) -> dict:
            "settings": {k: getattr(a, k) for k in ("quick", "model", "tickets", "batch", "image", "image2", "train_image2", "classes",
                                                    "reps",
                                                    "train_batch", "train_batches", "train_reps", "search_batches",
-                                                   "search_sparsities", "prune_fraction", "storage_sparsity")},
+                                                   "search_sparsities", "prune_fraction", "storage_sparsity",
+                                                   "no_cudnn_benchmark")},
            "clock": "process CPU time (1 thread)" if dev.type == "cpu" else "wall (CUDA synchronised)",
            "ratios": {}, "ratios_wall": {}, "times_s": {}, "times_wall_s": {}, "times_cpu_s": {}, "bytes": {},
            "peak_memory_bytes": {}, "counts": {}, "section_wall_s": {}}
