@@ -2,7 +2,7 @@
 # ONE run on the GPU machine (issue 19): the CUDA tests and every GPU timing, in well under 10 minutes.
 #
 # 1. Here, once (copies the pure-Python packages the GPU image lacks, torch-pruning and
-#    segmentation-models-pytorch, out of this checkout's venv into .gpu_site/, git-ignored):
+#    segmentation-models-pytorch, out of this checkout's venv into .gpu_site/, git-ignored by .gitignore):
 #        bash benchmarks/gpu_check.sh prepare
 # 2. On the GPU machine (device tool `run`, from the repository root; carry [".gpu_site"], timeout_s 600):
 #        bash benchmarks/gpu_check.sh
@@ -32,8 +32,7 @@ if [[ "${1:-}" == "prepare" ]]; then
         cp -r "$SP/$pkg"-*.dist-info "$SITE/" 2>/dev/null || cp -r "$SP/${pkg//_/-}"-*.dist-info "$SITE/"
     done
     find "$SITE" -name __pycache__ -prune -exec rm -rf {} +
-    EXCLUDE="$(git rev-parse --git-common-dir)/info/exclude"
-    grep -qxF "/.gpu_site/" "$EXCLUDE" 2>/dev/null || echo "/.gpu_site/" >> "$EXCLUDE"
+    git check-ignore -q "$SITE" || echo "warning: .gpu_site/ is not git-ignored (.gitignore lists it)"
     du -sh "$SITE"
     exit 0
 fi

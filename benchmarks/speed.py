@@ -21,7 +21,8 @@ Both execution paths run side by side (issue 19): ``*_bucketed_*`` (one call per
 ...) are the path ``execution="auto"`` takes on the device (``settings.auto_execution``: bucketed on the CPU,
 grouped on CUDA). ``peak_memory_grouped_bounded_vs_dense`` is the grouped path with the masked-weight cache
 bounded to 0 copies (each layer masks its stacked weights on the fly); ``settings.grouped_padded_rows_vs_batch``
-the padding the grouped path computes on.
+the padding the grouped path computes on, and ``routed_weight_grouped_balanced_*`` the grouped path on a route
+with equal buckets (no padding).
 
 plus extras (``*_b64`` CPU batch-64 channel ratios, cache-off weight mode, the soft-mask channel pass,
 CSR storage, autocast ratios on CUDA, the search time breakdown) and the absolute numbers behind each
@@ -293,7 +294,10 @@ def _channel_packages(a, base, dev, shape, out: dict, tmp: Path, g) -> tuple[dic
                                                       map_location=dev, execution=path if path == "bucketed" else "auto")
             record(out, f"load_package_{tag}", c)
             if path == "grouped":
-                slims[f"{tag}_grouped"]._execution = "grouped"  # set after load: a blocker shows on the first call
+                try:  # set after load, so that a refusal is recorded rather than raised
+                    slims[f"{tag}_grouped"].execution = "grouped"
+                except ExecutionError as e:
+                    out["settings"][f"{tag}_grouped_blocker"] = str(e)
         out["bytes"][f"package_{tag}"] = package_size(tmp / f"pkg_{tag}")
         out["settings"][f"{tag}_weight_sparsity"] = round(float(rc.tickets.sparsity().mean()), 4)
     rc.set_tickets(channel_tickets(rc.space, K, 0.5, seed=3))
@@ -306,6 +310,8 @@ def _grouped_ok(slims: dict, x, route, out: dict) -> list[str]:
     are recorded with the reason and left out of the grouped timings."""
     ok = []
     for tag in ("channel50", "channel75"):
+        if f"{tag}_grouped_blocker" in out["settings"]:
+            continue
         try:
             slims[f"{tag}_grouped"](x, route=route)
             ok.append(tag)
@@ -328,6 +334,10 @@ def _alias_auto(out: dict, auto: dict, suffixes) -> None:
 
 def _inference_fns(w: dict, slims: dict, grouped_tags: list, dense, dense_bucketed, x, route, sfx: str = "") -> dict:
     fns = {f"dense_infer{sfx}": lambda: dense(x), f"dense_bucketed_infer{sfx}": lambda: dense_bucketed(x, route)}
+    K = w["grouped"].num_tickets
+    balanced = torch.randperm(route.numel(), generator=torch.Generator().manual_seed(7)).to(route.device) % K
+    # equal buckets: the grouped path without padding (what the padding of the random route costs)
+    fns[f"routed_weight_grouped_balanced_infer{sfx}"] = lambda: w["grouped"](x, route=balanced)
     for path in PATHS:
         fns[f"routed_weight_{path}_infer{sfx}"] = lambda r=w[path]: r(x, route=route)
         for tag in ("channel50", "channel75") if not sfx else ("channel50",):
@@ -442,7 +452,8 @@ def _inference_ratios(a, out: dict) -> None:
              ("routed_channel50_grouped_vs_bucketed", "routed_channel50_grouped_infer",
               "routed_channel50_bucketed_infer")]
     for sfx in ("", "_bf16", "_fp16", *[f"_img{s}" for s in a.image2]):
-        for kind in ("routed_weight_bucketed", "routed_weight_grouped", "routed_weight_bucketed_nocache",
+        for kind in ("routed_weight_bucketed", "routed_weight_grouped", "routed_weight_grouped_balanced",
+                     "routed_weight_bucketed_nocache",
                      "routed_weight_grouped_nocache", "routed_channel50_bucketed", "routed_channel50_grouped",
                      "routed_channel75_bucketed", "routed_channel75_grouped", "routed_weight", "routed_channel50",
                      "dense_bucketed"):
