@@ -14,7 +14,7 @@
 # 3. Dry run here on the CPU (same steps, quick sizes; the CUDA tests skip):
 #        GPU_CHECK_DEVICE=cpu OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 #
-# Step limits (seconds): import check 60, CUDA tests 250, speed 230: at most ~9 minutes in all. A failing
+# Step limits (seconds): import check 90, CUDA tests 250, speed 220: at most ~9 minutes in all. A failing
 # step is logged and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
 
@@ -63,7 +63,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit; output to $OUT/NAME
 }
 
 echo "gpu_check on $DEVICE, commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" > "$LOG"
-step import_check 60 "$PY" - "$OUT/env.json" "$DEVICE" <<'EOF' || { echo "import check failed: see $LOG"; exit 1; }
+step import_check 90 "$PY" - "$OUT/env.json" "$DEVICE" <<'EOF' || { echo "import check failed: see $LOG"; exit 1; }
 import json, platform, sys
 import torch, timm, torch_pruning, segmentation_models_pytorch as smp, torchaudio
 import rtl_plugin
@@ -90,6 +90,6 @@ step cuda_tests 250 "$PY" -m pytest -q -p no:cacheprovider -rs "${PER_TEST[@]}" 
     tests/integrations/test_cuda.py tests/core/test_grouped.py tests/persist/test_stacked.py \
     tests/persist/test_deploy.py -k "cuda or Cuda" || true
 tail -1 "$OUT/cuda_tests.log" >> "$LOG"
-step speed 230 "$PY" benchmarks/speed.py "${SPEED_ARGS[@]}" --out "$OUT/speed" || true
+step speed 220 "$PY" benchmarks/speed.py "${SPEED_ARGS[@]}" --out "$OUT/speed" || true
 echo "files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')" | tee -a "$LOG"
 exit $FAILED
