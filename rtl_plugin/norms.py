@@ -180,7 +180,7 @@ class RoutedBatchNorm(nn.Module):
         if self.track_running_stats:
             for b in ("running_mean", "running_var", "num_batches_tracked"):
                 self.register_buffer(b, getattr(self, b)[ticket].clone())
-        for k in ("_state", "_rtl_name", "num_tickets"):
+        for k in ("_state", "_rtl_name", "num_tickets", "_rtl_grouped_affine"):
             self.__dict__.pop(k, None)
         self.__class__ = self._rtl_base_class
         return self
@@ -246,15 +246,43 @@ def _identity_tail(bn, y: torch.Tensor) -> torch.Tensor:
         bufs["running_mean"], bufs["running_var"], params["weight"], params["bias"], bn.eps, bn.training = saved
 
 
+def _affine(bn, mean: torch.Tensor, var: torch.Tensor, weight=None, bias=None):
+    """``(scale, shift)`` with ``normalised = x * scale + shift`` (statistics [T, C], affine [C] or [T, C])."""
+    scale = torch.rsqrt(var + bn.eps)
+    weight = bn.weight if weight is None else weight
+    bias = bn.bias if bias is None else bias
+    if weight is not None:
+        scale = scale * weight
+    return scale, (-mean * scale if bias is None else bias - mean * scale)
+
+
+def _running_affine(bn):
+    """``(scale, shift)`` [K or 1, C] from every running-statistics row; kept on the module while autograd is off
+    and neither statistics nor affine parameters changed (eval: no per-call statistics ops)."""
+    tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
+    key = (bn.eps, tuple((t._version, t.data_ptr(), t.dtype) for t in tensors))
+    hit = bn.__dict__.get("_rtl_grouped_affine")
+    if hit is not None and hit[0] == key and not torch.is_grad_enabled():
+        return hit[1]
+    mean, var = bn.running_mean, bn.running_var
+    if mean.dim() == 1:
+        mean, var = mean.unsqueeze(0), var.unsqueeze(0)
+    affine = _affine(bn, mean, var)
+    if not torch.is_grad_enabled():
+        bn.__dict__["_rtl_grouped_affine"] = (key, affine)
+    return affine
+
+
 def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, layout, *, rows=None,
-                       running=None, weight=None, bias=None) -> torch.Tensor:
+                       running=None, weight=None, bias=None, affine=None) -> torch.Tensor:
     """BatchNorm ``bn`` on a batch in the grouped layout (``grouped.GroupLayout``: rows ``b * T + j``).
 
     Batch statistics (training, or no running statistics) are computed per ticket over the valid rows only, so
     padding changes nothing, and the running statistics are updated exactly like one call per ticket bucket:
     rows ``rows`` (LongTensor [T]) of a routed norm, or the shared set (``rows=None``) once per ticket in
     ascending order. Eval uses rows ``rows`` of the running statistics, or ``running=(mean, var)`` [T, C]
-    stacks; ``weight`` / ``bias`` [T, C] replace the shared affine (channel packages).
+    stacks; ``weight`` / ``bias`` [T, C] replace the shared affine (channel packages); ``affine=(scale, shift)``
+    [T, C] gives the eval normalisation ``x * scale + shift`` ready-made.
     """
     T = layout.num_groups
     if x.dim() < 2 or x.shape[0] != layout.padded_batch:
@@ -267,18 +295,15 @@ def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, lay
         mean, var, n = _valid_batch_stats(xv.float() if low else xv, layout, bn.training)
         if bn.training and bn.track_running_stats:
             _update_running_stats(bn, mean.detach(), var.detach(), n, rows)
+        scale, shift = _affine(bn, mean, var, weight, bias)
+    elif affine is not None:
+        scale, shift = affine
     elif running is not None:
-        mean, var = running
-    elif rows is None:
-        mean, var = bn.running_mean.unsqueeze(0), bn.running_var.unsqueeze(0)
+        scale, shift = _affine(bn, running[0], running[1], weight, bias)
     else:
-        mean, var = bn.running_mean.index_select(0, rows), bn.running_var.index_select(0, rows)
-    scale = torch.rsqrt(var + bn.eps)
-    weight = bn.weight if weight is None else weight
-    bias = bn.bias if bias is None else bias
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
+        scale, shift = _running_affine(bn)
+        if rows is not None and rows.numel() != scale.shape[0]:  # all K rows present: already in order
+            scale, shift = scale.index_select(0, rows), shift.index_select(0, rows)
     if low:
         scale, shift = scale.to(x.dtype), shift.to(x.dtype)
     G = scale.shape[0]

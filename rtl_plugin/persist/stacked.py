@@ -109,13 +109,23 @@ class StackedTickets:
         for n, spec in self.specs.items():
             m = self.template.get_submodule(n)
             if "mean" in spec:
-                forwards[m] = (lambda x, m=m, s=spec: grouped_batch_norm(
-                    m, x, layout, running=(sel(s["mean"]), sel(s["var"])), weight=sel(s["weight"]),
-                    bias=sel(s["bias"])))
+                affine = self._eval_affine(n, m, spec)
+                forwards[m] = (lambda x, m=m, a=affine: grouped_batch_norm(m, x, layout, affine=(sel(a[0]), sel(a[1]))))
             else:
                 forwards[m] = layer_forward(m, lambda s=spec: sel(s["weight"]), lambda s=spec: sel(s["bias"]),
                                             groups=spec["groups"])
         return forwards
+
+    def _eval_affine(self, name: str, m: nn.Module, spec: dict) -> tuple:
+        """The K tickets' eval normalisation ``(scale, shift)`` [K, C] of BatchNorm ``name``, computed once."""
+        if "affine" not in spec:
+            with torch.no_grad():
+                scale = torch.rsqrt(spec["var"] + m.eps)
+                if spec["weight"] is not None:
+                    scale = scale * spec["weight"]
+                shift = -spec["mean"] * scale if spec["bias"] is None else spec["bias"] - spec["mean"] * scale
+            spec["affine"] = (scale, shift)
+        return spec["affine"]
 
     def run(self, args: tuple, kwargs: dict, route: torch.Tensor):
         """The tickets' outputs for a batch routed by ``route`` [B], in one grouped forward."""

@@ -75,6 +75,9 @@ def test_grouped_equals_bucketed_eval_and_train(family):
             assert _close(pg.grad, pb.grad), n
     for (n, sb), sg in zip(b.named_buffers(), g.buffers()):
         assert torch.equal(sb, sg) if not sb.is_floating_point() else _close(sg, sb, 1e-12), n
+    b.eval(), g.eval()  # the statistics moved: eval normalisation kept from the first eval call must follow
+    with torch.no_grad():
+        assert _close(g(x, route=torch.tensor(EVAL_ROUTE)), b(x, route=torch.tensor(EVAL_ROUTE)))
 
 
 def test_grouped_per_pixel_routes_equal_bucketed(make_tiny_seg):
