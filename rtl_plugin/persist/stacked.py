@@ -67,11 +67,13 @@ class StackedTickets:
             self._build()
         except _Unsupported as e:
             self.blocker, self.specs = str(e), {}
+        # listed once: a grouped call checks these against the stacks (module moves drop the whole object)
+        self._tensors = [t for m in self.tickets for t in list(m.parameters()) + list(m.buffers())]
         self._versions = self.versions()
 
     def versions(self) -> tuple:
         """Version counters and storages of every ticket tensor: changes when a weight is edited or moved."""
-        return tuple((t._version, t.data_ptr()) for m in self.tickets for t in list(m.parameters()) + list(m.buffers()))
+        return tuple((t._version, t.data_ptr()) for t in self._tensors)
 
     def stale(self) -> bool:
         return self.versions() != self._versions
