@@ -534,7 +534,7 @@ class RoutedModel(nn.Module):
         if hit is None:
             hit = {}
             for n, w in self._weight_params.items():
-                mw = w.unsqueeze(0) * self.tickets.masks[n].to(w.dtype)
+                mw = torch.where(self.tickets.masks[n], w.unsqueeze(0), w.new_zeros(()))
                 hit[n] = mw.to(ctx[0]) if ctx[0] is not None and w.is_floating_point() else mw
             self._cache_put(key, ctx[1], hit, self.num_tickets)
         return hit
@@ -549,9 +549,9 @@ class RoutedModel(nn.Module):
                 full = stacked[n]
                 fn = (lambda full=full: full) if every else (lambda full=full: full.index_select(0, ids))
             else:
-                masks = self.tickets.masks[n]
-                fn = (lambda w=w, masks=masks: w.unsqueeze(0) * (masks if every else masks.index_select(0, ids))
-                      .to(w.dtype))
+                masks = self.tickets.masks[n]  # where(): no float copy of the masks (one [T, ...] tensor per layer)
+                fn = (lambda w=w, masks=masks: torch.where(masks if every else masks.index_select(0, ids),
+                                                           w.unsqueeze(0), w.new_zeros(())))
             forwards[self.model.get_submodule(n)] = layer_forward(self.model.get_submodule(n), fn)
         for m in self.model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, RoutedBatchNorm) and \
