@@ -315,8 +315,8 @@ def _grouped_ok(slims: dict, x, route, out: dict) -> list[str]:
         try:
             slims[f"{tag}_grouped"](x, route=route)
             ok.append(tag)
-        except ExecutionError as e:
-            out["settings"][f"{tag}_grouped_blocker"] = str(e)
+        except Exception as e:  # noqa: BLE001  (a refusal or a failure: recorded, the other timings still run)
+            out["settings"][f"{tag}_grouped_blocker"] = f"{type(e).__name__}: {e}"
     return ok
 
 
@@ -334,12 +334,14 @@ def _alias_auto(out: dict, auto: dict, suffixes) -> None:
 
 def _inference_fns(w: dict, slims: dict, grouped_tags: list, dense, dense_bucketed, x, route, sfx: str = "") -> dict:
     fns = {f"dense_infer{sfx}": lambda: dense(x), f"dense_bucketed_infer{sfx}": lambda: dense_bucketed(x, route)}
-    K = w["grouped"].num_tickets
-    balanced = torch.randperm(route.numel(), generator=torch.Generator().manual_seed(7)).to(route.device) % K
-    # equal buckets: the grouped path without padding (what the padding of the random route costs)
-    fns[f"routed_weight_grouped_balanced_infer{sfx}"] = lambda: w["grouped"](x, route=balanced)
+    if "grouped" in w["paths"]:
+        K = w["grouped"].num_tickets
+        balanced = torch.randperm(route.numel(), generator=torch.Generator().manual_seed(7)).to(route.device) % K
+        # equal buckets: the grouped path without padding (what the padding of the random route costs)
+        fns[f"routed_weight_grouped_balanced_infer{sfx}"] = lambda: w["grouped"](x, route=balanced)
     for path in PATHS:
-        fns[f"routed_weight_{path}_infer{sfx}"] = lambda r=w[path]: r(x, route=route)
+        if path in w["paths"]:
+            fns[f"routed_weight_{path}_infer{sfx}"] = lambda r=w[path]: r(x, route=route)
         for tag in ("channel50", "channel75") if not sfx else ("channel50",):
             if path == "bucketed" or tag in grouped_tags:
                 fns[f"routed_{tag}_{path}_infer{sfx}"] = lambda s=slims[f"{tag}_{path}"]: s(x, route=route)
@@ -365,14 +367,24 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
         w = _weight_models(a, base, dev, shape)
         slims, rc = _channel_packages(a, base, dev, shape, out, tmp, g)
         grouped_tags = _grouped_ok(slims, x, route, out)
+        w["paths"] = ["bucketed"]
+        try:  # a failure of the grouped path is recorded; the other timings still run
+            w["grouped"](x, route=route)
+            w["grouped_nocache"](x, route=route)
+            w["paths"].append("grouped")
+        except Exception as e:  # noqa: BLE001
+            out["settings"]["weight_grouped_error"] = f"{type(e).__name__}: {e}"
         auto = {"weight": w["auto"], "channel50": slims["channel50_grouped"].execution_on(dev)
                 if "channel50" in grouped_tags and dev.type == "cuda" else "bucketed",
                 "channel75": "grouped" if "channel75" in grouped_tags and dev.type == "cuda" else "bucketed"}
+        if w["auto"] not in w["paths"]:
+            auto["weight"] = w["auto"] = "bucketed"  # the grouped path failed (recorded above)
         out["settings"]["auto_execution"] = auto
         fns = _inference_fns(w, slims, grouped_tags, dense, dense_bucketed, x, route)
         fns.update({"routed_weight_bucketed_nocache_infer": lambda: w["bucketed_nocache"](x, route=route),
-                    "routed_weight_grouped_nocache_infer": lambda: w["grouped_nocache"](x, route=route),
                     "routed_channel_mask_infer": lambda: rc(x, route=route)})
+        if "grouped" in w["paths"]:
+            fns["routed_weight_grouped_nocache_infer"] = lambda: w["grouped_nocache"](x, route=route)
         if dev.type == "cpu" and B > 64:
             x64, r64 = x[:64], route[:64]
             fns.update({"dense_infer_b64": lambda: dense(x64)})
@@ -404,7 +416,7 @@ def _bench_autocast(a, dev, out, w, slims, dense, x, route) -> None:
         with torch.autocast(dev.type, dtype=dt):
             fns = {f"dense_infer_{name}": lambda: dense(x),
                    f"routed_channel50_bucketed_infer_{name}": lambda: slims["channel50_bucketed"](x, route=route)}
-            for path in PATHS:
+            for path in w["paths"]:
                 fns[f"routed_weight_{path}_infer_{name}"] = lambda r=w[path]: r(x, route=route)
             measure(fns, dev, max(2, a.reps // 2), out)
     _alias_auto(out, {"weight": w["auto"], "channel50": "bucketed"}, ("_bf16", "_fp16"))
@@ -416,6 +428,8 @@ def _bench_memory(dev, mem: dict, w: dict, slims: dict, dense, x, route) -> None
         dense(x)
     mem["dense"] = pm.peak
     for name in ("bucketed", "grouped", "bucketed_nocache", "grouped_nocache"):
+        if name.split("_")[0] not in w["paths"]:
+            continue
         r = w[name]
         r(x, route=route)  # fill the cache where there is one
         with PeakMemory(dev, routed_bytes(r)) as pm:
@@ -426,7 +440,7 @@ def _bench_memory(dev, mem: dict, w: dict, slims: dict, dense, x, route) -> None
     for name, slim in slims.items():
         try:
             slim(x, route=route)
-        except ExecutionError:
+        except Exception:  # noqa: BLE001  (a grouped package that refused or failed: recorded in settings)
             continue
         stacked = slim._stacked.specs if slim._stacked is not None and name.endswith("grouped") else {}
         extra = tensor_bytes([t for s in stacked.values() for t in s.values() if isinstance(t, torch.Tensor)])
