@@ -121,6 +121,54 @@ def test_grouped_momentum_none_cumulative_average(make_tiny):
         assert _close(sg.double(), sb.double(), 1e-12), n
 
 
+class _Branches(nn.Module):
+    """Every grouped layer branch: Conv1d with reflect padding, ConvTranspose1d, a bias-free Linear on tokens
+    [B, N, C], a Conv3d and a Linear with bias (all prunable; ``head`` is the output layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 6, 3, padding=1, padding_mode="reflect")
+        self.bn = nn.BatchNorm1d(6)
+        self.up = nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1)
+        self.tok = nn.Linear(4, 8, bias=False)
+        self.vol = nn.Conv3d(1, 2, 3, padding=1)
+        self.mix = nn.Linear(8 + 2, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.up(torch.relu(self.bn(self.conv(x))))               # [B, 4, 2L]
+        t = self.tok(h.transpose(1, 2)).mean(1)                       # [B, 2L, 4] -> [B, 8]
+        v = self.vol(x[:, :1, :8].reshape(-1, 1, 2, 2, 2)).mean((2, 3, 4))  # [B, 2]
+        return self.head(torch.relu(self.mix(torch.cat([t, v], 1))))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_grouped_layer_branches(train):
+    torch.manual_seed(0)
+    b, g = _pair(_Branches(), torch.randn(1, 2, 8), adapter="generic", output_layers=["head"])
+    assert set(g.space.layers) == {"conv", "up", "tok", "vol", "mix"}  # every branch really runs grouped
+    b.train(train), g.train(train)
+    x = torch.randn(7, 2, 8, dtype=torch.float64, requires_grad=True)
+    yb, yg = b(x, route=torch.tensor(TRAIN_ROUTE)), g(x, route=torch.tensor(TRAIN_ROUTE))
+    assert _close(yg, yb)
+    gb, = torch.autograd.grad(yb.sum(), x)
+    gg, = torch.autograd.grad(yg.sum(), x)
+    assert _close(gg, gb)
+
+
+def test_grouped_under_cpu_bf16_autocast_matches_bucketed(make_routed):
+    r = make_routed("weight", num_tickets=K).eval()
+    x, route = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 2, 1, 0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        r.execution = "bucketed"
+        yb = r(x, route=route)
+        r.execution = "grouped"
+        yg, yg2 = r(x, route=route), r(x, route=route)  # the second call uses the cached bf16 stack
+    assert ("stack", torch.bfloat16) in r._cache and r._cache[("stack", torch.bfloat16)][1]["conv1"].dtype == torch.bfloat16
+    assert yg.dtype == yb.dtype and torch.equal(yg, yg2)
+    assert float((yg.float() - yb.float()).abs().max()) <= 0.05 * float(yb.float().abs().max())
+
+
 def _instance_forwards(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if "forward" in m.__dict__]
 
