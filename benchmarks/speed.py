@@ -15,6 +15,15 @@ smaller):
 * ``peak_memory_vs_dense``        peak memory of weight-mode routed inference (masked-weight cache included)
                                   / dense inference, batch B
 
+Both execution paths run side by side (issue 19): ``*_bucketed_*`` (one call per ticket bucket) and
+``*_grouped_*`` (one grouped call per layer for all tickets, ``RoutedModel(execution=...)`` and
+``load_package(execution=...)``); the keys without a path (``routed_weight_vs_dense``, ``routed_channel50_vs_dense``,
+...) are the path ``execution="auto"`` takes on the device (``settings.auto_execution``: bucketed on the CPU,
+grouped on CUDA). ``peak_memory_grouped_bounded_vs_dense`` is the grouped path with the masked-weight cache
+bounded to 0 copies (each layer masks its stacked weights on the fly); ``settings.grouped_padded_rows_vs_batch``
+the padding the grouped path computes on, and ``routed_weight_grouped_balanced_*`` the grouped path on a route
+with equal buckets (no padding).
+
 plus extras (``*_b64`` CPU batch-64 channel ratios, cache-off weight mode, the soft-mask channel pass,
 CSR storage, autocast ratios on CUDA, the search time breakdown) and the absolute numbers behind each
 ratio. Times: median of ``--reps`` runs after warm-up (CUDA: synchronised).
@@ -22,6 +31,7 @@ ratio. Times: median of ``--reps`` runs after warm-up (CUDA: synchronised).
 Usage::
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --quick            # < 1 min on CPU
+    python benchmarks/speed.py --skip training,search --image2 64,224 --out ...  # inference only (both paths)
     OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py --out benchmarks/results/speed_cpu
     python benchmarks/speed.py --device cuda --out benchmarks/results/speed_gpu
 """
@@ -51,6 +61,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 import rtl_plugin as rtl  # noqa: E402
 from rtl_plugin.persist.package import export_package, load_package, package_size  # noqa: E402
 from rtl_plugin.persist.io import atomic_write_json  # noqa: E402
+from rtl_plugin.errors import ExecutionError  # noqa: E402
+from rtl_plugin.grouped import GroupLayout  # noqa: E402
 from rtl_plugin.routed import run_bucketed  # noqa: E402
 from rtl_plugin.pruning.pruner import RTLPruner  # noqa: E402
 from rtl_plugin.training.retrain import default_train_step, joint_retrain  # noqa: E402
@@ -74,6 +86,20 @@ def device_info(dev: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(dev)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with "-dirty" when tracked files differ), None outside a git checkout."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("-dirty" if dirty else "")) or None
 
 
 def sync(dev: torch.device) -> None:
@@ -163,7 +189,7 @@ def module_bytes(m: nn.Module) -> int:
 
 
 def routed_bytes(r: rtl.RoutedModel) -> int:
-    cache = [t for _, params in r._cache.values() for t in params.values()]
+    cache = [t for entry in r._cache.values() for t in entry[1].values()]
     return module_bytes(r.model) + tensor_bytes(list(r.tickets.masks.values())) + tensor_bytes(cache)
 
 
@@ -227,6 +253,101 @@ def all_data_loader(loaders: dict, batch: int) -> DataLoader:
 
 
 # --------------------------------------------------------------------------- benchmarks
+PATHS = ("bucketed", "grouped")
+
+
+def _weight_models(a, base, dev, shape) -> dict:
+    """Weight-mode routed models sharing one TicketSet: bucketed / grouped, each with the default masked-weight
+    cache and without it (grouped: bound 0, so every layer masks its stacked weights on the fly)."""
+    K = a.tickets
+    rw = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="weight").to(dev)
+    rw.set_tickets(rtl.TicketSet.random(rw.space, K, keep=0.5, seed=2))
+    rw.eval()
+    models = {}
+    for path in PATHS:
+        for cache, tag in ((True, ""), (False if path == "bucketed" else 0, "_nocache")):
+            r = copy.deepcopy(rw)
+            r.set_tickets(rw.tickets)  # one copy of the masks
+            r.execution, r.cache_masked_weights = path, cache
+            models[f"{path}{tag}"] = r
+    models["auto"] = rw.execution_on(dev)  # the path "auto" takes on this device
+    return models
+
+
+def _channel_packages(a, base, dev, shape, out: dict, tmp: Path, g) -> tuple[dict, object]:
+    """Channel packages at 50% / 75% channel sparsity, each loaded bucketed and grouped, and the soft-mask
+    channel-mode routed model."""
+    K = a.tickets
+    rc = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="channel")
+    slims = {}
+    for keep, tag in ((0.5, "channel50"), (0.25, "channel75")):
+        rc.set_tickets(channel_tickets(rc.space, K, keep, seed=3))
+        rc.train()
+        rc(torch.randn(4 * K, *shape, generator=g), route=torch.arange(4 * K) % K)  # per-ticket BN statistics
+        rc.eval()
+        with Clock(dev) as c:
+            export_package(rc, tmp / f"pkg_{tag}", example_inputs=torch.randn(2, *shape, generator=g))
+        record(out, f"export_package_{tag}", c)
+        for path in PATHS:
+            with Clock(dev) as c:
+                slims[f"{tag}_{path}"] = load_package(tmp / f"pkg_{tag}", make_model(a.model, a.classes),
+                                                      map_location=dev, execution=path if path == "bucketed" else "auto")
+            record(out, f"load_package_{tag}", c)
+            if path == "grouped":
+                try:  # set after load, so that a refusal is recorded rather than raised
+                    slims[f"{tag}_grouped"].execution = "grouped"
+                except ExecutionError as e:
+                    out["settings"][f"{tag}_grouped_blocker"] = str(e)
+        out["bytes"][f"package_{tag}"] = package_size(tmp / f"pkg_{tag}")
+        out["settings"][f"{tag}_weight_sparsity"] = round(float(rc.tickets.sparsity().mean()), 4)
+    rc.set_tickets(channel_tickets(rc.space, K, 0.5, seed=3))
+    rc.to(dev).eval()
+    return slims, rc
+
+
+def _grouped_ok(slims: dict, x, route, out: dict) -> list[str]:
+    """The package tags whose grouped path runs (first call: its check against the slim models); the others
+    are recorded with the reason and left out of the grouped timings."""
+    ok = []
+    for tag in ("channel50", "channel75"):
+        if f"{tag}_grouped_blocker" in out["settings"]:
+            continue
+        try:
+            slims[f"{tag}_grouped"](x, route=route)
+            ok.append(tag)
+        except Exception as e:  # noqa: BLE001  (a refusal or a failure: recorded, the other timings still run)
+            out["settings"][f"{tag}_grouped_blocker"] = f"{type(e).__name__}: {e}"
+    return ok
+
+
+def _alias_auto(out: dict, auto: dict, suffixes) -> None:
+    """``routed_weight_infer...`` / ``routed_channel50_infer...`` (the keys of earlier runs): the path "auto"
+    takes on this device, copied from the explicit ``..._bucketed`` / ``..._grouped`` timing."""
+    for key in ("times_s", "times_wall_s", "times_cpu_s"):
+        t = out[key]
+        for kind, path in auto.items():
+            for sfx in suffixes:
+                src = f"routed_{kind}_{path}_infer{sfx}"
+                if src in t:
+                    t[f"routed_{kind}_infer{sfx}"] = t[src]
+
+
+def _inference_fns(w: dict, slims: dict, grouped_tags: list, dense, dense_bucketed, x, route, sfx: str = "") -> dict:
+    fns = {f"dense_infer{sfx}": lambda: dense(x), f"dense_bucketed_infer{sfx}": lambda: dense_bucketed(x, route)}
+    if "grouped" in w["paths"]:
+        K = w["grouped"].num_tickets
+        balanced = torch.randperm(route.numel(), generator=torch.Generator().manual_seed(7)).to(route.device) % K
+        # equal buckets: the grouped path without padding (what the padding of the random route costs)
+        fns[f"routed_weight_grouped_balanced_infer{sfx}"] = lambda: w["grouped"](x, route=balanced)
+    for path in PATHS:
+        if path in w["paths"]:
+            fns[f"routed_weight_{path}_infer{sfx}"] = lambda r=w[path]: r(x, route=route)
+        for tag in ("channel50", "channel75") if not sfx else ("channel50",):
+            if path == "bucketed" or tag in grouped_tags:
+                fns[f"routed_{tag}_{path}_infer{sfx}"] = lambda s=slims[f"{tag}_{path}"]: s(x, route=route)
+    return fns
+
+
 def bench_inference(a, dev, out: dict, tmp: Path) -> None:
     K, B, shape = a.tickets, a.batch, (3, a.image, a.image)
     torch.manual_seed(0)
@@ -236,113 +357,140 @@ def bench_inference(a, dev, out: dict, tmp: Path) -> None:
     x = torch.randn(B, *shape, generator=g).to(dev)
     route = torch.randint(0, K, (B,), generator=g).to(dev)
     times, mem = out["times_s"], out["peak_memory_bytes"]
+    lay = GroupLayout(route)
+    out["settings"]["grouped_padded_rows_vs_batch"] = round(lay.padded_batch / B, 4)
+
+    def dense_bucketed(inp, rt):  # the dense model on the same K buckets: the floor of any per-ticket-weights run
+        return run_bucketed(lambda args, kwargs, t: dense(*args), (inp,), {}, rt)
+
     with torch.no_grad():
-        # ---- weight mode: cached masked weights, bucketed batch
-        rw = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="weight").to(dev)
-        rw.set_tickets(rtl.TicketSet.random(rw.space, K, keep=0.5, seed=2))
-        rw.eval()
-
-        def weight_nocache():
-            rw.cache_masked_weights = False
-            try:
-                return rw(x, route=route)
-            finally:
-                rw.cache_masked_weights = True
-
-        # ---- channel mode: soft-mask single pass, and the deployed slim packages
-        rc = rtl.wrap(copy.deepcopy(base), K, example_inputs=torch.randn(1, *shape), granularity="channel")
-        slims = {}
-        for keep, tag in ((0.5, "channel50"), (0.25, "channel75")):
-            rc.set_tickets(channel_tickets(rc.space, K, keep, seed=3))
-            rc.train()
-            rc(torch.randn(4 * K, *shape, generator=g), route=torch.arange(4 * K) % K)  # per-ticket BN statistics
-            rc.eval()
-            with Clock(dev) as c:
-                export_package(rc, tmp / f"pkg_{tag}", example_inputs=torch.randn(2, *shape, generator=g))
-            record(out, f"export_package_{tag}", c)
-            with Clock(dev) as c:
-                slims[tag] = load_package(tmp / f"pkg_{tag}", make_model(a.model, a.classes), map_location=dev)
-            record(out, f"load_package_{tag}", c)
-            out["bytes"][f"package_{tag}"] = package_size(tmp / f"pkg_{tag}")
-            out["settings"][f"{tag}_weight_sparsity"] = round(float(rc.tickets.sparsity().mean()), 4)
-        rc.set_tickets(channel_tickets(rc.space, K, 0.5, seed=3))
-        rc.to(dev).eval()
-        def dense_bucketed(inp, rt):  # the dense model on the same K buckets: the floor of any per-ticket-weights run
-            return run_bucketed(lambda args, kwargs, t: dense(*args), (inp,), {}, rt)
-
-        fns = {"dense_infer": lambda: dense(x), "routed_weight_infer": lambda: rw(x, route=route),
-               "dense_bucketed_infer": lambda: dense_bucketed(x, route),
-               "routed_weight_nocache_infer": weight_nocache,
-               "routed_channel50_infer": lambda: slims["channel50"](x, route=route),
-               "routed_channel75_infer": lambda: slims["channel75"](x, route=route),
-               "routed_channel_mask_infer": lambda: rc(x, route=route)}
+        w = _weight_models(a, base, dev, shape)
+        slims, rc = _channel_packages(a, base, dev, shape, out, tmp, g)
+        grouped_tags = _grouped_ok(slims, x, route, out)
+        w["paths"] = ["bucketed"]
+        try:  # a failure of the grouped path is recorded; the other timings still run
+            w["grouped"](x, route=route)
+            w["grouped_nocache"](x, route=route)
+            w["paths"].append("grouped")
+        except Exception as e:  # noqa: BLE001
+            out["settings"]["weight_grouped_error"] = f"{type(e).__name__}: {e}"
+        auto = {"weight": w["auto"], "channel50": slims["channel50_grouped"].execution_on(dev)
+                if "channel50" in grouped_tags and dev.type == "cuda" else "bucketed",
+                "channel75": "grouped" if "channel75" in grouped_tags and dev.type == "cuda" else "bucketed"}
+        if w["auto"] not in w["paths"]:
+            auto["weight"] = w["auto"] = "bucketed"  # the grouped path failed (recorded above)
+        out["settings"]["auto_execution"] = auto
+        fns = _inference_fns(w, slims, grouped_tags, dense, dense_bucketed, x, route)
+        fns.update({"routed_weight_bucketed_nocache_infer": lambda: w["bucketed_nocache"](x, route=route),
+                    "routed_channel_mask_infer": lambda: rc(x, route=route)})
+        if "grouped" in w["paths"]:
+            fns["routed_weight_grouped_nocache_infer"] = lambda: w["grouped_nocache"](x, route=route)
         if dev.type == "cpu" and B > 64:
             x64, r64 = x[:64], route[:64]
-            fns.update({"dense_infer_b64": lambda: dense(x64),
-                        "routed_channel50_infer_b64": lambda: slims["channel50"](x64, route=r64),
-                        "routed_channel75_infer_b64": lambda: slims["channel75"](x64, route=r64)})
+            fns.update({"dense_infer_b64": lambda: dense(x64)})
+            for tag in ("channel50", "channel75"):
+                fns[f"routed_{tag}_bucketed_infer_b64"] = lambda s=slims[f"{tag}_bucketed"]: s(x64, route=r64)
         measure(fns, dev, a.reps, out)
+        _alias_auto(out, auto, ("", "_b64"))
+        for key in ("times_s", "times_wall_s", "times_cpu_s"):
+            out[key]["routed_weight_nocache_infer"] = out[key][f"routed_weight_{w['auto']}_nocache_infer"]
         for size in a.image2:  # larger inputs: compute grows, the per-ticket weight traffic does not
             x2 = torch.randn(B, 3, size, size, generator=g).to(dev)
             x2b, r2b = x2[:64], route[:64]
-            measure({f"dense_infer_img{size}": lambda: dense(x2),
-                     f"dense_bucketed_infer_img{size}": lambda: dense_bucketed(x2, route),
-                     f"routed_weight_infer_img{size}": lambda: rw(x2, route=route),
-                     f"routed_channel50_infer_img{size}": lambda: slims["channel50"](x2, route=route),
-                     f"dense_infer_b64_img{size}": lambda: dense(x2b),
-                     f"routed_channel50_infer_b64_img{size}": lambda: slims["channel50"](x2b, route=r2b)},
-                    dev, max(2, a.reps // 2), out)
+            fns2 = _inference_fns(w, slims, grouped_tags, dense, dense_bucketed, x2, route, f"_img{size}")
+            fns2.update({f"dense_infer_b64_img{size}": lambda: dense(x2b),
+                         f"routed_channel50_bucketed_infer_b64_img{size}":
+                         lambda: slims["channel50_bucketed"](x2b, route=r2b)})
+            measure(fns2, dev, max(2, a.reps // 2), out)
+            _alias_auto(out, auto, (f"_img{size}", f"_b64_img{size}"))
             del x2, x2b
-        autocasts = [("bf16", torch.bfloat16), ("fp16", torch.float16)] if dev.type == "cuda" else \
-            ([] if a.quick else [("bf16", torch.bfloat16)])
-        for name, dt in autocasts:
-            with torch.autocast(dev.type, dtype=dt):
-                measure({f"dense_infer_{name}": lambda: dense(x), f"routed_weight_infer_{name}": lambda: rw(x, route=route),
-                         f"routed_channel50_infer_{name}": lambda: slims["channel50"](x, route=route)},
-                        dev, max(2, a.reps // 2), out)
-        # ---- peak memory (one model at a time)
-        with PeakMemory(dev, module_bytes(dense)) as pm:
-            dense(x)
-        mem["dense"] = pm.peak
-        rw._cache.clear()
-        rw.cache_masked_weights = False
-        with PeakMemory(dev, routed_bytes(rw)) as pm:
-            rw(x, route=route)
-        mem["routed_weight_nocache"] = pm.peak
-        rw.cache_masked_weights = True
-        rw(x, route=route)  # fill the cache (persistent memory of the fast path)
-        with PeakMemory(dev, routed_bytes(rw)) as pm:
-            rw(x, route=route)
-        mem["routed_weight"] = pm.peak
-        for tag, slim in slims.items():
-            with PeakMemory(dev, module_bytes(slim)) as pm:
-                slim(x, route=route)
-            mem[f"routed_{tag}"] = pm.peak
-    r = out["ratios"]
-    for key, num, den in (("routed_weight_vs_dense", "routed_weight_infer", "dense_infer"),
-                          ("routed_weight_nocache_vs_dense", "routed_weight_nocache_infer", "dense_infer"),
-                          ("dense_bucketed_vs_dense", "dense_bucketed_infer", "dense_infer"),
-                          ("routed_weight_vs_dense_bucketed", "routed_weight_infer", "dense_bucketed_infer"),
-                          ("routed_channel50_vs_dense", "routed_channel50_infer", "dense_infer"),
-                          ("routed_channel75_vs_dense", "routed_channel75_infer", "dense_infer"),
-                          ("routed_channel_mask_vs_dense", "routed_channel_mask_infer", "dense_infer"),
-                          ("routed_channel50_vs_dense_b64", "routed_channel50_infer_b64", "dense_infer_b64"),
-                          ("routed_channel75_vs_dense_b64", "routed_channel75_infer_b64", "dense_infer_b64"),
-                          ("routed_weight_vs_dense_bf16", "routed_weight_infer_bf16", "dense_infer_bf16"),
-                          ("routed_channel50_vs_dense_bf16", "routed_channel50_infer_bf16", "dense_infer_bf16"),
-                          ("routed_weight_vs_dense_fp16", "routed_weight_infer_fp16", "dense_infer_fp16"),
-                          ("routed_channel50_vs_dense_fp16", "routed_channel50_infer_fp16", "dense_infer_fp16"),
-                          *[(f"{kind}_vs_dense{b}_img{size}", f"{kind}_infer{b}_img{size}", f"dense_infer{b}_img{size}")
-                            for size in a.image2 for kind, b in (("routed_weight", ""), ("dense_bucketed", ""),
-                                                                 ("routed_channel50", ""),
-                                                                 ("routed_channel50", "_b64"))]):
+        _bench_autocast(a, dev, out, w, slims, dense, x, route)
+        _bench_memory(dev, mem, w, slims, dense, x, route)
+    _inference_ratios(a, out)
+
+
+def _bench_autocast(a, dev, out, w, slims, dense, x, route) -> None:
+    autocasts = [("bf16", torch.bfloat16), ("fp16", torch.float16)] if dev.type == "cuda" else \
+        ([] if a.quick else [("bf16", torch.bfloat16)])
+    for name, dt in autocasts:
+        with torch.autocast(dev.type, dtype=dt):
+            fns = {f"dense_infer_{name}": lambda: dense(x),
+                   f"routed_channel50_bucketed_infer_{name}": lambda: slims["channel50_bucketed"](x, route=route)}
+            for path in w["paths"]:
+                fns[f"routed_weight_{path}_infer_{name}"] = lambda r=w[path]: r(x, route=route)
+            measure(fns, dev, max(2, a.reps // 2), out)
+    _alias_auto(out, {"weight": w["auto"], "channel50": "bucketed"}, ("_bf16", "_fp16"))
+
+
+def _bench_memory(dev, mem: dict, w: dict, slims: dict, dense, x, route) -> None:
+    """Peak memory, one model at a time; cached paths are measured with their cache filled (persistent)."""
+    with PeakMemory(dev, module_bytes(dense)) as pm:
+        dense(x)
+    mem["dense"] = pm.peak
+    for name in ("bucketed", "grouped", "bucketed_nocache", "grouped_nocache"):
+        if name.split("_")[0] not in w["paths"]:
+            continue
+        r = w[name]
+        r(x, route=route)  # fill the cache where there is one
+        with PeakMemory(dev, routed_bytes(r)) as pm:
+            r(x, route=route)
+        mem[f"routed_weight_{name}"] = pm.peak
+    mem["routed_weight"] = mem[f"routed_weight_{w['auto']}"]
+    mem["routed_weight_nocache"] = mem[f"routed_weight_{w['auto']}_nocache"]
+    for name, slim in slims.items():
+        try:
+            slim(x, route=route)
+        except Exception:  # noqa: BLE001  (a grouped package that refused or failed: recorded in settings)
+            continue
+        stacked = slim._stacked.specs if slim._stacked is not None and name.endswith("grouped") else {}
+        extra = tensor_bytes([t for s in stacked.values() for t in s.values() if isinstance(t, torch.Tensor)])
+        with PeakMemory(dev, module_bytes(slim) + extra) as pm:
+            slim(x, route=route)
+        mem[f"routed_{name}"] = pm.peak
+    for tag in ("channel50", "channel75"):
+        mem[f"routed_{tag}"] = mem[f"routed_{tag}_bucketed"]
+
+
+def _inference_ratios(a, out: dict) -> None:
+    times, mem, r = out["times_s"], out["peak_memory_bytes"], out["ratios"]
+    pairs = [("routed_weight_vs_dense", "routed_weight_infer", "dense_infer"),
+             ("routed_weight_nocache_vs_dense", "routed_weight_nocache_infer", "dense_infer"),
+             ("dense_bucketed_vs_dense", "dense_bucketed_infer", "dense_infer"),
+             ("routed_weight_vs_dense_bucketed", "routed_weight_infer", "dense_bucketed_infer"),
+             ("routed_channel50_vs_dense", "routed_channel50_infer", "dense_infer"),
+             ("routed_channel75_vs_dense", "routed_channel75_infer", "dense_infer"),
+             ("routed_channel_mask_vs_dense", "routed_channel_mask_infer", "dense_infer"),
+             ("routed_channel50_vs_dense_b64", "routed_channel50_infer_b64", "dense_infer_b64"),
+             ("routed_channel75_vs_dense_b64", "routed_channel75_infer_b64", "dense_infer_b64"),
+             ("routed_weight_grouped_vs_bucketed", "routed_weight_grouped_infer", "routed_weight_bucketed_infer"),
+             ("routed_channel50_grouped_vs_bucketed", "routed_channel50_grouped_infer",
+              "routed_channel50_bucketed_infer")]
+    for sfx in ("", "_bf16", "_fp16", *[f"_img{s}" for s in a.image2]):
+        for kind in ("routed_weight_bucketed", "routed_weight_grouped", "routed_weight_grouped_balanced",
+                     "routed_weight_bucketed_nocache",
+                     "routed_weight_grouped_nocache", "routed_channel50_bucketed", "routed_channel50_grouped",
+                     "routed_channel75_bucketed", "routed_channel75_grouped", "routed_weight", "routed_channel50",
+                     "dense_bucketed"):
+            if sfx and kind in ("routed_channel75_bucketed", "routed_channel75_grouped"):
+                continue
+            if (kind, sfx) not in (("routed_weight", ""), ("routed_channel50", ""), ("dense_bucketed", "")):
+                pairs.append((f"{kind}_vs_dense{sfx}", f"{kind}_infer{sfx}", f"dense_infer{sfx}"))
+        if sfx.startswith("_img"):
+            pairs.append((f"routed_channel50_vs_dense_b64{sfx}", f"routed_channel50_infer_b64{sfx}",
+                          f"dense_infer_b64{sfx}"))
+    for key, num, den in pairs:
         if num in times and den in times:
             r[key] = times[num] / times[den]
             out["ratios_wall"][key] = out["times_wall_s"][num] / out["times_wall_s"][den]
-    r["peak_memory_vs_dense"] = mem["routed_weight"] / mem["dense"]
-    r["peak_memory_nocache_vs_dense"] = mem["routed_weight_nocache"] / mem["dense"]
-    r["peak_memory_channel50_vs_dense"] = mem["routed_channel50"] / mem["dense"]
-    r["peak_memory_channel75_vs_dense"] = mem["routed_channel75"] / mem["dense"]
+    for key, name in (("peak_memory_vs_dense", "routed_weight"), ("peak_memory_nocache_vs_dense", "routed_weight_nocache"),
+                      ("peak_memory_bucketed_vs_dense", "routed_weight_bucketed"),
+                      ("peak_memory_grouped_vs_dense", "routed_weight_grouped"),
+                      ("peak_memory_grouped_bounded_vs_dense", "routed_weight_grouped_nocache"),
+                      ("peak_memory_channel50_vs_dense", "routed_channel50"),
+                      ("peak_memory_channel75_vs_dense", "routed_channel75"),
+                      ("peak_memory_channel50_grouped_vs_dense", "routed_channel50_grouped")):
+        if name in mem:
+            r[key] = mem[name] / mem["dense"]
 
 
 def bench_training(a, dev, out: dict, image: int | None = None, n_batches: int | None = None,
@@ -500,6 +648,9 @@ def parse(argv=None):
     p.add_argument("--search-sparsities", default="0.5", help="targets of the search (rounds: prune-fraction each)")
     p.add_argument("--prune-fraction", type=float, default=0.5)
     p.add_argument("--storage-sparsity", type=float, default=0.75)
+    p.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: keep cuDNN's default algorithm choice "
+                   "(default: torch.backends.cudnn.benchmark = True for dense and routed runs alike; the grouped "
+                   "convolutions of the grouped path depend on it)")
     p.add_argument("--skip", default="", help="comma list of sections to skip: inference,training,search,storage")
     a = p.parse_args(argv)
     quick = a.quick
@@ -530,14 +681,18 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda but no CUDA device is available; use --device cpu.")
     if dev.type == "cpu":
         torch.set_num_threads(a.threads)
+    else:
+        torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
     t0 = time.perf_counter()
     out = {"device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
            "device_info": device_info(dev), "threads": torch.get_num_threads(),
+           "commit": git_commit(),
            "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
            "settings": {k: getattr(a, k) for k in ("quick", "model", "tickets", "batch", "image", "image2", "train_image2", "classes",
                                                    "reps",
                                                    "train_batch", "train_batches", "train_reps", "search_batches",
-                                                   "search_sparsities", "prune_fraction", "storage_sparsity")},
+                                                   "search_sparsities", "prune_fraction", "storage_sparsity",
+                                                   "no_cudnn_benchmark")},
            "clock": "process CPU time (1 thread)" if dev.type == "cpu" else "wall (CUDA synchronised)",
            "ratios": {}, "ratios_wall": {}, "times_s": {}, "times_wall_s": {}, "times_cpu_s": {}, "bytes": {},
            "peak_memory_bytes": {}, "counts": {}, "section_wall_s": {}}

@@ -14,7 +14,7 @@ from rtl_plugin.errors import (ArchitectureMismatchError, CallbackError, Corrupt
                                FormatVersionError, ImportanceError, LiveRoutedModelError, MissingDependencyError,
                                OptimizerError, RouteError, RTLError, SpaceError, SparsityError, TaskHookError, TicketError,
                                UnsupportedLayerError, UnwrappedModelError)
-from rtl_plugin.errors import ExportError, ExportMismatchError, GraphTimeoutError
+from rtl_plugin.errors import ExecutionError, ExportError, ExportMismatchError, GraphTimeoutError, SearchExecutionError
 from rtl_plugin.norms import MaskedLayerNorm, RoutedBatchNorm
 from rtl_plugin.persist import (SlimRoutedModel, export_onnx, export_package, export_ticket, load, load_package,
                                 pruning_history)
@@ -36,5 +36,5 @@ __all__ = [
     "TicketSpace", "UnsupportedLayerError", "UnwrappedModelError", "build_space", "create_adapter", "detect_adapter", "diagnose",
     "diagnose_run", "export_onnx", "export_package", "export_ticket", "joint_retrain", "learn_tickets", "list_adapters", "load",
     "load_package", "mixed_route_retrain", "pruning_history", "register_adapter", "semantic_alignment", "wrap",
-    "wordnet_similarity", "ExportError", "ExportMismatchError", "GraphTimeoutError",
+    "wordnet_similarity", "ExecutionError", "SearchExecutionError", "ExportError", "ExportMismatchError", "GraphTimeoutError",
 ]

@@ -89,5 +89,9 @@ class ExportMismatchError(ExportError):
     """An exported ticket computes something else than the routed ticket it was exported from."""
 
 
-class SearchExecutionError(RTLError, ValueError):
+class ExecutionError(RTLError, ValueError):
+    """An ``execution=`` path (auto / grouped / bucketed) that is unknown or that this model cannot run."""
+
+
+class SearchExecutionError(ExecutionError):
     """``search_execution=`` asks the grouped (vectorised) ticket search for something it cannot run exactly."""

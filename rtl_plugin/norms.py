@@ -25,12 +25,14 @@ class RouteState:
     def __init__(self):
         self.route = None
         self.layer_masks = None  # {module: {"out"/"in": BoolTensor[K, C]}}
+        self.layout = None  # a grouped.GroupLayout while a grouped forward runs
         self._gathered: dict = {}
         self._split = None
 
-    def set(self, route, layer_masks=None) -> None:
+    def set(self, route, layer_masks=None, layout=None) -> None:
         self.route = route
         self.layer_masks = layer_masks
+        self.layout = layout
         self._gathered = {}
         self._split = None
 
@@ -128,6 +130,9 @@ class RoutedBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = require_route(self._state, self._rtl_name)
+        layout = self._state.layout
+        if layout is not None:
+            return grouped_batch_norm(self, x, layout, rows=layout.ticket_ids)
         if isinstance(route, int):
             return self._ticket_forward(x, route)
         if route.shape[0] != x.shape[0]:
@@ -175,13 +180,136 @@ class RoutedBatchNorm(nn.Module):
         if self.track_running_stats:
             for b in ("running_mean", "running_var", "num_batches_tracked"):
                 self.register_buffer(b, getattr(self, b)[ticket].clone())
-        for k in ("_state", "_rtl_name", "num_tickets"):
+        for k in ("_state", "_rtl_name", "num_tickets", "_rtl_grouped_affine"):
             self.__dict__.pop(k, None)
         self.__class__ = self._rtl_base_class
         return self
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", tickets={self.num_tickets}"
+
+
+_PLAIN_BN_FORWARD = nn.modules.batchnorm._BatchNorm.forward
+
+
+def _valid_batch_stats(xv: torch.Tensor, layout, training: bool):
+    """Per-ticket mean and biased variance [T, C] of ``xv`` [Bmax, T, C, L] over the valid (non-padded) rows,
+    and the number of values per ticket [T]."""
+    n = (layout.counts_t * xv.shape[3]).to(xv.dtype)
+    if training and int(n.min()) <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {int(n.min())} for one ticket "
+                         "of the batch (grouped BatchNorm).")
+    v = layout.valid.to(xv.dtype).view(xv.shape[0], xv.shape[1], 1, 1)
+    mean = (xv * v).sum((0, 3)) / n[:, None]
+    d = (xv - mean.view(1, xv.shape[1], -1, 1)) * v
+    return mean, (d * d).sum((0, 3)) / n[:, None], n
+
+
+@torch.no_grad()
+def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor, rows) -> None:
+    """What ``F.batch_norm`` does to the running statistics, once per ticket: rows ``rows`` of a routed norm
+    ([K, C] buffers), or the one set of a shared norm updated ticket after ticket in ascending order."""
+    rm, rv, nbt = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    mean, unbiased = mean.to(rm.dtype), (var * (n / (n - 1))[:, None]).to(rv.dtype)
+    if rows is None:
+        for j in range(mean.shape[0]):
+            f = bn.momentum
+            if nbt is not None:
+                nbt.add_(1)
+                f = 1.0 / float(nbt) if f is None else f
+            rm.mul_(1 - f).add_(mean[j] * f)
+            rv.mul_(1 - f).add_(unbiased[j] * f)
+        return
+    nbt.index_add_(0, rows, torch.ones_like(rows, dtype=nbt.dtype))
+    if bn.momentum is None:
+        f = (1.0 / nbt.index_select(0, rows).to(rm.dtype))[:, None]
+    else:
+        f = torch.full((rows.numel(), 1), float(bn.momentum), dtype=rm.dtype, device=rm.device)
+    rm.index_copy_(0, rows, rm.index_select(0, rows) * (1 - f) + mean * f)
+    rv.index_copy_(0, rows, rv.index_select(0, rows) * (1 - f) + unbiased * f)
+
+
+def _identity_tail(bn, y: torch.Tensor) -> torch.Tensor:
+    """Run the BatchNorm subclass's own forward (e.g. timm's BatchNormAct2d: drop + activation) on the already
+    normalised ``y``, with its batch-norm step made the identity (mean 0, var 1, eps 0, no affine)."""
+    base = getattr(bn, "_rtl_base_class", type(bn))
+    bufs, params, C = bn._buffers, bn._parameters, y.shape[1]
+    saved = (bufs.get("running_mean"), bufs.get("running_var"), params.get("weight"), params.get("bias"),
+             bn.eps, bn.training)
+    try:
+        bufs["running_mean"] = torch.zeros(C, dtype=y.dtype, device=y.device)
+        bufs["running_var"] = torch.ones(C, dtype=y.dtype, device=y.device)
+        params["weight"], params["bias"] = None, None
+        bn.eps, bn.training = 0.0, False
+        return base.forward(bn, y)
+    finally:
+        bufs["running_mean"], bufs["running_var"], params["weight"], params["bias"], bn.eps, bn.training = saved
+
+
+def _affine(bn, mean: torch.Tensor, var: torch.Tensor, weight=None, bias=None):
+    """``(scale, shift)`` with ``normalised = x * scale + shift`` (statistics [T, C], affine [C] or [T, C])."""
+    scale = torch.rsqrt(var + bn.eps)
+    weight = bn.weight if weight is None else weight
+    bias = bn.bias if bias is None else bias
+    if weight is not None:
+        scale = scale * weight
+    return scale, (-mean * scale if bias is None else bias - mean * scale)
+
+
+def _running_affine(bn):
+    """``(scale, shift)`` [K or 1, C] from every running-statistics row; kept on the module while autograd is off
+    and neither statistics nor affine parameters changed (eval: no per-call statistics ops)."""
+    tensors = [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
+    key = (bn.eps, tuple((t._version, t.data_ptr(), t.dtype) for t in tensors))
+    hit = bn.__dict__.get("_rtl_grouped_affine")
+    if hit is not None and hit[0] == key and not torch.is_grad_enabled():
+        return hit[1]
+    mean, var = bn.running_mean, bn.running_var
+    if mean.dim() == 1:
+        mean, var = mean.unsqueeze(0), var.unsqueeze(0)
+    affine = _affine(bn, mean, var)
+    if not torch.is_grad_enabled():
+        bn.__dict__["_rtl_grouped_affine"] = (key, affine)
+    return affine
+
+
+def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, layout, *, rows=None,
+                       running=None, weight=None, bias=None, affine=None) -> torch.Tensor:
+    """BatchNorm ``bn`` on a batch in the grouped layout (``grouped.GroupLayout``: rows ``b * T + j``).
+
+    Batch statistics (training, or no running statistics) are computed per ticket over the valid rows only, so
+    padding changes nothing, and the running statistics are updated exactly like one call per ticket bucket:
+    rows ``rows`` (LongTensor [T]) of a routed norm, or the shared set (``rows=None``) once per ticket in
+    ascending order. Eval uses rows ``rows`` of the running statistics, or ``running=(mean, var)`` [T, C]
+    stacks; ``weight`` / ``bias`` [T, C] replace the shared affine (channel packages); ``affine=(scale, shift)``
+    [T, C] gives the eval normalisation ``x * scale + shift`` ready-made.
+    """
+    T = layout.num_groups
+    if x.dim() < 2 or x.shape[0] != layout.padded_batch:
+        raise RouteError(f"batch norm {getattr(bn, '_rtl_name', '')!r} got a batch of {x.shape[0]} in a grouped "
+                         f"forward of {layout.padded_batch} rows; a layer that reshapes the batch dimension needs "
+                         "execution='bucketed'.")
+    xv = x.reshape(layout.bmax, T, x.shape[1], -1)
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    if bn.training or (running is None and bn.running_mean is None):
+        mean, var, n = _valid_batch_stats(xv.float() if low else xv, layout, bn.training)
+        if bn.training and bn.track_running_stats:
+            _update_running_stats(bn, mean.detach(), var.detach(), n, rows)
+        scale, shift = _affine(bn, mean, var, weight, bias)
+    elif affine is not None:
+        scale, shift = affine
+    elif running is not None:
+        scale, shift = _affine(bn, running[0], running[1], weight, bias)
+    else:
+        scale, shift = _running_affine(bn)
+        if rows is not None and rows.numel() != scale.shape[0]:  # all K rows present: already in order
+            scale, shift = scale.index_select(0, rows), shift.index_select(0, rows)
+    if low:
+        scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+    G = scale.shape[0]
+    y = torch.addcmul(shift.view(1, G, -1, 1), xv, scale.view(1, G, -1, 1)).view(x.shape)
+    base = getattr(bn, "_rtl_base_class", type(bn))
+    return y if base.forward is _PLAIN_BN_FORWARD else _identity_tail(bn, y)
 
 
 class MaskedLayerNorm(nn.Module):

@@ -14,18 +14,22 @@ per-sample activation masks ``mask[route]`` on every coupled layer's outputs and
 from __future__ import annotations
 
 import copy
+import math
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from rtl_plugin import _tp
-from rtl_plugin.errors import (ArchitectureMismatchError, LiveRoutedModelError, RouteError, SpaceError, TicketError,
-                               UnwrappedModelError)
-from rtl_plugin.norms import (MaskedLayerNorm, RoutedBatchNorm, RouteState, require_route, layer_norm_channel_dim,
-                    split_by_route)
+from rtl_plugin.errors import (ArchitectureMismatchError, ExecutionError, LiveRoutedModelError, RouteError, SpaceError,
+                               TicketError, UnwrappedModelError)
+from rtl_plugin.grouped import GroupLayout, layer_forward, layer_kind, map_tensors, run_grouped
+from rtl_plugin.norms import (MaskedLayerNorm, RoutedBatchNorm, RouteState, grouped_batch_norm, require_route,
+                              layer_norm_channel_dim, split_by_route)
 from rtl_plugin.space import TicketSpace, architecture_fingerprint
 from rtl_plugin.tickets import TicketSet
 
@@ -33,19 +37,6 @@ from rtl_plugin.tickets import TicketSet
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
-
-
-def _map_tensors(obj, fn):
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return type(obj)(*(_map_tensors(o, fn) for o in obj)) if hasattr(obj, "_fields") else \
-            tuple(_map_tensors(o, fn) for o in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return type(obj)({k: _map_tensors(v, fn) for k, v in obj.items()})
-    return obj
 
 
 def _cat_outputs(outs: list):
@@ -63,6 +54,7 @@ def _cat_outputs(outs: list):
                      "return tensors, tuples, lists or dicts of tensors.")
 
 
+EXECUTIONS = ("auto", "grouped", "bucketed")
 _PLAIN_FORWARDS = {c.forward for c in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
                                         nn.ConvTranspose2d, nn.ConvTranspose3d)}
 
@@ -127,7 +119,7 @@ def run_bucketed(run_ticket, args, kwargs, route: torch.Tensor):
     for i, t in enumerate(tickets):
         sub = tuple(c[i] if c is not None else a for c, a in zip(chunks, sorted_args))
         outs.append(run_ticket(sub, kwargs, t))
-    return _map_tensors(_cat_outputs(outs), lambda o: o.index_select(0, inverse))
+    return map_tensors(_cat_outputs(outs), lambda o: o.index_select(0, inverse))
 
 
 def run_per_pixel(run_per_sample, args, kwargs, route: torch.Tensor, num_tickets: int):
@@ -228,12 +220,18 @@ class RoutedModel(nn.Module):
         num_tickets: K (ignored when ``tickets`` is given).
         tickets: initial masks (default: all-ones).
         shared_norm: keep one set of norm statistics for all tickets (reproduces the paper exactly).
-        cache_masked_weights: weight mode, cache each ticket's masked weights while autograd is off
-            (memory: K copies of the prunable weights).
+        cache_masked_weights: weight mode, keep masked weights while autograd is off (an LRU cache keyed on the
+            weight and mask versions): True (no bound; at most K ticket copies per path and autocast dtype), False
+            (none: every forward masks the weights again) or an int N (at most N ticket copies of the prunable
+            weights, least recently used dropped first: memory <= N x the prunable weights). The grouped path
+            caches the stack of all K tickets (K copies) or, with a smaller bound, masks one layer at a time.
+        execution: weight mode, how a mixed batch runs (see ``execution``): "auto" (default), "grouped" or
+            "bucketed".
     """
 
     def __init__(self, model: nn.Module, space: TicketSpace, *, num_tickets: int | None = None,
-                 tickets: TicketSet | None = None, shared_norm: bool = False, cache_masked_weights: bool = True):
+                 tickets: TicketSet | None = None, shared_norm: bool = False, cache_masked_weights: bool | int = True,
+                 execution: str = "auto"):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -251,13 +249,16 @@ class RoutedModel(nn.Module):
         self.model = model
         self.space = space
         self.shared_norm = bool(shared_norm)
-        self.cache_masked_weights = bool(cache_masked_weights)
+        # (ticket, autocast dtype) or ("stack", autocast dtype) -> (versions key, masked weights, ticket copies)
+        self._cache: OrderedDict[tuple, tuple[Any, dict, int]] = OrderedDict()
+        self.cache_masked_weights = cache_masked_weights
         object.__setattr__(self, "tickets", tickets)
         object.__setattr__(self, "_state", RouteState())
         self._hook_ids: set[int] = set()
         self._handles: list = []
-        self._cache: dict[tuple, tuple[Any, dict]] = {}  # (ticket, autocast dtype) -> (key, masked weights)
         self._install()
+        self._grouped_blocker = self._find_grouped_blocker()
+        self.execution = execution
         try:
             dev = next(model.parameters()).device
             tickets.to(dev)
@@ -300,6 +301,84 @@ class RoutedModel(nn.Module):
         self._weight_params = {n: self.model.get_submodule(n).weight for n in self.space.layers}
         # layers whose forward is the stock conv / linear one: their weights may be pre-cast under autocast
         self._plain_layer = {n: type(self.model.get_submodule(n)).forward in _PLAIN_FORWARDS for n in self.space.layers}
+
+    def _find_grouped_blocker(self) -> str | None:
+        """Why the grouped path cannot run this model (None: it can): it needs every prunable layer to be a
+        plain conv / linear applied through its own forward."""
+        if self.granularity != "weight":
+            return None
+        for n in self.space.layers:
+            m = self.model.get_submodule(n)
+            if layer_kind(m) is None:
+                return f"prunable layer {n!r} is a {type(m).__name__}, not a plain conv or linear layer"
+            if parametrize.is_parametrized(m):
+                return f"prunable layer {n!r} has a parametrization"
+        for name, m in self.model.named_modules():
+            if isinstance(m, nn.MultiheadAttention) and any(n.startswith(f"{name}.") for n in self.space.layers):
+                return f"nn.MultiheadAttention {name!r} uses its projections' weights without their forward"
+        return None
+
+    @property
+    def grouped_blocker(self) -> str | None:
+        """Why ``execution="grouped"`` cannot run this model, or None when it can."""
+        return self._grouped_blocker
+
+    @property
+    def execution(self) -> str:
+        """How a mixed batch runs in weight mode.
+
+        "bucketed": one masked forward per ticket present (K calls per layer). "grouped": one forward for all
+        tickets present (each masked conv / linear a single grouped call over the stacked masked weights, buckets
+        padded to the largest; see ``rtl_plugin.grouped``). "auto" (default): grouped on CUDA when the model
+        allows it (``grouped_blocker`` is None), bucketed on the CPU, where K small calls already cost about one
+        dense call and grouping adds padding. Both give the same result within float tolerance. Channel mode
+        always runs one pass with per-sample channel masks.
+        """
+        return self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        if not isinstance(value, str) or value not in EXECUTIONS:
+            raise ExecutionError(f"execution must be one of {EXECUTIONS}, got {value!r}.")
+        if value == "grouped" and self._grouped_blocker is not None:
+            raise ExecutionError(f"execution='grouped' cannot run this model: {self._grouped_blocker}; use "
+                                 "execution='auto' (falls back to the bucketed path) or 'bucketed'.")
+        object.__setattr__(self, "_execution", value)
+
+    @property
+    def cache_masked_weights(self) -> bool | int:
+        """True, False or an int bound (ticket copies); see the class docstring. Lowering it drops entries."""
+        return self._cache_setting
+
+    @cache_masked_weights.setter
+    def cache_masked_weights(self, value: bool | int) -> None:
+        if not isinstance(value, (bool, int)) or (not isinstance(value, bool) and value < 0):
+            raise ExecutionError(f"cache_masked_weights must be True, False or an int >= 0 (ticket copies kept), "
+                                 f"got {value!r}.")
+        object.__setattr__(self, "_cache_setting", value)
+        self._trim_cache()
+
+    def _cache_budget(self) -> float:
+        c = self._cache_setting
+        return math.inf if c is True else (0 if c is False else int(c))
+
+    def _trim_cache(self) -> None:
+        budget = self._cache_budget()
+        while self._cache and sum(e[2] for e in self._cache.values()) > budget:
+            self._cache.popitem(last=False)
+
+    def _cache_get(self, key: tuple, versions) -> dict | None:
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != versions:
+            return None
+        self._cache.move_to_end(key)
+        return hit[1]
+
+    def _cache_put(self, key: tuple, versions, params: dict, copies: int) -> None:
+        self._cache.pop(key, None)
+        if copies <= self._cache_budget():
+            self._cache[key] = (versions, params, copies)
+            self._trim_cache()
 
     def _keep_handle(self, handle) -> None:
         self._handles.append(handle)
@@ -410,32 +489,98 @@ class RoutedModel(nn.Module):
             return self._run_per_sample(args, kwargs, route)
         return self._run_per_pixel(args, kwargs, route)
 
+    def _cache_context(self):
+        """(autocast dtype or None, versions key) when masked weights may be cached now, else None: autograd off
+        and a non-zero bound. The key changes with an optimizer step, a mask change or moved weights."""
+        if self._cache_setting is False or self._cache_budget() == 0 or torch.is_grad_enabled():
+            return None
+        cast = None
+        dev = next(iter(self._weight_params.values())).device.type
+        if dev in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(dev):
+            cast = torch.get_autocast_dtype(dev)
+        versions = (self.tickets.version, tuple(p._version for p in self._weight_params.values()),
+                    tuple(p.data_ptr() for p in self._weight_params.values()))
+        return cast, versions
+
     def _masked_params(self, t: int) -> dict[str, torch.Tensor]:
         """``{"<layer>.weight": W * mask_t}``; cached per ticket while autograd is off (keyed on mask and
         weight versions, so optimizer steps and mask changes invalidate it). Under autocast (CUDA fp16/bf16,
         CPU bf16) the cached weights of plain conv/linear layers are stored already cast to the autocast
         dtype, so neither masking nor casting is repeated on every call."""
-        cache = self.cache_masked_weights and not torch.is_grad_enabled()
-        cast = None
-        if cache:
-            dev = next(iter(self._weight_params.values())).device.type
-            if dev in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(dev):
-                cast = torch.get_autocast_dtype(dev)
-            key = (self.tickets.version, tuple(p._version for p in self._weight_params.values()),
-                   tuple(p.data_ptr() for p in self._weight_params.values()))
-            hit = self._cache.get((t, cast))
-            if hit is not None and hit[0] == key:
-                return hit[1]
+        ctx = self._cache_context()
+        if ctx is not None:
+            hit = self._cache_get((t, ctx[0]), ctx[1])
+            if hit is not None:
+                return hit
         masks = self.tickets.masks
         params = {}
         for n, w in self._weight_params.items():
             mw = w * masks[n][t].to(w.dtype)
-            if cast is not None and w.is_floating_point() and self._plain_layer[n]:
-                mw = mw.to(cast)
+            if ctx is not None and ctx[0] is not None and w.is_floating_point() and self._plain_layer[n]:
+                mw = mw.to(ctx[0])
             params[f"{n}.weight"] = mw
-        if cache:
-            self._cache[(t, cast)] = (key, params)
+        if ctx is not None:
+            self._cache_put((t, ctx[0]), ctx[1], params, 1)
         return params
+
+    def _stacked_weights(self) -> dict[str, torch.Tensor] | None:
+        """``{layer: W * masks [K, ...]}`` for all K tickets, from the cache (filled when the bound allows K
+        copies and autograd is off); None when it cannot be cached (the grouped layers then mask on the fly)."""
+        ctx = self._cache_context()
+        if ctx is None or self._cache_budget() < self.num_tickets:
+            return None
+        key = ("stack", ctx[0])
+        hit = self._cache_get(key, ctx[1])
+        if hit is None:
+            hit = {}
+            for n, w in self._weight_params.items():
+                mw = torch.where(self.tickets.masks[n], w.unsqueeze(0), w.new_zeros(()))
+                hit[n] = mw.to(ctx[0]) if ctx[0] is not None and w.is_floating_point() else mw
+            self._cache_put(key, ctx[1], hit, self.num_tickets)
+        return hit
+
+    def _grouped_layer_forwards(self, layout: GroupLayout) -> dict[nn.Module, Any]:
+        """The patched forwards of one grouped call: every prunable layer over the present tickets' stacked masked
+        weights, and (shared norms using batch statistics) each plain BatchNorm per ticket."""
+        stacked, ids, every = self._stacked_weights(), layout.ticket_ids, layout.all_of(self.num_tickets)
+        forwards = {}
+        for n, w in self._weight_params.items():
+            if stacked is not None:
+                full = stacked[n]
+                fn = (lambda full=full: full) if every else (lambda full=full: full.index_select(0, ids))
+            else:
+                masks = self.tickets.masks[n]  # where(): no float copy of the masks (one [T, ...] tensor per layer)
+                fn = (lambda w=w, masks=masks: torch.where(masks if every else masks.index_select(0, ids),
+                                                           w.unsqueeze(0), w.new_zeros(())))
+            forwards[self.model.get_submodule(n)] = layer_forward(self.model.get_submodule(n), fn)
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, RoutedBatchNorm) and \
+                    (m.training or m.running_mean is None):
+                forwards[m] = lambda x, m=m: grouped_batch_norm(m, x, layout)
+        return forwards
+
+    def _run_grouped(self, args, kwargs, route: torch.Tensor):
+        layout = GroupLayout(route)
+        forwards = self._grouped_layer_forwards(layout)
+        try:
+            self._state.set(route, layout=layout)
+            return run_grouped(lambda a, kw: self.model(*a, **kw), args, kwargs, layout, forwards)
+        finally:
+            self._state.clear()
+
+    def execution_on(self, device) -> str:
+        """The path a mixed batch on ``device`` takes now ("auto" resolved): "grouped" or "bucketed" (weight
+        mode); "single-pass" in channel mode."""
+        if self.granularity != "weight":
+            return "single-pass"
+        return "grouped" if self._grouped_now(torch.device(device)) else "bucketed"
+
+    def _grouped_now(self, device: torch.device) -> bool:
+        if self.granularity != "weight" or self._execution == "bucketed":
+            return False
+        if self._execution == "grouped":
+            return True
+        return self._grouped_blocker is None and device.type == "cuda" and not torch.compiler.is_compiling()
 
     def _run_ticket(self, args, kwargs, t: int):
         try:
@@ -455,6 +600,8 @@ class RoutedModel(nn.Module):
                 return self.model(*args, **kwargs)
             finally:
                 self._state.clear()
+        if self._grouped_now(route.device):
+            return self._run_grouped(args, kwargs, route)
         return run_bucketed(self._run_ticket, args, kwargs, route)
 
     def _run_per_pixel(self, args, kwargs, route: torch.Tensor):

@@ -24,8 +24,8 @@ def resolve_adapter(model: nn.Module, adapter: str | Adapter = "auto") -> Adapte
 def wrap(model: nn.Module, num_tickets: int, *, example_inputs=None, granularity: str = "weight",
          adapter: str | Adapter = "auto", output_layers: Sequence[str] | None = None,
          ignored_layers: Sequence[str | nn.Module] = (), shared_norm: bool = False,
-         customized_pruners: dict | None = None, cache_masked_weights: bool = True, num_heads: dict | None = None,
-         graph_timeout: float = 120.0, check_export: bool = True) -> RoutedModel:
+         customized_pruners: dict | None = None, cache_masked_weights: bool | int = True, num_heads: dict | None = None,
+         graph_timeout: float = 120.0, check_export: bool = True, execution: str = "auto") -> RoutedModel:
     """Wrap ``model`` into a RoutedModel with ``num_tickets`` all-ones tickets.
 
     Args:
@@ -37,6 +37,8 @@ def wrap(model: nn.Module, num_tickets: int, *, example_inputs=None, granularity
         output_layers: override the adapter's output layers (never pruned).
         ignored_layers: further layers never pruned.
         shared_norm: one set of norm statistics for all tickets (the paper); default per-ticket.
+        cache_masked_weights: weight mode, True / False / an int bound in ticket copies (``RoutedModel``).
+        execution: weight mode, "auto" / "grouped" / "bucketed" (``RoutedModel.execution``).
         num_heads: channel mode, ``{q/k/v or fused qkv layer: heads}`` added to the adapter's (timm attention
             is found by itself); tickets keep or drop whole heads.
         graph_timeout: channel mode, seconds allowed for torch-pruning's graph and group building; past it
@@ -72,7 +74,7 @@ def wrap(model: nn.Module, num_tickets: int, *, example_inputs=None, granularity
                         num_heads=_unignored_heads(heads, model, ignored_layers, output_layers),
                         graph_timeout=graph_timeout)
     routed = RoutedModel(model, space, num_tickets=num_tickets, shared_norm=shared_norm,
-                         cache_masked_weights=cache_masked_weights)
+                         cache_masked_weights=cache_masked_weights, execution=execution)
     if granularity == "channel" and check_export:
         probe_channel_export(routed, check_inputs=example_inputs, label=model_label(model))
     return routed

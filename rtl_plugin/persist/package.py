@@ -26,15 +26,16 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, ExportError, MissingDependencyError,
-                               RouteError, RTLError, SpaceError, TicketError)
+from rtl_plugin.errors import (ArchitectureMismatchError, CorruptFileError, ExecutionError, ExportError,
+                               MissingDependencyError, RouteError, RTLError, SpaceError, TicketError)
 from rtl_plugin.norms import RoutedBatchNorm
 from rtl_plugin.persist.atomic import atomic_write_bytes
 from rtl_plugin.persist.export import export_ticket, prune_copy, pruning_history
 from rtl_plugin.persist.io import load, save
 from rtl_plugin.persist.manifest import (PACKAGE, check_fingerprint, read_manifest, read_verified, sha256,
                                          tensors_from_bytes, tensors_to_bytes, write_manifest)
-from rtl_plugin.routed import RoutedModel, check_route, run_bucketed, run_per_pixel
+from rtl_plugin.persist.stacked import StackedTickets
+from rtl_plugin.routed import EXECUTIONS, RoutedModel, check_route, run_bucketed, run_per_pixel
 from rtl_plugin.routing.routers import Router, RunAllRouter, create_router, positive_score
 from rtl_plugin.space import TicketSpace
 
@@ -67,10 +68,16 @@ class SlimRoutedModel(nn.Module):
       * ``route``: an int, LongTensor [B] (mixed batches are bucketed by ticket) or [B, H, W] (per pixel);
       * without ``route`` the packaged router picks the tickets (a context router needs ``context=ids``).
     Returns what the base model returns (e.g. logits [B, classes]), in the input order.
+
+    ``execution`` ("auto" / "grouped" / "bucketed", see ``RoutedModel.execution``): channel mode, "grouped" runs
+    the K slim models as one network (``persist.stacked.StackedTickets``: per-layer stacks padded to the widest
+    ticket, one grouped call per layer, checked against the slim models on the first batch); "bucketed" runs
+    one slim model per ticket bucket; "auto" groups on CUDA where the model allows it. Weight mode: the routed
+    model's switch.
     """
 
     def __init__(self, tickets: Sequence[nn.Module] | None = None, *, routed: RoutedModel | None = None,
-                 router: nn.Module | None = None):
+                 router: nn.Module | None = None, execution: str = "auto"):
         super().__init__()
         if (tickets is None) == (routed is None):
             raise TicketError("SlimRoutedModel needs either tickets=[K slim models] (channel mode) or "
@@ -89,7 +96,45 @@ class SlimRoutedModel(nn.Module):
             self.routed = routed
             self.granularity = routed.granularity
         self.attach_router(router)
+        object.__setattr__(self, "_stacked", None)  # the grouped path's stacks, built on first use
+        self.execution = execution
         self.eval()
+
+    @property
+    def execution(self) -> str:
+        """How a mixed batch runs: "auto", "grouped" or "bucketed" (see the class docstring)."""
+        return self.routed.execution if self.routed is not None else self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        if self.routed is not None:
+            self.routed.execution = value  # validates, ExecutionError naming the fix
+            return
+        if not isinstance(value, str) or value not in EXECUTIONS:
+            raise ExecutionError(f"execution must be one of {EXECUTIONS}, got {value!r}.")
+        if value == "grouped" and self._stacked_tickets().blocker is not None:
+            raise ExecutionError(f"execution='grouped' cannot run these tickets: {self._stacked.blocker}; use "
+                                 "execution='auto' (falls back to one slim model per ticket) or 'bucketed'.")
+        object.__setattr__(self, "_execution", value)
+
+    def execution_on(self, device) -> str:
+        """The path a mixed batch on ``device`` takes now: "grouped" or "bucketed" (channel mode: the first-batch
+        check of the grouped path runs on the first grouped call, so call this after one batch)."""
+        if self.routed is not None:
+            return self.routed.execution_on(device)
+        wanted = self._execution == "grouped" or (self._execution == "auto" and torch.device(device).type == "cuda")
+        if not wanted or self.training:
+            return "bucketed"
+        return "grouped" if self._stacked_tickets().blocker is None else "bucketed"
+
+    def _stacked_tickets(self) -> StackedTickets:
+        if self._stacked is None or self._stacked.stale():
+            object.__setattr__(self, "_stacked", StackedTickets(list(self.tickets)))
+        return self._stacked
+
+    def _apply(self, fn, recurse=True):
+        object.__setattr__(self, "_stacked", None)  # moved tensors: the stacks are rebuilt on the next grouped call
+        return super()._apply(fn, recurse)
 
     def attach_router(self, router: nn.Module | None) -> None:
         """Route calls without ``route=`` through ``router`` (None: such calls raise RouteError).
@@ -124,6 +169,20 @@ class SlimRoutedModel(nn.Module):
         return self.tickets[t](*args, **kwargs)
 
     def _run_per_sample(self, args, kwargs, route: torch.Tensor):
+        if self._execution == "grouped" or (self._execution == "auto" and route.device.type == "cuda"):
+            if self.training:
+                if self._execution == "grouped":
+                    raise ExecutionError("a grouped channel package runs in eval mode only; call .eval() or use "
+                                         "execution='bucketed'.")
+            else:
+                plan = self._stacked_tickets()
+                if plan.blocker is None and not plan.verified:
+                    plan.verify(args, kwargs)
+                if plan.blocker is None:
+                    return plan.run(args, kwargs, route)
+                if self._execution == "grouped":
+                    raise ExecutionError(f"execution='grouped' cannot run these tickets: {plan.blocker}; use "
+                                         "execution='auto' or 'bucketed'.")
         return run_bucketed(self._run_ticket, args, kwargs, route)
 
     def forward(self, *args, route=None, context=None, **kwargs):
@@ -477,7 +536,7 @@ def _load_slim_ticket(path: Path, m: dict, space: TicketSpace, k: int, model: nn
     return base.eval()
 
 
-def load_package(path, model: nn.Module, *, map_location=None) -> SlimRoutedModel:
+def load_package(path, model: nn.Module, *, map_location=None, execution: str = "auto") -> SlimRoutedModel:
     """Load a package written by :func:`export_package` into a :class:`SlimRoutedModel` (eval mode).
 
     Args:
@@ -485,6 +544,7 @@ def load_package(path, model: nn.Module, *, map_location=None) -> SlimRoutedMode
         model: a fresh instance of the packaged architecture (same constructor arguments); it is copied
             (channel mode: once per ticket, then pruned by replaying the ticket's torch-pruning history).
         map_location: device to move the loaded model to.
+        execution: "auto", "grouped" or "bucketed" (``SlimRoutedModel.execution``).
     Raises:
         ArchitectureMismatchError: ``model`` is another architecture. CorruptFileError: a file is missing or
         modified. FormatVersionError: written by a newer rtl-plugin.
@@ -507,6 +567,7 @@ def load_package(path, model: nn.Module, *, map_location=None) -> SlimRoutedMode
         slim.attach_router(_rebuild_router(entry, K, data, slim, path / ROUTER_FILE))
     if map_location is not None:
         slim.to(map_location)
+    slim.execution = execution
     return slim.eval()
 
 

@@ -63,3 +63,21 @@ def test_device_settings_and_absolute_numbers(speed_json):
     # the channel tickets really are 50% / 75% channel-sparse (~75% / ~94% of the weights)
     assert speed_json["settings"]["channel50_weight_sparsity"] > 0.6
     assert speed_json["settings"]["channel75_weight_sparsity"] > speed_json["settings"]["channel50_weight_sparsity"]
+
+
+def test_both_execution_paths_side_by_side(speed_json):
+    """Issue 19: bucketed and grouped timings in one run; the keys of earlier runs are the path "auto" takes
+    (bucketed on the CPU); peak memory with the bounded cache; the padding the grouped path computes on."""
+    t, r = speed_json["times_s"], speed_json["ratios"]
+    assert speed_json["settings"]["auto_execution"]["weight"] == "bucketed"
+    for key in ("routed_weight_bucketed_infer", "routed_weight_grouped_infer", "routed_weight_grouped_balanced_infer",
+                "routed_weight_grouped_nocache_infer", "routed_channel50_bucketed_infer",
+                "routed_weight_grouped_infer_img40"):
+        assert t[key] > 0, key
+    assert t["routed_weight_infer"] == t["routed_weight_bucketed_infer"]
+    assert r["routed_weight_grouped_vs_bucketed"] == pytest.approx(
+        t["routed_weight_grouped_infer"] / t["routed_weight_bucketed_infer"], rel=1e-2)
+    assert r["peak_memory_grouped_bounded_vs_dense"] > 0 and r["peak_memory_grouped_vs_dense"] > 0
+    assert speed_json["settings"]["grouped_padded_rows_vs_batch"] >= 1.0
+    # the channel packages run grouped unless their first-batch check refuses (then the reason is recorded)
+    assert ("routed_channel50_grouped_infer" in t) != ("channel50_grouped_blocker" in speed_json["settings"])
