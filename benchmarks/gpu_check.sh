@@ -10,11 +10,12 @@
 #    env.json (versions, GPU), one log per step (import_check.log, cuda_tests.log: the pytest output,
 #    speed.log) and speed/speed.json (speed.py on cuda: resnet18, K=10, batch 256, 32x32 + 64x64 + 224x224,
 #    bucketed and grouped paths side by side, channel packages both ways, peak memory with and without the
-#    bounded cache, training and ticket search). 6 files (the device tool returns at most 8).
+#    bounded cache, training and ticket search) and search_grouped.json + .log (sequential vs grouped ticket
+#    search vs single IMP, issue 19 part 3). 8 files (the device tool returns at most 8).
 # 3. Dry run here on the CPU (same steps, quick sizes; the CUDA tests skip):
 #        GPU_CHECK_DEVICE=cpu OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 #
-# Step limits (seconds): import check 90, CUDA tests 250, speed 220: at most ~9 minutes in all. A failing
+# Step limits (seconds): import check 90, CUDA tests 210, speed 200, grouped search 100: at most ~10 minutes. A failing
 # step is logged and the next one still runs; the script exits non-zero if any step failed.
 set -euo pipefail
 
@@ -86,10 +87,16 @@ else
 fi
 PER_TEST=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout 120)
-step cuda_tests 250 "$PY" -m pytest -q -p no:cacheprovider -rs "${PER_TEST[@]}" \
+step cuda_tests 210 "$PY" -m pytest -q -p no:cacheprovider -rs "${PER_TEST[@]}" \
     tests/integrations/test_cuda.py tests/core/test_grouped.py tests/persist/test_stacked.py \
-    tests/persist/test_deploy.py -k "cuda or Cuda" || true
+    tests/persist/test_deploy.py tests/pruning/test_grouped_search.py -k "cuda or Cuda" || true
 tail -1 "$OUT/cuda_tests.log" >> "$LOG"
-step speed 220 "$PY" benchmarks/speed.py "${SPEED_ARGS[@]}" --out "$OUT/speed" || true
+step speed 200 "$PY" benchmarks/speed.py "${SPEED_ARGS[@]}" --out "$OUT/speed" || true
+if [[ "$DEVICE" == "cuda" ]]; then
+    SEARCH_ARGS=(--device cuda --threads 4 --reps 2)
+else
+    SEARCH_ARGS=(--device cpu --model test_resnet --image 16 --tickets 3 --batches 2 --batch 8)
+fi
+step search_grouped 100 "$PY" benchmarks/search_grouped.py "${SEARCH_ARGS[@]}" --out "$OUT/search_grouped.json" || true
 echo "files: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')" | tee -a "$LOG"
 exit $FAILED
