@@ -1,0 +1,72 @@
+"""benchmarks/fashion_detectors.py: the benchmark CNN's θ0 is the paper's Kaiming-normal init (fan_in, ReLU),
+and the per-ticket per-layer density recorded for every sparsity is each ticket's own kept fraction."""
+import importlib.util
+import math
+import pathlib
+
+import torch
+import torch.nn as nn
+
+import rtl_plugin as rtl
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("fashion_detectors", ROOT / "benchmarks" / "fashion_detectors.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _conv_std_ratios(model: nn.Module) -> list[float]:
+    """Empirical std of each conv weight over the Kaiming-normal std sqrt(2 / fan_in)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            out.append(float(m.weight.detach().std()) / math.sqrt(2.0 / fan_in))
+    return out
+
+
+def test_plain_cnn_conv_weights_have_kaiming_normal_std():
+    fd = _module()
+    ratios = _conv_std_ratios(fd.model_factory("cnn")(0))
+    assert len(ratios) == 5
+    # the smallest layer has 144 weights: its std is within ~15% of the target; the others within ~5%
+    assert all(abs(r - 1.0) < 0.2 for r in ratios), ratios
+    assert abs(sum(ratios[1:]) / 4 - 1.0) < 0.05, ratios
+    # PyTorch's default conv init U(±1/sqrt(fan_in)) has std sqrt(1/(3 fan_in)): ratio 1/sqrt(6) ~ 0.41
+    default = nn.Conv2d(32, 64, 3, bias=False)
+    assert abs(_conv_std_ratios(default)[0] - 1 / math.sqrt(6)) < 0.05
+
+
+def test_plain_cnn_init_is_normal_not_uniform():
+    fd = _module()
+    convs = [m.weight.detach().flatten() for m in fd.model_factory("cnn")(1).modules() if isinstance(m, nn.Conv2d)]
+    z = torch.cat([w / w.std() for w in convs[1:]])  # each layer standardised: a mixture of scales is not normal
+    # a uniform distribution is bounded at sqrt(3) std; a normal one of ~115K draws is not
+    assert float(z.abs().max()) > 3.5
+    assert abs(float((z ** 4).mean()) - 3.0) < 0.3  # normal kurtosis 3 (uniform: 1.8)
+
+
+def test_same_seed_same_theta0():
+    fd = _module()
+    make = fd.model_factory("cnn")
+    a, b = make(3).state_dict(), make(3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_per_ticket_layer_density_is_each_tickets_kept_fraction():
+    fd = _module()
+    model = fd.PlainCNN(widths=(4, 4, 4, 4, 4))
+    routed = rtl.wrap(model, 3, example_inputs=torch.randn(1, 1, 28, 28))
+    masks = routed.tickets.element_masks()
+    names = list(masks)
+    masks[names[0]][1].zero_()                     # ticket 1 drops the whole first layer
+    masks[names[-1]][2].view(-1)[: masks[names[-1]][2].numel() // 4] = False  # ticket 2 drops a quarter of the last
+    per_ticket = fd.layer_density_per_ticket(routed.tickets)
+    assert per_ticket[names[0]] == [1.0, 0.0, 1.0]
+    assert per_ticket[names[-1]] == [1.0, 1.0, 0.75]
+    mean = fd.layer_density(routed.tickets)
+    assert all(abs(mean[n] - sum(v) / 3) < 1e-6 for n, v in per_ticket.items())
