@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -401,6 +402,38 @@ def machine_info() -> dict:
     return info
 
 
+SEED_INDEPENDENT = ("command", "commit", "machine", "per_seed", "summary", "markdown", "total_wall_time_s", "merged_from")
+
+
+def merge_results(paths: list[str], out: str) -> dict:
+    """One result file from runs of the same settings on different seeds (e.g. seeds run as parallel processes):
+    per-seed records concatenated in seed order, summary and table recomputed; each run's command, commit and
+    machine kept under ``merged_from``."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len(runs) < 2:
+        raise SystemExit("--merge needs at least two result files")
+    ref = {k: v for k, v in runs[0]["settings"].items() if k != "seeds"}
+    for path, r in zip(paths, runs):
+        diff = sorted(k for k in set(ref) | set(r["settings"]) if k != "seeds" and r["settings"].get(k) != ref.get(k))
+        if diff:
+            raise SystemExit(f"--merge: {path} differs from {paths[0]} in settings {diff}; merge only runs of one "
+                             "protocol (same command apart from --seeds and --out)")
+    per_seed = sorted((s for r in runs for s in r["per_seed"]), key=lambda s: s["seed"])
+    seeds = [s["seed"] for s in per_seed]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: seed repeated across files ({seeds}); each seed must come from one run only")
+    merged = {k: v for k, v in runs[0].items() if k not in SEED_INDEPENDENT}
+    merged["settings"] = {**runs[0]["settings"], "seeds": seeds}
+    merged["merged_from"] = [{"file": str(p), "command": r["command"], "commit": r.get("commit"),
+                              "machine": r["machine"], "seeds": [s["seed"] for s in r["per_seed"]],
+                              "total_wall_time_s": r.get("total_wall_time_s")} for p, r in zip(paths, runs)]
+    merged["per_seed"] = per_seed
+    merged["summary"] = summarise(per_seed)
+    merged["markdown"] = markdown(merged["summary"], merged["settings"], per_seed[0]["prunable_weights"])
+    atomic_write_json(Path(out), merged)
+    return merged
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -423,6 +456,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run single IMP at RTL's union sparsity (equal storage matching)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference")
     p.add_argument("--progress", action="store_true", help="tqdm progress bars")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                   help="no training: merge result files of the same settings on different seeds into --out")
     p.add_argument("--out", default="benchmarks/results/fashion_detectors.json")
     a = p.parse_args(argv)
     if a.quick:
@@ -433,6 +468,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.merge:
+        merged = merge_results(a.merge, a.out)
+        print(merged["markdown"])
+        return merged
     torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     settings = {"model": a.model, "seeds": seeds, "train_per_class": a.train_per_class,
