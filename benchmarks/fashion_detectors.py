@@ -250,7 +250,7 @@ class FashionDetectorTask(ComparisonTask):
 
 
 def comparison_config(cfg: dict) -> ComparisonConfig:
-    methods = METHODS + (("dense",) if cfg["dense"] else ())
+    methods = tuple(cfg.get("methods", METHODS)) + (("dense",) if cfg["dense"] else ())
     return ComparisonConfig(sparsities=tuple(cfg["sparsities"]), methods=methods, schedule="fraction",
                             prune_fraction=cfg["prune_fraction"], scope=cfg.get("scope", "global"),
                             epochs_per_round=cfg["epochs_per_round"], retrain_epochs=cfg["retrain_epochs"],
@@ -334,8 +334,11 @@ def markdown(summary: dict, settings: dict, n_total: int) -> str:
     order = {m: i for i, m in enumerate(("rtl", "single_imp", "multi_imp", "dense"))}
     rows = sorted(summary["rows"], key=lambda r: (r["sparsity"], r["matching"] != "equal_cost",
                                                    order.get(r["method"], 9)))
+    most = max(r["metrics"]["balanced_accuracy"]["n"] for r in rows)
     for r in rows:
         name = r["method"] + (" (equal storage)" if r["matching"] == "equal_storage" else "")
+        n = r["metrics"]["balanced_accuracy"]["n"]
+        name += f" ({n} seed{'s' if n > 1 else ''})" if n < most else ""
         mm = r["metrics"]
         out.append(f"| {int(round(r['sparsity'] * 100))}% | {name} | {_k(r['params']['mean'])} | "
                    f"{_f(mm['balanced_accuracy'])} | {_f(mm['precision'])} | {_f(mm['recall'])} | "
@@ -412,9 +415,11 @@ def merge_results(paths: list[str], out: str) -> dict:
     runs = [json.loads(Path(p).read_text()) for p in paths]
     if len(runs) < 2:
         raise SystemExit("--merge needs at least two result files")
-    ref = {k: v for k, v in runs[0]["settings"].items() if k != "seeds"}
+    per_run = ("seeds", "methods", "dense")  # a run of fewer methods adds seeds to those methods' rows only
+    ref = {k: v for k, v in runs[0]["settings"].items() if k not in per_run}
     for path, r in zip(paths, runs):
-        diff = sorted(k for k in set(ref) | set(r["settings"]) if k != "seeds" and r["settings"].get(k) != ref.get(k))
+        diff = sorted(k for k in set(ref) | set(r["settings"])
+                      if k not in per_run and r["settings"].get(k) != ref.get(k))
         if diff:
             raise SystemExit(f"--merge: {path} differs from {paths[0]} in settings {diff}; merge only runs of one "
                              "protocol (same command apart from --seeds and --out)")
@@ -423,8 +428,11 @@ def merge_results(paths: list[str], out: str) -> dict:
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--merge: seed repeated across files ({seeds}); each seed must come from one run only")
     merged = {k: v for k, v in runs[0].items() if k not in SEED_INDEPENDENT}
-    merged["settings"] = {**runs[0]["settings"], "seeds": seeds}
+    merged["settings"] = {**runs[0]["settings"], "seeds": seeds,
+                          "methods": [m for m in METHODS if any(m in r["settings"].get("methods", METHODS) for r in runs)],
+                          "dense": any(r["settings"].get("dense", True) for r in runs)}
     merged["merged_from"] = [{"file": str(p), "command": r["command"], "commit": r.get("commit"),
+                              "methods": r["settings"].get("methods", list(METHODS)), "dense": r["settings"].get("dense"),
                               "machine": r["machine"], "seeds": [s["seed"] for s in r["per_seed"]],
                               "total_wall_time_s": r.get("total_wall_time_s")} for p, r in zip(paths, runs)]
     merged["per_seed"] = per_seed
@@ -455,6 +463,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--equal-storage", action="store_true",
                    help="also run single IMP at RTL's union sparsity (equal storage matching)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of rtl,single_imp,multi_imp (rtl is required: the others reuse its search)")
     p.add_argument("--progress", action="store_true", help="tqdm progress bars")
     p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
                    help="no training: merge result files of the same settings on different seeds into --out")
@@ -481,7 +491,8 @@ def main(argv=None) -> dict:
                 "retrain_epochs": a.retrain_epochs, "batch_size": a.batch_size, "optimizer": "Adam", "lr": a.lr,
                 "rewind": "init (θ0)", "norms": "per-ticket BatchNorm statistics, per-ticket Adam state",
                 "threshold": 0.0, "equal_storage": a.equal_storage, "dense": not a.no_dense,
-                "quick": a.quick, "progress": a.progress}
+                "quick": a.quick, "progress": a.progress,
+                "methods": [m for m in METHODS if m in a.methods.split(",")]}
     if (2 * a.train_per_class) % a.batch_size:
         log(f"note: 2 x train-per-class = {2 * a.train_per_class} is not a multiple of the batch size "
             f"{a.batch_size}; single IMP then sees slightly more samples per epoch than the tickets")
