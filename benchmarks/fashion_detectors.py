@@ -34,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -270,8 +271,15 @@ def run_seed(cfg: dict, seed: int) -> dict:
 
 # --------------------------------------------------------------------------- aggregation and report
 def _ms(vals) -> dict:
+    if not len(vals):
+        return {"mean": float("nan"), "std": 0.0, "n": 0}
     a = np.asarray(vals, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
+
+
+def _natural(name: str) -> tuple:
+    """Sort key reading digit runs as numbers, so ``features.3`` < ``features.12`` (forward order of the CNN)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -306,14 +314,16 @@ def summarise(per_seed: list[dict]) -> dict:
     sim = []
     for s in sps:
         hits = [x for res in per_seed for x in res["similarity"] if x["sparsity"] == s]
-        layers = list(hits[0]["per_layer"])
+        layers = sorted(hits[0]["per_layer"], key=_natural)  # JSON files store keys sorted: features.12 < features.3
         sim.append({"sparsity": s, "mean_jaccard": _ms([h["mean_jaccard"] for h in hits]),
                     "chance": _ms([h["chance"] for h in hits]),
                     "union_fraction": _ms([h["union_fraction"] for h in hits]),
                     "per_layer": {ln: _ms([h["per_layer"][ln] for h in hits]) for ln in layers}})
         if all("per_layer_density" in h for h in hits):
             sim[-1]["per_layer_density"] = {ln: _ms([h["per_layer_density"][ln] for h in hits]) for ln in layers}
-    wall = {k: _ms([res["wall_time_s"][k] for res in per_seed]) for k in per_seed[0]["wall_time_s"]}
+    stages = list(dict.fromkeys(k for res in per_seed for k in res["wall_time_s"]))  # runs of fewer methods lack some
+    wall = {k: _ms([res["wall_time_s"][k] for res in per_seed if res["wall_time_s"].get(k)]) for k in stages}  # 0: not run
+    wall = {k: v for k, v in wall.items() if v["n"]}
     return {"rows": rows, "differences": diffs, "similarity": sim, "wall_time_s": wall}
 
 

@@ -73,17 +73,18 @@ def test_per_ticket_layer_density_is_each_tickets_kept_fraction():
     assert all(abs(mean[n] - sum(v) / 3) < 1e-6 for n, v in per_ticket.items())
 
 
-def _seed_record(seed: int, rtl: float, single: float) -> dict:
+def _seed_record(seed: int, rtl: float, single: float, wall: dict) -> dict:
     metrics = lambda v: {m: v for m in ("balanced_accuracy", "precision", "recall", "auc", "argmax_accuracy")}  # noqa: E731
     rows = [{"method": m, "sparsity": 0.5, "matching": "equal_cost", "routing": "all", "params": 10,
              "metrics": metrics(v)} for m, v in (("rtl", rtl), ("single_imp", single), ("multi_imp", rtl))]
     sim = [{"sparsity": 0.5, "mean_jaccard": 0.7, "chance": 0.3, "union_fraction": 0.6, "per_layer": {"a": 0.9}}]
-    return {"seed": seed, "prunable_weights": 20, "rows": rows, "similarity": sim, "wall_time_s": {"total": 1.0}}
+    return {"seed": seed, "prunable_weights": 20, "rows": rows, "similarity": sim, "wall_time_s": wall}
 
 
 def _result_file(tmp_path, name, seeds, **settings) -> str:
     import json
-    recs = [_seed_record(s, 0.9 + 0.01 * s, 0.8) for s in seeds]
+    wall = {"total": 1.0} if settings.get("methods") == ["rtl"] else {"dense": 0.5, "total": 1.0}
+    recs = [_seed_record(s, 0.9 + 0.01 * s, 0.8, wall) for s in seeds]
     data = {"benchmark": "fashion_detectors", "command": f"python x --seeds {seeds}", "commit": "abc",
             "machine": {"cpu_count": 2}, "settings": {"seeds": seeds, "lr": 1e-3, **settings}, "per_seed": recs}
     path = tmp_path / name
@@ -94,13 +95,14 @@ def _result_file(tmp_path, name, seeds, **settings) -> str:
 def test_merge_recomputes_summary_over_seeds_and_keeps_each_runs_provenance(tmp_path):
     fd = _module()
     a = _result_file(tmp_path, "a.json", [0, 1])
-    b = _result_file(tmp_path, "b.json", [2])
+    b = _result_file(tmp_path, "b.json", [2], methods=["rtl"])  # a run of fewer methods merges too
     merged = fd.merge_results([b, a], str(tmp_path / "m.json"))
     assert [s["seed"] for s in merged["per_seed"]] == [0, 1, 2] and merged["settings"]["seeds"] == [0, 1, 2]
     rtl = next(r for r in merged["summary"]["rows"] if r["method"] == "rtl")
     assert rtl["metrics"]["balanced_accuracy"]["n"] == 3
     assert abs(rtl["metrics"]["balanced_accuracy"]["mean"] - 0.91) < 1e-9
     assert [m["file"] for m in merged["merged_from"]] == [b, a] and "commit" not in merged
+    assert merged["summary"]["wall_time_s"]["dense"]["n"] == 2 and merged["summary"]["wall_time_s"]["total"]["n"] == 3
 
 
 def test_merge_refuses_other_settings_and_repeated_seeds(tmp_path):
