@@ -27,6 +27,11 @@ Usage::
     nice -n 10 python benchmarks/fashion_detectors.py --seeds 0,1,2 --model cnn \\
         --train-per-class 300 --test-per-class 100 --out benchmarks/results/fashion_detectors.json
     python benchmarks/fashion_detectors.py --model timm:test_resnet --seeds 0 ...
+    python benchmarks/fashion_detectors.py --seeds 1 --methods rtl --no-dense --out rtl_seed1.json  # RTL only
+    python benchmarks/fashion_detectors.py --merge seed0.json rtl_seed1.json --out merged.json     # no training
+
+θ0 of the ``cnn`` model is the paper's Kaiming-normal init (fan_in, ReLU); defaults: 3 epochs per search round,
+5 joint-retraining epochs (RESULTS.md §1).
 """
 from __future__ import annotations
 
