@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rtl_plugin as rtl  # noqa: E402
-from fashion_detectors import K, load_data, log, machine_info, model_factory  # noqa: E402
+from fashion_detectors import K, code_commit, load_data, log, machine_info, model_factory  # noqa: E402
 from rtl_plugin.diagnostics.collapse import CollapseMonitor  # noqa: E402
 from rtl_plugin.tasks.classification.detectors import detector_scores, detector_train_step, one_vs_rest_loaders  # noqa: E402
 from rtl_plugin.persist.io import atomic_write_json  # noqa: E402
@@ -233,8 +233,8 @@ def main(argv=None) -> dict:
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--sparsities", default="0.25,0.5,0.75,0.85,0.9,0.925,0.95,0.965,0.975,0.985,0.99")
     p.add_argument("--prune-fraction", type=float, default=0.5)
-    p.add_argument("--epochs-per-round", type=int, default=1)
-    p.add_argument("--retrain-epochs", type=int, default=2)
+    p.add_argument("--epochs-per-round", type=int, default=3)
+    p.add_argument("--retrain-epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--probe", type=int, default=500, help="unlabeled probe images for the output signals")
@@ -265,7 +265,7 @@ def main(argv=None) -> dict:
            "lr": a.lr, "probe": a.probe, "progress": a.progress, "threads": a.threads}
     results = {"benchmark": "collapse_sweep", "command": "python " + " ".join(sys.argv if argv is None else
                                                                             ["benchmarks/collapse_sweep.py", *argv]),
-               "settings": cfg, "machine": machine_info(), "per_seed": []}
+               "commit": code_commit(), "settings": cfg, "machine": machine_info(), "per_seed": []}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in [int(s) for s in a.seeds.split(",") if s.strip()]:

@@ -27,12 +27,20 @@ Usage::
     nice -n 10 python benchmarks/fashion_detectors.py --seeds 0,1,2 --model cnn \\
         --train-per-class 300 --test-per-class 100 --out benchmarks/results/fashion_detectors.json
     python benchmarks/fashion_detectors.py --model timm:test_resnet --seeds 0 ...
+    python benchmarks/fashion_detectors.py --seeds 1 --methods rtl --no-dense --out rtl_seed1.json  # RTL only
+    python benchmarks/fashion_detectors.py --merge seed0.json rtl_seed1.json --out merged.json     # no training
+
+θ0 of the ``cnn`` model is the paper's Kaiming-normal init (fan_in, ReLU); defaults: 3 epochs per search round,
+5 joint-retraining epochs (RESULTS.md §1).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,7 +69,11 @@ METHODS = ("rtl", "single_imp", "multi_imp")  # in the order they run; dense (op
 # --------------------------------------------------------------------------- models
 class PlainCNN(nn.Module):
     """5 x (conv3x3-BN-ReLU), global average pool, linear head. 1->16->32->64->64->96 channels,
-    strides 2,2,1,2,1 on 28x28 inputs: 115,344 prunable conv weights (the head is never pruned)."""
+    strides 2,2,1,2,1 on 28x28 inputs: 115,344 prunable conv weights (the head is never pruned).
+
+    θ0 is the paper's Kaiming init: conv weights ~ N(0, 2 / fan_in) (He, ReLU gain). PyTorch's default
+    U(±1/√fan_in) has a third of that variance per layer and makes the global magnitude ranking empty the deep
+    layers between 90% and 95% sparsity (RESULTS §1, 2026-11-23 run)."""
 
     def __init__(self, num_classes: int = K, in_ch: int = 1, widths=(16, 32, 64, 64, 96), strides=(2, 2, 1, 2, 1)):
         super().__init__()
@@ -71,6 +83,9 @@ class PlainCNN(nn.Module):
             c = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c, num_classes)
+        for m in self.features:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def forward(self, x):
         return self.head(self.features(x).mean((2, 3)))
@@ -116,6 +131,12 @@ def log(msg: str) -> None:
 def layer_density(tickets: TicketSet) -> dict[str, float]:
     """Fraction of each prunable layer's weights kept, averaged over the tickets."""
     return {n: round(float(m.float().mean()), 6) for n, m in tickets.element_masks().items()}
+
+
+def layer_density_per_ticket(tickets: TicketSet) -> dict[str, list[float]]:
+    """Fraction of each prunable layer's weights kept by each ticket: ``{layer: [ticket 0, ..., ticket K-1]}``."""
+    return {n: [round(float(v), 6) for v in m.reshape(m.shape[0], -1).float().mean(1)]
+            for n, m in tickets.element_masks().items()}
 
 
 def layer_jaccard(tickets: TicketSet) -> dict[str, float]:
@@ -194,7 +215,8 @@ class FashionDetectorTask(ComparisonTask):
 
     def similarity_extras(self, tickets) -> dict:
         return {"union_fraction": round(tickets.union_count() / tickets.space.num_weights, 6),
-                "per_layer": layer_jaccard(tickets), "per_layer_density": layer_density(tickets)}
+                "per_layer": layer_jaccard(tickets), "per_layer_density": layer_density(tickets),
+                "per_layer_density_per_ticket": layer_density_per_ticket(tickets)}
 
     def single_imp_setup(self, method: str) -> SingleImpSetup:
         """IMP single: one mask, one multilabel model, shuffled batches; each round / epoch sees as many samples
@@ -234,7 +256,7 @@ class FashionDetectorTask(ComparisonTask):
 
 
 def comparison_config(cfg: dict) -> ComparisonConfig:
-    methods = METHODS + (("dense",) if cfg["dense"] else ())
+    methods = tuple(cfg.get("methods", METHODS)) + (("dense",) if cfg["dense"] else ())
     return ComparisonConfig(sparsities=tuple(cfg["sparsities"]), methods=methods, schedule="fraction",
                             prune_fraction=cfg["prune_fraction"], scope=cfg.get("scope", "global"),
                             epochs_per_round=cfg["epochs_per_round"], retrain_epochs=cfg["retrain_epochs"],
@@ -254,8 +276,15 @@ def run_seed(cfg: dict, seed: int) -> dict:
 
 # --------------------------------------------------------------------------- aggregation and report
 def _ms(vals) -> dict:
+    if not len(vals):
+        return {"mean": float("nan"), "std": 0.0, "n": 0}
     a = np.asarray(vals, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
+
+
+def _natural(name: str) -> tuple:
+    """Sort key reading digit runs as numbers, so ``features.3`` < ``features.12`` (forward order of the CNN)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
 def summarise(per_seed: list[dict]) -> dict:
@@ -290,14 +319,16 @@ def summarise(per_seed: list[dict]) -> dict:
     sim = []
     for s in sps:
         hits = [x for res in per_seed for x in res["similarity"] if x["sparsity"] == s]
-        layers = list(hits[0]["per_layer"])
+        layers = sorted(hits[0]["per_layer"], key=_natural)  # JSON files store keys sorted: features.12 < features.3
         sim.append({"sparsity": s, "mean_jaccard": _ms([h["mean_jaccard"] for h in hits]),
                     "chance": _ms([h["chance"] for h in hits]),
                     "union_fraction": _ms([h["union_fraction"] for h in hits]),
                     "per_layer": {ln: _ms([h["per_layer"][ln] for h in hits]) for ln in layers}})
         if all("per_layer_density" in h for h in hits):
             sim[-1]["per_layer_density"] = {ln: _ms([h["per_layer_density"][ln] for h in hits]) for ln in layers}
-    wall = {k: _ms([res["wall_time_s"][k] for res in per_seed]) for k in per_seed[0]["wall_time_s"]}
+    stages = list(dict.fromkeys(k for res in per_seed for k in res["wall_time_s"]))  # runs of fewer methods lack some
+    wall = {k: _ms([res["wall_time_s"][k] for res in per_seed if res["wall_time_s"].get(k)]) for k in stages}  # 0: not run
+    wall = {k: v for k, v in wall.items() if v["n"]}
     return {"rows": rows, "differences": diffs, "similarity": sim, "wall_time_s": wall}
 
 
@@ -318,8 +349,11 @@ def markdown(summary: dict, settings: dict, n_total: int) -> str:
     order = {m: i for i, m in enumerate(("rtl", "single_imp", "multi_imp", "dense"))}
     rows = sorted(summary["rows"], key=lambda r: (r["sparsity"], r["matching"] != "equal_cost",
                                                    order.get(r["method"], 9)))
+    most = max(r["metrics"]["balanced_accuracy"]["n"] for r in rows)
     for r in rows:
         name = r["method"] + (" (equal storage)" if r["matching"] == "equal_storage" else "")
+        n = r["metrics"]["balanced_accuracy"]["n"]
+        name += f" ({n} seed{'s' if n > 1 else ''})" if n < most else ""
         mm = r["metrics"]
         out.append(f"| {int(round(r['sparsity'] * 100))}% | {name} | {_k(r['params']['mean'])} | "
                    f"{_f(mm['balanced_accuracy'])} | {_f(mm['precision'])} | {_f(mm['recall'])} | "
@@ -356,6 +390,15 @@ def markdown(summary: dict, settings: dict, n_total: int) -> str:
 
 
 # --------------------------------------------------------------------------- main
+def code_commit() -> str:
+    """HEAD of the checkout this script runs from, marked when tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    return (head or "unknown") + ("+uncommitted-changes" if dirty else "")
+
+
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -377,6 +420,43 @@ def machine_info() -> dict:
     return info
 
 
+SEED_INDEPENDENT = ("command", "commit", "machine", "per_seed", "summary", "markdown", "total_wall_time_s", "merged_from")
+
+
+def merge_results(paths: list[str], out: str) -> dict:
+    """One result file from runs of the same settings on different seeds (e.g. seeds run as parallel processes):
+    per-seed records concatenated in seed order, summary and table recomputed; each run's command, commit and
+    machine kept under ``merged_from``."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len(runs) < 2:
+        raise SystemExit("--merge needs at least two result files")
+    per_run = ("seeds", "methods", "dense")  # a run of fewer methods adds seeds to those methods' rows only
+    ref = {k: v for k, v in runs[0]["settings"].items() if k not in per_run}
+    for path, r in zip(paths, runs):
+        diff = sorted(k for k in set(ref) | set(r["settings"])
+                      if k not in per_run and r["settings"].get(k) != ref.get(k))
+        if diff:
+            raise SystemExit(f"--merge: {path} differs from {paths[0]} in settings {diff}; merge only runs of one "
+                             "protocol (same command apart from --seeds and --out)")
+    per_seed = sorted((s for r in runs for s in r["per_seed"]), key=lambda s: s["seed"])
+    seeds = [s["seed"] for s in per_seed]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: seed repeated across files ({seeds}); each seed must come from one run only")
+    merged = {k: v for k, v in runs[0].items() if k not in SEED_INDEPENDENT}
+    merged["settings"] = {**runs[0]["settings"], "seeds": seeds,
+                          "methods": [m for m in METHODS if any(m in r["settings"].get("methods", METHODS) for r in runs)],
+                          "dense": any(r["settings"].get("dense", True) for r in runs)}
+    merged["merged_from"] = [{"file": str(p), "command": r["command"], "commit": r.get("commit"),
+                              "methods": r["settings"].get("methods", list(METHODS)), "dense": r["settings"].get("dense"),
+                              "machine": r["machine"], "seeds": [s["seed"] for s in r["per_seed"]],
+                              "total_wall_time_s": r.get("total_wall_time_s")} for p, r in zip(paths, runs)]
+    merged["per_seed"] = per_seed
+    merged["summary"] = summarise(per_seed)
+    merged["markdown"] = markdown(merged["summary"], merged["settings"], per_seed[0]["prunable_weights"])
+    atomic_write_json(Path(out), merged)
+    return merged
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -386,8 +466,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-per-class", type=int, default=300)
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--sparsities", default="0.25,0.5,0.75,0.9,0.95,0.97,0.99")
-    p.add_argument("--epochs-per-round", type=int, default=1, help="T: passes over subset k per pruning round")
-    p.add_argument("--retrain-epochs", type=int, default=2)
+    p.add_argument("--epochs-per-round", type=int, default=3, help="T: passes over subset k per pruning round")
+    p.add_argument("--retrain-epochs", type=int, default=5, help="joint retraining epochs from θ0")
     p.add_argument("--prune-fraction", type=float, default=0.5)
     p.add_argument("--scope", default="global", choices=["global", "layer"],
                    help="magnitude ranking over all layers (paper) or per layer")
@@ -398,7 +478,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--equal-storage", action="store_true",
                    help="also run single IMP at RTL's union sparsity (equal storage matching)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of rtl,single_imp,multi_imp (rtl is required: the others reuse its search)")
     p.add_argument("--progress", action="store_true", help="tqdm progress bars")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                   help="no training: merge result files of the same settings on different seeds into --out")
     p.add_argument("--out", default="benchmarks/results/fashion_detectors.json")
     a = p.parse_args(argv)
     if a.quick:
@@ -409,6 +493,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.merge:
+        merged = merge_results(a.merge, a.out)
+        print(merged["markdown"])
+        return merged
     torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     settings = {"model": a.model, "seeds": seeds, "train_per_class": a.train_per_class,
@@ -418,13 +506,14 @@ def main(argv=None) -> dict:
                 "retrain_epochs": a.retrain_epochs, "batch_size": a.batch_size, "optimizer": "Adam", "lr": a.lr,
                 "rewind": "init (θ0)", "norms": "per-ticket BatchNorm statistics, per-ticket Adam state",
                 "threshold": 0.0, "equal_storage": a.equal_storage, "dense": not a.no_dense,
-                "quick": a.quick, "progress": a.progress}
+                "quick": a.quick, "progress": a.progress,
+                "methods": [m for m in METHODS if m in a.methods.split(",")]}
     if (2 * a.train_per_class) % a.batch_size:
         log(f"note: 2 x train-per-class = {2 * a.train_per_class} is not a multiple of the batch size "
             f"{a.batch_size}; single IMP then sees slightly more samples per epoch than the tickets")
     results = {"benchmark": "fashion_detectors", "dataset": "fashion-mnist (Debian dataset-fashion-mnist)",
                "command": "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))),
-               "settings": settings, "machine": machine_info(), "per_seed": []}
+               "commit": code_commit(), "settings": settings, "machine": machine_info(), "per_seed": []}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
