@@ -279,8 +279,10 @@ class _Trainer:
             groups.append({"params": extra, "lr": cfg.backbone_lr})
         self.opt = torch.optim.Adam(groups)
         self.trainable = trainable
+        # a batch norm in train mode needs two values per channel: 1-D norms always, 2-D ones on 1 x 1 maps
+        # (a ResNet's last stage at a small input size)
         self.needs_pairs = cfg.norm_stats == "ticket" and any(
-            isinstance(m, nn.BatchNorm1d) and m.track_running_stats for m in routed.model.modules())
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in routed.model.modules())
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.history: list[Binarisation] = []
         self.losses: list[float] = []
@@ -315,7 +317,7 @@ class _Trainer:
         ids, factor, extra = self._route(x, g)
         keep = self._trainable_samples(ids)
         if keep is not None and not bool(keep.any()):
-            self.losses.append(float("nan"))  # every sample alone on its ticket: nothing a 1-D norm can train on
+            self.losses.append(float("nan"))  # every sample alone on its ticket: nothing a norm can train on
             return
         sel = (lambda v: v) if keep is None else (lambda v: v[keep] if isinstance(v, torch.Tensor) else v)
         out = ste(sel(x), route=sel(ids))
@@ -333,7 +335,7 @@ class _Trainer:
         self.window = self.window[-self.window_len:]
 
     def _trainable_samples(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """With 1-D batch norms in train mode a ticket's bucket needs two samples: samples alone on their ticket
+        """With batch norms in train mode a ticket's bucket needs two samples: samples alone on their ticket
         in this batch are left out of the task loss (None: keep all)."""
         if not self.needs_pairs:
             return None
