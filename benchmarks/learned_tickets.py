@@ -327,7 +327,7 @@ def load_data(a, seed: int, channels: int) -> dict:
             "num_classes": train.num_classes}
 
 
-def run_seed(a, seed: int) -> list[dict]:
+def run_seed(a, seed: int, rows: list[dict]) -> None:
     torch.manual_seed(seed)
     data = load_data(a, seed, 1 if a.backbone == "cnn" else 3)
     t0 = time.perf_counter()
@@ -344,7 +344,6 @@ def run_seed(a, seed: int) -> list[dict]:
     pre.eval()
     log(f"seed {seed}: {len(x)} train / {len(data['test'][0])} test inputs {tuple(x.shape[1:])}, "
         f"start model ready in {time.perf_counter() - t0:.0f}s")
-    rows = []
 
     def add(method, sparsity, fn):
         t = time.perf_counter()
@@ -352,6 +351,7 @@ def run_seed(a, seed: int) -> list[dict]:
         row = {"seed": seed, "method": method, "sparsity": sparsity, **fn()}
         row["wall_s"] = round(time.perf_counter() - t, 2)
         rows.append(row)
+        a.on_row()
         log(f"  {method:17s} s={sparsity:.2f} acc={row['acc']:.4f} dom={row['domain_acc']:.4f} "
             f"oracle={row.get('oracle_acc', float('nan')):.4f} gate={row.get('gate_acc', float('nan')):.3f} "
             f"stored={row['stored']} ({row['wall_s']}s)")
@@ -376,7 +376,6 @@ def run_seed(a, seed: int) -> list[dict]:
     for s in a.sparsities:
         for name in a.methods:
             add(name, s, lambda: methods[name](s))
-    return rows
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -442,21 +441,30 @@ def parse(argv=None):
     return a
 
 
-def main(argv=None) -> dict:
-    a = parse(argv)
-    torch.set_num_threads(a.threads)
-    t0, c0 = time.perf_counter(), time.process_time()
-    rows = []
-    for seed in a.seeds:
-        rows += run_seed(a, seed)
-    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "settings": vars(a),
+def write(a, rows: list[dict], t0: float, c0: float, *, complete: bool) -> dict:
+    """The result so far (``complete`` False while seeds remain: a long run keeps every finished row)."""
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "settings": {k: v for k, v in vars(a).items() if k != "on_row"},
               "machine": machine_info(a.threads), "domains": list(DOMAINS), "num_tickets": K,
-              "gate_flops_share_lite0": lite0_gate_share(), "split": getattr(a, "split", None), "rows": rows, "summary": summarise(rows),
+              "gate_flops_share_lite0": a.gate_share_lite0, "split": getattr(a, "split", None), "rows": rows,
+              "summary": summarise(rows), "complete": complete,
               "wall_time_s": round(time.perf_counter() - t0, 1), "cpu_time_s": round(time.process_time() - c0, 1)}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(a.out), result)
-        log(f"wrote {a.out}")
+    return result
+
+
+def main(argv=None) -> dict:
+    a = parse(argv)
+    torch.set_num_threads(a.threads)
+    t0, c0 = time.perf_counter(), time.process_time()
+    a.gate_share_lite0 = lite0_gate_share()
+    rows: list[dict] = []
+    a.on_row = lambda: write(a, rows, t0, c0, complete=False)
+    for seed in a.seeds:
+        run_seed(a, seed, rows)
+    result = write(a, rows, t0, c0, complete=True)
+    log(f"wrote {a.out}")
     return result
 
 
