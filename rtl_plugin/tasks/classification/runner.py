@@ -264,7 +264,7 @@ class ClassificationTask(ComparisonTask):
     def after_search(self, routed, search) -> None:
         if self.cfg.tickets == "learned":
             self.log("learned tickets: " + "; ".join(
-                f"{int(r['sparsity'] * 100)}% gate accuracy {r['gate_accuracy']}, routes {r['route_counts']}"
+                f"{int(r['sparsity'] * 100)}% gate accuracy {r['gate_accuracy'] or 0:.3f}, routes {r['route_counts']}"
                 for r in search.summary()))
         else:
             self.log(f"ticket search: {len(search.history)} rounds")
