@@ -27,6 +27,13 @@ Usage::
 
     python benchmarks/learned_tickets.py --out benchmarks/results/learned_tickets/cnn16.json
     python benchmarks/learned_tickets.py --quick
+    python benchmarks/learned_tickets.py --merge seed0.json seed1.json seed2.json merged.json   # per-seed runs
+
+EfficientNet-Lite0 (``--backbone lite0``): the ImageNet weights; the tickets live on ``blocks[5:]`` + ``conv_head``
++ a new linear head (``--suffix-from``), while the earlier stages are frozen, shared by every method and unmasked,
+so their output features are computed once per seed and cached (64 x 64 inputs by default). The starting model is
+a linear probe on the frozen suffix (``--pretrain-epochs``); learned tickets train the head beside their scores;
+``dense`` fine-tunes the suffix only.
 """
 from __future__ import annotations
 
@@ -454,7 +461,25 @@ def write(a, rows: list[dict], t0: float, c0: float, *, complete: bool) -> dict:
     return result
 
 
+def merge(paths: list[str], out: str) -> dict:
+    """One result from per-seed runs (``--seeds N`` each, run side by side): rows concatenated, summary recomputed;
+    every part's command, machine, split and times are kept."""
+    import json
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [r for part in parts for r in part["rows"]]
+    result = {"merged_from": [str(p) for p in paths], "parts": [{k: v for k, v in part.items() if k not in
+                                                                  ("rows", "summary")} for part in parts],
+              "domains": parts[0]["domains"], "num_tickets": parts[0]["num_tickets"],
+              "gate_flops_share_lite0": parts[0]["gate_flops_share_lite0"], "split": parts[0]["split"],
+              "rows": rows, "summary": summarise(rows), "complete": all(part.get("complete") for part in parts)}
+    atomic_write_json(Path(out), result)
+    log(f"wrote {out} ({len(rows)} rows from {len(parts)} runs)")
+    return result
+
+
 def main(argv=None) -> dict:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--merge":
+        return merge(sys.argv[2:-1], sys.argv[-1])
     a = parse(argv)
     torch.set_num_threads(a.threads)
     t0, c0 = time.perf_counter(), time.process_time()
