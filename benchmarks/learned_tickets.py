@@ -462,11 +462,17 @@ def write(a, rows: list[dict], t0: float, c0: float, *, complete: bool) -> dict:
 
 
 def merge(paths: list[str], out: str) -> dict:
-    """One result from per-seed runs (``--seeds N`` each, run side by side): rows concatenated, summary recomputed;
-    every part's command, machine, split and times are kept."""
+    """One result from runs side by side (e.g. ``--seeds N`` each): rows concatenated (a seed / method / sparsity
+    present twice keeps the first file's row), summary recomputed; every part's command, machine, split and times
+    are kept."""
     import json
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [r for part in parts for r in part["rows"]]
+    rows, seen = [], set()
+    for r in (r for part in parts for r in part["rows"]):  # a (seed, method, sparsity) run twice: the first wins
+        key = (r["seed"], r["method"], r["sparsity"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
     result = {"merged_from": [str(p) for p in paths], "parts": [{k: v for k, v in part.items() if k not in
                                                                   ("rows", "summary")} for part in parts],
               "domains": parts[0]["domains"], "num_tickets": parts[0]["num_tickets"],
