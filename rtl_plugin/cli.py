@@ -337,7 +337,11 @@ def _classification_export_model(args, cfg: dict, folder: Path):
     model = make_model_factory(config.model, train.num_classes, 3)(config.seed)
     routed = load(folder, model)
     routed.eval()
-    router = _refit_router(args.router, cfg, train, routed.num_tickets)
+    if args.router == "gate":
+        from rtl_plugin.comparison.learned import load_gate
+        router = load_gate(folder)
+    else:
+        router = _refit_router(args.router, cfg, train, routed.num_tickets)
     return routed, router, train.x[:4].to(next(routed.parameters()).device), config.model
 
 
@@ -383,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="a run folder of rtl demo / rtl prune")
     e.add_argument("--out", required=True, help="package folder to write")
     e.add_argument("--sparsity", type=float, default=None, help="which saved sparsity (default: the sparsest)")
-    e.add_argument("--router", default="learned", choices=["none", "learned", "centroid", "context"],
-                   help="router for label-free inference, refit on the run's training data (default learned)")
+    e.add_argument("--router", default="learned", choices=["none", "learned", "centroid", "context", "gate"],
+                   help="router for label-free inference, refit on the run's training data (default learned); "
+                        "gate: the gate trained jointly with learned tickets (rtl prune --tickets learned)")
     e.add_argument("--onnx", action="store_true", help="also write ONNX files (checked with onnxruntime)")
     return p
 

@@ -13,17 +13,22 @@ retraining, equal-storage unions).
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rtl_plugin.comparison.baselines import BalancedLoader
-from rtl_plugin.errors import DataError
+from rtl_plugin.errors import CorruptFileError, DataError, RouteError
+from rtl_plugin.persist.io import atomic_write_json
 from rtl_plugin.routing.gate import Gate
 from rtl_plugin.tickets import TicketSet
 from rtl_plugin.training.learned import BACKBONES, ROUTINGS, learn_tickets
 
-__all__ = ["TICKET_SOURCES", "LearnedOptions", "LearnedSearch", "search_learned", "restore_learned"]
+__all__ = ["TICKET_SOURCES", "LearnedOptions", "LearnedSearch", "search_learned", "restore_learned", "save_gate",
+           "load_gate", "GATE_WEIGHTS", "GATE_CONFIG"]
 
 TICKET_SOURCES = ("imp", "learned")
+GATE_WEIGHTS, GATE_CONFIG = "gate.safetensors", "gate.json"  # beside the tickets of one sparsity
 
 
 @dataclass
@@ -86,3 +91,34 @@ def restore_learned(routed, search: LearnedSearch, sparsity: float) -> None:
     """Put the model state and tickets learned at ``sparsity`` back on ``routed``."""
     routed.model.load_state_dict(search.states[sparsity])
     routed.set_tickets(search.tickets_at[sparsity])
+
+
+def save_gate(gate: Gate, folder) -> Path:
+    """Write the jointly trained gate into a saved tickets folder (``gate.safetensors`` + ``gate.json``)."""
+    from safetensors.torch import save_file
+    if not isinstance(gate, Gate) or not gate.built:
+        raise RouteError("save_gate needs a trained rtl_plugin.routing.Gate (learn_tickets builds its layers).")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in gate.state_dict().items()}, str(folder / GATE_WEIGHTS))
+    atomic_write_json(folder / GATE_CONFIG, {"num_tickets": gate.num_tickets, "pool": gate.pool, "bins": gate.bins,
+                                             "input_shape": list(gate.input_shape), "seed": gate.seed})
+    return folder
+
+
+def load_gate(folder) -> Gate:
+    """The gate :func:`save_gate` wrote into ``folder`` (eval mode)."""
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not (folder / GATE_CONFIG).is_file() or not (folder / GATE_WEIGHTS).is_file():
+        raise RouteError(f"{folder} holds no jointly trained gate ({GATE_CONFIG}, {GATE_WEIGHTS}); only runs with "
+                         "`rtl prune --tickets learned` save one. Use another --router.")
+    try:
+        cfg = json.loads((folder / GATE_CONFIG).read_text())
+        gate = Gate(int(cfg["num_tickets"]), pool=int(cfg["pool"]), bins=int(cfg["bins"]),
+                    input_shape=tuple(cfg["input_shape"]), seed=int(cfg["seed"]))
+        gate.load_state_dict(load_file(str(folder / GATE_WEIGHTS)), strict=True)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CorruptFileError(f"{folder}'s gate files are unreadable or inconsistent ({e}); rerun `rtl prune "
+                               "--tickets learned` to write them again.") from e
+    return gate.eval()

@@ -33,7 +33,7 @@ from typing import Callable, Mapping
 import torch
 
 from rtl_plugin.comparison.baselines import CyclicLoader
-from rtl_plugin.comparison.learned import TICKET_SOURCES, LearnedOptions, restore_learned, search_learned
+from rtl_plugin.comparison.learned import TICKET_SOURCES, LearnedOptions, restore_learned, save_gate, search_learned
 from rtl_plugin.diagnostics.plots import plot_classification_results
 from rtl_plugin.diagnostics.similarity import chance_matrix, mean_offdiagonal
 from rtl_plugin.errors import DataError, SparsityError, TaskHookError
@@ -361,6 +361,8 @@ def run_rtl(run: _Run, out_dir: Path | None) -> None:
         if out_dir is not None and metadata is not None:
             folder = out_dir / "tickets" / f"sparsity_{int(round(s * 100)):02d}"
             routed.save(folder, extra=metadata)
+            if c.tickets == "learned":
+                save_gate(run.search.gates[s], folder)
             run.saved[s] = folder.relative_to(out_dir).as_posix()  # relative: the run folder can be moved
         routed.train()
         if c.multi_imp_per_sparsity and "multi_imp" in c.methods:

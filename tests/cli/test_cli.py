@@ -237,6 +237,16 @@ def test_prune_with_learned_tickets_and_a_joint_gate(tmp_path, capsys):
     routed = rtl.load(out / res["tickets"]["0.5"], timm.create_model("test_resnet", num_classes=22, in_chans=3))
     assert torch.allclose(routed.tickets.sparsity(), torch.full((3,), 0.5, dtype=routed.tickets.sparsity().dtype),
                           atol=1e-3)
+    # the jointly trained gate is saved beside the tickets and packaged by `rtl export --router gate`
+    from rtl_plugin.comparison.learned import load_gate
+    gate = load_gate(out / res["tickets"]["0.5"])
+    assert main(["export", str(out), "--out", str(tmp_path / "pkg"), "--router", "gate"]) == 0
+    slim = rtl.load_package(tmp_path / "pkg", timm.create_model("test_resnet", num_classes=22, in_chans=3))
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(slim(x), routed.eval()(x, route=gate(x)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(rtl.errors.RouteError, match="no jointly trained gate"):
+        load_gate(tmp_path)
     assert main(["prune", "--task", "segmentation", "--data", str(tmp_path), "--tickets", "learned",
                  "--out", str(tmp_path / "seg")]) == 2
     assert "--tickets learned is for classification" in capsys.readouterr().err

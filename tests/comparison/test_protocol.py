@@ -272,3 +272,30 @@ def test_learned_tickets_need_the_gate_hook_and_valid_options():
         compare(GateTask(), _config(methods=("rtl",), tickets="learned", learned=LearnedOptions(routing="oracle")))
     with pytest.raises(DataError, match="learned epochs"):
         compare(GateTask(), _config(methods=("rtl",), tickets="learned", learned=LearnedOptions(epochs=0)))
+
+
+def test_learned_run_folder_holds_the_gate(tmp_path):
+    from rtl_plugin.comparison.learned import LearnedOptions, load_gate
+
+    class Saving(GateTask):
+        def ticket_metadata(self, sparsity):
+            return {"sparsity": sparsity}
+
+    task = Saving()
+    res = compare(task, _config(methods=("rtl",), sparsities=(0.5,), tickets="learned",
+                                learned=LearnedOptions(epochs=1)), tmp_path)
+    folder = tmp_path / res["tickets"][0.5]
+    gate = load_gate(folder)
+    routed = rtl.load(folder, _plain_mlp(task))
+    with torch.no_grad():
+        routes = gate(task.x)
+        acc = float((routed.eval()(task.x, route=routes).argmax(1) == task.y).float().mean())
+    assert abs(acc - res["rows"][0]["metrics"]["accuracy"]) < 1e-6  # the saved gate + tickets give the row
+    (folder / "gate.json").write_text("{not json")
+    with pytest.raises(rtl.errors.CorruptFileError, match="rerun"):
+        load_gate(folder)
+
+
+def _plain_mlp(task):
+    torch.manual_seed(task.seed)
+    return nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, C))
