@@ -27,6 +27,13 @@ Usage::
 
     python benchmarks/learned_tickets.py --out benchmarks/results/learned_tickets/cnn16.json
     python benchmarks/learned_tickets.py --quick
+    python benchmarks/learned_tickets.py --merge seed0.json seed1.json seed2.json merged.json   # per-seed runs
+
+EfficientNet-Lite0 (``--backbone lite0``): the ImageNet weights; the tickets live on ``blocks[5:]`` + ``conv_head``
++ a new linear head (``--suffix-from``), while the earlier stages are frozen, shared by every method and unmasked,
+so their output features are computed once per seed and cached (64 x 64 inputs by default). The starting model is
+a linear probe on the frozen suffix (``--pretrain-epochs``); learned tickets train the head beside their scores;
+``dense`` fine-tunes the suffix only.
 """
 from __future__ import annotations
 
@@ -51,7 +58,7 @@ import rtl_plugin as rtl  # noqa: E402
 from rtl_plugin.persist.io import atomic_write_json  # noqa: E402
 from rtl_plugin.pruning import TicketScores  # noqa: E402
 from rtl_plugin.routing import Gate, matched_accuracy  # noqa: E402
-from rtl_plugin.routing.routers import flops_share  # noqa: E402
+from rtl_plugin.routing.routers import flops_share, model_flops  # noqa: E402
 from rtl_plugin.tasks.classification.data import load_domains  # noqa: E402
 from rtl_plugin.training import joint_retrain, learn_tickets  # noqa: E402
 
@@ -92,6 +99,76 @@ def build_model(backbone: str, num_classes: int, seed: int) -> tuple[nn.Module, 
     from rtl_plugin.integrations.timm import load_efficientnet_lite0_imagenet
     model = timm.create_model("tf_efficientnet_lite0", num_classes=num_classes)
     return load_efficientnet_lite0_imagenet(model), 3
+
+
+class Lite0Suffix(nn.Module):
+    """The last block stages of a timm EfficientNet-Lite0 + ``conv_head`` / ``bn2`` + global pool + a new linear
+    ``head``: the part that holds the tickets. Its input is the frozen, shared prefix's feature map."""
+
+    def __init__(self, model: nn.Module, start: int, num_classes: int):
+        super().__init__()
+        self.blocks = copy.deepcopy(model.blocks[start:])
+        self.conv_head = copy.deepcopy(model.conv_head)
+        self.bn2 = copy.deepcopy(model.bn2)  # BatchNormAct2d (ReLU6 inside)
+        self.head = nn.Linear(model.num_features, num_classes)
+
+    def forward(self, x):
+        return self.head(self.bn2(self.conv_head(self.blocks(x))).mean((2, 3)))
+
+
+def lite0_prefix(model: nn.Module, start: int) -> nn.Module:
+    return nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:start]).eval()
+
+
+def _weights(modules) -> int:
+    return sum(m.weight.numel() for mod in modules for m in mod.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+@torch.no_grad()
+def lite0_split(a, data: dict, seed: int) -> tuple[nn.Module, dict, dict]:
+    """(suffix with ImageNet weights and a new head, data whose x are the cached prefix features, the split's
+    weight / FLOPs shares). Valid because the prefix is frozen and unmasked in every method."""
+    from rtl_plugin.integrations.timm import LITE0_MEAN, LITE0_STD
+    from rtl_plugin.routing.routers import model_flops
+    from rtl_plugin.tasks.classification.data import NORM_MEAN, NORM_STD
+    full, _ = build_model("lite0", data["num_classes"], seed)
+    full.eval()
+    prefix = lite0_prefix(full, a.suffix_from)
+    suffix = Lite0Suffix(full, a.suffix_from, data["num_classes"])
+
+    def features(x):  # the domains' normalisation -> [0, 1] -> Lite0's
+        x01 = x * NORM_STD + NORM_MEAN
+        return torch.cat([prefix((x01[i:i + 256] - LITE0_MEAN[0]) / LITE0_STD[0]) for i in range(0, len(x), 256)])
+
+    t0 = time.perf_counter()
+    out = dict(data)
+    for split in ("train", "test"):
+        x, y, d = data[split]
+        out[split] = (features(x), y, d)
+    image = data["train"][0][:1]
+    total_w = _weights([full.conv_stem, full.blocks, full.conv_head, full.classifier])
+    suffix_w = _weights([suffix])
+    total_f = model_flops(full, image)
+    info = {"suffix_from_block_stage": a.suffix_from, "feature_shape": list(out["train"][0].shape[1:]),
+            "suffix_weights": suffix_w, "model_weights": total_w, "suffix_weight_share": round(suffix_w / total_w, 4),
+            "model_flops": total_f, "suffix_flops_share": round(model_flops(suffix, out["train"][0][:1]) / total_f, 4),
+            "feature_cache_s": round(time.perf_counter() - t0, 1)}
+    return suffix, out, info
+
+
+def probe_head(model: nn.Module, data, epochs: int, lr: float, seed: int) -> None:
+    """Linear probe: train only ``model.head`` on the frozen (eval-mode) suffix's pooled features."""
+    x, y, _ = data
+    model.eval()
+    with torch.no_grad():
+        pooled = torch.cat([model.bn2(model.conv_head(model.blocks(x[i:i + 256]))).mean((2, 3))
+                            for i in range(0, len(x), 256)])
+    opt = torch.optim.Adam(model.head.parameters(), lr=lr)
+    for _ in range(epochs):
+        for f, t in loader(pooled, y, batch_size=64, seed=seed):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model.head(f), t).backward()
+            opt.step()
 
 
 def wrap(model: nn.Module, num_tickets: int, x: torch.Tensor):
@@ -150,12 +227,12 @@ def routed_eval(routed, gate, data: dict, *, matched: bool) -> dict:
 
 def run_learned(pre, data, s, a, seed, *, label_free: bool, backbone: str = "frozen") -> dict:
     x, y, d = data["train"]
-    routed, gate = wrap(pre, K, x), Gate(K, pool=GATE_POOL, seed=seed)
+    routed, gate = wrap(pre, K, x), Gate(K, pool=a.gate_pool, seed=seed)
     res = learn_tickets(routed, loader(x, y, d, batch_size=a.batch, seed=seed), sparsity=s, epochs=a.epochs,
                         routing="gate" if label_free else "groups", gate=gate, binarize_every=a.binarize_every,
-                        lr=a.score_lr, backbone=backbone, backbone_lr=a.lr, seed=seed)
+                        lr=a.score_lr, backbone=backbone, backbone_lr=a.lr, trainable=a.trainable, seed=seed)
     out = routed_eval(routed, gate, data, matched=label_free)
-    out.update(steps=res.steps, gate_flops_share=flops_share(gate, pre, x[:1]),
+    out.update(steps=res.steps, gate_flops_share=gate.flops_per_sample(tuple(x.shape[1:])) / a.model_flops,
                binarisations=len(res.history), final_sparsity=[round(v, 6) for v in res.history[-1].sparsity])
     return out
 
@@ -164,7 +241,8 @@ def run_single_learned(pre, data, s, a, seed) -> dict:
     x, y, _ = data["train"]
     routed = wrap(pre, 1, x)
     res = learn_tickets(routed, loader(x, y, torch.zeros_like(y), batch_size=a.batch, seed=seed), sparsity=s,
-                        epochs=a.epochs, binarize_every=a.binarize_every, lr=a.score_lr, seed=seed)
+                        epochs=a.epochs, binarize_every=a.binarize_every, lr=a.score_lr, trainable=a.trainable,
+                        seed=seed)
     xt, yt, dt = data["test"]
     out = accuracy(lambda v: routed.eval()(v, route=0), xt, yt, dt)
     out.update(active=float(routed.tickets.kept()[0]), stored=int(routed.tickets.union_count()), steps=res.steps)
@@ -256,17 +334,23 @@ def load_data(a, seed: int, channels: int) -> dict:
             "num_classes": train.num_classes}
 
 
-def run_seed(a, seed: int) -> list[dict]:
+def run_seed(a, seed: int, rows: list[dict]) -> None:
     torch.manual_seed(seed)
-    backbone, channels = build_model(a.backbone, 1, seed)  # probe the channels
-    data = load_data(a, seed, channels)
-    x, y, d = data["train"]
-    pre, _ = build_model(a.backbone, data["num_classes"], seed)
+    data = load_data(a, seed, 1 if a.backbone == "cnn" else 3)
     t0 = time.perf_counter()
-    train_dense(pre, loader(x, y, batch_size=a.batch, seed=seed), a.pretrain_epochs, a.lr)
+    if a.backbone == "cnn":
+        pre, _ = build_model("cnn", data["num_classes"], seed)
+        x, y, d = data["train"]
+        train_dense(pre, loader(x, y, batch_size=a.batch, seed=seed), a.pretrain_epochs, a.lr)
+        a.model_flops = model_flops(pre, x[:1])
+    else:  # ImageNet Lite0: frozen shared prefix (features cached), tickets on the suffix, linear-probed head
+        pre, data, a.split = lite0_split(a, data, seed)
+        a.model_flops = a.split["model_flops"]
+        probe_head(pre, data["train"], a.pretrain_epochs, a.lr, seed)
+        x, y, d = data["train"]
     pre.eval()
-    log(f"seed {seed}: {len(x)} train / {len(data['test'][0])} test images, pretrained in {time.perf_counter() - t0:.0f}s")
-    rows = []
+    log(f"seed {seed}: {len(x)} train / {len(data['test'][0])} test inputs {tuple(x.shape[1:])}, "
+        f"start model ready in {time.perf_counter() - t0:.0f}s")
 
     def add(method, sparsity, fn):
         t = time.perf_counter()
@@ -274,6 +358,7 @@ def run_seed(a, seed: int) -> list[dict]:
         row = {"seed": seed, "method": method, "sparsity": sparsity, **fn()}
         row["wall_s"] = round(time.perf_counter() - t, 2)
         rows.append(row)
+        a.on_row()
         log(f"  {method:17s} s={sparsity:.2f} acc={row['acc']:.4f} dom={row['domain_acc']:.4f} "
             f"oracle={row.get('oracle_acc', float('nan')):.4f} gate={row.get('gate_acc', float('nan')):.3f} "
             f"stored={row['stored']} ({row['wall_s']}s)")
@@ -281,9 +366,11 @@ def run_seed(a, seed: int) -> list[dict]:
     n_weights = wrap(pre, 1, x).space.num_weights
     dense = copy.deepcopy(pre)
     steps = train_dense(dense, loader(x, y, batch_size=a.batch, seed=seed), a.epochs, a.lr)
+    start = accuracy(pre, *data["test"])
+    add("start", 0.0, lambda: {**start, "active": n_weights, "stored": n_weights, "steps": 0})
     add("dense", 0.0, lambda: {**accuracy(dense.eval(), *data["test"]), "active": n_weights, "stored": n_weights,
                                "steps": steps})
-    gate = Gate(K, pool=GATE_POOL, seed=seed).fit(x, d, epochs=100, seed=seed)
+    gate = Gate(K, pool=a.gate_pool, seed=seed).fit(x, d, epochs=100, seed=seed)
     methods = {
         "learned_gate": lambda s: run_learned(pre, data, s, a, seed, label_free=True),
         "learned_gate_cotrain": lambda s: run_learned(pre, data, s, a, seed, label_free=True, backbone="train"),
@@ -296,7 +383,6 @@ def run_seed(a, seed: int) -> list[dict]:
     for s in a.sparsities:
         for name in a.methods:
             add(name, s, lambda: methods[name](s))
-    return rows
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -337,9 +423,12 @@ def parse(argv=None):
     ap.add_argument("--backbone", choices=("cnn", "lite0"), default="cnn")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--image-size", type=int, default=16)
+    ap.add_argument("--image-size", type=int, default=None, help="default 16 (cnn) / 64 (lite0)")
+    ap.add_argument("--suffix-from", type=int, default=5,
+                    help="lite0: tickets on blocks[N:] + conv_head + head; blocks[:N] are frozen, shared, cached")
+    ap.add_argument("--gate-pool", type=int, default=None, help="gate pooling; default 8 (cnn) / 2 (lite0 features)")
     ap.add_argument("--max-per-domain", type=int, default=600)
-    ap.add_argument("--pretrain-epochs", type=int, default=6)
+    ap.add_argument("--pretrain-epochs", type=int, default=6, help="cnn: dense training; lite0: linear probe")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -350,26 +439,63 @@ def parse(argv=None):
     ap.add_argument("--quick", action="store_true", help="one seed, sparsity 0.9, 1 epoch, 200 images per domain")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    lite0 = a.backbone == "lite0"
+    a.image_size = a.image_size or (64 if lite0 else 16)
+    a.gate_pool = a.gate_pool or (2 if lite0 else GATE_POOL)
+    a.trainable = ["head"] if lite0 else []  # the new classifier learns beside frozen-backbone scores
     if a.quick:
         a.seeds, a.sparsities, a.epochs, a.pretrain_epochs, a.max_per_domain = [0], [0.9], 1, 1, 200
     return a
 
 
-def main(argv=None) -> dict:
-    a = parse(argv)
-    torch.set_num_threads(a.threads)
-    t0, c0 = time.perf_counter(), time.process_time()
-    rows = []
-    for seed in a.seeds:
-        rows += run_seed(a, seed)
-    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "settings": vars(a),
+def write(a, rows: list[dict], t0: float, c0: float, *, complete: bool) -> dict:
+    """The result so far (``complete`` False while seeds remain: a long run keeps every finished row)."""
+    result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "settings": {k: v for k, v in vars(a).items() if k != "on_row"},
               "machine": machine_info(a.threads), "domains": list(DOMAINS), "num_tickets": K,
-              "gate_flops_share_lite0": lite0_gate_share(), "rows": rows, "summary": summarise(rows),
+              "gate_flops_share_lite0": a.gate_share_lite0, "split": getattr(a, "split", None), "rows": rows,
+              "summary": summarise(rows), "complete": complete,
               "wall_time_s": round(time.perf_counter() - t0, 1), "cpu_time_s": round(time.process_time() - c0, 1)}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(a.out), result)
-        log(f"wrote {a.out}")
+    return result
+
+
+def merge(paths: list[str], out: str) -> dict:
+    """One result from runs side by side (e.g. ``--seeds N`` each): rows concatenated (a seed / method / sparsity
+    present twice keeps the first file's row), summary recomputed; every part's command, machine, split and times
+    are kept."""
+    import json
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows, seen = [], set()
+    for r in (r for part in parts for r in part["rows"]):  # a (seed, method, sparsity) run twice: the first wins
+        key = (r["seed"], r["method"], r["sparsity"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
+    result = {"merged_from": [str(p) for p in paths], "parts": [{k: v for k, v in part.items() if k not in
+                                                                  ("rows", "summary")} for part in parts],
+              "domains": parts[0]["domains"], "num_tickets": parts[0]["num_tickets"],
+              "gate_flops_share_lite0": parts[0]["gate_flops_share_lite0"], "split": parts[0]["split"],
+              "rows": rows, "summary": summarise(rows), "complete": all(part.get("complete") for part in parts)}
+    atomic_write_json(Path(out), result)
+    log(f"wrote {out} ({len(rows)} rows from {len(parts)} runs)")
+    return result
+
+
+def main(argv=None) -> dict:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--merge":
+        return merge(sys.argv[2:-1], sys.argv[-1])
+    a = parse(argv)
+    torch.set_num_threads(a.threads)
+    t0, c0 = time.perf_counter(), time.process_time()
+    a.gate_share_lite0 = lite0_gate_share()
+    rows: list[dict] = []
+    a.on_row = lambda: write(a, rows, t0, c0, complete=False)
+    for seed in a.seeds:
+        run_seed(a, seed, rows)
+    result = write(a, rows, t0, c0, complete=True)
+    log(f"wrote {a.out}")
     return result
 
 

@@ -72,6 +72,14 @@ def _add_run_args(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--baselines", default="dense,single_imp,single_imp_balanced,single_imp_context,multi_imp")
     p.add_argument("--routers", default="learned,centroid")
     p.add_argument("--shared-norm", action="store_true", help="one set of BN statistics for all tickets (the paper)")
+    p.add_argument("--tickets", default="imp", choices=["imp", "learned"],
+                   help="RTL's tickets: IMP search (the paper) or learned masks with a jointly trained gate "
+                        "(learn_tickets; --retrain-epochs passes, evaluated without joint retraining)")
+    p.add_argument("--learned-routing", default="gate", choices=["gate", "groups"],
+                   help="--tickets learned: the gate routes label-free (gate) or the partition's subsets train "
+                        "the tickets and the gate learns them (groups)")
+    p.add_argument("--learned-backbone", default="frozen", choices=["frozen", "train"],
+                   help="--tickets learned: shared weights frozen (scores, gate and classifier learn) or co-trained")
     p.add_argument("--collapse", default="warn", choices=["off", "warn", "stop", "relax"],
                    help="collapse monitor during the search: record only (warn), stop at / relax before the "
                         "predicted collapse and keep the last healthy masks, or off")
@@ -104,7 +112,8 @@ def _classification_config(args, *, demo: bool):
                   retrain_epochs=args.retrain_epochs, batch_size=args.batch_size or 64, lr=args.lr or 2e-3,
                   max_per_domain=args.max_per_domain or None, baselines=tuple(b for b in args.baselines.split(",") if b),
                   routers=tuple(r for r in args.routers.split(",") if r), shared_norm=args.shared_norm,
-                  collapse=args.collapse, checkpoint=args.checkpoint, unreadable=args.unreadable)
+                  collapse=args.collapse, checkpoint=args.checkpoint, unreadable=args.unreadable,
+                  tickets=args.tickets, learned_routing=args.learned_routing, learned_backbone=args.learned_backbone)
         if args.image_size is not None or (folder and not args.quick):
             kw["image_size"] = args.image_size  # None on a folder: the model's own input size
         if folder:
@@ -167,6 +176,9 @@ def _segmentation_config(args):
     if args.data is None:
         raise RTLError("--task segmentation needs --data DIR with images/ and masks/ (integer class maps); the "
                        "built-in texture mosaics run with python benchmarks/segmentation_mosaic.py.")
+    if args.tickets != "imp":
+        raise RTLError("--tickets learned is for classification; segmentation finds its tickets by IMP "
+                       "(leave out --tickets).")
     if args.contexts or args.checkpoint:
         raise RTLError("--contexts and --checkpoint are for classification; segmentation routes pixels by class "
                        "(--partition class) or images by class composition (--partition composition).")
@@ -325,7 +337,11 @@ def _classification_export_model(args, cfg: dict, folder: Path):
     model = make_model_factory(config.model, train.num_classes, 3)(config.seed)
     routed = load(folder, model)
     routed.eval()
-    router = _refit_router(args.router, cfg, train, routed.num_tickets)
+    if args.router == "gate":
+        from rtl_plugin.comparison.learned import load_gate
+        router = load_gate(folder)
+    else:
+        router = _refit_router(args.router, cfg, train, routed.num_tickets)
     return routed, router, train.x[:4].to(next(routed.parameters()).device), config.model
 
 
@@ -371,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="a run folder of rtl demo / rtl prune")
     e.add_argument("--out", required=True, help="package folder to write")
     e.add_argument("--sparsity", type=float, default=None, help="which saved sparsity (default: the sparsest)")
-    e.add_argument("--router", default="learned", choices=["none", "learned", "centroid", "context"],
-                   help="router for label-free inference, refit on the run's training data (default learned)")
+    e.add_argument("--router", default="learned", choices=["none", "learned", "centroid", "context", "gate"],
+                   help="router for label-free inference, refit on the run's training data (default learned); "
+                        "gate: the gate trained jointly with learned tickets (rtl prune --tickets learned)")
     e.add_argument("--onnx", action="store_true", help="also write ONNX files (checked with onnxruntime)")
     return p
 

@@ -14,6 +14,9 @@
    masks of RTL's search, so they are reused, and each model is retrained alone on its subset;
 6. rows ``{method, routing, sparsity, params, matching, metrics}`` -> ``results.json`` and figures.
 
+With ``tickets="learned"`` step 1 learns the tickets per sparsity with a jointly trained gate instead
+(:mod:`rtl_plugin.comparison.learned`) and step 2 evaluates them as learned, with the gate's routing.
+
 RTL's ticket search runs first; then the methods run in the order of ``ComparisonConfig.methods`` (with
 ``multi_imp_per_sparsity``, multi-model IMP runs at each sparsity right after RTL's, when both share data
 streams). The order of random draws follows it, so a task keeps its numbers by keeping its order.
@@ -30,6 +33,7 @@ from typing import Callable, Mapping
 import torch
 
 from rtl_plugin.comparison.baselines import CyclicLoader
+from rtl_plugin.comparison.learned import TICKET_SOURCES, LearnedOptions, restore_learned, save_gate, search_learned
 from rtl_plugin.diagnostics.plots import plot_classification_results
 from rtl_plugin.diagnostics.similarity import chance_matrix, mean_offdiagonal
 from rtl_plugin.errors import DataError, SparsityError, TaskHookError
@@ -97,8 +101,18 @@ class ComparisonConfig:
     multi_imp_per_sparsity: bool = False  # multi-model IMP at each sparsity right after RTL's (shared data streams)
     device: str | torch.device | None = None
     progress: bool = False
+    tickets: str = "imp"                  # RTL's tickets: "imp" (the paper) | "learned" (learn_tickets + gate)
+    learned: LearnedOptions = field(default_factory=LearnedOptions)
 
     def validate(self) -> "ComparisonConfig":
+        if self.tickets not in TICKET_SOURCES:
+            raise DataError(f"tickets must be one of {TICKET_SOURCES} ('imp': the paper's IMP search; 'learned': "
+                            f"learned masks with a jointly trained gate), got {self.tickets!r}.")
+        if self.tickets == "learned":
+            if not isinstance(self.learned, LearnedOptions):
+                raise DataError("learned must be a rtl_plugin.comparison.learned.LearnedOptions, got "
+                                f"{type(self.learned).__name__}.")
+            self.learned.validate()
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise DataError(f"unknown comparison methods {unknown}; choose from {list(METHODS)}.")
@@ -155,6 +169,14 @@ class ComparisonTask:
         raise TaskHookError(self._missing("evaluate_multi"))
 
     # ---- optional
+    def evaluate_gate(self, routed, gate, sparsity: float) -> Evaluation:
+        """``tickets="learned"``: the routed model with the jointly trained gate's routing."""
+        raise TaskHookError(self._missing("evaluate_gate"))
+
+    def classifier_names(self, routed) -> list[str]:
+        """``tickets="learned"``: modules trained beside a frozen backbone's scores (e.g. a new classifier)."""
+        return []
+
     def search_options(self, routed) -> dict:
         """Extra RTLPruner arguments for RTL's search (e.g. ``order``, ``callbacks``)."""
         return {}
@@ -210,12 +232,13 @@ _HOOKS = {"rtl": ("ticket_loaders", "build_routed", "evaluate_rtl"), "dense": ("
           **{m: ("single_imp_setup", "evaluate_single") for m in SINGLE_METHODS}}
 
 
-def check_hooks(task: ComparisonTask, methods, *, retrain_mode: str = "sequential") -> None:
+def check_hooks(task: ComparisonTask, methods, *, retrain_mode: str = "sequential", tickets: str = "imp") -> None:
     """Raise :class:`TaskHookError` naming every hook that ``methods`` (and a mixed ``retrain_mode``) need and
     ``task`` lacks."""
     if not isinstance(task, ComparisonTask):
         raise TaskHookError(f"compare() needs a ComparisonTask subclass instance, got {type(task).__name__}.")
     needed = {h for m in methods for h in _HOOKS[m]} | ({"mixed_retrain_loader"} if retrain_mode == "mixed" else set())
+    needed |= {"evaluate_gate"} if tickets == "learned" else set()
     missing = sorted(h for h in needed if getattr(type(task), h) is getattr(ComparisonTask, h))
     if missing:
         raise TaskHookError(f"{type(task).__name__} does not implement {missing}, needed by methods "
@@ -273,6 +296,8 @@ def search_tickets(run: _Run) -> None:
     run.routed = task.build_routed(run.num_tickets)
     run.theta0 = copy.deepcopy(run.routed.model.state_dict())
     run.num_weights = run.routed.space.num_weights
+    if c.tickets == "learned":
+        return _search_learned(run)
     pruner = run.pruner(run.routed, c.sparsities, **task.search_options(run.routed))
     t = time.perf_counter()
     run.search = pruner.find_tickets(run.loaders, train_step=task.train_step, epochs_per_round=c.epochs_per_round,
@@ -281,6 +306,28 @@ def search_tickets(run: _Run) -> None:
     task.after_search(run.routed, run.search)
     run.union_sparsities = {s: round(1 - run.search.tickets_at[s].union_count() / run.num_weights, 6)
                             for s in c.sparsities}
+
+
+def _search_learned(run: _Run) -> None:
+    c, task = run.config, run.task
+    t = time.perf_counter()
+    run.search = search_learned(run.routed, run.theta0, run.loaders, c.sparsities, c.learned, lr=c.lr,
+                                trainable=task.classifier_names(run.routed), device=c.device)
+    run.tick("ticket_search", t)
+    task.after_search(run.routed, run.search)
+    run.union_sparsities = {s: round(1 - run.search.tickets_at[s].union_count() / run.num_weights, 6)
+                            for s in c.sparsities}
+
+
+def _rtl_evaluations(run: _Run, tickets: TicketSet, s: float) -> list[Evaluation]:
+    """The task's RTL rows; learned tickets add the gate's row (label-free: only it, as the tickets are not the
+    task's subsets)."""
+    if run.config.tickets != "learned":
+        return run.task.evaluate_rtl(run.routed, tickets, s)
+    gate_row = run.task.evaluate_gate(run.routed, run.search.gates[s], s)
+    if run.config.learned.routing == "gate":
+        return [gate_row]
+    return [*run.task.evaluate_rtl(run.routed, tickets, s), gate_row]
 
 
 def ticket_similarity(tickets: TicketSet, sparsity: float) -> dict:
@@ -295,22 +342,27 @@ def run_rtl(run: _Run, out_dir: Path | None) -> None:
     c, task, routed = run.config, run.task, run.routed
     for s in c.sparsities:
         tickets = run.search.tickets_at[s]
-        if c.retrain_mode == "mixed":
-            data, extra = task.mixed_retrain_loader(), {}
+        if c.tickets == "learned":
+            restore_learned(routed, run.search, s)  # evaluated as learned: no IMP-style joint retraining
         else:
-            data, extra = task.retrain_loaders(s), {"per_ticket_state": c.per_ticket_state}
-        run.wall["joint_retrain"] += retrain_tickets(
-            routed, run.theta0, tickets, data, lr=c.lr, epochs=c.retrain_epochs, retrain_mode=c.retrain_mode,
-            train_step=task.train_step, device=c.device, progress=c.progress, **extra)
+            if c.retrain_mode == "mixed":
+                data, extra = task.mixed_retrain_loader(), {}
+            else:
+                data, extra = task.retrain_loaders(s), {"per_ticket_state": c.per_ticket_state}
+            run.wall["joint_retrain"] += retrain_tickets(
+                routed, run.theta0, tickets, data, lr=c.lr, epochs=c.retrain_epochs, retrain_mode=c.retrain_mode,
+                train_step=task.train_step, device=c.device, progress=c.progress, **extra)
         run.similarity.append({**ticket_similarity(tickets, s), **task.similarity_extras(tickets)})
         union = tickets.union_count()
         per_ticket = [int(v) for v in tickets.kept()]
-        for evaluation in task.evaluate_rtl(routed, tickets, s):
+        for evaluation in _rtl_evaluations(run, tickets, s):
             run.add_row("rtl", evaluation, s, union, per_ticket_params=per_ticket)
         metadata = task.ticket_metadata(s)
         if out_dir is not None and metadata is not None:
             folder = out_dir / "tickets" / f"sparsity_{int(round(s * 100)):02d}"
             routed.save(folder, extra=metadata)
+            if c.tickets == "learned":
+                save_gate(run.search.gates[s], folder)
             run.saved[s] = folder.relative_to(out_dir).as_posix()  # relative: the run folder can be moved
         routed.train()
         if c.multi_imp_per_sparsity and "multi_imp" in c.methods:
@@ -399,7 +451,7 @@ def compare(task: ComparisonTask, config: ComparisonConfig, out_dir: str | Path 
     The results follow the stable schema: task, dataset, model, granularity, num_tickets, seed, device,
     prunable_weights, rows, similarity, wall_time_s, config (from ``task.describe()``), tickets."""
     config.validate()
-    check_hooks(task, config.methods, retrain_mode=config.retrain_mode)
+    check_hooks(task, config.methods, retrain_mode=config.retrain_mode, tickets=config.tickets)
     run = _Run(task, config)
     search_tickets(run)
     for method in config.methods:
@@ -417,6 +469,8 @@ def compare(task: ComparisonTask, config: ComparisonConfig, out_dir: str | Path 
                "wall_time_s": {k: round(v, 3) for k, v in run.wall.items()}}
     if run.saved:
         results["tickets"] = run.saved
+    if config.tickets == "learned":
+        results["learned_tickets"] = run.search.summary()
     described = task.describe(results)
     wall = {**described.get("wall_time_s", {}), **results["wall_time_s"]}
     results = {**results, **described, "rows": run.rows, "similarity": run.similarity, "wall_time_s": wall}

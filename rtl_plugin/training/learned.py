@@ -11,9 +11,11 @@ final sparsity ends training. The backbone is frozen (default: bit-identical wei
 
 Routing while training:
 
-* ``routing="groups"``: batches are ``(x, y, group)``; sample i trains ticket ``group[i]`` (groups from classes,
-  known contexts or k-means clusters of backbone features: see :mod:`rtl_plugin.routing.partition`) and the gate,
-  if given, learns the groups with cross-entropy (weight ``gate_weight``) beside the task loss.
+* ``routing="groups"``: batches are ``(x, y, group)``; sample i trains ticket ``group[i]`` (groups from classes or
+  known contexts) and the gate, if given, learns the groups with cross-entropy (weight ``gate_weight``) beside the
+  task loss. ``groups="kmeans"`` (batches ``(x, y)``) takes the groups from K k-means clusters of the pretrained
+  backbone's features instead (:class:`~rtl_plugin.routing.feature_clusters.FeatureClusters`, fitted on all of
+  ``data`` before training; a fitted ``FeatureClusters`` may be passed too): every input joins its nearest cluster.
 * ``routing="gate"`` (label-free): batches are ``(x, y)`` (a third element, if present, is used only to report
   the matched routing accuracy); the gate routes every sample (hard argmax, straight-through factor; ``gumbel=True``
   adds Gumbel noise, which routed less reliably on the tests' toy task), the task loss reaches the gate through
@@ -40,6 +42,7 @@ from rtl_plugin.errors import DataError, RouteError, SparsityError, TicketError
 from rtl_plugin.pruning.learned import INITS, SCOPES, TicketScores, sparsity_schedule
 from rtl_plugin.pruning.straight_through import StraightThrough
 from rtl_plugin.routed import RoutedModel
+from rtl_plugin.routing.feature_clusters import FeatureClusters
 from rtl_plugin.routing.gate import Gate, load_balance_loss, matched_accuracy, routing_entropy, straight_through_route
 from rtl_plugin.tickets import TicketSet
 
@@ -77,13 +80,15 @@ class LearnedTickets:
     steps: int
     wall_time_s: float
     config: dict = field(default_factory=dict)
+    groups: FeatureClusters | None = None  # the k-means groups used (groups="kmeans" or a FeatureClusters)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (no tensors)."""
         return {"history": [asdict(b) for b in self.history], "losses": list(self.losses),
                 "gate_accuracy": self.gate_accuracy, "route_counts": list(self.route_counts), "steps": self.steps,
                 "wall_time_s": self.wall_time_s, "sparsity": [float(s) for s in self.tickets.sparsity()],
-                "config": dict(self.config)}
+                "config": dict(self.config),
+                "group_sizes": None if self.groups is None else self.groups.partition.sizes()}
 
 
 # --------------------------------------------------------------------------- validation
@@ -122,13 +127,13 @@ def _total_steps(data, steps, epochs) -> int:
     return epochs * n
 
 
-def _unpack(batch, routing: str, device):
+def _unpack(batch, routing: str, device, groups: FeatureClusters | None = None):
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3) or not isinstance(batch[0], torch.Tensor):
         raise DataError("each batch must be (x, y) or (x, y, group) with x a tensor [B, ...]; got "
                         f"{type(batch).__name__} of length {len(batch) if isinstance(batch, (tuple, list)) else '?'}.")
     x, y = batch[0].to(device), batch[1]
     y = y.to(device) if isinstance(y, torch.Tensor) else y
-    g = batch[2] if len(batch) == 3 else None
+    g = groups(x) if groups is not None else batch[2] if len(batch) == 3 else None
     if g is not None:
         g = torch.as_tensor(g)
         if g.is_floating_point() or g.dim() != 1 or g.shape[0] != x.shape[0]:
@@ -136,8 +141,8 @@ def _unpack(batch, routing: str, device):
                             f"{g.dtype} {tuple(g.shape)}.")
         g = g.long().to(device)
     elif routing == "groups":
-        raise DataError("routing='groups' needs batches (x, y, group) with each sample's ticket id; use "
-                        "routing='gate' for label-free training.")
+        raise DataError("routing='groups' needs batches (x, y, group) with each sample's ticket id, or "
+                        "groups='kmeans'; use routing='gate' for label-free training.")
     return x, y, g
 
 
@@ -258,8 +263,9 @@ class _Trainer:
     """One learned-ticket run: the scores, the gate, the optimizer and the binarisation schedule."""
 
     def __init__(self, routed: RoutedModel, data, cfg: _Config, scores: TicketScores, gate: Gate | None,
-                 trainable: list[nn.Parameter], loss_fn: Callable, device):
+                 trainable: list[nn.Parameter], loss_fn: Callable, device, groups: FeatureClusters | None = None):
         self.routed, self.data, self.cfg, self.scores, self.gate = routed, data, cfg, scores, gate
+        self.groups = groups
         self.loss_fn, self.device = loss_fn, device
         points = list(range(0, cfg.steps, cfg.binarize_every))
         self.schedule = dict(zip(points + [cfg.steps],
@@ -273,8 +279,10 @@ class _Trainer:
             groups.append({"params": extra, "lr": cfg.backbone_lr})
         self.opt = torch.optim.Adam(groups)
         self.trainable = trainable
+        # a batch norm in train mode needs two values per channel: 1-D norms always, 2-D ones on 1 x 1 maps
+        # (a ResNet's last stage at a small input size)
         self.needs_pairs = cfg.norm_stats == "ticket" and any(
-            isinstance(m, nn.BatchNorm1d) and m.track_running_stats for m in routed.model.modules())
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in routed.model.modules())
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.history: list[Binarisation] = []
         self.losses: list[float] = []
@@ -305,11 +313,11 @@ class _Trainer:
         return ids, factor, extra
 
     def step(self, ste: StraightThrough, batch) -> None:
-        x, y, g = _unpack(batch, self.cfg.routing, self.device)
+        x, y, g = _unpack(batch, self.cfg.routing, self.device, self.groups)
         ids, factor, extra = self._route(x, g)
         keep = self._trainable_samples(ids)
         if keep is not None and not bool(keep.any()):
-            self.losses.append(float("nan"))  # every sample alone on its ticket: nothing a 1-D norm can train on
+            self.losses.append(float("nan"))  # every sample alone on its ticket: nothing a norm can train on
             return
         sel = (lambda v: v) if keep is None else (lambda v: v[keep] if isinstance(v, torch.Tensor) else v)
         out = ste(sel(x), route=sel(ids))
@@ -327,7 +335,7 @@ class _Trainer:
         self.window = self.window[-self.window_len:]
 
     def _trainable_samples(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """With 1-D batch norms in train mode a ticket's bucket needs two samples: samples alone on their ticket
+        """With batch norms in train mode a ticket's bucket needs two samples: samples alone on their ticket
         in this batch are left out of the task loss (None: keep all)."""
         if not self.needs_pairs:
             return None
@@ -363,7 +371,7 @@ class _Trainer:
                               self._recalibration_route)
 
     def _recalibration_route(self, batch):
-        x, _, g = _unpack(batch, self.cfg.routing, self.device)
+        x, _, g = _unpack(batch, self.cfg.routing, self.device, self.groups)
         return x, (g if self.cfg.routing == "groups" else self.gate(x))
 
     def routing_report(self) -> tuple[float | None, list[int]]:
@@ -392,6 +400,28 @@ def _check_gate(routed: RoutedModel, gate, routing: str) -> Gate | None:
     return gate
 
 
+def _check_groups(routed: RoutedModel, groups, routing: str, data, seed: int) -> FeatureClusters | None:
+    """None, or the FeatureClusters giving every input its group (``"kmeans"``: fitted here on all of ``data``
+    with a dense copy of the routed model's current weights)."""
+    if groups is None:
+        return None
+    if routing != "groups":
+        raise RouteError("groups= gives the tickets' training groups and needs routing='groups'; label-free "
+                         "routing='gate' lets the gate choose.")
+    if isinstance(groups, str):
+        if groups != "kmeans":
+            raise DataError(f"groups must be None, 'kmeans' or a FeatureClusters, got {groups!r}.")
+        x = torch.cat([_unpack(b, "gate", torch.device("cpu"))[0] for b in data])
+        return FeatureClusters.fit(routed.plain_copy(0), x, routed.num_tickets, seed=seed)
+    if not isinstance(groups, FeatureClusters):
+        raise DataError(f"groups must be None, 'kmeans' or a rtl_plugin.routing.FeatureClusters, got "
+                        f"{type(groups).__name__}.")
+    if groups.num_groups != routed.num_tickets:
+        raise RouteError(f"the FeatureClusters have {groups.num_groups} groups, the model {routed.num_tickets} "
+                         f"tickets; fit FeatureClusters with num_groups={routed.num_tickets}.")
+    return groups
+
+
 def _initial_scores(routed: RoutedModel, scores, init: str, seed: int) -> TicketScores:
     if scores is None:
         _choice(init, INITS, "init", "'magnitude': the first masks are global magnitude pruning; 'random'")
@@ -407,7 +437,7 @@ def _initial_scores(routed: RoutedModel, scores, init: str, seed: int) -> Ticket
 
 
 def learn_tickets(routed: RoutedModel, data, *, sparsity: float, steps: int | None = None, epochs: int = 1,
-                  routing: str = "groups", gate: Gate | None = None, scores: TicketScores | None = None,
+                  routing: str = "groups", groups=None, gate: Gate | None = None, scores: TicketScores | None = None,
                   init: str = "magnitude", binarize_every: int = 20, initial_sparsity: float = 0.0,
                   anneal_fraction: float = 0.5, scope: str = "global", backbone: str = "frozen",
                   trainable: Sequence[str] = (), lr: float = 1e-2, gate_lr: float = 1e-2, backbone_lr: float = 1e-4,
@@ -420,6 +450,8 @@ def learn_tickets(routed: RoutedModel, data, *, sparsity: float, steps: int | No
         routed: the RoutedModel (``rtl.wrap(pretrained, K)``); its masks are replaced.
         data: re-iterable batches ``(x, y, group)`` (``routing="groups"``) or ``(x, y)`` (``"gate"``).
         sparsity: final weight sparsity of every ticket. steps / epochs: optimizer steps (default one epoch).
+        groups: ``routing="groups"`` only: None (batches carry the group ids), "kmeans" (K clusters of the
+            backbone's features) or a :class:`~rtl_plugin.routing.feature_clusters.FeatureClusters`.
         gate: a :class:`~rtl_plugin.routing.gate.Gate` trained jointly (required for ``routing="gate"``).
         scores / init: starting scores, or "magnitude" (default) / "random" ones.
         binarize_every, initial_sparsity, anneal_fraction: binarisation period (steps) and the cubic schedule.
@@ -463,14 +495,16 @@ def learn_tickets(routed: RoutedModel, data, *, sparsity: float, steps: int | No
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
+        groups = _check_groups(routed, groups, cfg.routing, data, seed)
         scores = _initial_scores(routed, scores, init, seed).to(device)
         if gate is not None:
             first = next(iter(data))
             gate.build(tuple(first[0].shape[1:])).to(device)
-        trainer = _Trainer(routed, data, cfg, scores, gate, trainable_params, loss_fn or F.cross_entropy, device)
+        trainer = _Trainer(routed, data, cfg, scores, gate, trainable_params, loss_fn or F.cross_entropy, device,
+                           groups)
         with _frozen(routed, cfg.backbone, trainable_params):
             trainer.run()
     acc, counts = trainer.routing_report()
     return LearnedTickets(tickets=routed.tickets, scores=scores, gate=gate, history=trainer.history,
                           losses=trainer.losses, gate_accuracy=acc, route_counts=counts, steps=cfg.steps,
-                          wall_time_s=time.perf_counter() - start, config=asdict(cfg))
+                          wall_time_s=time.perf_counter() - start, config=asdict(cfg), groups=groups)

@@ -217,3 +217,36 @@ def test_old_results_with_absolute_ticket_paths(demo_run, tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "pkg2"), "--router", "none"]) == 2
     err = capsys.readouterr().err
     assert "sparsity_75" in err and "does not exist" in err and "/gone/original" in err
+
+
+def test_prune_with_learned_tickets_and_a_joint_gate(tmp_path, capsys):
+    out = tmp_path / "learned"
+    assert main(["prune", "--quick", "--max-per-domain", "48", "--sparsities", "0.5", "--tickets", "learned",
+                 "--learned-routing", "groups", "--learned-backbone", "train", "--baselines", "", "--routers", "",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "learned tickets: 50% gate accuracy" in printed and "rtl                   gate" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["tickets"] == "learned" and res["config"]["learned_backbone"] == "train"
+    rows = {r["routing"]: r for r in res["rows"] if r["method"] == "rtl"}
+    assert set(rows) == {"context", "gate"}  # groups: the domains trained the tickets, the gate learned them
+    assert 0.0 <= rows["gate"]["routing_accuracy"] <= 1.0 and 0 < rows["gate"]["router_flops_share"] < 0.01
+    summary = res["learned_tickets"][0]
+    assert summary["sparsity"] == 0.5 and summary["steps"] > 0 and len(summary["route_counts"]) == 3
+    import timm
+    routed = rtl.load(out / res["tickets"]["0.5"], timm.create_model("test_resnet", num_classes=22, in_chans=3))
+    assert torch.allclose(routed.tickets.sparsity(), torch.full((3,), 0.5, dtype=routed.tickets.sparsity().dtype),
+                          atol=1e-3)
+    # the jointly trained gate is saved beside the tickets and packaged by `rtl export --router gate`
+    from rtl_plugin.comparison.learned import load_gate
+    gate = load_gate(out / res["tickets"]["0.5"])
+    assert main(["export", str(out), "--out", str(tmp_path / "pkg"), "--router", "gate"]) == 0
+    slim = rtl.load_package(tmp_path / "pkg", timm.create_model("test_resnet", num_classes=22, in_chans=3))
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(slim(x), routed.eval()(x, route=gate(x)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(rtl.errors.RouteError, match="no jointly trained gate"):
+        load_gate(tmp_path)
+    assert main(["prune", "--task", "segmentation", "--data", str(tmp_path), "--tickets", "learned",
+                 "--out", str(tmp_path / "seg")]) == 2
+    assert "--tickets learned is for classification" in capsys.readouterr().err

@@ -225,3 +225,77 @@ def test_further_test_sets_and_own_params_become_rows():
     assert [(r["method"], r["test_set"]) for r in res["rows_half"]] == [("rtl", "half")]
     assert res["rows_half"][0]["per_ticket_params"] == res["rows"][0]["per_ticket_params"]
     assert next(r for r in res["rows"] if r["method"] == "dense")["params"] == 1234
+
+
+class GateTask(TinyTask):
+    """TinyTask plus the learned tickets' hooks."""
+
+    @torch.no_grad()
+    def evaluate_gate(self, routed, gate, sparsity):
+        routes = gate(self.x)
+        return Evaluation("gate", _accuracy(routed(self.x, route=routes), self.y),
+                          {"routing_accuracy": float((routes == self.ctx).float().mean())})
+
+    def classifier_names(self, routed):
+        return ["4"]
+
+
+@pytest.mark.parametrize("routing, routings", [("gate", {"gate"}), ("groups", {"context", "gate"})])
+def test_learned_tickets_replace_the_imp_search(routing, routings):
+    from rtl_plugin.comparison.learned import LearnedOptions
+    task = GateTask()
+    theta0 = {k: v.clone() for k, v in task.build_routed(K).model.state_dict().items()}
+    cfg = _config(methods=("rtl", "multi_imp"), tickets="learned", learned=LearnedOptions(routing=routing, epochs=2))
+    res = compare(task, cfg)
+    rtl_rows = [r for r in res["rows"] if r["method"] == "rtl"]
+    assert {(r["routing"], r["sparsity"]) for r in rtl_rows} == {(g, s) for g in routings for s in (0.5, 0.75)}
+    n = res["prunable_weights"]
+    for r in rtl_rows:  # every learned ticket exactly at its sparsity (weight granularity)
+        assert r["per_ticket_params"] == [round((1 - r["sparsity"]) * n)] * K, r
+    assert [s["sparsity"] for s in res["learned_tickets"]] == [0.5, 0.75]
+    # 2 epochs x (3 batches per subset x K subsets)
+    assert all(s["steps"] == 2 * 3 * K and len(s["route_counts"]) == K for s in res["learned_tickets"])
+    assert {(r["method"], r["sparsity"]) for r in res["rows"] if r["method"] == "multi_imp"} == {
+        ("multi_imp", 0.5), ("multi_imp", 0.75)}
+    assert res["wall_time_s"]["joint_retrain"] == 0.0  # learned tickets are evaluated as learned
+    frozen = task.build_routed(K).model.state_dict()  # build_routed's θ0 is untouched by the learned search
+    assert all(torch.equal(frozen[k], v) for k, v in theta0.items())
+
+
+def test_learned_tickets_need_the_gate_hook_and_valid_options():
+    from rtl_plugin.comparison.learned import LearnedOptions
+    with pytest.raises(TaskHookError, match="evaluate_gate"):
+        compare(TinyTask(), _config(methods=("rtl",), tickets="learned"))
+    with pytest.raises(DataError, match="tickets must be one of"):
+        compare(GateTask(), _config(methods=("rtl",), tickets="lottery"))
+    with pytest.raises(DataError, match="learned routing"):
+        compare(GateTask(), _config(methods=("rtl",), tickets="learned", learned=LearnedOptions(routing="oracle")))
+    with pytest.raises(DataError, match="learned epochs"):
+        compare(GateTask(), _config(methods=("rtl",), tickets="learned", learned=LearnedOptions(epochs=0)))
+
+
+def test_learned_run_folder_holds_the_gate(tmp_path):
+    from rtl_plugin.comparison.learned import LearnedOptions, load_gate
+
+    class Saving(GateTask):
+        def ticket_metadata(self, sparsity):
+            return {"sparsity": sparsity}
+
+    task = Saving()
+    res = compare(task, _config(methods=("rtl",), sparsities=(0.5,), tickets="learned",
+                                learned=LearnedOptions(epochs=1)), tmp_path)
+    folder = tmp_path / res["tickets"][0.5]
+    gate = load_gate(folder)
+    routed = rtl.load(folder, _plain_mlp(task))
+    with torch.no_grad():
+        routes = gate(task.x)
+        acc = float((routed.eval()(task.x, route=routes).argmax(1) == task.y).float().mean())
+    assert abs(acc - res["rows"][0]["metrics"]["accuracy"]) < 1e-6  # the saved gate + tickets give the row
+    (folder / "gate.json").write_text("{not json")
+    with pytest.raises(rtl.errors.CorruptFileError, match="rerun"):
+        load_gate(folder)
+
+
+def _plain_mlp(task):
+    torch.manual_seed(task.seed)
+    return nn.Sequential(nn.Linear(D, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, C))

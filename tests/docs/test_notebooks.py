@@ -29,6 +29,8 @@ EXPECTED_OUTPUT = {
         r"RESULT routing=learned\s+balanced_accuracy=\d\.\d{3}",
         r"mean Jaccard \d\.\d{3}",
         r"reloaded outputs equal: True",
+        r"backbone bit-identical: True",
+        r"RESULT learned tickets routing=gate balanced_accuracy=\d\.\d{3}",
     ],
     "inr_regions.ipynb": [
         r"forward passes 3 for 3 regions",

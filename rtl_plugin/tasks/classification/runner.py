@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from rtl_plugin import wrap
+from rtl_plugin.comparison.learned import LearnedOptions
 from rtl_plugin.comparison.baselines import BalancedLoader, ContextInputModel, CyclicLoader, context_train_step
 from rtl_plugin.comparison.protocol import (METHODS, ComparisonConfig, ComparisonTask, Evaluation, SingleImpSetup,
                                             compare)
@@ -29,6 +30,7 @@ from rtl_plugin.diagnostics.collapse import CollapseMonitor
 from rtl_plugin.diagnostics.sweep import SweepRecorder
 from rtl_plugin.errors import DataError, MissingDependencyError, SpaceError
 from rtl_plugin.routing.partition import by_kmeans, embed
+from rtl_plugin.routing.gate import matched_accuracy
 from rtl_plugin.routing.routers import create_router, flops_share
 from rtl_plugin.tasks.classification.data import load_domains
 from rtl_plugin.tasks.metrics import classification_metrics
@@ -72,6 +74,9 @@ class ClassificationConfig:
     contexts: str | None = None          # CSV "relative path,context": one domain (ticket) per context
     unreadable: str = "skip"             # unreadable image files: skip (counted) | error
     checkpoint: str | None = None        # timm weights file (safetensors / weights-only torch) for the model
+    tickets: str = "imp"                 # RTL's tickets: imp (the paper's search) | learned (scores + joint gate)
+    learned_routing: str = "gate"        # learned: gate (label-free) | groups (the partition's subsets)
+    learned_backbone: str = "frozen"     # learned: frozen (only scores, gate, classifier learn) | train
 
     @classmethod
     def quick(cls, **kw) -> "ClassificationConfig":
@@ -257,7 +262,12 @@ class ClassificationTask(ComparisonTask):
                 "callbacks": [] if self.monitor is None else [self.monitor]}
 
     def after_search(self, routed, search) -> None:
-        self.log(f"ticket search: {len(search.history)} rounds")
+        if self.cfg.tickets == "learned":
+            self.log("learned tickets: " + "; ".join(
+                f"{int(r['sparsity'] * 100)}% gate accuracy {r['gate_accuracy'] or 0:.3f}, routes {r['route_counts']}"
+                for r in search.summary()))
+        else:
+            self.log(f"ticket search: {len(search.history)} rounds")
         if self.monitor is not None:
             self.monitor.sweep.save(self.out_dir / "sweep.json")
             w = self.monitor.warnings[0] if self.monitor.warnings else None
@@ -295,6 +305,21 @@ class ClassificationTask(ComparisonTask):
                                         routing_accuracy=round(info["accuracy"], 6),
                                         router_flops_share=info["flops_share"]))
         return out
+
+    def evaluate_gate(self, routed, gate, sparsity: float) -> Evaluation:
+        """The jointly trained gate's routing (label-free tickets: accuracy matched to the subsets)."""
+        routes = gate(self.xt)
+        if self.cfg.learned_routing == "gate":
+            accuracy = matched_accuracy(routes, self.ct, len(self.loaders))[0]
+        else:
+            accuracy = float((routes == self.ct).float().mean())
+        logits = _predict(lambda xb, cb: routed(xb, route=gate(xb)), self.xt)
+        share = float(flops_share(gate, self.make(self.cfg.seed), self.example.cpu()))
+        return self._evaluation("gate", logits, with_subsets=False, routing_accuracy=round(float(accuracy), 6),
+                                router_flops_share=share)
+
+    def classifier_names(self, routed) -> list[str]:
+        return [_classifier_name(routed.model)]
 
     def ticket_metadata(self, sparsity: float) -> dict:
         return {"sparsity": sparsity, "ticket_names": self.names, "config": _jsonable(asdict(self.cfg))}
@@ -400,7 +425,9 @@ def comparison_config(cfg: ClassificationConfig) -> ComparisonConfig:
                             prune_fraction=cfg.prune_fraction, prune_count=cfg.prune_count, scope=cfg.scope,
                             epochs_per_round=cfg.epochs_per_round, retrain_epochs=cfg.retrain_epochs, lr=cfg.lr,
                             per_ticket_state=cfg.per_ticket_state, equal_storage=cfg.equal_storage,
-                            device=torch.device(cfg.device), progress=cfg.progress)
+                            device=torch.device(cfg.device), progress=cfg.progress, tickets=cfg.tickets,
+                            learned=LearnedOptions(routing=cfg.learned_routing, backbone=cfg.learned_backbone,
+                                                   epochs=cfg.retrain_epochs, seed=cfg.seed))
 
 
 def config_from_dict(d: dict) -> ClassificationConfig:
