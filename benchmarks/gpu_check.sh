@@ -44,7 +44,10 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 # the source tree maps rtl_plugin.integrations to integrations/ through a git-ignored link that does not travel
-[[ -e rtl_plugin/integrations ]] || ln -s ../integrations rtl_plugin/integrations
+if [[ ! -e rtl_plugin/integrations ]]; then  # removed again on exit: a dry run must not leave it in a checkout
+    ln -s ../integrations rtl_plugin/integrations
+    trap 'rm -f "$ROOT/rtl_plugin/integrations"' EXIT
+fi
 LOG="$OUT/gpu_check.log"
 FAILED=0
 
