@@ -593,7 +593,6 @@ class RoutedModel(nn.Module):
             self._state.clear()
 
     def _run_per_sample(self, args, kwargs, route: torch.Tensor):
-        B = route.shape[0]
         if self.granularity == "channel":
             try:
                 self._state.set(route, self.tickets.layer_channel_masks())
