@@ -63,7 +63,8 @@ from rtl_plugin.training.retrain import joint_retrain
 K = 10
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 METRICS = ("balanced_accuracy", "precision", "recall", "auc", "argmax_accuracy")
-METHODS = ("rtl", "single_imp", "multi_imp")  # in the order they run; dense (optional) last
+METHODS = ("rtl", "single_imp", "multi_imp")
+INITS = ("kaiming", "torch")  # in the order they run; dense (optional) last
 
 
 # --------------------------------------------------------------------------- models
@@ -75,8 +76,11 @@ class PlainCNN(nn.Module):
     U(±1/√fan_in) has a third of that variance per layer and makes the global magnitude ranking empty the deep
     layers between 90% and 95% sparsity (RESULTS §1, 2026-11-23 run)."""
 
-    def __init__(self, num_classes: int = K, in_ch: int = 1, widths=(16, 32, 64, 64, 96), strides=(2, 2, 1, 2, 1)):
+    def __init__(self, num_classes: int = K, in_ch: int = 1, widths=(16, 32, 64, 64, 96), strides=(2, 2, 1, 2, 1),
+                 init: str = "kaiming"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         layers, c = [], in_ch
         for w, s in zip(widths, strides):
             layers += [nn.Conv2d(c, w, 3, stride=s, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
@@ -84,19 +88,20 @@ class PlainCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c, num_classes)
         for m in self.features:
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d) and init == "kaiming":  # "torch" keeps nn.Conv2d's U(±1/√fan_in)
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def forward(self, x):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def model_factory(spec: str):
-    """``"cnn"`` or ``"timm:NAME"`` -> ``make(seed)`` giving the same θ0 for the same seed."""
+def model_factory(spec: str, init: str = "kaiming"):
+    """``"cnn"`` or ``"timm:NAME"`` -> ``make(seed)`` giving the same θ0 for the same seed. ``init`` applies to
+    ``cnn`` only ("torch" = PyTorch's default conv init, for the init-vs-budget ablation of RESULTS §1e)."""
     if spec == "cnn":
         def make(seed: int) -> nn.Module:
             torch.manual_seed(seed)
-            return PlainCNN()
+            return PlainCNN(init=init)
         return make
     if spec.startswith("timm:"):
         import timm
@@ -172,7 +177,7 @@ class FashionDetectorTask(ComparisonTask):
     def __init__(self, cfg: dict, seed: int):
         self.cfg, self.seed = cfg, seed
         self.xtr, self.ytr, self.xte, self.yte = load_data(cfg["train_per_class"], cfg["test_per_class"], seed)
-        self.make = model_factory(cfg["model"])
+        self.make = model_factory(cfg["model"], cfg.get("init", "kaiming"))
         self.example = self.xtr[:1]
         B = cfg["batch_size"]
         self.loaders = one_vs_rest_loaders(self.xtr, self.ytr, num_classes=K, batch_size=B, seed=seed)
@@ -463,6 +468,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny setting (< 1 min): checks the pipeline, not quality")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--model", default="cnn", help="cnn (plain 5-layer CNN, 115K prunable weights) or timm:NAME")
+    p.add_argument("--init", default="kaiming", choices=INITS,
+                   help="θ0 of the cnn model: kaiming (the paper's, default) or torch (PyTorch's default conv init)")
     p.add_argument("--train-per-class", type=int, default=300)
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--sparsities", default="0.25,0.5,0.75,0.9,0.95,0.97,0.99")
@@ -499,7 +506,10 @@ def main(argv=None) -> dict:
         return merged
     torch.set_num_threads(a.threads)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    settings = {"model": a.model, "seeds": seeds, "train_per_class": a.train_per_class,
+    if a.init != "kaiming" and a.model != "cnn":
+        raise SystemExit("--init applies to --model cnn only; timm models keep timm's init")
+    settings = {"model": a.model, "init": a.init if a.model == "cnn" else "timm", "seeds": seeds,
+                "train_per_class": a.train_per_class,
                 "test_per_class": a.test_per_class, "image_size": 28, "num_tickets": K,
                 "sparsities": [float(s) for s in a.sparsities.split(",")], "schedule": "fraction",
                 "prune_fraction": a.prune_fraction, "epochs_per_round": a.epochs_per_round, "scope": a.scope,

@@ -42,6 +42,17 @@ def test_plain_cnn_conv_weights_have_kaiming_normal_std():
     assert abs(_conv_std_ratios(default)[0] - 1 / math.sqrt(6)) < 0.05
 
 
+def test_torch_init_keeps_pytorchs_default_for_the_ablation():
+    fd = _module()
+    ratios = _conv_std_ratios(fd.model_factory("cnn", "torch")(0))
+    # U(±1/sqrt(fan_in)): std ratio 1/sqrt(6) ~ 0.41 of the Kaiming std, bounded at 1/sqrt(fan_in)
+    assert all(abs(r - 1 / math.sqrt(6)) < 0.08 for r in ratios), ratios
+    convs = [m for m in fd.model_factory("cnn", "torch")(0).modules() if isinstance(m, nn.Conv2d)]
+    assert all(float(m.weight.abs().max()) <= 1 / math.sqrt(m.weight[0].numel()) + 1e-7 for m in convs)
+    with pytest.raises(ValueError, match="init must be one of"):
+        fd.PlainCNN(init="xavier")
+
+
 def test_plain_cnn_init_is_normal_not_uniform():
     fd = _module()
     convs = [m.weight.detach().flatten() for m in fd.model_factory("cnn")(1).modules() if isinstance(m, nn.Conv2d)]
@@ -110,5 +121,8 @@ def test_merge_refuses_other_settings_and_repeated_seeds(tmp_path):
     a = _result_file(tmp_path, "a.json", [0])
     with pytest.raises(SystemExit, match="settings"):
         fd.merge_results([a, _result_file(tmp_path, "b.json", [1], lr=1e-2)], str(tmp_path / "m.json"))
+    with pytest.raises(SystemExit, match="init"):
+        fd.merge_results([_result_file(tmp_path, "k.json", [1], init="kaiming"),
+                          _result_file(tmp_path, "t.json", [2], init="torch")], str(tmp_path / "m.json"))
     with pytest.raises(SystemExit, match="seed repeated"):
         fd.merge_results([a, _result_file(tmp_path, "c.json", [0])], str(tmp_path / "m.json"))
