@@ -16,6 +16,7 @@ Usage::
     nice -n 10 python benchmarks/collapse_sweep.py --seeds 0,1,2,3,4,5 --out benchmarks/results/collapse_sweep.json
     python benchmarks/collapse_sweep.py --quick
     python benchmarks/collapse_sweep.py --analyse benchmarks/results/collapse_sweep.json   # re-score the monitor
+    python benchmarks/collapse_sweep.py --merge s0.json s1.json --out merged.json  # seeds run as separate processes
 """
 from __future__ import annotations
 
@@ -136,6 +137,8 @@ DETECTORS = {  # name -> CollapseMonitor settings: one signal each under the sam
     "output similarity step": dict(signals=["output_similarity"], depletion_slope=None),
     "pruned output similarity step": dict(signals=["pruned_output_similarity"], depletion_slope=None),
     "layer depletion slope > 2 only": dict(signals=["band_jaccard"], factor=1e12, depletion_slope=2.0),
+    # 1.8 was read off the Kaiming-θ0 sweep's seed 0 (RESULTS §4); its other seeds test it held out
+    "layer depletion slope > 1.8 only": dict(signals=["band_jaccard"], factor=1e12, depletion_slope=1.8),
     "CollapseMonitor() default": {},
 }
 
@@ -225,6 +228,33 @@ def markdown(results: dict) -> str:
     return "\n".join(out)
 
 
+def merge_results(paths: list[str], out: str) -> dict:
+    """One result file from runs of the same settings on different seeds: per-seed records in seed order,
+    evaluation and tables recomputed, each run's command, commit and machine kept under ``merged_from``."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len(runs) < 2:
+        raise SystemExit("--merge needs at least two result files")
+    for path, r in zip(paths, runs):
+        diff = sorted(k for k in set(runs[0]["settings"]) | set(r["settings"])
+                      if k != "progress" and r["settings"].get(k) != runs[0]["settings"].get(k))
+        if diff:
+            raise SystemExit(f"--merge: {path} differs from {paths[0]} in settings {diff}; merge only runs of one "
+                             "protocol (same command apart from --seeds and --out)")
+    per_seed = sorted((s for r in runs for s in r["per_seed"]), key=lambda s: s["seed"])
+    seeds = [s["seed"] for s in per_seed]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: seed repeated across files ({seeds}); each seed must come from one run only")
+    merged = {"benchmark": "collapse_sweep", "settings": runs[0]["settings"],
+              "merged_from": [{"file": str(p), "command": r.get("command"), "commit": r.get("commit"),
+                               "machine": r.get("machine"), "seeds": [s["seed"] for s in r["per_seed"]]}
+                              for p, r in zip(paths, runs)],
+              "per_seed": per_seed}
+    merged["evaluation"] = evaluate(per_seed)
+    merged["markdown"] = markdown(merged)
+    atomic_write_json(Path(out), merged)
+    return merged
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -244,8 +274,14 @@ def main(argv=None) -> dict:
     p.add_argument("--analyse", default=None, help="re-score the monitor on a saved result file (no training)")
     p.add_argument("--demo-runs", default="", help="with --analyse: comma-separated `rtl prune --collapse warn` run "
                    "folders of a second task, stored into the result file and scored too")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                   help="merge result files of one protocol run on different seeds into --out (no training)")
     p.add_argument("--out", default="benchmarks/results/collapse_sweep.json")
     a = p.parse_args(argv)
+    if a.merge:
+        merged = merge_results(a.merge, a.out)
+        print(merged["markdown"])
+        return merged
     if a.analyse:
         results = json.loads(Path(a.analyse).read_text())
         if a.demo_runs:
