@@ -122,8 +122,11 @@ def evaluate(per_seed: list[dict], monitor_kw: dict | None = None) -> dict:
                      "confidence": None if fired is None else fired["confidence"],
                      "reasons": None if fired is None else fired["reasons"],
                      "in_time": ok_early, "no_false_alarm": ok_false})
+    mon = CollapseMonitor(**(monitor_kw or {}))  # the settings scored, recorded with the code that scored them
     return {"rows": rows, "all_in_time": all(r["in_time"] for r in rows),
-            "no_false_alarms": all(r["no_false_alarm"] for r in rows)}
+            "no_false_alarms": all(r["no_false_alarm"] for r in rows),
+            "monitor": {"depletion_slope": mon.depletion_slope, "factor": mon.factor, "signals": mon.signals,
+                        "scored_at_commit": code_commit()}}
 
 
 DETECTORS = {  # name -> CollapseMonitor settings: one signal each under the same step rule, then the default

@@ -322,5 +322,12 @@ def test_depletion_rule_fires_when_a_layer_empties_faster_than_the_model():
     assert w is not None and w.round == 6 and "layer depletion" in w.reasons[0] and "(a)" in w.reasons[0]
     assert CollapseMonitor(depletion_slope=None).scan(pts) is None
     assert CollapseMonitor(depletion_slope=4.0).scan(pts) is None
+    for i, p in enumerate(pts):  # 1.9x faster from round 6 on: the default (1.8) fires, the old 2.0 did not
+        d = (1 - p.sparsity) if i < 6 else (1 - pts[5].sparsity) * (0.7 ** (1.9 * (i - 5)))
+        p.layer_density = {"a": d, "b": 1.0}
+        p.min_layer_density = d
+    assert CollapseMonitor().depletion_slope == 1.8
+    assert CollapseMonitor().scan(pts).round == 6
+    assert CollapseMonitor(depletion_slope=2.0).scan(pts) is None
     with pytest.raises(rtl.RTLError, match="depletion_slope"):
         CollapseMonitor(depletion_slope=0.5)
