@@ -75,10 +75,13 @@ def log(msg: str) -> None:
 
 
 class SmallCNN(nn.Module):
-    """4 x (conv 3x3 - BN - ReLU), two of them strided, global pool, linear ``head``."""
+    """4 x (conv 3x3 - BN - ReLU), two of them strided, global pool, linear ``head``. ``init="kaiming"`` draws the
+    convs Kaiming-normal (fan_in, ReLU), the paper's θ0; ``"torch"`` keeps PyTorch's default (RESULTS §1d, §11)."""
 
-    def __init__(self, in_ch: int, num_classes: int, width: int = 32):
+    def __init__(self, in_ch: int, num_classes: int, width: int = 32, init: str = "kaiming"):
         super().__init__()
+        if init not in ("kaiming", "torch"):
+            raise ValueError(f"init must be 'kaiming' or 'torch', got {init!r}")
         chans = [in_ch, width // 2, width, 2 * width, 2 * width]
         layers = []
         for i in range(4):
@@ -86,15 +89,18 @@ class SmallCNN(nn.Module):
                        nn.BatchNorm2d(chans[i + 1]), nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(chans[-1], num_classes)
+        for m in self.features:
+            if isinstance(m, nn.Conv2d) and init == "kaiming":
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
 
     def forward(self, x):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def build_model(backbone: str, num_classes: int, seed: int) -> tuple[nn.Module, int]:
+def build_model(backbone: str, num_classes: int, seed: int, init: str = "kaiming") -> tuple[nn.Module, int]:
     torch.manual_seed(seed)
     if backbone == "cnn":
-        return SmallCNN(1, num_classes), 1
+        return SmallCNN(1, num_classes, init=init), 1
     import timm
     from rtl_plugin.integrations.timm import load_efficientnet_lite0_imagenet
     model = timm.create_model("tf_efficientnet_lite0", num_classes=num_classes)
@@ -339,7 +345,7 @@ def run_seed(a, seed: int, rows: list[dict]) -> None:
     data = load_data(a, seed, 1 if a.backbone == "cnn" else 3)
     t0 = time.perf_counter()
     if a.backbone == "cnn":
-        pre, _ = build_model("cnn", data["num_classes"], seed)
+        pre, _ = build_model("cnn", data["num_classes"], seed, a.init)
         x, y, d = data["train"]
         train_dense(pre, loader(x, y, batch_size=a.batch, seed=seed), a.pretrain_epochs, a.lr)
         a.model_flops = model_flops(pre, x[:1])
@@ -421,6 +427,9 @@ def lite0_gate_share(num_tickets: int = K) -> dict:
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", choices=("cnn", "lite0"), default="cnn")
+    ap.add_argument("--init", choices=("kaiming", "torch"), default="kaiming",
+                    help="cnn backbone's conv init before its dense training: kaiming (the paper's θ0) or torch "
+                         "(PyTorch's default; §11's table until 2026-12-03)")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--image-size", type=int, default=None, help="default 16 (cnn) / 64 (lite0)")
