@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rtl_plugin as rtl  # noqa: E402
-from fashion_detectors import K, code_commit, load_data, log, machine_info, model_factory  # noqa: E402
+from fashion_detectors import (K, code_commit, load_data, log, machine_info, model_factory,  # noqa: E402
+                                read_mergeable)
 from rtl_plugin.diagnostics.collapse import CollapseMonitor  # noqa: E402
 from rtl_plugin.tasks.classification.detectors import detector_scores, detector_train_step, one_vs_rest_loaders  # noqa: E402
 from rtl_plugin.persist.io import atomic_write_json  # noqa: E402
@@ -234,19 +235,7 @@ def markdown(results: dict) -> str:
 def merge_results(paths: list[str], out: str) -> dict:
     """One result file from runs of the same settings on different seeds: per-seed records in seed order,
     evaluation and tables recomputed, each run's command, commit and machine kept under ``merged_from``."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
-    if len(runs) < 2:
-        raise SystemExit("--merge needs at least two result files")
-    for path, r in zip(paths, runs):
-        diff = sorted(k for k in set(runs[0]["settings"]) | set(r["settings"])
-                      if k != "progress" and r["settings"].get(k) != runs[0]["settings"].get(k))
-        if diff:
-            raise SystemExit(f"--merge: {path} differs from {paths[0]} in settings {diff}; merge only runs of one "
-                             "protocol (same command apart from --seeds and --out)")
-    per_seed = sorted((s for r in runs for s in r["per_seed"]), key=lambda s: s["seed"])
-    seeds = [s["seed"] for s in per_seed]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--merge: seed repeated across files ({seeds}); each seed must come from one run only")
+    runs, per_seed = read_mergeable(paths, per_run_settings=("progress",))
     merged = {"benchmark": "collapse_sweep", "settings": runs[0]["settings"],
               "merged_from": [{"file": str(p), "command": r.get("command"), "commit": r.get("commit"),
                                "machine": r.get("machine"), "seeds": [s["seed"] for s in r["per_seed"]]}

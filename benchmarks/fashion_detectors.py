@@ -428,18 +428,16 @@ def machine_info() -> dict:
 SEED_INDEPENDENT = ("command", "commit", "machine", "per_seed", "summary", "markdown", "total_wall_time_s", "merged_from")
 
 
-def merge_results(paths: list[str], out: str) -> dict:
-    """One result file from runs of the same settings on different seeds (e.g. seeds run as parallel processes):
-    per-seed records concatenated in seed order, summary and table recomputed; each run's command, commit and
-    machine kept under ``merged_from``."""
+def read_mergeable(paths: list[str], *, per_run_settings: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+    """The result files of ``--merge`` and their per-seed records in seed order, after checking that they are runs
+    of one protocol (settings equal apart from ``per_run_settings``) on distinct seeds (``SystemExit`` if not)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     if len(runs) < 2:
         raise SystemExit("--merge needs at least two result files")
-    per_run = ("seeds", "methods", "dense")  # a run of fewer methods adds seeds to those methods' rows only
-    ref = {k: v for k, v in runs[0]["settings"].items() if k not in per_run}
+    ref = runs[0]["settings"]
     for path, r in zip(paths, runs):
         diff = sorted(k for k in set(ref) | set(r["settings"])
-                      if k not in per_run and r["settings"].get(k) != ref.get(k))
+                      if k not in per_run_settings and r["settings"].get(k) != ref.get(k))
         if diff:
             raise SystemExit(f"--merge: {path} differs from {paths[0]} in settings {diff}; merge only runs of one "
                              "protocol (same command apart from --seeds and --out)")
@@ -447,6 +445,16 @@ def merge_results(paths: list[str], out: str) -> dict:
     seeds = [s["seed"] for s in per_seed]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--merge: seed repeated across files ({seeds}); each seed must come from one run only")
+    return runs, per_seed
+
+
+def merge_results(paths: list[str], out: str) -> dict:
+    """One result file from runs of the same settings on different seeds (e.g. seeds run as parallel processes):
+    per-seed records concatenated in seed order, summary and table recomputed; each run's command, commit and
+    machine kept under ``merged_from``."""
+    # a run of fewer methods adds seeds to those methods' rows only
+    runs, per_seed = read_mergeable(paths, per_run_settings=("seeds", "methods", "dense"))
+    seeds = [s["seed"] for s in per_seed]
     merged = {k: v for k, v in runs[0].items() if k not in SEED_INDEPENDENT}
     merged["settings"] = {**runs[0]["settings"], "seeds": seeds,
                           "methods": [m for m in METHODS if any(m in r["settings"].get("methods", METHODS) for r in runs)],
