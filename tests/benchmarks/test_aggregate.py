@@ -1,20 +1,9 @@
 """benchmarks/aggregate_speech.py and aggregate_segmentation.py: numbers over seeds from result files,
 paired differences with a t confidence interval, and refusal to mix settings or repeat a seed."""
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _module(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _speech_result(seed, rtl, single, multi, learned, **config):
@@ -36,8 +25,8 @@ def _write(tmp_path, name, obj):
     (tmp_path / name).write_text(json.dumps(obj))
 
 
-def test_speech_paired_differences_and_ci(tmp_path):
-    agg_mod = _module("aggregate_speech")
+def test_speech_paired_differences_and_ci(tmp_path, benchmark_module):
+    agg_mod = benchmark_module("aggregate_speech")
     _write(tmp_path, "s0.json", _speech_result(0, rtl=(3.0, 2.0), single=(2.5, 2.5), multi=(2.0, 2.0), learned=(2.9, 1.7)))
     _write(tmp_path, "s1.json", _speech_result(1, rtl=(3.2, 2.2), single=(2.9, 2.4), multi=(2.0, 2.0), learned=(3.0, 2.1),
                                                device="cuda", progress=True))
@@ -63,8 +52,8 @@ def test_speech_paired_differences_and_ci(tmp_path):
     assert "rtl_minus_single_imp" in text and "real speech" in text
 
 
-def test_speech_refuses_mixed_settings_and_repeated_seeds(tmp_path):
-    agg_mod = _module("aggregate_speech")
+def test_speech_refuses_mixed_settings_and_repeated_seeds(tmp_path, benchmark_module):
+    agg_mod = benchmark_module("aggregate_speech")
     args = dict(rtl=(3.0, 2.0), single=(2.5, 2.5), multi=(2.0, 2.0), learned=(2.9, 1.7))
     _write(tmp_path, "a0.json", _speech_result(0, **args))
     _write(tmp_path, "a1.json", _speech_result(1, **args, per_ticket_state=True))
@@ -88,8 +77,8 @@ def _seg_result(seed, rtl, single, **config):
         "config": cfg, "miou": {"rtl": {"label_free": {"0.75": rtl}}, "single_imp": {"direct": {"0.75": single}}}}}}
 
 
-def test_segmentation_gap_and_refusals(tmp_path):
-    agg_mod = _module("aggregate_segmentation")
+def test_segmentation_gap_and_refusals(tmp_path, benchmark_module):
+    agg_mod = benchmark_module("aggregate_segmentation")
     _write(tmp_path, "s0.json", _seg_result(0, 0.80, 0.78))
     _write(tmp_path, "s1.json", _seg_result(1, 0.70, 0.74))
     agg = agg_mod.aggregate(agg_mod.load_runs(str(tmp_path / "s*.json")))["resnet18"]

@@ -1,19 +1,8 @@
 """benchmarks/collapse_sweep.py --merge: seeds run as separate processes become one result file, and only runs
 of one protocol merge."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("collapse_sweep", ROOT / "benchmarks" / "collapse_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _run(tmp_path, name, seeds, **settings) -> str:
@@ -25,8 +14,8 @@ def _run(tmp_path, name, seeds, **settings) -> str:
     return str(path)
 
 
-def test_merge_orders_seeds_recomputes_and_keeps_provenance(tmp_path, monkeypatch):
-    cs = _module()
+def test_merge_orders_seeds_recomputes_and_keeps_provenance(tmp_path, monkeypatch, benchmark_module):
+    cs = benchmark_module("collapse_sweep")
     seen = []
     monkeypatch.setattr(cs, "evaluate", lambda per_seed: seen.append([r["seed"] for r in per_seed]) or {"rows": []})
     monkeypatch.setattr(cs, "markdown", lambda results: "table")
@@ -39,8 +28,8 @@ def test_merge_orders_seeds_recomputes_and_keeps_provenance(tmp_path, monkeypatc
     assert on_disk["markdown"] == "table" and [r["seed"] for r in on_disk["per_seed"]] == [0, 1, 2]
 
 
-def test_merge_refuses_other_settings_and_repeated_seeds(tmp_path):
-    cs = _module()
+def test_merge_refuses_other_settings_and_repeated_seeds(tmp_path, benchmark_module):
+    cs = benchmark_module("collapse_sweep")
     a = _run(tmp_path, "a.json", [0])
     with pytest.raises(SystemExit, match="settings"):
         cs.merge_results([a, _run(tmp_path, "b.json", [1], lr=1e-2)], str(tmp_path / "m.json"))

@@ -1,8 +1,6 @@
 """benchmarks/fashion_detectors.py: the benchmark CNN's θ0 is the paper's Kaiming-normal init (fan_in, ReLU),
 and the per-ticket per-layer density recorded for every sparsity is each ticket's own kept fraction."""
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
@@ -10,41 +8,22 @@ import torch.nn as nn
 
 import rtl_plugin as rtl
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("fashion_detectors", ROOT / "benchmarks" / "fashion_detectors.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _conv_std_ratios(model: nn.Module) -> list[float]:
-    """Empirical std of each conv weight over the Kaiming-normal std sqrt(2 / fan_in)."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            fan_in = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-            out.append(float(m.weight.detach().std()) / math.sqrt(2.0 / fan_in))
-    return out
-
-
-def test_plain_cnn_conv_weights_have_kaiming_normal_std():
-    fd = _module()
-    ratios = _conv_std_ratios(fd.model_factory("cnn")(0))
+def test_plain_cnn_conv_weights_have_kaiming_normal_std(benchmark_module, kaiming_std_ratios):
+    fd = benchmark_module("fashion_detectors")
+    ratios = kaiming_std_ratios(fd.model_factory("cnn")(0))
     assert len(ratios) == 5
     # the smallest layer has 144 weights: its std is within ~15% of the target; the others within ~5%
     assert all(abs(r - 1.0) < 0.2 for r in ratios), ratios
     assert abs(sum(ratios[1:]) / 4 - 1.0) < 0.05, ratios
     # PyTorch's default conv init U(±1/sqrt(fan_in)) has std sqrt(1/(3 fan_in)): ratio 1/sqrt(6) ~ 0.41
     default = nn.Conv2d(32, 64, 3, bias=False)
-    assert abs(_conv_std_ratios(default)[0] - 1 / math.sqrt(6)) < 0.05
+    assert abs(kaiming_std_ratios(default)[0] - 1 / math.sqrt(6)) < 0.05
 
 
-def test_torch_init_keeps_pytorchs_default_for_the_ablation():
-    fd = _module()
-    ratios = _conv_std_ratios(fd.model_factory("cnn", "torch")(0))
+def test_torch_init_keeps_pytorchs_default_for_the_ablation(benchmark_module, kaiming_std_ratios):
+    fd = benchmark_module("fashion_detectors")
+    ratios = kaiming_std_ratios(fd.model_factory("cnn", "torch")(0))
     # U(±1/sqrt(fan_in)): std ratio 1/sqrt(6) ~ 0.41 of the Kaiming std, bounded at 1/sqrt(fan_in)
     assert all(abs(r - 1 / math.sqrt(6)) < 0.08 for r in ratios), ratios
     convs = [m for m in fd.model_factory("cnn", "torch")(0).modules() if isinstance(m, nn.Conv2d)]
@@ -53,8 +32,8 @@ def test_torch_init_keeps_pytorchs_default_for_the_ablation():
         fd.PlainCNN(init="xavier")
 
 
-def test_plain_cnn_init_is_normal_not_uniform():
-    fd = _module()
+def test_plain_cnn_init_is_normal_not_uniform(benchmark_module):
+    fd = benchmark_module("fashion_detectors")
     convs = [m.weight.detach().flatten() for m in fd.model_factory("cnn")(1).modules() if isinstance(m, nn.Conv2d)]
     z = torch.cat([w / w.std() for w in convs[1:]])  # each layer standardised: a mixture of scales is not normal
     # a uniform distribution is bounded at sqrt(3) std; a normal one of ~115K draws is not
@@ -62,15 +41,15 @@ def test_plain_cnn_init_is_normal_not_uniform():
     assert abs(float((z ** 4).mean()) - 3.0) < 0.3  # normal kurtosis 3 (uniform: 1.8)
 
 
-def test_same_seed_same_theta0():
-    fd = _module()
+def test_same_seed_same_theta0(benchmark_module):
+    fd = benchmark_module("fashion_detectors")
     make = fd.model_factory("cnn")
     a, b = make(3).state_dict(), make(3).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_per_ticket_layer_density_is_each_tickets_kept_fraction():
-    fd = _module()
+def test_per_ticket_layer_density_is_each_tickets_kept_fraction(benchmark_module):
+    fd = benchmark_module("fashion_detectors")
     model = fd.PlainCNN(widths=(4, 4, 4, 4, 4))
     routed = rtl.wrap(model, 3, example_inputs=torch.randn(1, 1, 28, 28))
     masks = routed.tickets.element_masks()
@@ -103,8 +82,8 @@ def _result_file(tmp_path, name, seeds, **settings) -> str:
     return str(path)
 
 
-def test_merge_recomputes_summary_over_seeds_and_keeps_each_runs_provenance(tmp_path):
-    fd = _module()
+def test_merge_recomputes_summary_over_seeds_and_keeps_each_runs_provenance(tmp_path, benchmark_module):
+    fd = benchmark_module("fashion_detectors")
     a = _result_file(tmp_path, "a.json", [0, 1])
     b = _result_file(tmp_path, "b.json", [2], methods=["rtl"])  # a run of fewer methods merges too
     merged = fd.merge_results([b, a], str(tmp_path / "m.json"))
@@ -116,8 +95,8 @@ def test_merge_recomputes_summary_over_seeds_and_keeps_each_runs_provenance(tmp_
     assert merged["summary"]["wall_time_s"]["dense"]["n"] == 2 and merged["summary"]["wall_time_s"]["total"]["n"] == 3
 
 
-def test_merge_refuses_other_settings_and_repeated_seeds(tmp_path):
-    fd = _module()
+def test_merge_refuses_other_settings_and_repeated_seeds(tmp_path, benchmark_module):
+    fd = benchmark_module("fashion_detectors")
     a = _result_file(tmp_path, "a.json", [0])
     with pytest.raises(SystemExit, match="settings"):
         fd.merge_results([a, _result_file(tmp_path, "b.json", [1], lr=1e-2)], str(tmp_path / "m.json"))
