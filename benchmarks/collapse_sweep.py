@@ -123,11 +123,18 @@ def evaluate(per_seed: list[dict], monitor_kw: dict | None = None) -> dict:
                      "confidence": None if fired is None else fired["confidence"],
                      "reasons": None if fired is None else fired["reasons"],
                      "in_time": ok_early, "no_false_alarm": ok_false})
-    mon = CollapseMonitor(**(monitor_kw or {}))  # the settings scored, recorded with the code that scored them
+    mon = CollapseMonitor(**(monitor_kw or {}))  # the settings scored
     return {"rows": rows, "all_in_time": all(r["in_time"] for r in rows),
             "no_false_alarms": all(r["no_false_alarm"] for r in rows),
-            "monitor": {"depletion_slope": mon.depletion_slope, "factor": mon.factor, "signals": mon.signals,
-                        "scored_at_commit": code_commit()}}
+            "monitor": {"depletion_slope": mon.depletion_slope, "factor": mon.factor, "signals": mon.signals}}
+
+
+def recorded_evaluation(per_seed: list[dict]) -> dict:
+    """``evaluate`` with the default monitor, plus the commit of the code that scored it (what a result file keeps;
+    the per-detector tables call ``evaluate`` many times and need no commit)."""
+    ev = evaluate(per_seed)
+    ev["monitor"]["scored_at_commit"] = code_commit()
+    return ev
 
 
 DETECTORS = {  # name -> CollapseMonitor settings: one signal each under the same step rule, then the default
@@ -241,7 +248,7 @@ def merge_results(paths: list[str], out: str) -> dict:
                                "machine": r.get("machine"), "seeds": [s["seed"] for s in r["per_seed"]]}
                               for p, r in zip(paths, runs)],
               "per_seed": per_seed}
-    merged["evaluation"] = evaluate(per_seed)
+    merged["evaluation"] = recorded_evaluation(per_seed)
     merged["markdown"] = markdown(merged)
     atomic_write_json(Path(out), merged)
     return merged
@@ -278,7 +285,7 @@ def main(argv=None) -> dict:
         results = json.loads(Path(a.analyse).read_text())
         if a.demo_runs:
             results["demo_task"] = demo_task([d for d in a.demo_runs.split(",") if d])
-        results["evaluation"] = evaluate(results["per_seed"])
+        results["evaluation"] = recorded_evaluation(results["per_seed"])
         results["markdown"] = markdown(results)
         atomic_write_json(a.analyse, results)
         print(results["markdown"])
@@ -298,7 +305,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     for seed in [int(s) for s in a.seeds.split(",") if s.strip()]:
         results["per_seed"].append(run_seed(cfg, seed))
-        results["evaluation"] = evaluate(results["per_seed"])
+        results["evaluation"] = recorded_evaluation(results["per_seed"])
         results["markdown"] = markdown(results)
         atomic_write_json(out, results)
     print(results["markdown"])

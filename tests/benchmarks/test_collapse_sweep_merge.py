@@ -17,7 +17,7 @@ def _run(tmp_path, name, seeds, **settings) -> str:
 def test_merge_orders_seeds_recomputes_and_keeps_provenance(tmp_path, monkeypatch, benchmark_module):
     cs = benchmark_module("collapse_sweep")
     seen = []
-    monkeypatch.setattr(cs, "evaluate", lambda per_seed: seen.append([r["seed"] for r in per_seed]) or {"rows": []})
+    monkeypatch.setattr(cs, "evaluate", lambda per_seed: seen.append([r["seed"] for r in per_seed]) or {"rows": [], "monitor": {}})
     monkeypatch.setattr(cs, "markdown", lambda results: "table")
     a, b = _run(tmp_path, "a.json", [2]), _run(tmp_path, "b.json", [0, 1], progress=True)
     merged = cs.merge_results([a, b], str(tmp_path / "m.json"))
@@ -26,6 +26,7 @@ def test_merge_orders_seeds_recomputes_and_keeps_provenance(tmp_path, monkeypatc
     assert [m["commit"] for m in merged["merged_from"]] == ["c2", "c0"]
     on_disk = json.loads((tmp_path / "m.json").read_text())
     assert on_disk["markdown"] == "table" and [r["seed"] for r in on_disk["per_seed"]] == [0, 1, 2]
+    assert on_disk["evaluation"]["monitor"]["scored_at_commit"]  # the scoring code's commit is recorded once
 
 
 def test_merge_refuses_other_settings_and_repeated_seeds(tmp_path, benchmark_module):
