@@ -5,6 +5,10 @@ import os
 # shared 2-core machines; passive waiting avoids it (must be set before torch initialises OpenMP).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import importlib.util
+import math
+import pathlib
+
 import pytest
 import torch
 from torch import nn
@@ -117,3 +121,29 @@ def make_loader():
         gen = torch.Generator().manual_seed(seed + 1000) if shuffle else None
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
     return make
+
+
+# ---------------------------------------------------------------- benchmark scripts (tests/benchmarks)
+# One conftest.py only: the test modules import from `conftest`, and a second one would shadow this one.
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmark_module():
+    """``load(name)``: a fresh module object of ``benchmarks/<name>.py`` (the scripts are not a package)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
+
+
+@pytest.fixture
+def kaiming_std_ratios():
+    """``ratios(model)``: each conv's weight std over the Kaiming-normal std √(2 / fan_in) (1.0 = the paper's θ0,
+    1/√6 ≈ 0.41 = PyTorch's default ``U(±1/√fan_in)``)."""
+    def ratios(model) -> list[float]:
+        return [float(m.weight.detach().std()) / math.sqrt(2.0 / m.weight[0].numel())
+                for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return ratios
